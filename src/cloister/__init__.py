@@ -1,0 +1,19 @@
+"""pycloister: zero-cost distribution for Python.
+
+Write one keyed worker manager as if it ran on one machine; start it N times; the copies
+form a cluster, split the keys with a consistent hash ring and hand work over when a node
+joins, leaves or dies.
+
+Entry points, from the bottom layer up:
+
+- :class:`HashRing` (``cloister.ring``): the pure consistent hash ring.
+- :class:`CloisterError` (``cloister.errors``): root of every error raised here.
+"""
+
+from __future__ import annotations
+
+from cloister.errors import CloisterError
+from cloister.ring import HashRing
+
+__all__ = ["CloisterError", "HashRing"]
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""The one exception hierarchy of pycloister.
+
+Every error the library raises on purpose derives from :class:`CloisterError`, so an
+application can catch them all in one place. Messages say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CloisterError(Exception):
+    """Root of every error raised by pycloister."""
+
+
+class ConfigurationError(CloisterError, ValueError):
+    """An argument or setting is invalid (bad consensus, unknown URL scheme, ...)."""
+
+
+class EmptyRingError(CloisterError, LookupError):
+    """A key was looked up on a ring that has no nodes."""
+
+
+class BackendError(CloisterError):
+    """The backend (memory world, NATS, ...) failed or refused an operation."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot be reached right now (connection lost, node partitioned)."""
+
+
+class KeyExistsError(BackendError):
+    """``create`` found the key already present."""
+
+
+class RevisionMismatchError(BackendError):
+    """A compare-and-set lost: the key changed since the revision given."""
+
+
+class NodeNameTakenError(CloisterError):
+    """Another live member of the cluster already uses this node name."""
+
+
+class NotRunningError(CloisterError):
+    """An operation needs a started cluster or manager."""
+
+
+class ClusterNotReadyError(CloisterError, TimeoutError):
+    """The cluster did not become ready in time."""
+
+
+class RemoteError(CloisterError):
+    """A remote node answered a request with an error."""
+
+
+class RequestTimeoutError(CloisterError, TimeoutError):
+    """A request to another node got no answer in time."""
+
+
+class NoSuchNodeError(CloisterError, LookupError):
+    """A request was addressed to a node that is not a member (or not reachable)."""
+
+
+class WireFormatError(CloisterError, ValueError):
+    """A message from the wire could not be decoded or does not match its schema."""
