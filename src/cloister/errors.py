@@ -61,3 +61,7 @@ class NoSuchNodeError(CloisterError, LookupError):
 
 class WireFormatError(CloisterError, ValueError):
     """A message from the wire could not be decoded or does not match its schema."""
+
+
+class UnknownHandlerError(RemoteError):
+    """A request named a handler the remote node has not registered."""

@@ -1,0 +1,58 @@
+"""Owned background tasks: a small supervisor in the spirit of trio's nursery.
+
+Every long-lived task in pycloister belongs to a :class:`Supervisor`. The owner starts
+tasks through it and closes it on shutdown; closing cancels what is still running and
+waits for it. Unlike ``asyncio.TaskGroup``, a failing child does not cancel its siblings
+(a failing request handler must not stop the heartbeat) — but its exception is never
+swallowed: it is logged with the task name and counted in :attr:`Supervisor.failures`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("cloister.tasks")
+
+
+class Supervisor:
+    """Owner of a set of asyncio tasks; :meth:`close` cancels and awaits them all."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failures = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start ``coro`` as a task owned by this supervisor."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"supervisor {self.name!r} is closed; cannot start {name!r}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.failures += 1
+            log.error("task %s failed", task.get_name(), exc_info=exc)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Cancel every task still running and wait until all have finished."""
+        self._closed = True
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

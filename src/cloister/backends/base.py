@@ -1,0 +1,181 @@
+"""The backend protocol: everything the cluster needs from the outside world.
+
+A backend is one node's connection to the shared medium of one cluster. It offers three
+small services, and nothing above this layer talks to the outside any other way:
+
+- **Key-value buckets** (:class:`KeyValue`): get/put, ``create`` (only if absent),
+  ``update`` (compare-and-set on the revision), delete, a full listing, a live watch, and
+  a per-key TTL after which the key expires and watchers see :attr:`KVOp.EXPIRE`.
+  Membership records, the sentry lease and the published epoch live here.
+- **Transport** (:meth:`Backend.serve` / :meth:`Backend.request`, :meth:`Backend.publish`
+  / :meth:`Backend.subscribe`): request/reply addressed to one node, and fan-out topics.
+  Payloads are bytes; the layers above encode them (msgpack, never pickle).
+- **Lifecycle**: :meth:`Backend.connect`, :meth:`Backend.close`, and
+  :meth:`Backend.on_reconnect` so the cluster can reconcile after an outage.
+
+Two implementations share this contract, as httpx's transports do: ``memory://NAME``
+(:mod:`cloister.backends.memory`, every node in one process, with crash/partition/delay
+injection) and ``nats://host:port[,host:port]`` (:mod:`cloister.backends.nats`).
+
+Failure semantics every implementation follows:
+
+- An unreachable medium raises :class:`~cloister.errors.BackendUnavailableError`.
+- ``request`` to a node nobody serves fails fast with
+  :class:`~cloister.errors.NoSuchNodeError` ("no responders"); to a node that serves but
+  does not answer in time, :class:`~cloister.errors.RequestTimeoutError`.
+- TTLs are enforced by the medium, not by the node that wrote the key: a crashed node's
+  keys expire on their own.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+RequestHandler = Callable[[bytes], Awaitable[bytes]]
+"""Answers one request addressed to this node: payload in, reply out."""
+
+MessageHandler = Callable[[bytes], Awaitable[None]]
+"""Receives one message published on a topic."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The current value of a key and its revision (strictly increasing per bucket)."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+class KVOp(enum.Enum):
+    """What happened to a key, as a watcher sees it."""
+
+    PUT = "put"
+    DELETE = "delete"
+    EXPIRE = "expire"
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """One change seen by a watcher. ``value`` is None for delete and expire."""
+
+    op: KVOp
+    key: str
+    value: bytes | None
+    revision: int
+
+
+class KeyValue(ABC):
+    """A bucket of keys with revisions, compare-and-set, per-key TTL and a watch.
+
+    Keys are non-empty strings of ``[A-Za-z0-9_=.-]``; values are bytes.
+    """
+
+    name: str
+
+    @abstractmethod
+    async def get(self, key: str) -> Entry | None:
+        """The current entry, or None when the key is absent, deleted or expired."""
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes) -> int:
+        """Write unconditionally; returns the new revision."""
+
+    @abstractmethod
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write only if the key is absent; :class:`KeyExistsError` otherwise.
+
+        With ``ttl`` (seconds) the key expires unless refreshed by :meth:`update`.
+        """
+
+    @abstractmethod
+    async def update(
+        self, key: str, value: bytes, *, revision: int, ttl: float | None = None
+    ) -> int:
+        """Write only if the key's revision is still ``revision`` (compare-and-set).
+
+        Raises :class:`RevisionMismatchError` when it changed or vanished. ``ttl`` restarts
+        the key's time to live.
+        """
+
+    @abstractmethod
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        """Remove the key (only if still at ``revision`` when one is given)."""
+
+    @abstractmethod
+    async def entries(self) -> dict[str, Entry]:
+        """A full, consistent listing of the live keys (for reconciliation)."""
+
+    @abstractmethod
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+        """Live changes from now on (no replay): ``async with kv.watch() as events``.
+
+        Watch first, then list with :meth:`entries`, and no change falls in between. A
+        watch may go silent while the medium is unreachable; callers reconcile from
+        :meth:`entries` periodically and on reconnect.
+        """
+
+
+class Subscription(ABC):
+    """A live subscription to a topic; :meth:`close` stops delivery."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop delivering messages to this subscription's handler."""
+
+
+class Backend(ABC):
+    """One node's connection to one cluster's shared medium."""
+
+    #: The URL this backend was opened with (credentials removed).
+    url: str
+    #: Cluster name: every bucket, subject and topic is namespaced by it.
+    cluster: str
+    #: This node's name.
+    node: str
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect to the medium; raises :class:`BackendError` with a clear reason."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect and stop serving. Safe to call twice."""
+
+    @abstractmethod
+    async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
+        """Open (creating if needed) a bucket of this cluster.
+
+        ``ttl_keys`` declares that keys will be written with a TTL and watchers must see
+        their expiry.
+        """
+
+    @abstractmethod
+    async def serve(self, handler: RequestHandler) -> None:
+        """Answer requests addressed to this node with ``handler`` until :meth:`close`."""
+
+    @abstractmethod
+    async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
+        """Send a request to ``node`` and wait for its reply."""
+
+    @abstractmethod
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Send ``payload`` to every current subscriber of ``topic`` (at most once)."""
+
+    @abstractmethod
+    async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
+        """Deliver messages published on ``topic`` to ``handler`` until closed."""
+
+    @abstractmethod
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously, cheap) each time the connection comes back."""
+
+    def on_crash(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
+        """Register what to do when the test double kills this node (memory backend only).
+
+        Real backends never call it: a real crash takes the whole process down.
+        """

@@ -1,0 +1,386 @@
+"""The embedded backend, ``memory://NAME``: every node of a cluster in one process.
+
+It is a test double with the same contract as the network backend — not a happy-path
+fake. The shared medium (a :class:`MemoryWorld`) enforces TTLs with its own timers, so a
+node that stops heartbeating expires exactly as it would on NATS, and it can inject the
+failures real deployments see:
+
+- :meth:`MemoryWorld.crash` — the node dies as if by ``kill -9``: no goodbye, its keys
+  stay until their TTL runs out, requests to it fail at once with "no responders".
+- :meth:`MemoryWorld.partition` — the nodes lose the medium: their operations raise
+  :class:`~cloister.errors.BackendUnavailableError`, their watches go silent (events are
+  lost, not queued), requests to them time out; :meth:`MemoryWorld.heal` reconnects them
+  and fires their reconnect callbacks.
+- :meth:`MemoryWorld.delay` — every operation of a node takes that much longer
+  (slow heartbeats, slow replies).
+
+Nodes opened with the same ``memory://NAME`` share one world; different names are
+different worlds. Payloads cross as bytes only, as on a real wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+from cloister._tasks import Supervisor
+from cloister.backends.base import (
+    Backend,
+    Entry,
+    KeyValue,
+    KVEvent,
+    KVOp,
+    MessageHandler,
+    RequestHandler,
+    Subscription,
+)
+from cloister.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    KeyExistsError,
+    NoSuchNodeError,
+    RemoteError,
+    RequestTimeoutError,
+    RevisionMismatchError,
+)
+
+log = logging.getLogger("cloister.backends.memory")
+
+_KEY = re.compile(r"^[A-Za-z0-9_=.-]+$")
+_WORLDS: dict[str, MemoryWorld] = {}
+
+
+def world(name: str) -> MemoryWorld:
+    """The world called ``name`` (created on first use): what ``memory://NAME`` opens."""
+    found = _WORLDS.get(name)
+    if found is None:
+        found = _WORLDS[name] = MemoryWorld(name)
+    return found
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ConfigurationError(f"invalid key {key!r}: use a non-empty string of [A-Za-z0-9_=.-]")
+
+
+@dataclass(slots=True)
+class _Item:
+    value: bytes
+    revision: int
+    expiry: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Watcher:
+    owner: MemoryBackend
+    queue: asyncio.Queue[KVEvent] = field(default_factory=asyncio.Queue)
+
+
+class _Bucket:
+    """One bucket's data. Revisions are per bucket and strictly increasing."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, _Item] = {}
+        self.revisions = itertools.count(1)
+        self.watchers: list[_Watcher] = []
+
+    def write(self, key: str, value: bytes, ttl: float | None) -> int:
+        old = self.items.get(key)
+        if old is not None and old.expiry is not None:
+            old.expiry.cancel()
+        revision = next(self.revisions)
+        item = self.items[key] = _Item(value, revision)
+        if ttl is not None:
+            loop = asyncio.get_running_loop()
+            item.expiry = loop.call_later(ttl, self._expire, key, revision)
+        self._notify(KVEvent(KVOp.PUT, key, value, revision))
+        return revision
+
+    def remove(self, key: str, op: KVOp) -> None:
+        item = self.items.pop(key)
+        if item.expiry is not None:
+            item.expiry.cancel()
+        self._notify(KVEvent(op, key, None, next(self.revisions)))
+
+    def _expire(self, key: str, revision: int) -> None:
+        item = self.items.get(key)
+        if item is not None and item.revision == revision:
+            self.remove(key, KVOp.EXPIRE)
+
+    def _notify(self, event: KVEvent) -> None:
+        for watcher in self.watchers:
+            if watcher.owner.reachable:  # a cut-off watcher loses events, as on a network
+                watcher.queue.put_nowait(event)
+
+
+class MemoryKV(KeyValue):
+    """A bucket as one node sees it: every call goes through the node's fault injection."""
+
+    def __init__(self, owner: MemoryBackend, name: str, bucket: _Bucket) -> None:
+        self.name = name
+        self._owner = owner
+        self._bucket = bucket
+
+    async def get(self, key: str) -> Entry | None:
+        await self._owner._io()
+        item = self._bucket.items.get(key)
+        return None if item is None else Entry(key, item.value, item.revision)
+
+    async def put(self, key: str, value: bytes) -> int:
+        _check_key(key)
+        await self._owner._io()
+        return self._bucket.write(key, bytes(value), None)
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        _check_key(key)
+        await self._owner._io()
+        if key in self._bucket.items:
+            raise KeyExistsError(f"key {key!r} already exists in bucket {self.name!r}")
+        return self._bucket.write(key, bytes(value), ttl)
+
+    async def update(
+        self, key: str, value: bytes, *, revision: int, ttl: float | None = None
+    ) -> int:
+        _check_key(key)
+        await self._owner._io()
+        item = self._bucket.items.get(key)
+        if item is None or item.revision != revision:
+            now = None if item is None else item.revision
+            raise RevisionMismatchError(
+                f"key {key!r} in bucket {self.name!r} is at revision {now}, not {revision}"
+            )
+        return self._bucket.write(key, bytes(value), ttl)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        await self._owner._io()
+        item = self._bucket.items.get(key)
+        if item is None:
+            if revision is not None:
+                raise RevisionMismatchError(f"key {key!r} is gone; expected revision {revision}")
+            return
+        if revision is not None and item.revision != revision:
+            raise RevisionMismatchError(
+                f"key {key!r} is at revision {item.revision}, not {revision}"
+            )
+        self._bucket.remove(key, KVOp.DELETE)
+
+    async def entries(self) -> dict[str, Entry]:
+        await self._owner._io()
+        return {k: Entry(k, i.value, i.revision) for k, i in self._bucket.items.items()}
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+        return self._watch()
+
+    @asynccontextmanager
+    async def _watch(self) -> AsyncIterator[AsyncIterator[KVEvent]]:
+        await self._owner._io()
+        watcher = _Watcher(self._owner)
+        self._bucket.watchers.append(watcher)
+        try:
+            yield _drain(watcher.queue)
+        finally:
+            self._bucket.watchers.remove(watcher)
+
+
+async def _drain(queue: asyncio.Queue[KVEvent]) -> AsyncIterator[KVEvent]:
+    while True:
+        yield await queue.get()
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, owner: MemoryBackend, key: tuple[str, str], handler: MessageHandler):
+        self.owner = owner
+        self.key = key
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._handler = handler
+        self._pump = owner._supervisor.spawn(self._run(), f"subscription {key[1]}")
+
+    async def _run(self) -> None:
+        while True:
+            payload = await self.queue.get()
+            try:
+                await self._handler(payload)
+            except Exception:
+                log.exception("subscriber of %r on node %s failed", self.key[1], self.owner.node)
+
+    async def close(self) -> None:
+        subscribers = self.owner._world._topics.get(self.key, [])
+        if self in subscribers:
+            subscribers.remove(self)
+        self._pump.cancel()
+
+
+class MemoryWorld:
+    """The shared medium of ``memory://NAME``, with failure injection for tests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._servers: dict[tuple[str, str], tuple[MemoryBackend, RequestHandler]] = {}
+        self._topics: dict[tuple[str, str], list[_MemorySubscription]] = {}
+        self._handles: list[MemoryBackend] = []
+
+    # -- failure injection -------------------------------------------------------------
+
+    def crash(self, node: str) -> None:
+        """Kill ``node`` as ``kill -9`` would: no leave, its keys expire on their TTL."""
+        for handle in self._find(node):
+            handle._crash()
+
+    def partition(self, nodes: Iterable[str]) -> None:
+        """Cut ``nodes`` off the medium until :meth:`heal`."""
+        for name in nodes:
+            for handle in self._find(name):
+                handle.partitioned = True
+
+    def heal(self, nodes: Iterable[str] | None = None) -> None:
+        """Reconnect partitioned nodes (all of them by default)."""
+        names = None if nodes is None else set(nodes)
+        for handle in list(self._handles):
+            if handle.partitioned and (names is None or handle.node in names):
+                handle.partitioned = False
+                for callback in list(handle._reconnect_callbacks):
+                    callback()
+
+    def delay(self, node: str, seconds: float) -> None:
+        """Make every operation of ``node`` take ``seconds`` longer (0 to undo)."""
+        for handle in self._find(node):
+            handle.latency = seconds
+
+    def _find(self, node: str) -> list[MemoryBackend]:
+        found = [h for h in self._handles if h.node == node and not h.crashed]
+        if not found:
+            raise ConfigurationError(f"no live node named {node!r} in memory://{self.name}")
+        return found
+
+    # -- plumbing for MemoryBackend ------------------------------------------------------
+
+    def bucket(self, cluster: str, name: str) -> _Bucket:
+        return self._buckets.setdefault((cluster, name), _Bucket())
+
+
+class MemoryBackend(Backend):
+    """One node's handle on a :class:`MemoryWorld`."""
+
+    def __init__(self, world_name: str, cluster: str, node: str) -> None:
+        self.url = f"memory://{world_name}"
+        self.cluster = cluster
+        self.node = node
+        self._world = world(world_name)
+        self._supervisor = Supervisor(f"memory-backend {node}")
+        self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._crash_callbacks: list[Callable[[], None]] = []
+        self.crashed = False
+        self.partitioned = False
+        self.latency = 0.0
+        self._connected = False
+
+    @property
+    def world(self) -> MemoryWorld:
+        """The shared medium this handle is attached to."""
+        return self._world
+
+    @property
+    def reachable(self) -> bool:
+        """True while this node can talk to the medium."""
+        return self._connected and not self.crashed and not self.partitioned
+
+    async def _io(self) -> None:
+        """Every operation passes here: fault injection happens in one place."""
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if not self._connected or self.crashed:
+            raise BackendUnavailableError(f"node {self.node} is not connected to {self.url}")
+        if self.partitioned:
+            raise BackendUnavailableError(
+                f"node {self.node} cannot reach {self.url} (partitioned); retrying may help"
+            )
+
+    async def connect(self) -> None:
+        self._connected = True
+        self._world._handles.append(self)
+
+    async def close(self) -> None:
+        self._drop_registrations()
+        self._connected = False
+        if self in self._world._handles:
+            self._world._handles.remove(self)
+        await self._supervisor.close()
+
+    def _drop_registrations(self) -> None:
+        key = (self.cluster, self.node)
+        if self._world._servers.get(key, (None,))[0] is self:
+            del self._world._servers[key]
+        for subscribers in self._world._topics.values():
+            subscribers[:] = [s for s in subscribers if s.owner is not self]
+
+    def _crash(self) -> None:
+        self.crashed = True
+        self._drop_registrations()
+        for callback in list(self._crash_callbacks):
+            callback()
+
+    async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
+        _check_key(bucket)
+        await self._io()
+        return MemoryKV(self, bucket, self._world.bucket(self.cluster, bucket))
+
+    async def serve(self, handler: RequestHandler) -> None:
+        await self._io()
+        self._world._servers[(self.cluster, self.node)] = (self, handler)
+
+    async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
+        await self._io()
+        target = self._world._servers.get((self.cluster, node))
+        if target is None:
+            raise NoSuchNodeError(f"no responders for node {node!r} in cluster {self.cluster!r}")
+        server, handler = target
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[bytes] = loop.create_future()
+
+        async def answer() -> None:
+            if server.latency:
+                await asyncio.sleep(server.latency)
+            try:
+                result = await handler(bytes(payload))
+            except Exception as exc:
+                if not reply.done():
+                    reply.set_exception(RemoteError(f"node {node} failed: {exc!r}"))
+                raise
+            if server.reachable and self.reachable and not reply.done():
+                reply.set_result(result)
+
+        if server.reachable:
+            server._supervisor.spawn(answer(), f"request to {node}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(reply), timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"node {node!r} did not answer within {timeout:g}s"
+            ) from None
+        finally:
+            reply.cancel()
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        await self._io()
+        for subscription in self._world._topics.get((self.cluster, topic), []):
+            if subscription.owner.reachable:
+                subscription.queue.put_nowait(bytes(payload))
+
+    async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
+        await self._io()
+        key = (self.cluster, topic)
+        subscription = _MemorySubscription(self, key, handler)
+        self._world._topics.setdefault(key, []).append(subscription)
+        return subscription
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._reconnect_callbacks.append(callback)
+
+    def on_crash(self, callback: Callable[[], None]) -> None:
+        self._crash_callbacks.append(callback)

@@ -1,0 +1,62 @@
+"""A snapshot of one node's view of the cluster, as listeners and ``states()`` see it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cloister import wire
+from cloister.cluster.states import State
+from cloister.errors import WireFormatError
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """One node's view: who it is, its state, and the topology it has adopted."""
+
+    cluster: str
+    node: str
+    state: State
+    members: tuple[str, ...]
+    epoch: int
+    consensus: int
+    sentry: str | None
+    is_sentry: bool
+    started_at: float
+    fingerprint: str
+    groups: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-able dict (for ``states()`` and ``cloister status``)."""
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["members"] = list(self.members)
+        data["groups"] = list(self.groups)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: Any) -> ClusterInfo:
+        """Parse what :meth:`to_wire` produced; :class:`WireFormatError` if malformed."""
+        if not isinstance(data, dict):
+            raise WireFormatError(f"cluster info: expected a map, got {type(data).__name__}")
+        what = "cluster info"
+        try:
+            state = State(wire.field(data, "state", str, what))
+        except ValueError as exc:
+            raise WireFormatError(f"{what}: unknown state {data.get('state')!r}") from exc
+        sentry = data.get("sentry")
+        if sentry is not None and not isinstance(sentry, str):
+            raise WireFormatError(f"{what}: field 'sentry' should be str or None")
+        return cls(
+            cluster=wire.field(data, "cluster", str, what),
+            node=wire.field(data, "node", str, what),
+            state=state,
+            members=tuple(str(m) for m in wire.field(data, "members", list, what)),
+            epoch=wire.field(data, "epoch", int, what),
+            consensus=wire.field(data, "consensus", int, what),
+            sentry=sentry,
+            is_sentry=bool(data.get("is_sentry")),
+            started_at=float(wire.field(data, "started_at", (int, float), what)),
+            fingerprint=wire.field(data, "fingerprint", str, what),
+            groups=tuple(str(g) for g in data.get("groups", ())),
+        )

@@ -1,0 +1,103 @@
+"""Epochs: the member set the sentry publishes, and the rings every node derives from it.
+
+Every node builds its rings from the *published* epoch record, never from its own view
+of the member records: the record is one value in the backend, so every node that has
+adopted epoch ``E`` has exactly the same rings (same fingerprint). Only the sentry turns
+membership changes into new epochs, through a compare-and-set on the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloister import wire
+from cloister.errors import WireFormatError
+from cloister.ring import HashRing
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSpec:
+    """What the ring needs to know about a member. A restart changes ``incarnation``."""
+
+    weight: float
+    groups: tuple[str, ...]
+    incarnation: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.weight, list(self.groups), self.incarnation]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> MemberSpec:
+        if (
+            not isinstance(data, list)
+            or len(data) != 3
+            or not isinstance(data[0], int | float)
+            or not isinstance(data[1], list)
+            or not isinstance(data[2], int)
+        ):
+            raise WireFormatError(f"epoch record: malformed member spec {data!r}")
+        return cls(float(data[0]), tuple(str(g) for g in data[1]), data[2])
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecord:
+    """The published topology: epoch number, the sentry that wrote it, the members."""
+
+    epoch: int
+    sentry: str
+    members: Mapping[str, MemberSpec]
+
+    def encode(self) -> bytes:
+        return wire.encode(
+            {
+                "epoch": self.epoch,
+                "sentry": self.sentry,
+                "members": {name: spec.to_wire() for name, spec in self.members.items()},
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> EpochRecord:
+        what = "epoch record"
+        message = wire.decode_map(data, what, ("epoch", "sentry", "members"))
+        members = wire.field(message, "members", dict, what)
+        return cls(
+            epoch=wire.field(message, "epoch", int, what),
+            sentry=wire.field(message, "sentry", str, what),
+            members={str(name): MemberSpec.from_wire(spec) for name, spec in members.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """An adopted epoch with its rings: the main ring plus one per group."""
+
+    epoch: int
+    sentry: str
+    members: Mapping[str, MemberSpec]
+    ring: HashRing
+    group_rings: Mapping[str, HashRing] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: EpochRecord) -> Topology:
+        ring = HashRing({name: spec.weight for name, spec in record.members.items()})
+        groups: dict[str, dict[str, float]] = {}
+        for name, spec in record.members.items():
+            for group in spec.groups:
+                groups.setdefault(group, {})[name] = spec.weight
+        return cls(
+            epoch=record.epoch,
+            sentry=record.sentry,
+            members=record.members,
+            ring=ring,
+            group_rings={group: HashRing(nodes) for group, nodes in groups.items()},
+        )
+
+    def ring_for(self, group: str | None) -> HashRing:
+        """The ring of ``group`` (the main ring for None; an empty ring if nobody joined)."""
+        if group is None:
+            return self.ring
+        found = self.group_rings.get(group)
+        return found if found is not None else HashRing(())

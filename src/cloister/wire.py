@@ -1,0 +1,65 @@
+"""Wire encoding: msgpack with explicit checks. Nothing is ever unpickled.
+
+Every message that crosses a backend is a msgpack map whose fields are checked by the
+code that reads it; :func:`decode_map` turns any malformed input into a
+:class:`~cloister.errors.WireFormatError` that names what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from cloister.errors import WireFormatError
+
+# Hard limits so that a hostile or corrupt payload cannot make us allocate without bound.
+_MAX_BYTES = 64 * 1024 * 1024
+
+
+def encode(value: Any) -> bytes:
+    """Encode a msgpack-able value; a clear error for anything else."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireFormatError(
+            f"cannot encode {type(value).__name__} for the wire ({exc}); use None, bool, "
+            "int, float, str, bytes, and lists/tuples/dicts of them"
+        ) from exc
+
+
+def decode(data: bytes) -> Any:
+    """Decode msgpack bytes; malformed input raises :class:`WireFormatError`."""
+    if len(data) > _MAX_BYTES:
+        raise WireFormatError(f"message of {len(data)} bytes exceeds the {_MAX_BYTES} limit")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireFormatError(f"undecodable message ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_map(data: bytes, what: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Decode a msgpack map and check that the ``required`` fields are present."""
+    value = decode(data)
+    if not isinstance(value, dict):
+        raise WireFormatError(f"{what}: expected a map, got {type(value).__name__}")
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise WireFormatError(f"{what}: missing field(s) {', '.join(missing)}")
+    return value
+
+
+def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """Return ``message[name]`` after checking its type."""
+    value = message.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise WireFormatError(
+            f"{what}: field {name!r} should be {_kind_name(kind)}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
