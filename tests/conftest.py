@@ -1,0 +1,3 @@
+"""Shared pytest configuration: the real-server and real-process fixtures."""
+
+pytest_plugins = ["cloister.testing.pytest_plugin"]
