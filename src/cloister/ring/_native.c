@@ -277,36 +277,50 @@ raise_empty(void)
     return empty_ring_error("ring has no nodes; add a node first");
 }
 
-/* Best node for a slot among those not in skip (skip may be NULL); -1 if all skipped. */
-static Py_ssize_t
+/* Best node for a slot among those not in skip (skip may be NULL); -1 if all skipped.
+   Always inlined, so that the table builders get a copy specialised for skip == NULL. */
+static inline Py_ALWAYS_INLINE Py_ssize_t
 best_node(const RingCore *r, Py_ssize_t slot, const unsigned char *skip)
 {
-    Py_ssize_t best = -1;
-    uint64_t bu = 0;
-    double bs = 0.0;
-    uint64_t g = (uint64_t)slot * GOLDEN;
-    for (Py_ssize_t i = 0; i < r->n; i++) {
+    const uint64_t *seeds = r->seeds;
+    const double *w = r->w;
+    const Py_ssize_t n = r->n;
+    const uint64_t g = (uint64_t)slot * GOLDEN;
+    Py_ssize_t i = 0;
+    while (skip && i < n && skip[i]) {
+        i++;
+    }
+    if (i == n) {
+        return -1;
+    }
+    Py_ssize_t best = i;
+    uint64_t bu = mix64(seeds[i] + g);
+    if (r->equal) {
+        /* the highest draw wins (the lowest index on a tie); branch-free selects, as
+           which node wins is unpredictable */
+        for (i++; i < n; i++) {
+            uint64_t u = mix64(seeds[i] + g);
+            uint64_t wins = (uint64_t)((u > bu) & (skip == NULL || !skip[i]));
+            uint64_t mask = (uint64_t)0 - wins; /* all ones when node i wins */
+            best = (Py_ssize_t)((uint64_t)best ^ (((uint64_t)best ^ (uint64_t)i) & mask));
+            bu ^= (bu ^ u) & mask;
+        }
+        return best;
+    }
+    double bs = wscore(bu, w[best]);
+    for (i++; i < n; i++) {
         if (skip && skip[i]) {
             continue;
         }
-        uint64_t u = mix64(r->seeds[i] + g);
-        if (r->equal) {
-            if (best < 0 || u > bu) {
-                best = i;
-                bu = u;
-            }
+        uint64_t u = mix64(seeds[i] + g);
+        /* -ln(x) >= 1 - x, so w / (1 - x) bounds the score from above: a node whose bound
+           (with a margin far above rounding errors) is below the best score loses for
+           sure, and its logarithm is skipped. Results stay exact. */
+        if (w[i] * (1.0 + 0x1p-30) < (1.0 - unit(u)) * bs) {
             continue;
         }
-        if (best >= 0) {
-            /* -ln(x) >= 1 - x, so w / (1 - x) bounds the score from above; the margin
-               covers rounding. Skipping only nodes that lose for sure keeps results exact. */
-            double gap = 1.0 - unit(u);
-            if (gap > 0.0 && r->w[i] / gap * (1.0 + 0x1p-30) < bs) {
-                continue;
-            }
-        }
-        double s = wscore(u, r->w[i]);
-        if (best < 0 || beats(s, u, i, bs, bu, best)) {
+        double s = wscore(u, w[i]);
+        if (beats(s, u, i, bs, bu, best)) {
             best = i;
             bu = u;
             bs = s;
@@ -318,8 +332,15 @@ best_node(const RingCore *r, Py_ssize_t slot, const unsigned char *skip)
 static void
 build_table(RingCore *r)
 {
-    for (Py_ssize_t s = 0; s < NSLOTS; s++) {
-        r->table[s] = (uint16_t)best_node(r, s, NULL);
+    if (r->equal) {
+        for (Py_ssize_t s = 0; s < NSLOTS; s++) {
+            r->table[s] = (uint16_t)best_node(r, s, NULL);
+        }
+    }
+    else {
+        for (Py_ssize_t s = 0; s < NSLOTS; s++) {
+            r->table[s] = (uint16_t)best_node(r, s, NULL);
+        }
     }
 }
 
