@@ -475,10 +475,14 @@ class NatsServer(Lifecycle):
             "nats-server %s spawned (pid %d), log %s", self.name, self._proc.pid, self.log_path
         )
 
-    def _ready_check(self) -> bool | None:
+    def ensure_running(self) -> None:
+        """Raise :class:`ServerStartError` (with the log's tail) unless the process runs."""
         if self._proc is None or self._proc.poll() is not None:
             code = None if self._proc is None else self._proc.returncode
-            raise self._start_error(f"exited with code {code} before it was ready")
+            raise self._start_error(f"is not running (exit code {code})")
+
+    def _ready_check(self) -> bool | None:
+        self.ensure_running()
         try:
             health = self.healthz()
         except (OSError, ValueError):

@@ -263,7 +263,7 @@ class NodeProcess(Lifecycle):
                     return found
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise scan.failure(f"not printed within {timeout:.1f}s")
+                    raise scan.failure(f"within {timeout:.1f}s")
                 self._cond.wait(remaining)
 
     async def wait_for_line_async(
@@ -284,7 +284,7 @@ class NodeProcess(Lifecycle):
 
         found = await poll_async(check, timeout)
         if found is None:
-            raise scan.failure(f"not printed within {timeout:.1f}s")
+            raise scan.failure(f"within {timeout:.1f}s")
         return found
 
     # ------------------------------------------------------------------ internals
@@ -338,13 +338,13 @@ class _Scan:
                 if found is not None:
                     return found
         if self.proc._finished():
-            raise self.failure(f"exited with code {self.proc.returncode} without printing it")
+            raise self.failure(f"before it exited with code {self.proc.returncode}")
         return None
 
     def failure(self, what: str) -> LineNotFoundError:
         return LineNotFoundError(
-            f"{self.proc.name} (pid {self.proc.pid}): a line matching "
-            f"{self.regex.pattern!r} was {what}. Last lines:\n{self.proc.tail() or '(none)'}"
+            f"{self.proc.name} (pid {self.proc.pid}) printed no line matching "
+            f"{self.regex.pattern!r} {what}. Last lines:\n{self.proc.tail() or '(none)'}"
         )
 
 
