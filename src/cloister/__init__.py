@@ -7,13 +7,15 @@ joins, leaves or dies.
 Entry points, from the bottom layer up:
 
 - :class:`HashRing` (``cloister.ring``): the pure consistent hash ring.
+- :class:`Cluster` (``cloister.cluster``): membership, epochs, sentry, listener, RPC.
 - :class:`CloisterError` (``cloister.errors``): root of every error raised here.
 """
 
 from __future__ import annotations
 
+from cloister.cluster import CallResult, Cluster, ClusterInfo, Listener, State
 from cloister.errors import CloisterError
 from cloister.ring import HashRing
 
-__all__ = ["CloisterError", "HashRing"]
+__all__ = ["CallResult", "CloisterError", "Cluster", "ClusterInfo", "HashRing", "Listener", "State"]
 __version__ = "0.1.0"

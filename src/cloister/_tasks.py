@@ -55,4 +55,20 @@ class Supervisor:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                log.warning("task %s ignored cancellation; cancelling again", task.get_name())
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it was set.
+
+    ``asyncio.wait_for`` can swallow a cancellation on Python 3.11 when the awaited
+    thing finishes at the same moment; ``asyncio.timeout`` cannot, so we use it.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -30,15 +30,27 @@ __all__ = [
     "MessageHandler",
     "RequestHandler",
     "Subscription",
+    "check_url",
     "open_backend",
 ]
 
 SCHEMES = ("memory", "nats", "tls")
 
 
+def check_url(url: str) -> str:
+    """Return the scheme of a backend URL, or raise a clear error for an unknown one."""
+    scheme = urlsplit(url).scheme if isinstance(url, str) and "://" in url else ""
+    if scheme not in SCHEMES:
+        raise ConfigurationError(
+            f"unknown backend URL {url!r}: use memory://NAME (embedded) or "
+            "nats://host:port[,host:port...] (NATS with JetStream)"
+        )
+    return scheme
+
+
 def open_backend(url: str, cluster: str, node: str, **options: Any) -> Backend:
     """Create (not yet connect) the backend named by ``url`` for one node of ``cluster``."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = check_url(url)
     if scheme == "memory":
         from cloister.backends.memory import MemoryBackend
 
@@ -48,11 +60,7 @@ def open_backend(url: str, cluster: str, node: str, **options: Any) -> Backend:
             )
         name = url.split("://", 1)[1] or "default"
         return MemoryBackend(name, cluster, node)
-    if scheme in ("nats", "tls"):
-        from cloister.backends.nats import NatsBackend
+    from cloister.backends.nats import NatsBackend  # imported lazily: nats-py is heavy
 
-        return NatsBackend(url, cluster, node, **options)
-    raise ConfigurationError(
-        f"unknown backend URL {url!r}: use memory://NAME (embedded) or "
-        "nats://host:port[,host:port...] (NATS with JetStream)"
-    )
+    backend: Backend = NatsBackend(url, cluster, node, **options)
+    return backend

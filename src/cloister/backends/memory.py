@@ -358,11 +358,10 @@ class MemoryBackend(Backend):
         if server.reachable:
             server._supervisor.spawn(answer(), f"request to {node}")
         try:
-            return await asyncio.wait_for(asyncio.shield(reply), timeout)
+            async with asyncio.timeout(timeout):
+                return await reply
         except TimeoutError:
-            raise RequestTimeoutError(
-                f"node {node!r} did not answer within {timeout:g}s"
-            ) from None
+            raise RequestTimeoutError(f"node {node!r} did not answer within {timeout:g}s") from None
         finally:
             reply.cancel()
 

@@ -23,24 +23,23 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
 from cloister import wire
-from cloister._tasks import Supervisor
-from cloister.backends import Backend, KeyValue, KVEvent, KVOp, open_backend
+from cloister._tasks import Supervisor, wait_event
+from cloister.backends import Backend, KeyValue, KVEvent, KVOp, check_url, open_backend
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.rpc import CallResult, Handler, Handlers, decode_reply, encode_request, failed
 from cloister.cluster.states import State, StateMachine
-from cloister.cluster.topology import EpochRecord, MemberSpec, Topology
+from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import (
     BackendError,
-    BackendUnavailableError,
-    ClusterNotReadyError,
     CloisterError,
+    ClusterNotReadyError,
     ConfigurationError,
     KeyExistsError,
     NodeNameTakenError,
@@ -145,6 +144,7 @@ class Cluster:
             )
         if not (isinstance(weight, int | float) and weight > 0):
             raise ConfigurationError(f"weight must be a positive number, got {weight!r}")
+        check_url(backend)
         HashRing({node: weight})  # the ring's own validation of the name and weight
         self.name = name
         self.node = node
@@ -263,7 +263,9 @@ class Cluster:
                 await self._control_kv.delete(_SENTRY_KEY, revision=self._sentry_revision)
             await self._members_kv.delete(self.node, revision=self._record_revision)
         except BackendError as exc:
-            log.warning("node %s could not leave cleanly (%s); it will expire instead", self.node, exc)
+            log.warning(
+                "node %s could not leave cleanly (%s); it will expire instead", self.node, exc
+            )
 
     async def _teardown(self) -> None:
         await self._supervisor.close()
@@ -359,14 +361,13 @@ class Cluster:
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until this node is ``ready``; :class:`ClusterNotReadyError` on timeout."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._ready, timeout):
             raise ClusterNotReadyError(
                 f"node {self.node} not ready after {timeout}s: state {self.state}, "
                 f"{len(self.siblings())} member(s) in epoch {self.epoch}, consensus "
-                f"{self.consensus}" + (f", expecting {sorted(self.expected)}" if self.expected else "")
-            ) from None
+                f"{self.consensus}"
+                + (f", expecting {sorted(self.expected)}" if self.expected else "")
+            )
 
     def handle(self, name: str) -> Callable[[Handler], Handler]:
         """Register a handler callable by ``multicall``/``multicast``: ``@cluster.handle("x")``."""
@@ -377,7 +378,9 @@ class Cluster:
 
         return register
 
-    async def call(self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+    async def call(
+        self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
         """Invoke ``handler`` on one ``node`` and return its result (raises its error)."""
         return (await self._call_one(node, handler, payload, timeout)).unwrap()
 
@@ -400,13 +403,22 @@ class Cluster:
         )
         return {result.node: result for result in results}
 
-    async def multicast(self, handler: str, payload: Any = None, *, nodes: Iterable[str] | None = None) -> None:
+    async def multicast(
+        self, handler: str, payload: Any = None, *, nodes: Iterable[str] | None = None
+    ) -> None:
         """Invoke ``handler`` on every member (or ``nodes``) without waiting for results."""
         backend = self._require_backend()
-        message = {"h": handler, "p": payload, "f": self.node, "to": None if nodes is None else list(nodes)}
+        message = {
+            "h": handler,
+            "p": payload,
+            "f": self.node,
+            "to": None if nodes is None else list(nodes),
+        }
         await backend.publish(_MULTICAST_TOPIC, wire.encode(message))
 
-    async def states(self, *, timeout: float | None = None) -> dict[str, ClusterInfo | CloisterError]:
+    async def states(
+        self, *, timeout: float | None = None
+    ) -> dict[str, ClusterInfo | CloisterError]:
         """Every member's :class:`ClusterInfo` (or the error that member produced)."""
         results = await self.multicall("cloister.info", timeout=timeout)
         states: dict[str, ClusterInfo | CloisterError] = {}
@@ -442,18 +454,23 @@ class Cluster:
 
     # -- internals: requests ----------------------------------------------------------------
 
-    async def _call_one(self, node: str, handler: str, payload: Any, timeout: float | None) -> CallResult:
+    async def _call_one(
+        self, node: str, handler: str, payload: Any, timeout: float | None
+    ) -> CallResult:
         backend = self._require_backend()
         timeout = self.request_timeout if timeout is None else timeout
         if node == self.node:
             try:
-                return CallResult(node, value=await asyncio.wait_for(self._handlers.invoke(handler, payload), timeout))
+                async with asyncio.timeout(timeout):
+                    return CallResult(node, value=await self._handlers.invoke(handler, payload))
             except TimeoutError:
                 return failed(node, ClusterNotReadyError(f"local handler {handler!r} timed out"))
             except Exception as exc:
                 return failed(node, exc)
         try:
-            reply = await backend.request(node, encode_request(handler, payload, self.node), timeout=timeout)
+            reply = await backend.request(
+                node, encode_request(handler, payload, self.node), timeout=timeout
+            )
         except Exception as exc:
             return failed(node, exc)
         return decode_reply(node, reply)
@@ -500,7 +517,9 @@ class Cluster:
             return None
         try:
             await self._backend.request(
-                self.node, encode_request("cloister.ping", None, self.node), timeout=min(1.0, self.heartbeat)
+                self.node,
+                encode_request("cloister.ping", None, self.node),
+                timeout=min(1.0, self.heartbeat),
             )
         except BackendError:
             raise
@@ -524,7 +543,9 @@ class Cluster:
         )
         sent = time.monotonic()
         if previous_revision is None:
-            revision = await self._members_kv.create(self.node, record.encode(), ttl=self.failure_timeout)
+            revision = await self._members_kv.create(
+                self.node, record.encode(), ttl=self.failure_timeout
+            )
         else:
             revision = await self._members_kv.update(
                 self.node, record.encode(), revision=previous_revision, ttl=self.failure_timeout
@@ -550,7 +571,10 @@ class Cluster:
                 if self._record_revision is None:
                     raise RevisionMismatchError("no record")
                 revision = await self._members_kv.update(
-                    self.node, record.encode(), revision=self._record_revision, ttl=self.failure_timeout
+                    self.node,
+                    record.encode(),
+                    revision=self._record_revision,
+                    ttl=self.failure_timeout,
                 )
             except RevisionMismatchError:
                 revision = await self._rejoin(record)
@@ -568,7 +592,8 @@ class Cluster:
                 other = None
             if other is not None and other.incarnation != record.incarnation:
                 raise NodeNameTakenError(
-                    f"another process took over node name {self.node!r}; this one stops claiming keys"
+                    f"another process took over node name {self.node!r}; "
+                    "this one stops claiming keys"
                 )
             return await self._members_kv.update(
                 self.node, record.encode(), revision=current.revision, ttl=self.failure_timeout
@@ -600,7 +625,10 @@ class Cluster:
         sent = time.monotonic()
         try:
             self._sentry_revision = await self._control_kv.update(
-                _SENTRY_KEY, wire.encode({"node": self.node}), revision=self._sentry_revision, ttl=self.failure_timeout
+                _SENTRY_KEY,
+                wire.encode({"node": self.node}),
+                revision=self._sentry_revision,
+                ttl=self.failure_timeout,
             )
             self._sentry_until = sent + self._fence_after
         except RevisionMismatchError:
@@ -690,7 +718,9 @@ class Cluster:
             holder = None
             if event.op is KVOp.PUT and event.value is not None:
                 try:
-                    holder = wire.field(wire.decode_map(event.value, "sentry lease"), "node", str, "sentry lease")
+                    holder = wire.field(
+                        wire.decode_map(event.value, "sentry lease"), "node", str, "sentry lease"
+                    )
                 except WireFormatError as exc:
                     self.counters["bad_records"] += 1
                     log.warning("malformed sentry lease: %s", exc)
@@ -711,10 +741,7 @@ class Cluster:
         """Never trust the watches alone: re-list periodically and after a reconnect."""
         interval = max(5 * self.heartbeat, 1.0)
         while True:
-            try:
-                await asyncio.wait_for(self._resync.wait(), interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._resync, interval)
             self._resync.clear()
             try:
                 await self._reload_members()
@@ -733,10 +760,7 @@ class Cluster:
             except BackendError as exc:
                 log.debug("node %s control step postponed: %s", self.node, exc)
                 delay = self.heartbeat / 4
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, delay)
 
     async def _step(self, settle: float) -> float:
         """Take every decision the current facts call for; return when to look again."""
@@ -745,7 +769,9 @@ class Cluster:
         lease_ok = now < self._lease_until
         if not lease_ok and not self._suspended:
             self.counters["fenced"] += 1
-            log.warning("node %s cannot renew its membership: fencing (stops claiming keys)", self.node)
+            log.warning(
+                "node %s cannot renew its membership: fencing (stops claiming keys)", self.node
+            )
         if lease_ok:
             await self._maybe_claim_sentry(now)
             if self._sentry_revision is not None and now < self._sentry_until:
@@ -757,7 +783,11 @@ class Cluster:
         record = self._epoch_record
         if record is not None and (self._topology is None or record.epoch > self._topology.epoch):
             await self._adopt(record)
-        if self._record is not None and self._topology is not None and self._record.acked != self._topology.epoch:
+        if (
+            self._record is not None
+            and self._topology is not None
+            and self._record.acked != self._topology.epoch
+        ):
             await self._write_record(acked=self._topology.epoch)
         await self._update_state(lease_ok)
         return delay
@@ -786,12 +816,16 @@ class Cluster:
             return
         if self.node not in members:
             return  # our own record is not visible yet; never publish a topology without us
-        record = EpochRecord(epoch=(current.epoch if current else 0) + 1, sentry=self.node, members=members)
+        record = EpochRecord(
+            epoch=(current.epoch if current else 0) + 1, sentry=self.node, members=members
+        )
         try:
             if self._epoch_revision is None:
                 revision = await self._control_kv.create(_EPOCH_KEY, record.encode())
             else:
-                revision = await self._control_kv.update(_EPOCH_KEY, record.encode(), revision=self._epoch_revision)
+                revision = await self._control_kv.update(
+                    _EPOCH_KEY, record.encode(), revision=self._epoch_revision
+                )
         except (RevisionMismatchError, KeyExistsError):
             await self._reload_control()  # somebody wrote in between; look again
             self._wake.set()
@@ -808,7 +842,9 @@ class Cluster:
             self._move(State.REHASHING)
         self._ready.clear()
         if previous is None or previous.sentry != topology.sentry:
-            self._listener.sentry_changed(None if previous is None else previous.sentry, topology.sentry, self.info)
+            self._listener.sentry_changed(
+                None if previous is None else previous.sentry, topology.sentry, self.info
+            )
         self._log_topology(previous, topology)
         await self._run_hooks("release", topology)
 
@@ -870,10 +906,11 @@ class Cluster:
             try:
                 await getattr(hook, method)(argument)
             except Exception:
-                log.exception("topology hook %s.%s failed on node %s", type(hook).__name__, method, self.node)
+                log.exception(
+                    "topology hook %s.%s failed on node %s", type(hook).__name__, method, self.node
+                )
 
     def _move(self, to: State) -> None:
         previous = self._machine.move(to)
         log.debug("node %s: %s -> %s (epoch %d)", self.node, previous, to, self.epoch)
         self._listener.state_changed(previous, to, self.info)
-
