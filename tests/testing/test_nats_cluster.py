@@ -36,6 +36,8 @@ async def test_cluster_forms_with_distinct_servers(nats_cluster: NatsCluster) ->
         leader = nats_cluster.wait_stream_leader("R3", timeout=5)
         assert leader.name == info.cluster.leader
         assert nats_cluster.server(leader.name) is leader
+        assert nats_cluster.stream_leader("R3", account="$G") is leader
+        assert nats_cluster.stream_leader("NO_SUCH_STREAM") is None
     finally:
         await nc.close()
 

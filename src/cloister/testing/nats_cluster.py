@@ -151,7 +151,8 @@ class NatsCluster(Lifecycle):
             ServerStartError: a server exited or never became healthy.
             ClusterFormationError: no meta leader with all peers current in time.
         """
-        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
+        first = time.monotonic()
+        deadline = first + (self.start_timeout if timeout is None else timeout)
         for attempt in range(1, _START_ATTEMPTS + 1):
             last = attempt == _START_ATTEMPTS
             began = time.monotonic()
@@ -172,11 +173,12 @@ class NatsCluster(Lifecycle):
                 self._kill_all()
                 raise
             log.info(
-                "NATS cluster %s (%d servers) formed in %.3fs (attempt %d)",
+                "NATS cluster %s (%d servers) formed in %.3fs (attempt %d, %.3fs in all)",
                 self.name,
                 self.size,
                 time.monotonic() - began,
                 attempt,
+                time.monotonic() - first,
             )
             break
         return self
