@@ -186,12 +186,6 @@ hash_key(PyObject *key, uint64_t *out)
 
 /* ------------------------------------------------------------------ scores */
 
-static inline uint64_t
-draw(uint64_t seed, Py_ssize_t slot)
-{
-    return mix64(seed + (uint64_t)slot * GOLDEN);
-}
-
 static inline double
 unit(uint64_t u)
 {
@@ -204,6 +198,19 @@ wscore(uint64_t u, double w)
 {
     double ln = log(unit(u));
     return ln < 0.0 ? -w / ln : INFINITY;
+}
+
+/*
+ * Does a node of weight w with draw u surely score below `best`? -ln(x) >= 1 - x, so
+ * w / (1 - x) bounds its score from above; with a margin far above rounding errors, a
+ * node whose bound is below the best score loses for sure and its logarithm can be
+ * skipped, keeping results exact. (A draw of 1.0 or a best of +inf never prunes wrongly:
+ * 0 * inf is NaN, and NaN compares false.)
+ */
+static inline int
+surely_loses(uint64_t u, double w, double best)
+{
+    return w * (1.0 + 0x1p-30) < (1.0 - unit(u)) * best;
 }
 
 /* Does candidate a beat candidate b? Score, then draw (both higher first), then index. */
@@ -313,10 +320,7 @@ best_node(const RingCore *r, Py_ssize_t slot, const unsigned char *skip)
             continue;
         }
         uint64_t u = mix64(seeds[i] + g);
-        /* -ln(x) >= 1 - x, so w / (1 - x) bounds the score from above: a node whose bound
-           (with a margin far above rounding errors) is below the best score loses for
-           sure, and its logarithm is skipped. Results stay exact. */
-        if (w[i] * (1.0 + 0x1p-30) < (1.0 - unit(u)) * bs) {
+        if (surely_loses(u, w[i], bs)) {
             continue;
         }
         double s = wscore(u, w[i]);
@@ -332,15 +336,8 @@ best_node(const RingCore *r, Py_ssize_t slot, const unsigned char *skip)
 static void
 build_table(RingCore *r)
 {
-    if (r->equal) {
-        for (Py_ssize_t s = 0; s < NSLOTS; s++) {
-            r->table[s] = (uint16_t)best_node(r, s, NULL);
-        }
-    }
-    else {
-        for (Py_ssize_t s = 0; s < NSLOTS; s++) {
-            r->table[s] = (uint16_t)best_node(r, s, NULL);
-        }
+    for (Py_ssize_t s = 0; s < NSLOTS; s++) {
+        r->table[s] = (uint16_t)best_node(r, s, NULL);
     }
 }
 
@@ -464,19 +461,17 @@ RingCore_build(PyTypeObject *type, PyObject *args)
     return (PyObject *)r;
 }
 
-/* Index of `name` (a str) among the sorted names, or -1 (no error set) when absent. */
+/* Where `name` (a str) is, or would be inserted, among the sorted names; *found tells. */
 static Py_ssize_t
-find_name(const RingCore *r, PyObject *name)
+bisect_name(const RingCore *r, PyObject *name, int *found)
 {
     Py_ssize_t lo = 0, hi = r->n;
+    *found = 0;
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
         int c = PyUnicode_Compare(PyTuple_GET_ITEM(r->names, mid), name);
-        if (c == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return -1;
-        }
         if (c == 0) {
+            *found = 1;
             return mid;
         }
         if (c < 0) {
@@ -486,7 +481,16 @@ find_name(const RingCore *r, PyObject *name)
             hi = mid;
         }
     }
-    return -1;
+    return lo;
+}
+
+/* Index of `name` (a str) among the sorted names, or -1 when absent. */
+static Py_ssize_t
+find_name(const RingCore *r, PyObject *name)
+{
+    int found;
+    Py_ssize_t at = bisect_name(r, name, &found);
+    return found ? at : -1;
 }
 
 /* A tuple equal to `t` with `item` inserted at `at` (item != NULL) or removed from `at`. */
@@ -561,7 +565,8 @@ table_after_add(RingCore *r, const RingCore *old, Py_ssize_t at)
             wins = beats(0.0, un, at, 0.0, uo, o);
         }
         else {
-            wins = beats(wscore(un, w), un, at, wscore(uo, r->w[o]), uo, o);
+            double so = wscore(uo, r->w[o]);
+            wins = !surely_loses(un, w, so) && beats(wscore(un, w), un, at, so, uo, o);
         }
         r->table[s] = (uint16_t)(wins ? at : o);
     }
@@ -609,23 +614,13 @@ RingCore_with_node(RingCore *self, PyObject *args)
     else {
         Py_INCREF(name);
     }
-    Py_ssize_t lo = 0, hi = self->n;
-    while (lo < hi) {
-        Py_ssize_t mid = lo + (hi - lo) / 2;
-        int c = PyUnicode_Compare(PyTuple_GET_ITEM(self->names, mid), name);
-        if (c == 0) {
-            PyErr_Format(PyExc_ValueError, "node %R is already in the ring", name);
-            Py_DECREF(name);
-            return NULL;
-        }
-        if (c < 0) {
-            lo = mid + 1;
-        }
-        else {
-            hi = mid;
-        }
+    int found;
+    Py_ssize_t at = bisect_name(self, name, &found);
+    if (found) {
+        PyErr_Format(PyExc_ValueError, "node %R is already in the ring", name);
+        Py_DECREF(name);
+        return NULL;
     }
-    Py_ssize_t at = lo;
     PyObject *weight_f = PyFloat_FromDouble(wv);
     if (weight_f == NULL) {
         Py_DECREF(name);
