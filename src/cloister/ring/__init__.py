@@ -22,8 +22,8 @@ give the same table.
 Why: measured by ``bench/ring.py`` side by side with uhashring (1M keys, 2-core machine):
 
 - lookup is one hash and one array index, the cost of jump hashing, whatever the number
-  of nodes: ~19 M lookups/s with the C accelerator at 10 and at 100 nodes, against
-  0.4-0.6 M/s for uhashring's 160-vnode ring (plain rendezvous hashing is O(nodes) per
+  of nodes: 19-28 M lookups/s with the C accelerator at 10 and at 100 nodes, against
+  0.4-0.8 M/s for uhashring's 160-vnode ring (plain rendezvous hashing is O(nodes) per
   lookup: 0.2 M/s at 100 nodes, as measured for issue 2);
 - balance is that of rendezvous over 2**18 slots: busiest node / mean 1.009 for 10 nodes
   (uhashring: 1.15), a weight-2 node among nine of weight 1 gets 0.3% off its 2/11 share
