@@ -18,6 +18,7 @@ and the heartbeat only feed it facts and wake it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -47,7 +48,7 @@ from cloister.errors import (
     RevisionMismatchError,
     WireFormatError,
 )
-from cloister.ring import HashRing
+from cloister.ring import HashRing, Key
 
 log = logging.getLogger("cloister.cluster")
 
@@ -183,6 +184,10 @@ class Cluster:
         # What this node has adopted.
         self._topology: Topology | None = None
         self._ring: HashRing | None = None
+        #: ``mine(key)``: True when this node owns ``key`` in the adopted epoch. It is the
+        #: ring's C-level ``owned_by`` bound to this node — one ring lookup, no Python frame,
+        #: no lock, no await — rebound on every adopted epoch.
+        self.mine: Callable[[Key], bool] = functools.partial(HashRing(()).owned_by, node)
         self._suspended = True
         self._settled_epoch = 0
         self._wake = asyncio.Event()
@@ -324,11 +329,6 @@ class Cluster:
             and self._sentry_revision is not None
             and time.monotonic() < self._sentry_until
         )
-
-    def mine(self, key: Any) -> bool:
-        """True when this node owns ``key`` in the adopted epoch. One ring lookup."""
-        ring = self._ring
-        return ring is not None and ring.key_to_node(key) == self.node
 
     def whois(self, key: Any, group: str | None = None) -> str:
         """The node that owns ``key`` (in ``group``'s ring when given)."""
@@ -837,6 +837,7 @@ class Cluster:
         previous = self._topology
         topology = Topology.from_record(record)
         self._topology, self._ring = topology, topology.ring
+        self.mine = functools.partial(topology.ring.owned_by, self.node)
         self.counters["epochs_adopted"] += 1
         if self.state is State.READY:
             self._move(State.REHASHING)

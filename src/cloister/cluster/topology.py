@@ -8,6 +8,7 @@ membership changes into new epochs, through a compare-and-set on the record.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,7 @@ class Topology:
 
     @classmethod
     def from_record(cls, record: EpochRecord) -> Topology:
-        ring = HashRing({name: spec.weight for name, spec in record.members.items()})
+        ring = _ring({name: spec.weight for name, spec in record.members.items()})
         groups: dict[str, dict[str, float]] = {}
         for name, spec in record.members.items():
             for group in spec.groups:
@@ -92,7 +93,7 @@ class Topology:
             sentry=record.sentry,
             members=record.members,
             ring=ring,
-            group_rings={group: HashRing(nodes) for group, nodes in groups.items()},
+            group_rings={group: _ring(nodes) for group, nodes in groups.items()},
         )
 
     def ring_for(self, group: str | None) -> HashRing:
@@ -101,3 +102,14 @@ class Topology:
             return self.ring
         found = self.group_rings.get(group)
         return found if found is not None else HashRing(())
+
+
+def _ring(weights: Mapping[str, float]) -> HashRing:
+    return _cached_ring(tuple(sorted(weights.items())))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_ring(weights: tuple[tuple[str, float], ...]) -> HashRing:
+    # Rings are immutable values and a function of their members alone, so nodes that
+    # share a process (the memory backend, tests) build each one once, not once per node.
+    return HashRing(dict(weights))

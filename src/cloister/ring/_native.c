@@ -893,6 +893,40 @@ RingCore_key_to_node(RingCore *self, PyObject *const *args, Py_ssize_t nargs,
     return name;
 }
 
+PyDoc_STRVAR(owned_by_doc,
+             "owned_by(node, key)\n--\n\n"
+             "True when `node` owns `key` (False on an empty ring): key_to_node(key) == node\n"
+             "in one C call, for hot ownership checks such as Cluster.mine.");
+
+static PyObject *
+RingCore_owned_by(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "owned_by() takes 2 arguments (node, key), got %zd", nargs);
+        return NULL;
+    }
+    PyObject *node = args[0], *key = args[1];
+    uint64_t h;
+    if (PyUnicode_CheckExact(key) && PyUnicode_IS_COMPACT_ASCII(key)) {
+        h = mix64(fnv(fnv_tag('s'), (const unsigned char *)PyUnicode_DATA(key),
+                      PyUnicode_GET_LENGTH(key)));
+    }
+    else if (hash_key(key, &h) < 0) {
+        return NULL;
+    }
+    if (self->n == 0) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *owner = PyTuple_GET_ITEM(self->names, self->table[h >> SLOT_SHIFT]);
+    if (owner == node) {
+        Py_RETURN_TRUE;
+    }
+    if (!PyUnicode_Check(node)) {
+        Py_RETURN_FALSE;
+    }
+    return PyBool_FromLong(PyUnicode_Compare(owner, node) == 0);
+}
+
 /* All node indices for `slot`, best first, as a PyMem-allocated array of r->n Cand. */
 static Cand *
 rank_slot(const RingCore *r, Py_ssize_t slot)
@@ -1116,6 +1150,7 @@ static PyMethodDef RingCore_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, key_to_node_doc},
     {"key_to_nodes", (PyCFunction)(void (*)(void))RingCore_key_to_nodes,
      METH_FASTCALL | METH_KEYWORDS, key_to_nodes_doc},
+    {"owned_by", (PyCFunction)(void (*)(void))RingCore_owned_by, METH_FASTCALL, owned_by_doc},
     {"slot_of", (PyCFunction)RingCore_slot_of, METH_O, slot_of_doc},
     {"owner_of_slot", (PyCFunction)RingCore_owner_of_slot, METH_O, owner_of_slot_doc},
     {"_slot_ranking", (PyCFunction)RingCore_slot_ranking, METH_O, slot_ranking_doc},

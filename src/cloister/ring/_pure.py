@@ -152,6 +152,11 @@ class RingCore:
         picked = [self._names[i] for i in self._rank(slot) if i not in skip]
         return picked[:n]
 
+    def owned_by(self, node: str, key: Key) -> bool:
+        """True when ``node`` owns ``key`` (False on an empty ring)."""
+        slot = key_hash(key) >> SLOT_SHIFT
+        return bool(self._names) and self._names[self._owner(slot)] == node
+
     def slot_of(self, key: Key) -> int:
         """The slot (``0 <= slot < slots``) that ``key`` falls into; it depends on the key only."""
         return key_hash(key) >> SLOT_SHIFT

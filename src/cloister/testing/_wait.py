@@ -2,7 +2,6 @@
 
 # The async waits take a timeout so that expiry raises our error carrying logs and state
 # (asyncio.timeout would only raise a bare TimeoutError).
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

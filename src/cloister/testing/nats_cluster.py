@@ -7,7 +7,6 @@ find the server that leads a stream (or the JetStream meta group) to kill the ri
 
 # The async waits take a timeout so that expiry raises our error carrying logs and state
 # (asyncio.timeout would only raise a bare TimeoutError).
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

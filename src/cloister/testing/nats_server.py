@@ -6,7 +6,6 @@ interpreter); Debian's packaged server is too old (JetStream per-message TTL nee
 
 # The async waits take a timeout so that expiry raises our error carrying logs and state
 # (asyncio.timeout would only raise a bare TimeoutError).
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

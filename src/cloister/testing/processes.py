@@ -8,7 +8,6 @@ included. A :class:`ProcessGroup` owns many and kills whatever is left when it s
 
 # The async waits take a timeout so that expiry raises our error carrying logs and state
 # (asyncio.timeout would only raise a bare TimeoutError).
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
