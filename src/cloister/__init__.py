@@ -8,6 +8,7 @@ Entry points, from the bottom layer up:
 
 - :class:`HashRing` (``cloister.ring``): the pure consistent hash ring.
 - :class:`Cluster` (``cloister.cluster``): membership, epochs, sentry, listener, RPC.
+- :class:`DynamicManager` (``cloister.manager``): keyed workers, distributed by the ring.
 - :class:`CloisterError` (``cloister.errors``): root of every error raised here.
 """
 
@@ -15,7 +16,21 @@ from __future__ import annotations
 
 from cloister.cluster import CallResult, Cluster, ClusterInfo, Listener, State
 from cloister.errors import CloisterError
+from cloister.manager import DynamicManager, Halt, Ok, Replace, Timeout
 from cloister.ring import HashRing
 
-__all__ = ["CallResult", "CloisterError", "Cluster", "ClusterInfo", "HashRing", "Listener", "State"]
+__all__ = [
+    "CallResult",
+    "CloisterError",
+    "Cluster",
+    "ClusterInfo",
+    "DynamicManager",
+    "Halt",
+    "HashRing",
+    "Listener",
+    "Ok",
+    "Replace",
+    "State",
+    "Timeout",
+]
 __version__ = "0.1.0"

@@ -15,12 +15,33 @@ from cloister.errors import WireFormatError
 
 # Hard limits so that a hostile or corrupt payload cannot make us allocate without bound.
 _MAX_BYTES = 64 * 1024 * 1024
+# Tuples travel as an extension type so that they come back as tuples, not lists: worker
+# ids such as ("tenant", 7) must keep their type to keep their place on the ring.
+_TUPLE = 1
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return msgpack.ExtType(_TUPLE, encode(list(value)))
+    # strict_types sends subclasses here: pass them on as their base type.
+    for base in (bool, int, float, str, bytes, dict, list):
+        if isinstance(value, base):
+            return base(value)  # type: ignore[arg-type]
+    raise TypeError(f"unsupported type {type(value).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _TUPLE:
+        return tuple(decode(data))
+    raise WireFormatError(f"unknown msgpack extension type {code}")
 
 
 def encode(value: Any) -> bytes:
     """Encode a msgpack-able value; a clear error for anything else."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(  # type: ignore[no-any-return]
+            value, use_bin_type=True, strict_types=True, default=_default
+        )
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireFormatError(
             f"cannot encode {type(value).__name__} for the wire ({exc}); use None, bool, "
@@ -33,7 +54,9 @@ def decode(data: bytes) -> Any:
     if len(data) > _MAX_BYTES:
         raise WireFormatError(f"message of {len(data)} bytes exceeds the {_MAX_BYTES} limit")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+    except WireFormatError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireFormatError(f"undecodable message ({type(exc).__name__}: {exc})") from exc
 

@@ -1,0 +1,927 @@
+"""``DynamicManager``: many keyed workers, one process or a whole cluster.
+
+Subclass it, implement ``children_specs()`` and the callbacks you need, and start it::
+
+    class Processor(DynamicManager):
+        def children_specs(self):
+            return {f"foo_{i}": {"timeout": 1.0} for i in range(1_000)}
+
+        async def perform(self, id, payload):
+            return Ok(None)
+
+    manager = await Processor.start()          # standalone
+    manager = await Processor.start(cluster)   # distributed: only owned ids run here
+
+How it runs: one dispatcher task per manager pops due workers from a timer wheel and runs
+their callbacks eagerly (see :mod:`.worker`); a worker runs one callback at a time, and
+messages wait in its mailbox, in order. In a cluster the manager follows ownership through
+the cluster's topology hooks: ids that moved away are stopped (``terminate("handoff")``)
+and their state handed to the new owner *before* this node acknowledges the epoch; ids
+that moved here start only once every member acknowledged it — never on two nodes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from cloister import wire
+from cloister._tasks import Supervisor
+from cloister.cluster.states import State
+from cloister.errors import (
+    CloisterError,
+    ConfigurationError,
+    RemoteError,
+    RequestTimeoutError,
+)
+from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
+from cloister.manager.scheduler import TimerWheel
+from cloister.manager.spec import Spec, check_id, make_spec
+from cloister.manager.state import StateTable, Stored
+from cloister.manager.worker import (
+    GONE,
+    PERFORM_PENDING,
+    QUEUED,
+    Message,
+    Worker,
+    WorkerInfo,
+    run_eagerly,
+)
+from cloister.ring import key_hash
+
+if TYPE_CHECKING:
+    from cloister.cluster import Cluster, Topology
+
+log = logging.getLogger("cloister.manager")
+
+ON_ERROR = ("continue", "restart", "remove")
+PICKUP = ("random", "first_free", "hash")
+
+
+class UnknownWorkerError(CloisterError, KeyError):
+    """A call or cast named an id that has no worker."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown worker"
+
+
+class NotOwnerError(CloisterError):
+    """The node asked to handle an id does not own it (the topology moved); retry."""
+
+
+class DynamicManager:
+    """A manager of keyed workers (Tarearbol.DynamicManager in Python).
+
+    Class attributes configure it (or pass them to :meth:`start`):
+
+    - ``name``: distinguishes managers in one cluster (default: the class name).
+    - ``concurrency``: at most this many callbacks suspended at once.
+    - ``on_error``: what a raising callback does to its worker — ``"continue"``,
+      ``"restart"`` (from its spec, with backoff) or ``"remove"``.
+    - ``pickup``: how pool mode (``call(None, msg)``) picks a worker — ``"random"``,
+      ``"first_free"`` or ``"hash"`` (of the message).
+    - ``flush_interval``: seconds between write-behind flushes of replaced payloads.
+    """
+
+    name: ClassVar[str | None] = None
+    concurrency: ClassVar[int] = 10_000
+    on_error: ClassVar[str] = "continue"
+    pickup: ClassVar[str] = "random"
+    flush_interval: ClassVar[float] = 0.25
+    restart_backoff: ClassVar[tuple[float, float]] = (0.05, 5.0)
+
+    # -- callbacks to override ---------------------------------------------------------------
+
+    def children_specs(self) -> Mapping[Any, Any]:
+        """The workers to start: id -> spec (``payload``, ``timeout``, ``lull``,
+        ``instant_perform``; ``{}`` or None for defaults)."""
+        return {}
+
+    def init(self, id: Any, payload: Any) -> Any:
+        """Build a worker's payload lazily when it starts (default: the spec's payload)."""
+        return payload
+
+    def perform(self, id: Any, payload: Any) -> Any:
+        """The periodic work of one worker. Return a response (see :mod:`.responses`)."""
+        return Ok(None)
+
+    def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
+        """Answer ``manager.call(id, message)``; the response's result is the reply."""
+        return Ok(None)
+
+    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        """Handle ``manager.cast(id, message)``."""
+        return Ok(None)
+
+    def terminate(self, reason: str, id: Any, payload: Any) -> Any:
+        """Called when a worker stops: ``shutdown``, ``handoff``, ``halt``, ``delete``,
+        ``restart``, ``error``, ``rekey``."""
+        return None
+
+    def handle_state_change(self, state: str) -> Any:
+        """Called with ``starting``, ``up``, ``rehashing`` and ``down``."""
+        return None
+
+    def handle_timeout(self, info: WorkerInfo) -> Any:
+        """A perform has run longer than ``lull x timeout`` (it is not cancelled)."""
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __init__(self, cluster: Cluster | None = None, **options: Any) -> None:
+        for option, value in options.items():
+            if option not in ("name", "concurrency", "on_error", "pickup", "flush_interval"):
+                raise ConfigurationError(f"unknown manager option {option!r}")
+            setattr(self, option, value)
+        if self.on_error not in ON_ERROR:
+            raise ConfigurationError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.pickup not in PICKUP:
+            raise ConfigurationError(f"pickup must be one of {PICKUP}, got {self.pickup!r}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
+        self.manager_name = self.name or type(self).__name__
+        self.cluster = cluster
+        self.state = "down"
+        # Every id this node may ever run (cluster mode only; standalone, _workers is all).
+        self._specs: dict[Any, Spec] = {}
+        # Live workers. An idle worker that still has its spec's payload is stored as its
+        # (shared) Spec — a dict entry and nothing else; it becomes a Worker once it has
+        # something to do or to remember.
+        self._workers: dict[Any, Worker | Spec] = {}
+        self._timers = TimerWheel()
+        self._runnable: deque[Worker] = deque()
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._supervisor = Supervisor(f"manager {self.manager_name}")
+        self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
+        self._paused = cluster is not None  # a cluster must say what is ours first
+        self._parked: dict[Any, list[Message]] = {}  # messages for ids about to start here
+        self._handed: dict[Any, tuple[Any, list[Any]]] = {}  # id -> (payload, casts) handed over
+        self._table: StateTable | None = None
+        self._has_init = type(self).init is not DynamicManager.init
+        self._has_terminate = type(self).terminate is not DynamicManager.terminate
+        self.counters: dict[str, int] = {
+            "performs": 0,
+            "calls": 0,
+            "casts": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "handed_off": 0,
+            "taken_over": 0,
+        }
+
+    @classmethod
+    async def start(cls, cluster: Cluster | None = None, **options: Any) -> Self:
+        """Create the manager, start its workers (the owned ones, given a cluster)."""
+        manager = cls(cluster, **options)
+        await manager._start()
+        return manager
+
+    async def _start(self) -> None:
+        await self._set_state("starting")
+        specs = self.children_specs()
+        if not isinstance(specs, Mapping):
+            raise ConfigurationError(
+                f"children_specs() must return a mapping id -> spec, got {type(specs).__name__}"
+            )
+        self._supervisor.spawn(self._dispatch_loop(), "dispatcher")
+        if self.cluster is None:
+            now = asyncio.get_running_loop().time()
+            spawn_now = self._spawn_now
+            for worker_id, fields in specs.items():
+                check_id(worker_id)
+                spec = make_spec(worker_id, fields)
+                if self._has_init:
+                    await self._spawn(worker_id, spec, None, now)
+                else:
+                    spawn_now(worker_id, spec, spec.payload, now)
+            await self._set_state("up")
+            return
+        add = self._specs.__setitem__
+        for worker_id, fields in specs.items():
+            check_id(worker_id)
+            add(worker_id, make_spec(worker_id, fields))
+        await self._join_cluster(self.cluster)
+
+    async def _join_cluster(self, cluster: Cluster) -> None:
+        prefix = f"cloister.manager.{self.manager_name}."
+        for verb, fn in (
+            ("call", self._remote_call),
+            ("cast", self._remote_cast),
+            ("put", self._remote_put),
+            ("delete", self._remote_delete),
+            ("handoff", self._remote_handoff),
+        ):
+            cluster._handlers.register(prefix + verb, fn, builtin=True)
+        kv = await cluster.backend.kv(f"mgr-{self.manager_name}")
+        self._table = StateTable(kv)
+        await self._table.load()
+        self._merge_table()
+        self._supervisor.spawn(self._table.follow(max(5.0, 5 * cluster.heartbeat)), "state table")
+        self._supervisor.spawn(self._flush_loop(), "payload flusher")
+        cluster.add_hook(self)
+        if cluster.state is State.READY and cluster.topology is not None:
+            await self.settle(cluster.topology)
+        else:
+            await self._set_state("rehashing")
+
+    def _merge_table(self) -> None:
+        assert self._table is not None
+        for worker_id, stored in self._table.mirror.items():
+            if stored.deleted:
+                self._specs.pop(worker_id, None)
+            elif stored.spec is not None:
+                self._specs[worker_id] = make_spec(worker_id, stored.spec)
+
+    async def stop(self) -> None:
+        """Terminate every worker (``terminate("shutdown")``) and return when all are done."""
+        if self.state == "down":
+            return
+        if self.cluster is not None:
+            self.cluster.remove_hook(self)
+            await self._hand_everything_over()
+        self._paused = True
+        await self._drain()
+        for worker_id in list(self._workers):
+            await self._remove(worker_id, "shutdown")
+        if self._table is not None:
+            try:
+                await self._table.flush()
+            except CloisterError as exc:
+                log.warning(
+                    "manager %s could not flush payloads on stop: %s", self.manager_name, exc
+                )
+        await self._supervisor.close()
+        await self._set_state("down")
+
+    async def restart(self) -> None:
+        """Terminate every live worker and start it again from its spec."""
+        self._paused = True
+        await self._drain()
+        now = asyncio.get_running_loop().time()
+        for worker_id in list(self._workers):
+            spec = self._spec_of(worker_id)
+            await self._remove(worker_id, "restart")
+            if spec is not None:
+                await self._spawn(worker_id, spec, None, now)
+        self._paused = self.cluster is not None and self.state != "up"
+        self._wake.set()
+
+    # -- runtime management ------------------------------------------------------------------
+
+    def ids(self) -> list[Any]:
+        """The ids of the workers live on this node."""
+        return list(self._workers)
+
+    def get(self, worker_id: Any) -> WorkerInfo | None:
+        """A snapshot of a live worker, or None."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        if not isinstance(worker, Worker):
+            return WorkerInfo(worker_id, worker, worker.payload, None, None)
+        return WorkerInfo(
+            id=worker.id,
+            spec=worker.spec,
+            payload=worker.payload,
+            last_result=worker.last,
+            busy_since=worker.busy_since or None,
+        )
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    async def put(self, worker_id: Any, **spec: Any) -> None:
+        """Add a worker, or replace it (terminated, then started from the new spec)."""
+        check_id(worker_id)
+        fields = make_spec(worker_id, spec)
+        await self._route(worker_id, "put", {"id": worker_id, "spec": fields.to_wire()}, None)
+
+    async def put_new(self, worker_id: Any, **spec: Any) -> bool:
+        """Add a worker unless the id exists; True when added."""
+        check_id(worker_id)
+        if self._spec_of(worker_id) is not None:
+            return False
+        await self.put(worker_id, **spec)
+        return True
+
+    async def delete(self, worker_id: Any) -> bool:
+        """Remove a worker (``terminate("delete")``); True when it existed."""
+        check_id(worker_id)
+        existed = self._spec_of(worker_id) is not None
+        await self._route(worker_id, "delete", {"id": worker_id}, None)
+        return existed
+
+    async def call(self, worker_id: Any, message: Any, *, timeout: float = 5.0) -> Any:
+        """Ask worker ``worker_id`` (anywhere in the cluster) and wait for its reply.
+
+        ``worker_id`` None = pool mode: a free local worker chosen by ``pickup``.
+        """
+        if worker_id is None:
+            return await self._local_call(self._pick(message), message, timeout)
+        check_id(worker_id)
+        return await self._route(worker_id, "call", {"id": worker_id, "m": message}, timeout)
+
+    async def cast(self, worker_id: Any, message: Any, *, timeout: float = 5.0) -> None:
+        """Send ``message`` to worker ``worker_id`` (anywhere in the cluster); returns when
+        the owner has accepted it. ``worker_id`` None = pool mode."""
+        if worker_id is None:
+            self._local_cast(self._pick(message), message)
+            return
+        check_id(worker_id)
+        await self._route(worker_id, "cast", {"id": worker_id, "m": message}, timeout)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    async def _route(
+        self, worker_id: Any, verb: str, body: dict[str, Any], timeout: float | None
+    ) -> Any:
+        cluster = self.cluster
+        if cluster is None:
+            return await self._local(verb, body, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else 10.0)
+        delay = 0.01
+        if verb in ("put", "delete") and self._table is not None:
+            await self._record_spec(verb, body)
+        while True:
+            owner = cluster.whois(worker_id)
+            remaining = deadline - loop.time()
+            try:
+                if owner == cluster.node:
+                    return await self._local(verb, body, remaining)
+                result = await cluster.call(
+                    owner,
+                    f"cloister.manager.{self.manager_name}.{verb}",
+                    body,
+                    timeout=max(remaining, 0.01),
+                )
+                return result
+            except (NotOwnerError, RemoteError) as exc:
+                if isinstance(exc, RemoteError) and "NotOwnerError" not in str(exc):
+                    raise
+                if loop.time() + delay > deadline:
+                    raise RequestTimeoutError(
+                        f"worker {worker_id!r}: ownership kept moving; "
+                        f"no owner accepted the {verb} in time"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+
+    async def _record_spec(self, verb: str, body: dict[str, Any]) -> None:
+        assert self._table is not None
+        worker_id = body["id"]
+        if verb == "put":
+            await self._table.write(Stored(worker_id, body["spec"], None, False))
+        else:
+            await self._table.write(Stored(worker_id, None, None, False, deleted=True))
+
+    async def _local(self, verb: str, body: dict[str, Any], timeout: float | None) -> Any:
+        worker_id = body["id"]
+        if verb == "call":
+            return await self._local_call(worker_id, body["m"], timeout)
+        if verb == "cast":
+            self._local_cast(worker_id, body["m"])
+            return None
+        if verb == "put":
+            return await self._local_put(worker_id, make_spec(worker_id, body["spec"]))
+        return await self._local_delete(worker_id)
+
+    def _check_owner(self, worker_id: Any) -> None:
+        cluster = self.cluster
+        if cluster is not None and not cluster.mine(worker_id):
+            raise NotOwnerError(
+                f"node {cluster.node} does not own worker {worker_id!r} (epoch {cluster.epoch})"
+            )
+
+    async def _remote_call(self, body: Any) -> Any:
+        return await self._local("call", body, None)
+
+    async def _remote_cast(self, body: Any) -> Any:
+        return await self._local("cast", body, None)
+
+    async def _remote_put(self, body: Any) -> Any:
+        return await self._local("put", body, None)
+
+    async def _remote_delete(self, body: Any) -> Any:
+        return await self._local("delete", body, None)
+
+    async def _local_call(self, worker_id: Any, message: Any, timeout: float | None) -> Any:
+        self._check_owner(worker_id)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._deliver(worker_id, Message("call", message, reply))
+        async with asyncio.timeout(timeout):
+            return await reply
+
+    def _local_cast(self, worker_id: Any, message: Any) -> None:
+        self._check_owner(worker_id)
+        self._deliver(worker_id, Message("cast", message))
+
+    def _deliver(self, worker_id: Any, message: Message) -> None:
+        worker = self._materialize(worker_id)
+        if worker is None:
+            if worker_id in self._specs and self.cluster is not None:
+                # owned but not started yet (waiting for the handoff barrier): keep in order
+                self._parked.setdefault(worker_id, []).append(message)
+                return
+            raise UnknownWorkerError(f"no worker with id {worker_id!r}; add it with put()")
+        if worker.mailbox is None:
+            worker.mailbox = deque()
+        worker.mailbox.append(message)
+        self._enqueue(worker)
+
+    def _pick(self, message: Any) -> Any:
+        """Pool mode: the id of a local worker, chosen by ``pickup``."""
+        workers = self._workers
+        if not workers:
+            raise UnknownWorkerError("pool mode: no live worker on this node")
+        if self.pickup == "hash":
+            try:
+                digest = key_hash(message)
+            except TypeError:
+                digest = key_hash(wire.encode(message))
+            ids = list(workers)
+            return ids[digest % len(ids)]
+        free = (
+            worker_id
+            for worker_id, w in workers.items()
+            if not isinstance(w, Worker) or (not w.busy_since and not w.mailbox)
+        )
+        if self.pickup == "first_free":
+            chosen = next(free, None)
+            if chosen is None:
+                chosen = next(iter(workers))
+        else:
+            chosen = random.choice(list(free) or list(workers))
+        return chosen
+
+    async def _local_put(self, worker_id: Any, spec: Spec) -> None:
+        self._check_owner(worker_id)
+        if self.cluster is not None:
+            self._specs[worker_id] = spec
+        if worker_id in self._workers:
+            await self._remove(worker_id, "replace")
+        if not self._paused or self.cluster is None:
+            await self._spawn(worker_id, spec, None, asyncio.get_running_loop().time())
+
+    async def _local_delete(self, worker_id: Any) -> bool:
+        existed = self._specs.pop(worker_id, None) is not None or worker_id in self._workers
+        if worker_id in self._workers:
+            await self._remove(worker_id, "delete")
+        return existed
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _spec_of(self, worker_id: Any) -> Spec | None:
+        entry = self._workers.get(worker_id)
+        if entry is not None:
+            return entry.spec if isinstance(entry, Worker) else entry
+        return self._specs.get(worker_id)
+
+    def _materialize(self, worker_id: Any) -> Worker | None:
+        """The worker as a full :class:`Worker` (turning a bare Spec entry into one)."""
+        entry = self._workers.get(worker_id)
+        if entry is None or isinstance(entry, Worker):
+            return entry
+        worker = self._workers[worker_id] = Worker(worker_id, entry, entry.payload)
+        return worker
+
+    async def _spawn(
+        self, worker_id: Any, spec: Spec, payload: Any, now: float, *, fresh: bool = True
+    ) -> None:
+        if payload is None:
+            payload = spec.payload
+        if self._has_init and fresh:
+            value, rest = run_eagerly(self.init(worker_id, payload))
+            payload = await rest if rest is not None else value
+        self._spawn_now(worker_id, spec, payload, now)
+
+    def _spawn_now(self, worker_id: Any, spec: Spec, payload: Any, now: float) -> None:
+        parked = self._parked.pop(worker_id, None) if self._parked else None
+        if payload is spec.payload and not spec.timeout and not spec.instant_perform and not parked:
+            self._workers[worker_id] = spec  # idle: nothing but a dict entry
+            return
+        worker = Worker(worker_id, spec, payload)
+        self._workers[worker_id] = worker
+        if spec.instant_perform:
+            worker.flags |= PERFORM_PENDING
+            self._enqueue(worker)
+        elif spec.timeout:
+            self._timers.schedule(worker, now + spec.timeout)
+        if parked:
+            worker.mailbox = deque(parked)
+            self._enqueue(worker)
+
+    async def _remove(self, worker_id: Any, reason: str) -> None:
+        """Stop one live worker (after its running callback) and call ``terminate``."""
+        entry = self._workers.pop(worker_id, None)
+        if entry is None:
+            return
+        if not isinstance(entry, Worker):
+            if self._has_terminate:
+                await self._invoke_quietly(self.terminate, reason, worker_id, entry.payload)
+            return
+        worker: Worker = entry
+        worker.flags |= GONE
+        await self._wait_idle(worker)
+        if worker.mailbox:
+            for message in worker.mailbox:
+                if message.reply is not None and not message.reply.done():
+                    message.reply.set_exception(
+                        UnknownWorkerError(f"worker {worker.id!r} stopped ({reason})")
+                    )
+            worker.mailbox = None
+        if self._has_terminate:
+            await self._invoke_quietly(self.terminate, reason, worker.id, worker.payload)
+
+    async def _wait_idle(self, worker: Worker) -> None:
+        task = self._running_tasks.get(worker)
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def _invoke_quietly(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            value, rest = run_eagerly(fn(*args))
+            return await rest if rest is not None else value
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception(
+                "%s.%s%r raised", self.manager_name, getattr(fn, "__name__", fn), args[:2]
+            )
+            return None
+
+    def _enqueue(self, worker: Worker) -> None:
+        if not worker.flags & QUEUED and not worker.busy_since:
+            worker.flags |= QUEUED
+            self._runnable.append(worker)
+            self._wake.set()
+
+    # -- the dispatcher -----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        timers, runnable = self._timers, self._runnable
+        budget = 2048  # callbacks between yields to the event loop
+        while True:
+            if not self._paused:
+                now = loop.time()
+                for worker in timers.pop_due(now):
+                    worker.flags |= PERFORM_PENDING
+                    if not worker.flags & QUEUED and not worker.busy_since:
+                        worker.flags |= QUEUED
+                        runnable.append(worker)
+                done = 0
+                while runnable and self._in_flight < self.concurrency and not self._paused:
+                    worker = runnable.popleft()
+                    worker.flags &= ~QUEUED
+                    if worker.flags & GONE or worker.busy_since:
+                        continue
+                    self._step(worker, loop)
+                    done += 1
+                    if done >= budget:
+                        break
+                if done >= budget:
+                    await asyncio.sleep(0)
+                    continue
+            self._wake.clear()
+            next_due = None if self._paused else timers.next_due()
+            delay = None if next_due is None else max(0.0, next_due - loop.time())
+            if runnable and not self._paused and self._in_flight < self.concurrency:
+                delay = 0.0
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _step(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the worker's next piece of work: a message first, else a due perform."""
+        mailbox = worker.mailbox
+        if mailbox:
+            message = mailbox.popleft()
+            if message.kind == "call":
+                self.counters["calls"] += 1
+                self._run(worker, self.handle_call, message, loop)
+            else:
+                self.counters["casts"] += 1
+                self._run(worker, self.handle_cast, message, loop)
+        elif worker.flags & PERFORM_PENDING:
+            worker.flags &= ~PERFORM_PENDING
+            self.counters["performs"] += 1
+            self._run(worker, self.perform, None, loop)
+
+    def _run(
+        self,
+        worker: Worker,
+        callback: Callable[..., Any],
+        message: Message | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        started = loop.time()
+        try:
+            if message is None:
+                value, rest = run_eagerly(callback(worker.id, worker.payload))
+            else:
+                value, rest = run_eagerly(callback(message.body, worker.id, worker.payload))
+        except Exception as exc:
+            self._failed(worker, exc, message, started)
+            return
+        if rest is None:
+            self._apply(worker, value, message, started)
+            return
+        worker.busy_since = started
+        self._in_flight += 1
+        self._idle.clear()
+        task = self._supervisor.spawn(
+            self._finish(worker, rest, message, started), f"worker {worker.id!r}"
+        )
+        self._running_tasks[worker] = task
+        if message is None and worker.spec.timeout:
+            threshold = worker.spec.lull * worker.spec.timeout
+            handle = loop.call_later(threshold, self._slow, worker, started)
+            task.add_done_callback(lambda _t: handle.cancel())
+
+    async def _finish(
+        self,
+        worker: Worker,
+        rest: Coroutine[Any, Any, Any],
+        message: Message | None,
+        started: float,
+    ) -> None:
+        try:
+            value = await rest
+        except Exception as exc:
+            self._failed(worker, exc, message, started)
+        else:
+            self._apply(worker, value, message, started)
+        finally:
+            self._running_tasks.pop(worker, None)
+            worker.busy_since = 0.0
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+            if worker.has_work() and not worker.flags & GONE:
+                self._enqueue(worker)
+            self._wake.set()
+
+    def _slow(self, worker: Worker, started: float) -> None:
+        if worker.busy_since == started:
+            self.counters["timeouts"] += 1
+            info = self.get(worker.id)
+            if info is not None:
+                self._supervisor.spawn(
+                    self._invoke_quietly(self.handle_timeout, info), "handle_timeout"
+                )
+
+    def _apply(
+        self, worker: Worker, response: Any, message: Message | None, started: float
+    ) -> None:
+        """Carry out a callback's response."""
+        worker.failures = 0
+        if message is not None and message.reply is not None and not message.reply.done():
+            message.reply.set_result(reply_of(response))
+        next_timeout: float | None = None
+        if isinstance(response, Replace):
+            worker.payload = response.payload
+            if self._table is not None:
+                self._table.mark(Stored(worker.id, None, worker.payload, True))
+            if response.rekeys and response.id != worker.id:
+                self._supervisor.spawn(self._rekey(worker, response.id), f"rekey {worker.id!r}")
+                return
+        elif isinstance(response, Halt):
+            self._specs.pop(worker.id, None)
+            worker.flags |= GONE
+            self._supervisor.spawn(self._halt(worker, response.reason), f"halt {worker.id!r}")
+            return
+        elif isinstance(response, Timeout):
+            worker.last = response.result
+            next_timeout = response.seconds
+        elif isinstance(response, Ok):
+            worker.last = response.result
+        else:
+            worker.last = response
+        if message is None:
+            self._reschedule(worker, started, next_timeout)
+        elif worker.mailbox or worker.flags & PERFORM_PENDING:
+            self._enqueue(worker)
+
+    def _reschedule(self, worker: Worker, started: float, override: float | None) -> None:
+        timeout = worker.spec.timeout if override is None else override
+        if not timeout and override is None:
+            if worker.mailbox:
+                self._enqueue(worker)
+            return
+        # Missed ticks coalesce: the next perform is one interval after this one started,
+        # or now if that is already past — never a burst of catch-up performs.
+        now = asyncio.get_running_loop().time()
+        self._timers.schedule(
+            worker, max(started + timeout, now) if override is None else now + timeout
+        )
+        if worker.mailbox:
+            self._enqueue(worker)
+
+    def _failed(
+        self, worker: Worker, exc: Exception, message: Message | None, started: float
+    ) -> None:
+        self.counters["errors"] += 1
+        worker.failures += 1
+        what = "perform" if message is None else f"handle_{message.kind}"
+        log.error(
+            "%s: %s of worker %r raised %r", self.manager_name, what, worker.id, exc, exc_info=exc
+        )
+        if message is not None and message.reply is not None and not message.reply.done():
+            message.reply.set_exception(
+                RemoteError(f"{what} of worker {worker.id!r} raised {exc!r}")
+            )
+        if self.on_error == "remove":
+            self._specs.pop(worker.id, None)
+            worker.flags |= GONE
+            self._supervisor.spawn(self._halt(worker, "error"), f"remove {worker.id!r}")
+        elif self.on_error == "restart":
+            low, high = self.restart_backoff
+            backoff = min(high, low * 2 ** (worker.failures - 1))
+            worker.payload = worker.spec.payload
+            self._timers.schedule(worker, asyncio.get_running_loop().time() + backoff)
+            if self._has_init:
+                self._supervisor.spawn(self._reinit(worker), f"reinit {worker.id!r}")
+        elif message is None:
+            self._reschedule(worker, started, None)
+        elif worker.mailbox:
+            self._enqueue(worker)
+
+    async def _reinit(self, worker: Worker) -> None:
+        worker.payload = await self._invoke_quietly(self.init, worker.id, worker.payload)
+
+    async def _halt(self, worker: Worker, reason: str) -> None:
+        if self._workers.get(worker.id) is worker:
+            del self._workers[worker.id]
+        if self._has_terminate:
+            await self._invoke_quietly(self.terminate, reason, worker.id, worker.payload)
+        if self._table is not None:
+            await self._table.write(Stored(worker.id, None, None, False, deleted=True))
+
+    async def _rekey(self, worker: Worker, new_id: Any) -> None:
+        old_id = worker.id
+        try:
+            check_id(new_id)
+        except TypeError as exc:
+            log.error("%s: cannot re-key worker %r: %s", self.manager_name, old_id, exc)
+            return
+        spec = self._specs.pop(old_id, worker.spec)
+        worker.flags |= GONE
+        self._workers.pop(old_id, None)
+        await self._invoke_quietly(self.terminate, "rekey", old_id, worker.payload)
+        if self._table is not None:
+            await self._table.write(Stored(old_id, None, None, False, deleted=True))
+        fields = spec.to_wire()
+        fields["payload"] = worker.payload
+        await self.put(new_id, **fields)
+
+    async def _drain(self) -> None:
+        """Wait until no callback is running."""
+        while self._in_flight:
+            await self._idle.wait()
+
+    async def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        await self._invoke_quietly(self.handle_state_change, state)
+
+    # -- following the cluster (TopologyHook) ----------------------------------------------------
+
+    async def release(self, topology: Topology) -> None:
+        """Before this node acknowledges ``topology``: stop and hand over what moved away."""
+        cluster = self.cluster
+        assert cluster is not None
+        await self._set_state("rehashing")
+        me, ring = cluster.node, topology.ring
+        leaving = [i for i in self._workers if not ring.owned_by(me, i)]
+        for worker_id in [i for i in self._parked if not ring.owned_by(me, i)]:
+            self._parked.pop(worker_id)  # their senders will retry with the new owner
+        for worker_id in [i for i in self._handed if not ring.owned_by(me, i)]:
+            self._handed.pop(worker_id)
+        if leaving:
+            await self._hand_over(leaving, lambda worker_id: ring.key_to_node(worker_id))
+
+    async def settle(self, topology: Topology) -> None:
+        """Every member acknowledged ``topology``: start what is ours, resume."""
+        cluster = self.cluster
+        assert cluster is not None
+        me, ring = cluster.node, topology.ring
+        now = asyncio.get_running_loop().time()
+        mirror = self._table.mirror if self._table is not None else {}
+        self._merge_table()
+        for worker_id, spec in self._specs.items():
+            if worker_id in self._workers or not ring.owned_by(me, worker_id):
+                continue
+            payload, fresh = None, True
+            handed = self._handed.pop(worker_id, None)
+            if handed is not None:
+                payload, fresh = handed[0], False
+                self._parked[worker_id] = [
+                    Message("cast", m) for m in handed[1]
+                ] + self._parked.get(worker_id, [])
+            else:
+                stored = mirror.get(worker_id)
+                if stored is not None and stored.has_payload:
+                    payload, fresh = stored.payload, False
+            self.counters["taken_over"] += 0 if fresh else 1
+            await self._spawn(worker_id, spec, payload, now, fresh=fresh)
+        self._paused = False
+        self._wake.set()
+        await self._set_state("up")
+
+    async def suspend(self, reason: str) -> None:
+        """The node may not process now (lease lost, short of consensus, stopping)."""
+        if reason == "stopping":
+            await self._hand_everything_over()
+            return
+        self._paused = True
+        await self._drain()
+        await self._set_state("rehashing")
+
+    def abort(self) -> None:
+        """The node was killed (test double): stop every callback now."""
+        self._paused = True
+        for task in list(self._running_tasks.values()):
+            task.cancel()
+
+    async def _hand_everything_over(self) -> None:
+        cluster = self.cluster
+        if cluster is None or self.state == "down" or cluster.topology is None:
+            return
+        ring, me = cluster.topology.ring, cluster.node
+        if len(ring) <= 1:
+            self._paused = True
+            return
+        await self._hand_over(list(self._workers), lambda i: ring.key_to_node(i, exclude=(me,)))
+        self._paused = True
+
+    async def _hand_over(self, leaving: list[Any], owner_of: Callable[[Any], str]) -> None:
+        """Stop ``leaving`` workers and ship their payloads and queued casts to their owners."""
+        cluster = self.cluster
+        assert cluster is not None
+        entries = [(i, self._workers.get(i)) for i in leaving]
+        for _, entry in entries:
+            if isinstance(entry, Worker):
+                entry.flags |= GONE  # no new callbacks; the running ones finish first
+        batches: dict[str, list[list[Any]]] = {}
+        for worker_id, entry in entries:
+            if entry is None:
+                continue
+            casts: list[Any] = []
+            if isinstance(entry, Worker):
+                await self._wait_idle(entry)
+                for m in entry.mailbox or ():
+                    if m.reply is not None and not m.reply.done():
+                        m.reply.set_exception(NotOwnerError(f"worker {worker_id!r} moved; retry"))
+                    elif m.kind == "cast":
+                        casts.append(m.body)
+                entry.mailbox = None
+            stateful = isinstance(entry, Worker) and entry.payload is not entry.spec.payload
+            payload = entry.payload
+            await self._remove(worker_id, "handoff")
+            if stateful or casts:  # the others restart from their spec: nothing to ship
+                batches.setdefault(owner_of(worker_id), []).append([worker_id, payload, casts])
+        self.counters["handed_off"] += len(leaving)
+        for owner, batch in batches.items():
+            for start in range(0, len(batch), 5000):
+                chunk = batch[start : start + 5000]
+                try:
+                    await cluster.call(
+                        owner, f"cloister.manager.{self.manager_name}.handoff", chunk, timeout=10
+                    )
+                except CloisterError as exc:
+                    log.warning(
+                        "handoff of %d worker(s) to %s failed (%s); storing payloads instead",
+                        len(chunk),
+                        owner,
+                        exc,
+                    )
+                    if self._table is not None:
+                        for worker_id, payload, _casts in chunk:
+                            self._table.mark(Stored(worker_id, None, payload, True))
+        if self._table is not None:
+            await self._table.flush(leaving)
+
+    async def _remote_handoff(self, batch: Any) -> int:
+        for worker_id, payload, casts in batch:
+            self._handed[worker_id] = (payload, list(casts))
+        return len(batch)
+
+    async def _flush_loop(self) -> None:
+        assert self._table is not None
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            if self._table.dirty:
+                try:
+                    await self._table.flush()
+                except CloisterError as exc:
+                    log.warning("manager %s: payload flush postponed (%s)", self.manager_name, exc)

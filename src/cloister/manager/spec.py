@@ -1,0 +1,104 @@
+"""Child specs: the per-worker settings ``children_specs()`` and ``put()`` give."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cloister.errors import ConfigurationError
+from cloister.ring import key_hash
+
+FIELDS = ("payload", "timeout", "lull", "instant_perform")
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One worker's settings. ``timeout`` 0 means: never perform periodically."""
+
+    payload: Any = None
+    timeout: float = 1.0
+    lull: float = 1.1
+    instant_perform: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "payload": self.payload,
+            "timeout": self.timeout,
+            "lull": self.lull,
+            "instant_perform": self.instant_perform,
+        }
+
+
+DEFAULT = Spec()
+# Equal specs are shared: a million workers with the same settings hold one Spec object.
+_SHARED: dict[tuple[Any, ...], Spec] = {}
+_SHARED_MAX = 4096
+
+
+def make_spec(worker_id: Any, fields: Any) -> Spec:
+    """Validate ``fields`` (a mapping, a :class:`Spec` or None) for ``worker_id``."""
+    if isinstance(fields, Spec):
+        return fields
+    if not fields and (fields is None or isinstance(fields, dict)):
+        return DEFAULT
+    if type(fields) is dict:
+        try:
+            key: tuple[Any, ...] | None = tuple((k, type(v), v) for k, v in fields.items())
+            shared = _SHARED.get(key)  # type: ignore[arg-type]
+        except TypeError:  # an unhashable payload: not shareable
+            key = shared = None
+        if shared is not None:
+            return shared
+        spec = _validate(worker_id, fields)
+        if key is not None and len(_SHARED) < _SHARED_MAX:
+            _SHARED[key] = spec
+        return spec
+    return _validate(worker_id, fields)
+
+
+def _validate(worker_id: Any, fields: Any) -> Spec:
+    if not isinstance(fields, dict):
+        raise ConfigurationError(
+            f"spec of worker {worker_id!r} must be a dict of {', '.join(FIELDS)}, "
+            f"got {type(fields).__name__}"
+        )
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ConfigurationError(
+            f"spec of worker {worker_id!r} has unknown field(s) "
+            f"{', '.join(sorted(map(str, unknown)))}; known fields: {', '.join(FIELDS)}"
+        )
+    timeout = fields.get("timeout", DEFAULT.timeout)
+    lull = fields.get("lull", DEFAULT.lull)
+    for name, value in (("timeout", timeout), ("lull", lull)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ConfigurationError(
+                f"spec of worker {worker_id!r}: {name} must be a number, got {value!r}"
+            )
+    if timeout < 0:
+        raise ConfigurationError(
+            f"spec of worker {worker_id!r}: timeout must be >= 0 seconds "
+            f"(0 = never periodic), got {timeout!r}"
+        )
+    if lull < 1:
+        raise ConfigurationError(f"spec of worker {worker_id!r}: lull must be >= 1, got {lull!r}")
+    return Spec(
+        payload=fields.get("payload"),
+        timeout=float(timeout),
+        lull=float(lull),
+        instant_perform=bool(fields.get("instant_perform", False)),
+    )
+
+
+def check_id(worker_id: Any) -> Any:
+    """Refuse ids the ring cannot place (anything but str, bytes, int and tuples of them)."""
+    try:
+        key_hash(worker_id)
+    except TypeError as exc:
+        raise TypeError(f"worker id {worker_id!r}: {exc}") from None
+    return worker_id

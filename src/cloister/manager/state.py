@@ -1,0 +1,140 @@
+"""The manager's replicated state table: runtime specs and replaced payloads.
+
+Ids from ``children_specs()`` are known on every node without storage. What changes at
+runtime — ``put``/``delete`` and payloads that workers ``Replace`` — is written to a
+backend bucket so that it survives the owner: the new owner of a moved worker continues
+from its last payload, not from its spec. Every node keeps a mirror of the bucket (watch
+plus periodic re-listing), so starting moved workers needs no round trips.
+
+Replaced payloads are written behind (batched every ``flush_interval``), and flushed
+synchronously before a graceful handoff; after a crash, the new owner resumes from the
+last flushed payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cloister import wire
+from cloister.backends import KeyValue, KVOp
+from cloister.errors import BackendError, WireFormatError
+
+log = logging.getLogger("cloister.manager.state")
+
+
+def storage_key(worker_id: Any) -> str:
+    """A bucket key for any worker id (exact and reversible, no hashing collisions)."""
+    return "w" + base64.urlsafe_b64encode(wire.encode(worker_id)).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored worker: its id, runtime spec (None: from children_specs), payload."""
+
+    id: Any
+    spec: dict[str, Any] | None
+    payload: Any
+    has_payload: bool
+    deleted: bool = False
+
+    def encode(self) -> bytes:
+        return wire.encode(
+            {
+                "id": self.id,
+                "spec": self.spec,
+                "payload": self.payload,
+                "has_payload": self.has_payload,
+                "deleted": self.deleted,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Stored:
+        message = wire.decode_map(data, "stored worker", ("id",))
+        spec = message.get("spec")
+        if spec is not None and not isinstance(spec, dict):
+            raise WireFormatError("stored worker: spec should be a map or None")
+        return cls(
+            id=message["id"],
+            spec=spec,
+            payload=message.get("payload"),
+            has_payload=bool(message.get("has_payload")),
+            deleted=bool(message.get("deleted")),
+        )
+
+
+class StateTable:
+    """Mirror of the bucket plus a write-behind queue of replaced payloads."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.mirror: dict[Any, Stored] = {}
+        self.dirty: dict[Any, Stored] = {}
+        self.bad_records = 0
+        self.changed = asyncio.Event()
+
+    async def load(self) -> None:
+        """Re-list the bucket into the mirror."""
+        mirror: dict[Any, Stored] = {}
+        for entry in (await self.kv.entries()).values():
+            stored = self._decode(entry.value)
+            if stored is not None:
+                mirror[stored.id] = stored
+        self.mirror = mirror
+        self.changed.set()
+
+    async def follow(self, interval: float) -> None:
+        """Keep the mirror current: watch, and re-list every ``interval`` seconds."""
+        while True:
+            try:
+                async with self.kv.watch() as events:
+                    await self.load()
+                    async with asyncio.timeout(interval):
+                        async for event in events:
+                            if event.op is KVOp.PUT and event.value is not None:
+                                stored = self._decode(event.value)
+                                if stored is not None:
+                                    self.mirror[stored.id] = stored
+                                    self.changed.set()
+            except TimeoutError:
+                continue
+            except BackendError as exc:
+                log.debug("state table watch interrupted: %s", exc)
+                await asyncio.sleep(min(1.0, interval))
+
+    def _decode(self, data: bytes) -> Stored | None:
+        try:
+            return Stored.decode(data)
+        except WireFormatError as exc:
+            self.bad_records += 1
+            log.warning("ignoring a malformed stored worker: %s", exc)
+            return None
+
+    async def write(self, stored: Stored) -> None:
+        """Write one record now (runtime put/delete, handoff)."""
+        self.dirty.pop(stored.id, None)
+        await self.kv.put(storage_key(stored.id), stored.encode())
+        self.mirror[stored.id] = stored
+
+    def mark(self, stored: Stored) -> None:
+        """Queue a replaced payload for the next flush."""
+        self.dirty[stored.id] = stored
+
+    async def flush(self, ids: Any = None) -> None:
+        """Write queued payloads (only those of ``ids`` when given)."""
+        if ids is None:
+            batch, self.dirty = self.dirty, {}
+        else:
+            batch = {i: self.dirty.pop(i) for i in ids if i in self.dirty}
+        try:
+            for stored in batch.values():
+                await self.kv.put(storage_key(stored.id), stored.encode())
+                self.mirror[stored.id] = stored
+        except BaseException:
+            for worker_id, stored in batch.items():  # keep what was not written
+                self.dirty.setdefault(worker_id, stored)
+            raise

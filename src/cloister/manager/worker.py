@@ -1,0 +1,130 @@
+"""Workers as compact records, and the eager runner that calls user callbacks.
+
+A worker is not a task: it is a small ``__slots__`` record (about a hundred bytes) that the
+scheduler hands to a callback when it has something to do. Callbacks run *eagerly*: an
+``async def`` callback is started inline and only becomes an asyncio task if it really
+suspends (awaits I/O); a callback that finishes without suspending costs one function
+call. That is how a single process dispatches hundreds of thousands of performs a second.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import deque
+from collections.abc import Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from cloister.manager.spec import Spec
+
+# Flag bits of Worker.flags
+PERFORM_PENDING = 1  # a perform is due and waits for the worker to be free
+QUEUED = 2  # the worker sits in the run queue
+GONE = 4  # the worker was removed; drop whatever is left for it
+
+
+class Worker:
+    """One keyed worker: id, spec, payload and bookkeeping. Not a task."""
+
+    __slots__ = (
+        "busy_since",
+        "due",
+        "failures",
+        "flags",
+        "id",
+        "last",
+        "mailbox",
+        "payload",
+        "spec",
+    )
+
+    def __init__(self, worker_id: Any, spec: Spec, payload: Any) -> None:
+        self.id = worker_id
+        self.spec = spec
+        self.payload = payload
+        self.last: Any = None
+        self.busy_since = 0.0  # loop time the running callback started; 0.0 = idle
+        self.due = 0.0  # loop time of the next perform; 0.0 = none scheduled
+        self.mailbox: deque[Message] | None = None
+        self.flags = 0
+        self.failures = 0
+
+    def has_work(self) -> bool:
+        return bool(self.mailbox) or bool(self.flags & PERFORM_PENDING)
+
+
+@dataclass(slots=True)
+class Message:
+    """A call or cast waiting in a worker's mailbox; ``reply`` is set for calls."""
+
+    kind: str  # "call" | "cast"
+    body: Any
+    reply: Any = None  # asyncio.Future for calls
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What ``manager.get(id)`` returns: a snapshot of one worker."""
+
+    id: Any
+    spec: Spec
+    payload: Any
+    last_result: Any
+    busy_since: float | None
+    """Loop time (``asyncio.get_running_loop().time()``) the running callback started."""
+
+
+_PENDING: Any = object()
+
+
+def run_eagerly(result: Any) -> tuple[Any, Coroutine[Any, Any, Any] | None]:
+    """Start ``result`` if it is a coroutine; finish it inline if it never suspends.
+
+    Returns ``(value, None)`` when done, or ``(_PENDING, coroutine)`` where the coroutine
+    resumes the suspended callback and must be run as a task.
+    """
+    if not isinstance(result, types.CoroutineType):
+        return result, None
+    try:
+        yielded = result.send(None)
+    except StopIteration as stop:
+        return stop.value, None
+    return _PENDING, _resume(result, yielded)
+
+
+def is_pending(value: Any) -> bool:
+    """True when :func:`run_eagerly` had to leave the callback running."""
+    return value is _PENDING
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Continue(coro, first)
+
+
+class _Continue:
+    """Awaitable that continues a started coroutine from its first suspension point."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.first
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation and throw() reach the callback
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
