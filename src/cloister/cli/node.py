@@ -1,0 +1,233 @@
+"""``cloister node``: run one bare cluster node until SIGTERM or SIGINT (graceful leave).
+
+The node prints one line per event to stdout, flushed at once, ``<kind> <fields> t=<T>``
+where ``T`` is ``time.monotonic()`` (one clock for every process of a machine, so event
+logs of several nodes can be merged). Fields are ``key=value`` without spaces; ``-`` stands
+for "none"; member lists are comma-separated. The kinds:
+
+``node <name> pid=<pid> starting cluster=<c> backend=<url>``
+    before connecting.
+``node <name> pid=<pid> started cluster=<c>``
+    joined (connected, member record written).
+``state <from> -> <to> epoch=<n> members=<a,b,c> sentry=<s> fingerprint=<fp>``
+    every state transition (``down -> assembling -> rehashing -> ready`` ...).
+``sentry <old> -> <new> epoch=<n>``
+    the epoch this node adopted names another sentry.
+``epoch <n> members=<a,b,c> sentry=<s> fingerprint=<fp>``
+    this node adopted epoch ``n`` (printed before it acknowledges it).
+``lease acquired epoch=<n>`` / ``lease lost epoch=<n>``
+    this node starts / stops being the sentry holding the lease (checked every 50 ms).
+``suspended reason=<why>``
+    this node stopped claiming keys (``lease_lost``, ``short_of_consensus``, ``stopping``).
+``node <name> pid=<pid> leaving`` then ``node <name> pid=<pid> stopped``
+    graceful leave after a signal; the exit code is then 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import IO, Any
+
+from cloister.cli.options import (
+    EXIT_OK,
+    add_common,
+    add_connection,
+    add_target,
+    connection_options,
+    from_env,
+    groups,
+    positive_float,
+    positive_int,
+    redact_url,
+    resolve_target,
+)
+from cloister.cluster import Cluster, ClusterInfo, State, Topology
+
+_LEASE_POLL = 0.05
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``cloister node``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "node",
+        help="run one bare cluster node until SIGTERM/SIGINT",
+        description="Run one bare node of a cluster until SIGTERM or SIGINT, then leave "
+        "gracefully (exit 0). Prints one line per state change, sentry change and adopted "
+        "epoch to stdout (see `pydoc cloister.cli.node` for the format).",
+    )
+    add_target(parser)
+    node = parser.add_argument_group("node")
+    node.add_argument("--name", help="this node's name (default $CLOISTER_NODE, or generated)")
+    node.add_argument(
+        "--consensus",
+        type=positive_int,
+        metavar="K",
+        help="members needed before any node is ready (default $CLOISTER_CONSENSUS, or 1)",
+    )
+    node.add_argument(
+        "--group",
+        action="append",
+        metavar="G",
+        help="a named ring this node also joins; repeat for several "
+        "(default $CLOISTER_GROUPS, comma-separated)",
+    )
+    node.add_argument(
+        "--heartbeat", type=positive_float, metavar="S", help="seconds between renewals (1.0)"
+    )
+    node.add_argument(
+        "--failure-timeout",
+        type=positive_float,
+        metavar="S",
+        help="seconds after which a silent member is removed (3 heartbeats)",
+    )
+    node.add_argument(
+        "--weight", type=positive_float, metavar="W", help="share of the ring, relative (1.0)"
+    )
+    add_connection(parser)
+    add_common(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the node from ``args`` and the environment, run it until a signal."""
+    backend, name = resolve_target(args)
+    from_env(args, "name", "CLOISTER_NODE")
+    from_env(args, "consensus", "CLOISTER_CONSENSUS", positive_int)
+    from_env(args, "group", "CLOISTER_GROUPS", groups)
+    settings: dict[str, Any] = {
+        "heartbeat": args.heartbeat,
+        "failure_timeout": args.failure_timeout,
+        "weight": args.weight,
+        "consensus": args.consensus,
+    }
+    events = NodeEvents()
+    cluster = Cluster(
+        name,
+        args.name,
+        backend=backend,
+        listener=events,
+        groups=args.group or (),
+        backend_options=connection_options(args),
+        **{key: value for key, value in settings.items() if value is not None},
+    )
+    return asyncio.run(serve(cluster, events))
+
+
+async def serve(cluster: Cluster, events: NodeEvents) -> int:
+    """Start ``cluster``, follow it until SIGTERM/SIGINT, leave gracefully; exit code.
+
+    A second signal while leaving cancels the leave (the node then expires instead).
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def on_signal() -> None:
+        if stop.is_set():
+            main.cancel()  # second signal: give up leaving gracefully
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    me = f"{cluster.node} pid={os.getpid()}"
+    try:
+        events.emit(
+            f"node {me} starting cluster={cluster.name} backend={redact_url(cluster.backend_url)}"
+        )
+        cluster.add_hook(events)
+        starting = asyncio.ensure_future(cluster.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not starting.done():  # a signal came before we had joined
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            events.emit(f"node {me} stopped before joining")
+            return EXIT_OK
+        starting.result()  # raises the start failure (wrong credentials, unreachable...)
+        events.emit(f"node {me} started cluster={cluster.name}")
+        async with _lease_watch(cluster, events):
+            await stop.wait()
+        events.emit(f"node {me} leaving")
+        await cluster.stop()
+        events.emit(f"node {me} stopped")
+        return EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def _lease_watch(cluster: Cluster, events: NodeEvents) -> Any:
+    """Print ``lease acquired/lost`` whenever ``cluster.is_sentry`` flips, while inside."""
+
+    async def watch() -> None:
+        held = False
+        while True:
+            now = cluster.is_sentry
+            if now != held:
+                held = now
+                events.emit(f"lease {'acquired' if held else 'lost'} epoch={cluster.epoch}")
+            await asyncio.sleep(_LEASE_POLL)
+
+    task = asyncio.get_running_loop().create_task(watch(), name="cloister node lease watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _names(names: Any) -> str:
+    return ",".join(names) or "-"
+
+
+class NodeEvents:
+    """The node's listener and topology hook: prints the event lines (see module doc)."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream
+
+    def emit(self, text: str) -> None:
+        """Print ``text t=<monotonic>`` as one flushed line (a closed stdout is ignored)."""
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            print(f"{text} t={time.monotonic():.6f}", file=self.stream or sys.stdout, flush=True)
+
+    # -- listener ---------------------------------------------------------------------------
+
+    def on_state_change(self, from_state: State, to_state: State, info: ClusterInfo) -> None:
+        self.emit(
+            f"state {from_state} -> {to_state} epoch={info.epoch} members={_names(info.members)} "
+            f"sentry={info.sentry or '-'} fingerprint={info.fingerprint or '-'}"
+        )
+
+    def on_sentry_change(self, old: str | None, new: str | None, info: ClusterInfo) -> None:
+        self.emit(f"sentry {old or '-'} -> {new or '-'} epoch={info.epoch}")
+
+    # -- topology hook ------------------------------------------------------------------------
+
+    async def release(self, topology: Topology) -> None:
+        self.emit(
+            f"epoch {topology.epoch} members={_names(topology.ring.nodes)} "
+            f"sentry={topology.sentry} fingerprint={topology.ring.fingerprint}"
+        )
+
+    async def settle(self, topology: Topology) -> None:
+        """Nothing to start: a bare node owns keys but runs no work."""
+
+    async def suspend(self, reason: str) -> None:
+        self.emit(f"suspended reason={reason.replace(' ', '_')}")
+
+    def abort(self) -> None:
+        """Nothing to abort."""

@@ -1,0 +1,323 @@
+"""Look at a cluster from the outside, without joining it.
+
+An :class:`Observer` opens the cluster's backend under a reserved name (``_observer-...``)
+and never writes: it reads the member records (``members`` bucket), the published epoch
+and the sentry lease (``control`` bucket), and asks every member for its own view through
+the built-in ``cloister.info`` handler. A member that does not answer (dead, partitioned,
+slow) is reported with the error instead of failing the whole picture. ``cloister status``
+is built on it::
+
+    async with Observer("shop", "nats://127.0.0.1:4222") as observer:
+        status = await observer.status()
+        print(status.to_json())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from cloister import wire
+from cloister._tasks import Supervisor
+from cloister.backends import Backend, KeyValue, KVOp, open_backend
+from cloister.cluster.core import _EPOCH_KEY, _SENTRY_KEY
+from cloister.cluster.info import ClusterInfo
+from cloister.cluster.membership import MemberRecord
+from cloister.cluster.rpc import decode_reply, encode_request, failed
+from cloister.cluster.topology import EpochRecord, Topology
+from cloister.errors import BackendError, CloisterError, NotRunningError, WireFormatError
+
+__all__ = ["OBSERVER_PREFIX", "ClusterStatus", "MemberStatus", "Observer"]
+
+log = logging.getLogger("cloister.observer")
+
+OBSERVER_PREFIX = "_observer-"
+"""Observers connect under ``_observer-<random>``: a name no member is given by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One member as the observer sees it: its record, its own answer, its ring share.
+
+    ``record`` is None for a member that the published epoch still lists but whose record
+    is gone (it crashed or left and the sentry has not published the change yet); ``info``
+    is None when the member did not answer (``error`` says why).
+    """
+
+    node: str
+    record: MemberRecord | None
+    info: ClusterInfo | None
+    error: str | None
+    share: float
+    in_epoch: bool
+    heartbeat_age: float | None
+
+    @property
+    def state(self) -> str:
+        """The member's state: its own answer, else its record's, else ``gone``."""
+        if self.info is not None:
+            return str(self.info.state)
+        if self.record is not None:
+            return self.record.state or "unknown"
+        return "gone"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict with stable keys (``None`` where unknown)."""
+        info, record = self.info, self.record
+        return {
+            "node": self.node,
+            "state": self.state,
+            "reachable": info is not None,
+            "epoch": None if info is None else info.epoch,
+            "acked": None if record is None else record.acked,
+            "sentry": None if info is None else info.is_sentry,
+            "share": round(self.share, 6),
+            "in_epoch": self.in_epoch,
+            "fingerprint": None if info is None else info.fingerprint,
+            "members": None if info is None else list(info.members),
+            "consensus": None if info is None else info.consensus,
+            "weight": None if record is None else record.weight,
+            "groups": None if record is None else list(record.groups),
+            "started_at": None if record is None else record.started_at,
+            "heartbeat_age": None if self.heartbeat_age is None else round(self.heartbeat_age, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """A snapshot of a cluster: the published epoch, the lease, every member."""
+
+    cluster: str
+    backend: str
+    epoch: EpochRecord | None
+    sentry_lease: str | None
+    members: tuple[MemberStatus, ...]
+    taken_at: float
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The ring fingerprint of the published epoch."""
+        return None if self.epoch is None else Topology.from_record(self.epoch).ring.fingerprint
+
+    @property
+    def live(self) -> tuple[MemberStatus, ...]:
+        """The members with a record (the others are gone but still in the epoch)."""
+        return tuple(m for m in self.members if m.record is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able document with stable keys: what ``cloister status --json`` prints."""
+        return {
+            "cluster": self.cluster,
+            "backend": self.backend,
+            "epoch": None if self.epoch is None else self.epoch.epoch,
+            "sentry": None if self.epoch is None else self.epoch.sentry,
+            "sentry_lease": self.sentry_lease,
+            "fingerprint": self.fingerprint,
+            "epoch_members": None if self.epoch is None else sorted(self.epoch.members),
+            "members": [member.to_json() for member in self.members],
+            "taken_at": self.taken_at,
+            "problems": list(self.problems),
+        }
+
+
+class Observer:
+    """A read-only view of cluster ``cluster`` on ``backend``; not a member.
+
+    Args:
+        cluster: the cluster's name.
+        backend: its backend URL (``nats://...``; ``memory://NAME`` in the same process).
+        request_timeout: how long each member may take to answer ``cloister.info``.
+        backend_options: passed to the backend (credentials, TLS, ...).
+    """
+
+    def __init__(
+        self,
+        cluster: str,
+        backend: str = "memory://default",
+        *,
+        request_timeout: float = 2.0,
+        backend_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.backend_url = backend
+        self.name = f"{OBSERVER_PREFIX}{secrets.token_hex(4)}"
+        self.request_timeout = request_timeout
+        self._backend_options = dict(backend_options or {})
+        self._backend: Backend | None = None
+        self._members: KeyValue | None = None
+        self._control: KeyValue | None = None
+        self._supervisor = Supervisor(f"observer {cluster}")
+        self._last_beat: dict[str, float] = {}
+
+    async def __aenter__(self) -> Observer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and open the cluster's buckets; raises :class:`BackendError` if it can't."""
+        backend = open_backend(self.backend_url, self.cluster, self.name, **self._backend_options)
+        self._backend = backend
+        try:
+            await backend.connect()
+            # Same bucket settings as the members use, so that opening never conflicts.
+            self._members = await backend.kv("members", ttl_keys=True)
+            self._control = await backend.kv("control", ttl_keys=True)
+            watching = asyncio.Event()
+            self._supervisor.spawn(self._watch_heartbeats(watching), "heartbeat watch")
+            await watching.wait()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect. Safe to call twice."""
+        await self._supervisor.close()
+        if self._backend is not None:
+            await self._backend.close()
+            self._backend = None
+
+    async def members(self) -> dict[str, MemberRecord]:
+        """Every member record, by node name (malformed ones are skipped and logged)."""
+        records, _ = await self._read_members()
+        return records
+
+    async def epoch(self) -> EpochRecord | None:
+        """The published epoch record, or None before the first one."""
+        epoch, _, _ = await self._read_control()
+        return epoch
+
+    async def sentry_lease(self) -> str | None:
+        """The node holding the sentry lease right now, or None."""
+        _, holder, _ = await self._read_control()
+        return holder
+
+    async def info(self, node: str, *, timeout: float | None = None) -> ClusterInfo:
+        """``node``'s own view (its ``cloister.info``); raises the error it produced."""
+        backend = self._require_backend()
+        timeout = self.request_timeout if timeout is None else timeout
+        try:
+            reply = await backend.request(
+                node, encode_request("cloister.info", None, self.name), timeout=timeout
+            )
+        except Exception as exc:
+            result = failed(node, exc)
+        else:
+            result = decode_reply(node, reply)
+        return ClusterInfo.from_wire(result.unwrap())
+
+    async def infos(self, nodes: list[str]) -> dict[str, ClusterInfo | CloisterError]:
+        """``info`` of every node in ``nodes`` at once; an error in place of a failed one."""
+
+        async def one(node: str) -> ClusterInfo | CloisterError:
+            try:
+                return await self.info(node)
+            except CloisterError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(one(node) for node in nodes))
+        return dict(zip(nodes, answers, strict=True))
+
+    async def status(self) -> ClusterStatus:
+        """Everything at once: records, epoch, lease, and every member's own answer."""
+        (records, problems), (epoch, holder, control_problems) = await asyncio.gather(
+            self._read_members(), self._read_control()
+        )
+        in_epoch = set() if epoch is None else set(epoch.members)
+        names = sorted(set(records) | in_epoch)
+        answers = await self.infos([n for n in names if n in records])
+        shares = {} if epoch is None else Topology.from_record(epoch).ring.shares()
+        now = time.monotonic()
+        members = []
+        for name in names:
+            answer = answers.get(name)
+            error = str(answer) if isinstance(answer, CloisterError) else None
+            if name not in records:
+                error = "member record gone (crashed or left); not yet out of the epoch"
+            beat = self._last_beat.get(name)
+            members.append(
+                MemberStatus(
+                    node=name,
+                    record=records.get(name),
+                    info=answer if isinstance(answer, ClusterInfo) else None,
+                    error=error,
+                    share=shares.get(name, 0.0),
+                    in_epoch=name in in_epoch,
+                    heartbeat_age=None if beat is None else now - beat,
+                )
+            )
+        return ClusterStatus(
+            cluster=self.cluster,
+            backend=self._require_backend().url,
+            epoch=epoch,
+            sentry_lease=holder,
+            members=tuple(members),
+            taken_at=time.time(),
+            problems=tuple(problems + control_problems),
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _require_backend(self) -> Backend:
+        if self._backend is None:
+            raise NotRunningError("the observer is not connected; await observer.start() first")
+        return self._backend
+
+    async def _read_members(self) -> tuple[dict[str, MemberRecord], list[str]]:
+        assert self._members is not None
+        records: dict[str, MemberRecord] = {}
+        problems: list[str] = []
+        for name, entry in (await self._members.entries()).items():
+            try:
+                records[name] = MemberRecord.decode(entry.value)
+            except WireFormatError as exc:
+                log.warning("ignoring the malformed member record %r: %s", name, exc)
+                problems.append(f"malformed member record {name!r}: {exc}")
+        return records, problems
+
+    async def _read_control(self) -> tuple[EpochRecord | None, str | None, list[str]]:
+        assert self._control is not None
+        entries = await self._control.entries()
+        epoch = holder = None
+        problems: list[str] = []
+        try:
+            if (entry := entries.get(_EPOCH_KEY)) is not None:
+                epoch = EpochRecord.decode(entry.value)
+            if (entry := entries.get(_SENTRY_KEY)) is not None:
+                lease = wire.decode_map(entry.value, "sentry lease")
+                holder = wire.field(lease, "node", str, "sentry lease")
+        except WireFormatError as exc:
+            log.warning("malformed control record: %s", exc)
+            problems.append(str(exc))
+        return epoch, holder, problems
+
+    async def _watch_heartbeats(self, watching: asyncio.Event) -> None:
+        """Note when each member last renewed its record (for ``heartbeat_age``)."""
+        assert self._members is not None
+        while True:
+            try:
+                async with self._members.watch() as events:
+                    watching.set()
+                    async for event in events:
+                        if event.op is KVOp.PUT:
+                            self._last_beat[event.key] = time.monotonic()
+                        else:
+                            self._last_beat.pop(event.key, None)
+            except BackendError as exc:
+                log.debug("observer's members watch interrupted: %s", exc)
+                watching.set()
+                await asyncio.sleep(0.5)
