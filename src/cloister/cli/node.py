@@ -5,7 +5,7 @@ where ``T`` is ``time.monotonic()`` (one clock for every process of a machine, s
 logs of several nodes can be merged). Fields are ``key=value`` without spaces; ``-`` stands
 for "none"; member lists are comma-separated. The kinds:
 
-``node <name> pid=<pid> starting cluster=<c> backend=<url>``
+``node <name> pid=<pid> starting cluster=<c> backend=<url> consensus=<k> groups=<g,h>``
     before connecting.
 ``node <name> pid=<pid> started cluster=<c>``
     joined (connected, member record written).
@@ -21,6 +21,8 @@ for "none"; member lists are comma-separated. The kinds:
     this node stopped claiming keys (``lease_lost``, ``short_of_consensus``, ``stopping``).
 ``node <name> pid=<pid> leaving`` then ``node <name> pid=<pid> stopped``
     graceful leave after a signal; the exit code is then 0.
+
+:func:`parse_event` reads such a line back (tests and benchmarks use it).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import IO, Any
 
 from cloister.cli.options import (
@@ -50,6 +54,7 @@ from cloister.cli.options import (
 from cloister.cluster import Cluster, ClusterInfo, State, Topology
 
 _LEASE_POLL = 0.05
+_EVENT = re.compile(r"^(node|state|sentry|epoch|lease|suspended) (.*) t=(\d+(?:\.\d+)?)$")
 
 
 def add_parser(commands: Any) -> None:
@@ -139,7 +144,9 @@ async def serve(cluster: Cluster, events: NodeEvents) -> int:
     me = f"{cluster.node} pid={os.getpid()}"
     try:
         events.emit(
-            f"node {me} starting cluster={cluster.name} backend={redact_url(cluster.backend_url)}"
+            f"node {me} starting cluster={cluster.name} "
+            f"backend={redact_url(cluster.backend_url)} consensus={cluster.consensus} "
+            f"groups={_names(cluster.groups)}"
         )
         cluster.add_hook(events)
         starting = asyncio.ensure_future(cluster.start())
@@ -231,3 +238,51 @@ class NodeEvents:
 
     def abort(self) -> None:
         """Nothing to abort."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
+    """One event line of ``cloister node``, parsed.
+
+    ``words`` are the space-separated parts without ``=`` (``("ready", "->", "rehashing")``
+    for a state line), ``fields`` the ``key=value`` parts, ``t`` the monotonic time.
+    """
+
+    kind: str
+    words: tuple[str, ...]
+    fields: dict[str, str]
+    t: float
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the line names (``epoch=`` field, or the number of an epoch line)."""
+        if self.kind == "epoch":
+            return int(self.words[0])
+        value = self.fields.get("epoch")
+        return None if value is None else int(value)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The ``members=`` list (empty for ``-`` or when absent)."""
+        value = self.fields.get("members", "-")
+        return () if value == "-" else tuple(value.split(","))
+
+    @property
+    def change(self) -> tuple[str, str]:
+        """``(from, to)`` of a state or sentry line."""
+        return self.words[0], self.words[2]
+
+
+def parse_event(line: str) -> NodeEvent | None:
+    """Parse one line ``cloister node`` printed; None for anything else (log lines...)."""
+    found = _EVENT.match(line.strip())
+    if found is None:
+        return None
+    kind, body, t = found.groups()
+    parts = body.split()
+    return NodeEvent(
+        kind=kind,
+        words=tuple(p for p in parts if "=" not in p),
+        fields=dict(p.split("=", 1) for p in parts if "=" in p),
+        t=float(t),
+    )

@@ -1,0 +1,56 @@
+"""Run ``cloister`` as a user would: a child process with this interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
+# The variables the CLI reads: a developer's own settings must not leak into the tests.
+_CLEAN = (
+    "CLOISTER_BACKEND",
+    "CLOISTER_CLUSTER",
+    "CLOISTER_NODE",
+    "CLOISTER_CONSENSUS",
+    "CLOISTER_GROUPS",
+    "CLOISTER_LOG_LEVEL",
+    "CLOISTER_NATS_USER",
+    "CLOISTER_NATS_PASSWORD",
+    "CLOISTER_NATS_TOKEN",
+    "CLOISTER_NATS_CREDS",
+)
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without CLOISTER_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _CLEAN}
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **(extra or {})}
+
+
+def cloister(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m cloister ARGS``; its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cloister", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(env),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The command failed with exactly one stderr line, no traceback, naming ``words``."""
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("cloister"), lines[0]
+    assert "internal error" not in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
