@@ -448,6 +448,11 @@ class Cluster:
         return self._require_backend()
 
     @property
+    def crashed(self) -> bool:
+        """True once the memory backend's failure injection killed this node."""
+        return self._crashed
+
+    @property
     def listener_errors(self) -> int:
         """How many times the listener raised."""
         return self._listener.errors

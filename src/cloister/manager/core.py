@@ -180,7 +180,14 @@ class DynamicManager:
     async def start(cls, cluster: Cluster | None = None, **options: Any) -> Self:
         """Create the manager, start its workers (the owned ones, given a cluster)."""
         manager = cls(cluster, **options)
-        await manager._start()
+        try:
+            await manager._start()
+        except BaseException:  # bad specs: leave no dispatcher (or hook) behind
+            if cluster is not None:
+                cluster.remove_hook(manager)
+            await manager._supervisor.close()
+            await manager._set_state("down")
+            raise
         return manager
 
     async def _start(self) -> None:
@@ -245,12 +252,13 @@ class DynamicManager:
             return
         if self.cluster is not None:
             self.cluster.remove_hook(self)
-            await self._hand_everything_over()
+            if not self.cluster.crashed:
+                await self._hand_everything_over()
         self._paused = True
         await self._drain()
         for worker_id in list(self._workers):
             await self._remove(worker_id, "shutdown")
-        if self._table is not None:
+        if self._table is not None and not (self.cluster is not None and self.cluster.crashed):
             try:
                 await self._table.flush()
             except CloisterError as exc:
@@ -708,7 +716,10 @@ class DynamicManager:
             worker.last = response
         if message is None:
             self._reschedule(worker, started, next_timeout)
-        elif worker.mailbox or worker.flags & PERFORM_PENDING:
+            return
+        if next_timeout is not None:  # Timeout(s) from a call or cast: next perform in s
+            self._timers.schedule(worker, asyncio.get_running_loop().time() + next_timeout)
+        if worker.mailbox or worker.flags & PERFORM_PENDING:
             self._enqueue(worker)
 
     def _reschedule(self, worker: Worker, started: float, override: float | None) -> None:
@@ -759,10 +770,10 @@ class DynamicManager:
         worker.payload = await self._invoke_quietly(self.init, worker.id, worker.payload)
 
     async def _halt(self, worker: Worker, reason: str) -> None:
+        # Only if still ours: a delete, put or stop in between already terminated it.
+        # _remove also fails the calls still queued behind the halt.
         if self._workers.get(worker.id) is worker:
-            del self._workers[worker.id]
-        if self._has_terminate:
-            await self._invoke_quietly(self.terminate, reason, worker.id, worker.payload)
+            await self._remove(worker.id, reason)
         if self._table is not None:
             await self._table.write(Stored(worker.id, None, None, False, deleted=True))
 
@@ -770,13 +781,14 @@ class DynamicManager:
         old_id = worker.id
         try:
             check_id(new_id)
-        except TypeError as exc:
+        except TypeError as exc:  # the worker carries on under its old id
+            self.counters["errors"] += 1
             log.error("%s: cannot re-key worker %r: %s", self.manager_name, old_id, exc)
+            self._reschedule(worker, asyncio.get_running_loop().time(), None)
             return
         spec = self._specs.pop(old_id, worker.spec)
-        worker.flags |= GONE
-        self._workers.pop(old_id, None)
-        await self._invoke_quietly(self.terminate, "rekey", old_id, worker.payload)
+        if self._workers.get(old_id) is worker:
+            await self._remove(old_id, "rekey")
         if self._table is not None:
             await self._table.write(Stored(old_id, None, None, False, deleted=True))
         fields = spec.to_wire()

@@ -1,0 +1,221 @@
+"""DynamicManager over a cluster (memory backend): routing, handoff, fencing, state handoff."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from cloister import Cluster, DynamicManager, Ok, Replace
+from cloister.backends.memory import world
+from cloister.cluster import State
+
+from ..cluster.support import eventually
+
+HEARTBEAT = 0.05
+FAILURE_TIMEOUT = 0.25
+IDS = [f"key_{i}" for i in range(120)]
+
+
+class Ledger:
+    """Shared by every node of a test: who is performing what, right now and ever."""
+
+    def __init__(self) -> None:
+        self.active: dict[Any, set[str]] = defaultdict(set)
+        self.overlaps: list[tuple[Any, set[str]]] = []
+        self.performs: list[tuple[str, Any, float]] = []
+        self.terminated: dict[Any, tuple[str, str, Any]] = {}
+
+
+class Counter(DynamicManager):
+    """Each perform holds the key for a moment and counts up its payload."""
+
+    ledger: Ledger
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {i: {"timeout": 0.02, "payload": 0} for i in IDS}
+
+    async def perform(self, id: Any, payload: Any) -> Any:
+        node = self.cluster.node  # type: ignore[union-attr]
+        holders = self.ledger.active[id]
+        if holders:
+            self.ledger.overlaps.append((id, {*holders, node}))
+        holders.add(node)
+        self.ledger.performs.append((node, id, time.monotonic()))
+        try:
+            await asyncio.sleep(0.004)
+        finally:
+            holders.discard(node)
+        return Replace(payload + 1)
+
+    def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
+        return Ok({"node": self.cluster.node, "id": id, "payload": payload, "m": message})  # type: ignore[union-attr]
+
+    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        return Replace(payload + message)
+
+    def terminate(self, reason: str, id: Any, payload: Any) -> None:
+        self.ledger.terminated[id] = (self.cluster.node, reason, payload)  # type: ignore[union-attr]
+
+
+class Nodes:
+    def __init__(self, stack: AsyncExitStack, name: str, ledger: Ledger) -> None:
+        self.stack = stack
+        self.url = f"memory://{name}"
+        self.world = world(name)
+        self.ledger = ledger
+        self.clusters: dict[str, Cluster] = {}
+        self.managers: dict[str, Counter] = {}
+
+    async def start(self, node: str, **kwargs: Any) -> Counter:
+        kwargs.setdefault("heartbeat", HEARTBEAT)
+        kwargs.setdefault("failure_timeout", FAILURE_TIMEOUT)
+        cluster = Cluster("mgr", node, backend=self.url, **kwargs)
+        await cluster.start()
+        self.stack.push_async_callback(cluster.stop)
+        manager_cls = type("C", (Counter,), {"ledger": self.ledger, "name": "counter"})
+        manager = await manager_cls.start(cluster)
+        self.stack.push_async_callback(manager.stop)
+        self.clusters[node], self.managers[node] = cluster, manager
+        return manager
+
+    def live(self) -> dict[str, Counter]:
+        return {
+            n: m
+            for n, m in self.managers.items()
+            if self.clusters[n].state not in (State.STOPPING, State.STOPPED)
+            and not self.clusters[n]._crashed
+        }
+
+    def settled(self) -> bool:
+        """Every id is live on exactly one live node, its owner, and every node is ready."""
+        live = self.live()
+        if not all(self.clusters[n].state is State.READY for n in live):
+            return False
+        owners: dict[Any, list[str]] = defaultdict(list)
+        for node, manager in live.items():
+            for worker_id in manager.ids():
+                owners[worker_id].append(node)
+        some = next(iter(live))
+        return set(owners) == set(IDS) and all(
+            nodes == [self.clusters[some].whois(i)] for i, nodes in owners.items()
+        )
+
+
+@pytest.fixture
+async def nodes(request: pytest.FixtureRequest) -> Any:
+    async with AsyncExitStack() as stack:
+        yield Nodes(stack, f"mgr-{request.node.name}", Ledger())
+
+
+async def test_only_owned_ids_run_and_calls_are_routed(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(nodes.settled, what="every id live on its owner")
+    a = nodes.managers["a"]
+    sizes = [len(m.ids()) for m in nodes.managers.values()]
+    assert sum(sizes) == len(IDS) and min(sizes) > 0
+    for worker_id in IDS[:30]:
+        reply = await a.call(worker_id, "ping")
+        assert reply["node"] == nodes.clusters["a"].whois(worker_id)
+        assert reply["id"] == worker_id and reply["m"] == "ping"
+    # casts from any node reach the owner, in order
+    remote = next(i for i in IDS if nodes.clusters["a"].whois(i) != "a")
+    before = (await a.call(remote, None))["payload"]
+    for _ in range(5):
+        await a.cast(remote, 1000)
+    await eventually(
+        lambda: (
+            nodes.managers[nodes.clusters["a"].whois(remote)].get(remote).payload >= before + 5000
+        )
+    )  # type: ignore[union-attr]
+
+
+async def test_handoff_on_join_leave_and_crash_never_runs_a_key_twice(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(nodes.settled)
+    await asyncio.sleep(0.1)
+    assert {node for node, _, _ in nodes.ledger.performs} == {"a", "b", "c"}, {
+        k: (len(m.ids()), m.state, m._paused, len(m._timers), m._in_flight, len(m._runnable))
+        for k, m in nodes.managers.items()
+    }
+    await nodes.start("d")
+    await eventually(nodes.settled, what="after join")
+    await nodes.clusters["b"].stop()
+    await eventually(nodes.settled, what="after graceful leave")
+    nodes.world.crash("c")
+    await eventually(nodes.settled, what="after crash", timeout=5)
+    await asyncio.sleep(0.1)
+    assert nodes.ledger.overlaps == []
+    performed_by = {node for node, _, _ in nodes.ledger.performs}
+    assert performed_by == {"a", "b", "c", "d"}
+    # after b left and c died, nothing performed there any more
+    stop_time = time.monotonic() - 0.05
+    assert not [p for p in nodes.ledger.performs if p[0] in "bc" and p[2] > stop_time]
+
+
+async def test_graceful_leave_hands_over_replaced_payloads(nodes: Nodes) -> None:
+    for name in "ab":
+        await nodes.start(name)
+    await eventually(nodes.settled)
+    await asyncio.sleep(0.3)  # let the payloads count up
+    leaving = nodes.managers["b"]
+    moved = set(leaving.ids())
+    assert moved
+    await nodes.clusters["b"].stop()
+    final = {i: nodes.ledger.terminated[i] for i in moved}
+    assert all(reason == "handoff" and node == "b" for node, reason, _ in final.values())
+    await eventually(nodes.settled)
+    survivor = nodes.managers["a"]
+    for worker_id in moved:
+        info = survivor.get(worker_id)
+        assert info is not None
+        assert info.payload >= final[worker_id][2] > 0  # continued, not restarted from 0
+
+
+async def test_no_worker_performs_while_short_of_consensus(nodes: Nodes) -> None:
+    for name in "ab":
+        await nodes.start(name, consensus=2)
+    await eventually(nodes.settled)
+    nodes.world.crash("b")
+    await eventually(
+        lambda: (
+            nodes.clusters["a"].state is State.REHASHING
+            and nodes.managers["a"].state == "rehashing"
+        )
+    )
+    await asyncio.sleep(0.05)
+    count = sum(1 for p in nodes.ledger.performs if p[0] == "a")
+    await asyncio.sleep(0.3)
+    assert sum(1 for p in nodes.ledger.performs if p[0] == "a") == count
+    await nodes.start("c", consensus=2)
+    await eventually(nodes.settled)
+    assert sum(1 for p in nodes.ledger.performs if p[0] == "a") > count
+
+
+async def test_runtime_put_and_delete_reach_the_owner_from_any_node(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(nodes.settled)
+    a = nodes.managers["a"]
+    new_ids = [("extra", n) for n in range(12)]
+    for worker_id in new_ids:
+        await a.put(worker_id, payload=100, timeout=0)
+    for worker_id in new_ids:
+        owner = nodes.clusters["a"].whois(worker_id)
+        info = nodes.managers[owner].get(worker_id)
+        assert info is not None and info.payload == 100
+        assert (await a.call(worker_id, "x"))["node"] == owner
+    await a.delete(new_ids[0])
+    owner = nodes.clusters["a"].whois(new_ids[0])
+    assert nodes.managers[owner].get(new_ids[0]) is None
+    # a node that joins later knows about the runtime workers it comes to own
+    await nodes.start("d")
+    await eventually(lambda: nodes.clusters["d"].state is State.READY)
+    d_owned = [i for i in new_ids[1:] if nodes.clusters["d"].whois(i) == "d"]
+    await eventually(lambda: all(nodes.managers["d"].get(i) is not None for i in d_owned))
