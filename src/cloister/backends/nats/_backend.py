@@ -1,0 +1,453 @@
+"""``NatsBackend``: one node's connection to a cluster over NATS with JetStream.
+
+Subjects and buckets are namespaced by cluster name, so clusters sharing a NATS never
+see each other:
+
+- requests to a node: ``cloister.<cluster>.node.<node>`` (request/reply, "no responders"
+  when nobody serves the node);
+- topics: ``cloister.<cluster>.topic.<topic>`` (core NATS publish/subscribe);
+- buckets: ``cloister_<cluster>_<bucket>`` (JetStream KV streams, :mod:`._kv`).
+
+The connection reconnects forever with a capped exponential backoff and jitter; after a
+reconnect every watch ends with :class:`~cloister.errors.BackendUnavailableError` (so
+the caller watches again and re-lists) and the ``on_reconnect`` callbacks run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSub
+from nats.js import JetStreamContext
+
+from cloister._tasks import Supervisor
+from cloister.backends.base import (
+    Backend,
+    KeyValue,
+    MessageHandler,
+    RequestHandler,
+    Subscription,
+)
+from cloister.backends.nats._config import NatsOptions, ParsedURL, build_options, parse_url
+from cloister.backends.nats._errors import (
+    JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+    JetStreamUnavailableError,
+    NatsAuthorizationError,
+    check_server_version,
+    describe,
+    is_auth_failure,
+    translate,
+)
+from cloister.backends.nats._kv import NatsKV, WatchFeed, ensure_stream
+from cloister.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    NoSuchNodeError,
+    RemoteError,
+    RequestTimeoutError,
+)
+
+log = logging.getLogger("cloister.backends.nats")
+
+#: Reply header carrying the error of a request handler that raised.
+ERROR_HEADER = "Cloister-Error"
+_CLUSTER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKENS = re.compile(r"^[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*$")
+_NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+def _subject_part(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _TOKENS.match(name):
+        raise ConfigurationError(
+            f"invalid {kind} {name!r} for NATS: use [A-Za-z0-9_=.-], without a leading, "
+            "trailing or doubled '.'"
+        )
+    return name
+
+
+class NatsSubscription(Subscription):
+    """A topic subscription: one owned task hands messages to the handler in order."""
+
+    def __init__(self, backend: NatsBackend, topic: str, sub: NatsSub, handler: MessageHandler):
+        self.topic = topic
+        self._backend = backend
+        self._sub = sub
+        self._handler = handler
+        self._task = backend._supervisor.spawn(self._pump(), f"topic {topic}")
+
+    async def _pump(self) -> None:
+        async for msg in self._sub.messages:
+            try:
+                await self._handler(msg.data)
+            except Exception:
+                log.exception(
+                    "subscriber of topic %r on node %s failed", self.topic, self._backend.node
+                )
+
+    async def close(self) -> None:
+        """Unsubscribe and stop the delivery task (safe twice)."""
+        self._backend._subscriptions.discard(self)
+        with suppress(*_NATS_ERRORS):
+            await self._sub.unsubscribe()
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+
+
+class NatsBackend(Backend):
+    """One node's connection to one cluster on NATS with JetStream (server 2.11+).
+
+    Args:
+        url: ``nats://[user:pass@]host[:port][,host[:port]...]`` or ``tls://...``.
+        cluster: the cluster name (``[A-Za-z0-9_-]``); namespaces every subject and bucket.
+        node: this node's name.
+        user, password, token: credentials (they may also come in the URL's userinfo).
+        creds: path of a NATS ``.creds`` file (JWT + nkey; needs the ``nkeys`` package).
+        tls: an :class:`ssl.SSLContext` (or True); or tls_ca / tls_cert / tls_key paths.
+        tls_hostname: the name to verify the server certificate against.
+        connect_timeout: seconds per connection attempt (default 2).
+        op_timeout: seconds a JetStream operation may take (default 2).
+        replicas: replicas of the buckets this backend creates (1; use 3 on 3 servers).
+        marker_ttl: seconds an expiry marker stays visible to watchers (default 60).
+        watch_heartbeat: idle heartbeat of watch consumers (default 1 s); a watch whose
+            heartbeats stop is re-created by nats-py from where it left off.
+        reconnect_wait: (first, longest) delay between reconnect attempts (0.05, 2.0).
+        name: the client connection name shown by the server (default cloister/<cluster>/<node>).
+    """
+
+    def __init__(self, url: str, cluster: str, node: str, **options: Any) -> None:
+        if not isinstance(cluster, str) or not _CLUSTER.match(cluster):
+            raise ConfigurationError(
+                f"invalid cluster name {cluster!r}: use 1-64 characters of [A-Za-z0-9_-]"
+            )
+        self._parsed: ParsedURL = parse_url(url)
+        self.options: NatsOptions = build_options(self._parsed, options)
+        self.url = self._parsed.public
+        self.cluster = cluster
+        self.node = _subject_part("node name", node)
+        self._base = f"cloister.{cluster}"
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._supervisor = Supervisor(f"nats-backend {node}")
+        self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._buckets: dict[str, NatsKV] = {}
+        self._watches: set[WatchFeed] = set()
+        self._subscriptions: set[NatsSubscription] = set()
+        self._serving: tuple[NatsSub, asyncio.Task[None]] | None = None
+        self._connect_errors: list[BaseException] | None = None
+        self._closed = False
+        self.server_version: tuple[int, int, int] | None = None
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"<NatsBackend {self.url} cluster={self.cluster} node={self.node}>"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, check the server (2.11+, JetStream on); clear errors otherwise."""
+        if self._closed:
+            raise BackendUnavailableError(f"this backend for {self.url} was closed; open a new one")
+        if self._nc is not None:
+            return
+        nc = NATS()
+        errors: list[BaseException] = []
+        self._connect_errors = errors
+        opts = self.options
+        attempts = 2 * len(self._parsed.servers)
+        deadline = attempts * (opts.connect_timeout + 0.2) + 1.0
+        settings: dict[str, Any] = {
+            "servers": list(self._parsed.servers),
+            "name": opts.client_name or f"cloister/{self.cluster}/{self.node}",
+            "connect_timeout": opts.connect_timeout,
+            # The first connection fails fast (each server tried twice); once connected
+            # we reconnect forever, paced by _pick_server.
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.1,
+            "reconnect_to_server_handler": self._pick_server,
+            "ping_interval": 5,
+            "max_outstanding_pings": 3,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            **opts.connect_kwargs(),
+        }
+        try:
+            await asyncio.wait_for(nc.connect(**settings), deadline)
+        except BaseException as exc:
+            with suppress(Exception):
+                await nc.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._connect_error(exc, errors) from None
+        finally:
+            self._connect_errors = None
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        try:
+            await self._check_server(nc)
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc = nc
+        self._js = nc.jetstream(timeout=opts.op_timeout)
+        log.info(
+            "node %s connected to NATS %s (server %s)",
+            self.node,
+            self._server_netloc(),
+            ".".join(map(str, self.server_version or ())),
+        )
+
+    def _connect_error(self, exc: BaseException, errors: list[BaseException]) -> BackendError:
+        seen = [*errors, exc]
+        if any(is_auth_failure(e) for e in seen):
+            return NatsAuthorizationError(
+                f"NATS at {self.url} refused to connect: authorization violation: check "
+                "user/password/token/creds"
+            )
+        tls = next((e for e in seen if isinstance(e, ssl.SSLError)), None)
+        if tls is not None:
+            return BackendUnavailableError(
+                f"TLS with NATS at {self.url} failed ({describe(tls)}): check tls_ca, "
+                "tls_cert/tls_key and the server's certificate"
+            )
+        real = [e for e in seen if not isinstance(e, nats.errors.NoServersError | TimeoutError)]
+        cause = describe(real[-1]) if real else "no answer in time"
+        return BackendUnavailableError(
+            f"cannot connect to NATS at {self.url}: {cause}; is nats-server running there "
+            "(and reachable from this machine)?"
+        )
+
+    async def _check_server(self, nc: NATS) -> None:
+        version = nc.connected_server_version
+        self.server_version = (version.major, version.minor, version.patch)
+        check_server_version(self.server_version, self.url)
+        js = nc.jetstream(timeout=self.options.op_timeout)
+        try:
+            await js.account_info()
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            raise JetStreamUnavailableError(
+                f"NATS at {self.url} has no JetStream ({describe(exc)}): start nats-server "
+                "with -js (or a jetstream {} block in its config)"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == JETSTREAM_NOT_ENABLED_FOR_ACCOUNT:
+                raise JetStreamUnavailableError(
+                    f"JetStream is not enabled for this account on NATS at {self.url}: enable "
+                    "it for the account (jetstream: enabled) in the server config"
+                ) from None
+            raise translate(exc, "check JetStream", self.url) from exc
+        except _NATS_ERRORS as exc:
+            raise translate(exc, "check JetStream", self.url) from exc
+
+    async def close(self) -> None:
+        """Stop serving and watching, flush what is buffered, close. Safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        gone = BackendUnavailableError(f"the NATS backend of node {self.node} was closed")
+        for feed in list(self._watches):
+            feed.interrupt(gone)
+        self._watches.clear()
+        self._subscriptions.clear()
+        self._serving = None
+        await self._supervisor.close()
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None:
+            return
+        if nc.is_connected:
+            with suppress(*_NATS_ERRORS):
+                await nc.flush(timeout=max(1, round(self.options.op_timeout)))
+        with suppress(*_NATS_ERRORS):
+            await nc.close()
+        log.debug("node %s closed its NATS connection", self.node)
+
+    def _client(self, what: str) -> NATS:
+        """The connected client, or :class:`BackendUnavailableError` naming ``what``."""
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            raise BackendUnavailableError(
+                f"{what}: the NATS backend of node {self.node} is not connected"
+            )
+        if not nc.is_connected:
+            raise BackendUnavailableError(
+                f"{what}: the connection to NATS at {self.url} is down; reconnecting"
+            )
+        return nc
+
+    def _jetstream(self, what: str) -> JetStreamContext:
+        self._client(what)
+        assert self._js is not None
+        return self._js
+
+    def _server_netloc(self) -> str:
+        url = None if self._nc is None else self._nc.connected_url
+        return self.url if url is None else str(url.netloc)
+
+    # -- connection events --------------------------------------------------------------
+
+    def _pick_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        """Reconnect policy: least-tried server first; back off on repeated failures."""
+        server = min(servers, key=lambda s: s.reconnects)
+        if server.reconnects == 0:
+            return server, 0.0
+        first, longest = self.options.reconnect_wait
+        delay = min(longest, first * 2 ** min(server.reconnects - 1, 30))
+        return server, delay * random.uniform(0.5, 1.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._connect_errors is not None:
+            self._connect_errors.append(exc)
+            return
+        if isinstance(exc, OSError | nats.errors.StaleConnectionError | nats.errors.NoServersError):
+            log.debug("node %s: NATS connection error: %s", self.node, describe(exc))
+        elif is_auth_failure(exc):
+            log.error("node %s: NATS refused our credentials on reconnect: %s", self.node, exc)
+        else:
+            log.warning("node %s: NATS error: %s", self.node, describe(exc))
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None and not self._closed:
+            log.warning("node %s lost its connection to NATS at %s", self.node, self.url)
+
+    async def _on_reconnected(self) -> None:
+        if self._closed:
+            return
+        self.reconnects += 1
+        log.info("node %s reconnected to NATS at %s", self.node, self._server_netloc())
+        if self._nc is not None:
+            version = self._nc.connected_server_version
+            found = (version.major, version.minor, version.patch)
+            try:
+                check_server_version(found, self._server_netloc())
+            except BackendError as exc:
+                log.error("node %s: %s", self.node, exc)
+        lost = BackendUnavailableError(
+            f"the connection to NATS at {self.url} was re-established: watch again"
+        )
+        for feed in list(self._watches):
+            feed.interrupt(lost)
+        for callback in list(self._reconnect_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("reconnect callback of node %s failed", self.node)
+
+    async def _on_closed(self) -> None:
+        log.debug("node %s: NATS connection closed", self.node)
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._reconnect_callbacks.append(callback)
+
+    # -- key-value --------------------------------------------------------------------
+
+    async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
+        if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+            raise ConfigurationError(
+                f"invalid bucket name {bucket!r} for NATS: use 1-64 characters of [A-Za-z0-9_-]"
+            )
+        known = self._buckets.get(bucket)
+        if known is not None and (known.ttl_keys or not ttl_keys):
+            return known
+        full = f"cloister_{self.cluster}_{bucket}"
+        await ensure_stream(
+            self,
+            full,
+            replicas=self.options.replicas,
+            marker_ttl=self.options.marker_ttl if ttl_keys else None,
+        )
+        opened = self._buckets[bucket] = NatsKV(self, bucket, full, ttl_keys)
+        return opened
+
+    # -- request / reply --------------------------------------------------------------
+
+    def _node_subject(self, node: str) -> str:
+        return f"{self._base}.node.{_subject_part('node name', node)}"
+
+    async def serve(self, handler: RequestHandler) -> None:
+        nc = self._client("serve")
+        previous, self._serving = self._serving, None
+        if previous is not None:
+            with suppress(*_NATS_ERRORS):
+                await previous[0].unsubscribe()
+            previous[1].cancel()
+        try:
+            sub = await nc.subscribe(self._node_subject(self.node))
+        except _NATS_ERRORS as exc:
+            raise translate(exc, "serve", self.url) from exc
+        task = self._supervisor.spawn(self._serve_loop(sub, handler), "serve")
+        self._serving = (sub, task)
+
+    async def _serve_loop(self, sub: NatsSub, handler: RequestHandler) -> None:
+        messages: AsyncIterator[Msg] = sub.messages
+        async for msg in messages:
+            if msg.reply:
+                self._supervisor.spawn(self._answer(msg, handler), "request")
+
+    async def _answer(self, msg: Msg, handler: RequestHandler) -> None:
+        headers: dict[str, str] | None = None
+        try:
+            reply = await handler(msg.data)
+        except Exception as exc:
+            log.exception("request handler of node %s failed", self.node)
+            reply, headers = b"", {ERROR_HEADER: describe(exc)[:1000]}
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.publish(msg.reply, bytes(reply), headers=headers)
+        except _NATS_ERRORS as exc:
+            log.debug("node %s could not send a reply: %s", self.node, describe(exc))
+
+    async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
+        nc = self._client(f"request to node {node!r}")
+        try:
+            reply = await nc.request(self._node_subject(node), bytes(payload), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise NoSuchNodeError(
+                f"no responders for node {node!r} in cluster {self.cluster!r}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeoutError(f"node {node!r} did not answer within {timeout:g}s") from None
+        except _NATS_ERRORS as exc:
+            raise translate(exc, f"request to node {node!r}", self.url) from exc
+        if reply.headers and ERROR_HEADER in reply.headers:
+            raise RemoteError(f"node {node} failed: {reply.headers[ERROR_HEADER]}")
+        return bytes(reply.data)
+
+    # -- topics -----------------------------------------------------------------------
+
+    def _topic_subject(self, topic: str) -> str:
+        return f"{self._base}.topic.{_subject_part('topic', topic)}"
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        nc = self._client(f"publish on topic {topic!r}")
+        try:
+            await nc.publish(self._topic_subject(topic), bytes(payload))
+        except _NATS_ERRORS as exc:
+            raise translate(exc, f"publish on topic {topic!r}", self.url) from exc
+
+    async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
+        nc = self._client(f"subscribe to topic {topic!r}")
+        try:
+            sub = await nc.subscribe(self._topic_subject(topic))
+        except _NATS_ERRORS as exc:
+            raise translate(exc, f"subscribe to topic {topic!r}", self.url) from exc
+        subscription = NatsSubscription(self, topic, sub, handler)
+        self._subscriptions.add(subscription)
+        return subscription

@@ -1,0 +1,403 @@
+"""A cloister bucket on JetStream: a KV-shaped stream with per-message TTL.
+
+Layout (compatible with the ``nats kv`` tools): bucket ``cloister_<cluster>_<name>`` is
+the stream ``KV_cloister_<cluster>_<name>`` on subjects ``$KV.<bucket>.<key>``, with one
+message kept per subject (``history=1``), direct gets allowed and per-message TTL on.
+A bucket opened with ``ttl_keys`` also gets a *limit marker TTL*: when a key's TTL runs
+out the server writes a marker message (header ``Nats-Marker-Reason: MaxAge``) that
+watchers see, and removes the marker itself after ``marker_ttl`` seconds. Markers must
+live long (60 s by default): a watcher that was silent for a while still sees them.
+
+Mapping of the contract:
+
+- revision = the stream sequence of the key's message (strictly increasing per bucket);
+- ``create`` = publish with ``Nats-Expected-Last-Subject-Sequence: 0``; over a delete
+  tombstone or an expiry marker, with the marker's sequence instead;
+- ``update`` = publish expecting the given revision (``Nats-TTL`` restarts the TTL);
+- ``delete`` = a ``KV-Operation: DEL`` tombstone;
+- ``entries`` = a batched direct get of every message of the stream (history 1 means
+  the stream holds exactly the last message of each key), markers and tombstones
+  dropped;
+- ``watch`` = an ordered push consumer delivering only new messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
+from cloister.backends.nats._errors import (
+    STREAM_NAME_IN_USE,
+    WRONG_LAST_SEQUENCE,
+    WrongLastSequence,
+    translate,
+)
+from cloister.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    KeyExistsError,
+    RevisionMismatchError,
+)
+
+if TYPE_CHECKING:
+    from cloister.backends.nats._backend import NatsBackend
+
+log = logging.getLogger("cloister.backends.nats")
+
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+MSG_TTL = "Nats-TTL"
+KV_OPERATION = "KV-Operation"
+MARKER_REASON = "Nats-Marker-Reason"
+_BATCH = 1000
+
+# Keys become subject tokens: dots separate non-empty tokens.
+_KEY = re.compile(r"^[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*$")
+_NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+def check_key(key: str) -> None:
+    """Raise :class:`ConfigurationError` for a key NATS cannot carry as a subject."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ConfigurationError(
+            f"invalid key {key!r}: use a non-empty string of [A-Za-z0-9_=.-] that neither "
+            "starts nor ends with '.' and has no '..'"
+        )
+
+
+def ttl_seconds(ttl: float) -> int:
+    """NATS takes whole seconds (at least 1): round a TTL up, never down."""
+    if not ttl > 0:
+        raise ConfigurationError(f"ttl must be > 0 seconds, got {ttl!r}")
+    return max(1, math.ceil(ttl))
+
+
+def classify(headers: Mapping[str, str] | None) -> KVOp:
+    """What a stored message means: a value (PUT), a tombstone (DELETE) or an expiry."""
+    if headers:
+        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+            return KVOp.DELETE
+        reason = headers.get(MARKER_REASON)
+        if reason == "MaxAge":
+            return KVOp.EXPIRE
+        if reason is not None:  # "Purge", "Remove": somebody removed it on purpose
+            return KVOp.DELETE
+    return KVOp.PUT
+
+
+def stream_config(bucket: str, *, replicas: int, marker_ttl: float | None) -> api.StreamConfig:
+    """The stream behind a bucket (what ``nats kv add --history 1 --ttl-markers`` makes)."""
+    return api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_bytes=-1,
+        max_age=0,
+        max_msgs_per_subject=1,
+        max_msg_size=-1,
+        discard=api.DiscardPolicy.NEW,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120,
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_msg_ttl=True,
+        subject_delete_marker_ttl=marker_ttl,
+    )
+
+
+@dataclass(eq=False, slots=True)
+class WatchFeed:
+    """One live watch: where its events go, and the newest revision it delivered."""
+
+    last: int
+    queue: asyncio.Queue[KVEvent | BackendError] = field(default_factory=asyncio.Queue)
+
+    def interrupt(self, error: BackendError) -> None:
+        """End the watch: its iterator raises ``error`` after the events already queued."""
+        self.queue.put_nowait(error)
+
+
+async def _events(feed: WatchFeed) -> AsyncIterator[KVEvent]:
+    while True:
+        item = await feed.queue.get()
+        if isinstance(item, BackendError):
+            raise item
+        yield item
+
+
+class NatsKV(KeyValue):
+    """A bucket of one cluster on JetStream (see the module docstring for the layout)."""
+
+    def __init__(self, backend: NatsBackend, name: str, bucket: str, ttl_keys: bool) -> None:
+        self.name = name
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        self.ttl_keys = ttl_keys
+        self._prefix = f"$KV.{bucket}."
+        self._backend = backend
+
+    def __repr__(self) -> str:
+        return f"<NatsKV {self.bucket} of {self._backend.url}>"
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Entry | None:
+        check_key(key)
+        found = await self._last(key)
+        if found is None or classify(found[2]) is not KVOp.PUT:
+            return None
+        return Entry(key, found[1], found[0])
+
+    async def _last(self, key: str) -> tuple[int, bytes, Mapping[str, str] | None] | None:
+        """The last message stored for ``key`` (value, tombstone or marker), or None."""
+        js = self._backend._jetstream(f"get {key!r}")
+        try:
+            msg = await js.get_msg(self.stream, subject=self._prefix + key, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _NATS_ERRORS as exc:
+            what = f"get {key!r} from bucket {self.name!r}"
+            raise translate(exc, what, self._backend.url) from exc
+        return int(msg.seq or 0), bytes(msg.data or b""), msg.headers
+
+    async def entries(self) -> dict[str, Entry]:
+        """Every live key, read with batched direct gets (a few ms for ~100 keys)."""
+        found: dict[str, Entry] = {}
+        start = 1
+        while True:
+            messages, pending = await self._batch(start)
+            for msg in messages:
+                headers = msg.headers or {}
+                subject = headers.get("Nats-Subject", "")
+                seq = int(headers.get("Nats-Sequence", "0"))
+                start = max(start, seq + 1)
+                if not subject.startswith(self._prefix):
+                    continue
+                key = subject[len(self._prefix) :]
+                if classify(headers) is KVOp.PUT:
+                    found[key] = Entry(key, bytes(msg.data), seq)
+                else:
+                    found.pop(key, None)
+            if not messages or pending == 0:
+                return found
+
+    async def _batch(self, start: int) -> tuple[list[Any], int]:
+        """One direct-get batch from sequence ``start``: (messages, how many remain)."""
+        what = f"list bucket {self.name!r}"
+        nc = self._backend._client(what)
+        request = {"seq": start, "batch": _BATCH, "next_by_subj": f"{self._prefix}>"}
+        messages: list[Any] = []
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            try:
+                await nc.publish(
+                    f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(request).encode(), reply=inbox
+                )
+                while True:
+                    msg = await sub.next_msg(timeout=self._backend.options.op_timeout)
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
+                    if status is None:
+                        messages.append(msg)
+                    elif status == "204":  # end of batch
+                        return messages, int(headers.get("Nats-Num-Pending", "0"))
+                    elif status == "404":  # nothing (more) to read
+                        return messages, 0
+                    elif status == "503":
+                        raise BackendUnavailableError(
+                            f"{what}: no JetStream server answered direct gets for stream "
+                            f"{self.stream} at {self._backend.url}; retrying may help"
+                        )
+                    else:
+                        description = headers.get("Description", "")
+                        raise BackendError(f"{what}: direct get failed: {status} {description}")
+            finally:
+                with suppress(*_NATS_ERRORS):
+                    await sub.unsubscribe()
+        except _NATS_ERRORS as exc:
+            raise translate(exc, what, self._backend.url) from exc
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes) -> int:
+        check_key(key)
+        return await self._publish(key, value, {}, f"put {key!r}")
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        check_key(key)
+        headers = {} if ttl is None else {MSG_TTL: str(ttl_seconds(ttl))}
+        expected = 0
+        for _ in range(3):
+            try:
+                return await self._publish(
+                    key, value, {**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected)}, "create"
+                )
+            except WrongLastSequence:
+                # Maybe a tombstone or an expiry marker is in the way: then the key is
+                # absent, and we may write over exactly that marker.
+                last = await self._last(key)
+                if last is not None and classify(last[2]) is KVOp.PUT:
+                    break
+                expected = 0 if last is None else last[0]
+        raise KeyExistsError(f"key {key!r} already exists in bucket {self.name!r}")
+
+    async def update(
+        self, key: str, value: bytes, *, revision: int, ttl: float | None = None
+    ) -> int:
+        check_key(key)
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(int(revision))}
+        if ttl is not None:
+            headers[MSG_TTL] = str(ttl_seconds(ttl))
+        try:
+            return await self._publish(key, value, headers, "update")
+        except WrongLastSequence as exc:
+            raise RevisionMismatchError(
+                f"key {key!r} in bucket {self.name!r} is no longer at revision {revision} ({exc})"
+            ) from None
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        check_key(key)
+        headers = {KV_OPERATION: "DEL"}
+        if revision is None:
+            if await self.get(key) is None:
+                return  # already absent: no tombstone, no event (as in memory)
+        else:
+            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(int(revision))
+        try:
+            await self._publish(key, b"", headers, "delete")
+        except WrongLastSequence as exc:
+            raise RevisionMismatchError(
+                f"key {key!r} in bucket {self.name!r} is no longer at revision {revision} ({exc})"
+            ) from None
+
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str], what: str) -> int:
+        what = f"{what} {key!r} in bucket {self.name!r}"
+        js = self._backend._jetstream(what)
+        try:
+            ack = await js.publish(
+                self._prefix + key,
+                bytes(value),
+                timeout=self._backend.options.op_timeout,
+                headers=headers or None,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(exc.description or "wrong last sequence") from None
+            raise translate(exc, what, self._backend.url) from exc
+        except _NATS_ERRORS as exc:
+            raise translate(exc, what, self._backend.url) from exc
+        return int(ack.seq)
+
+    # -- watch ------------------------------------------------------------------------
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+        """Changes from now on. Ends with :class:`BackendUnavailableError` after a reconnect.
+
+        When the connection to NATS comes back, every watch of the backend raises
+        :class:`BackendUnavailableError` (after the events already received): watch again
+        and re-list with :meth:`entries`, as after any outage.
+        """
+        return self._watch()
+
+    @asynccontextmanager
+    async def _watch(self) -> AsyncIterator[AsyncIterator[KVEvent]]:
+        what = f"watch bucket {self.name!r}"
+        js = self._backend._jetstream(what)
+        try:
+            # Everything up to here is for entries() to report; a NEW consumer only
+            # delivers later messages, and a consumer that nats-py re-creates after a gap
+            # may replay older ones: the revision filter drops those.
+            info = await js.stream_info(self.stream)
+            feed = WatchFeed(last=int(info.state.last_seq or 0))
+
+            async def on_message(msg: Any) -> None:
+                revision = int(msg.metadata.sequence.stream)
+                if revision <= feed.last:
+                    return
+                feed.last = revision
+                op = classify(msg.headers)
+                key = msg.subject[len(self._prefix) :]
+                value = bytes(msg.data) if op is KVOp.PUT else None
+                feed.queue.put_nowait(KVEvent(op, key, value, revision))
+
+            psub = await js.subscribe(
+                f"{self._prefix}>",
+                stream=self.stream,
+                cb=on_message,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.NEW,
+                idle_heartbeat=self._backend.options.watch_heartbeat,
+            )
+        except _NATS_ERRORS as exc:
+            raise translate(exc, what, self._backend.url) from exc
+        self._backend._watches.add(feed)
+        try:
+            yield _events(feed)
+        finally:
+            self._backend._watches.discard(feed)
+            with suppress(*_NATS_ERRORS):
+                await psub.unsubscribe()
+
+
+async def ensure_stream(
+    backend: NatsBackend, bucket: str, *, replicas: int, marker_ttl: float | None
+) -> None:
+    """Create the bucket's stream, or bring an existing one up to what we need."""
+    what = f"open bucket {bucket!r}"
+    js = backend._jetstream(what)
+    wanted = stream_config(bucket, replicas=replicas, marker_ttl=marker_ttl)
+    name = f"KV_{bucket}"
+    try:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(wanted)
+                log.debug("created stream %s (replicas %d)", name, replicas)
+                return
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
+                info = await js.stream_info(name)  # somebody else created it meanwhile
+        config = info.config
+        if config.max_msgs_per_subject != 1:
+            raise BackendError(
+                f"stream {name} exists with history {config.max_msgs_per_subject}; pycloister "
+                "needs history 1. Remove it (nats stream rm) or use another cluster name."
+            )
+        changes: dict[str, Any] = {}
+        if not config.allow_msg_ttl:
+            changes["allow_msg_ttl"] = True
+        if not config.allow_direct:
+            changes["allow_direct"] = True
+        if marker_ttl is not None and not config.subject_delete_marker_ttl:
+            changes["subject_delete_marker_ttl"] = marker_ttl
+        if changes:
+            log.info("updating stream %s: %s", name, changes)
+            await js.update_stream(config.evolve(**changes))
+        if config.num_replicas != replicas:
+            log.info(
+                "stream %s has %s replica(s), not the %d asked for; keeping it",
+                name,
+                config.num_replicas,
+                replicas,
+            )
+    except _NATS_ERRORS as exc:
+        raise translate(exc, what, backend.url) from exc
