@@ -1,48 +1,58 @@
-"""``cloister demo``: a cluster forming, splitting keys and changing shape, in one process.
+"""``cloister demo``: the main job on the embedded backend, with a report at the end.
 
-For now a tour of the cluster layer on the embedded backend (no server needed): start
-``--nodes`` nodes, wait until they are ready, show who owns a few keys, have one node
-leave and a new one join, and show the epochs they went through. The steps are separate
-functions over one :class:`Tour`, so the full ``DynamicManager`` demo can replace
-:func:`tour` (and add its options in :func:`add_parser`) without touching the rest.
+Starts a cluster in this process, runs a ``DynamicManager`` over ``--keys`` keys, streams
+``--messages`` casts into it while one node leaves and a new one joins, and reports what
+the workers themselves observed: handled, lost, duplicates, out-of-order, handoff pause,
+throughput (see :mod:`cloister.demo`). Exits 0 only when nothing was lost and nothing
+arrived out of order.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloister.cli.options import EXIT_OK, add_common, positive_int
-from cloister.cluster import Cluster, State
-
-KEYS = ("order-1", "order-2", "order-3", "user-42", "user-43", "cart-7", "cart-8", "invoice-9")
-_CLUSTER = "demo"
-_WAIT = 20.0
+from cloister.cli.options import EXIT_FAILURE, EXIT_OK, add_common, positive_int
+from cloister.demo import Report, run_demo
 
 
 def add_parser(commands: Any) -> None:
     """Register ``cloister demo``."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "demo",
-        help="watch a cluster form, split keys, lose a node and gain one (no server needed)",
-        description="Start a cluster of NODES nodes in this process on the embedded "
-        "backend, show who owns a few keys, have one node leave and a new one join, and "
-        "show the epochs the cluster went through.",
+        help="the main job in one process: keyed workers, a stream of messages, a node "
+        "leaving and one joining, and a report (no server needed)",
+        description="Start NODES nodes in this process, run a DynamicManager over KEYS keys, "
+        "stream MESSAGES messages into it while one node leaves and a new one joins, then "
+        "report messages handled, lost, duplicated and out of order, the handoff pause and "
+        "the throughput. Exit status 0 means nothing was lost and nothing was out of order.",
     )
     parser.add_argument(
         "--nodes", type=_at_least_two, default=3, metavar="N", help="nodes to start (default 3)"
     )
     parser.add_argument(
+        "--keys", type=positive_int, default=10_000, metavar="K", help="worker keys (default 10000)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=positive_int,
+        default=50_000,
+        metavar="M",
+        help="messages to stream (default 50000)",
+    )
+    parser.add_argument(
         "--backend",
         default="memory://demo",
         metavar="URL",
-        help="where the nodes meet (default memory://demo; nats://... works too)",
+        help="where the nodes meet (default memory://demo; nats://host:port runs it on NATS)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for logs and CI)"
     )
     add_common(parser)
     parser.set_defaults(run=run)
@@ -51,109 +61,73 @@ def add_parser(commands: Any) -> None:
 def _at_least_two(text: str) -> int:
     value = positive_int(text)
     if value < 2:
-        raise argparse.ArgumentTypeError("the demo needs at least 2 nodes")
+        raise argparse.ArgumentTypeError("the demo needs at least 2 nodes (one of them leaves)")
     return value
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the tour; exit 0 when every step converged."""
-    asyncio.run(tour(Console(), args.nodes, args.backend))
-    return EXIT_OK
+    """Run the demo, print the report; 0 when nothing was lost or out of order."""
+    console = Console()
+    console.print(
+        f"[bold]pycloister demo[/]: {args.nodes} nodes on {args.backend}, {args.keys:,} keys, "
+        f"{args.messages:,} messages; one node leaves at 40%, one joins at 70%"
+    )
+    with Progress(
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.no_progress,
+        transient=False,
+    ) as progress:
+        tasks = {what: progress.add_task(what, total=args.messages) for what in ("sent", "handled")}
 
+        def advance(what: str, done: int, total: int) -> None:
+            progress.update(tasks[what], completed=done, total=total)
 
-@dataclass
-class Tour:
-    """The running nodes and what happened to them."""
-
-    console: Console
-    backend: str
-    consensus: int
-    nodes: dict[str, Cluster] = field(default_factory=dict)
-    history: list[tuple[str, int, str, str, float]] = field(default_factory=list)
-    owned: dict[str, str] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    async def start(self, name: str) -> None:
-        heartbeat = 0.2 if self.backend.startswith("memory://") else 1.0
-        node = Cluster(
-            _CLUSTER, name, backend=self.backend, consensus=self.consensus, heartbeat=heartbeat
-        )
-        await node.start()
-        self.nodes[name] = node
-
-    async def stop(self, name: str) -> None:
-        await self.nodes.pop(name).stop()
-
-    async def settle(self, step: str) -> None:
-        """Wait until every node is ready on one epoch listing exactly the running nodes."""
-        with self.console.status(f"{step}: waiting for the cluster to agree..."):
-            deadline = time.monotonic() + _WAIT
-            while not self._agreed():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{step}: the nodes did not agree within {_WAIT:g}s")
-                await asyncio.sleep(0.01)
-        first = next(iter(self.nodes.values()))
-        self.history.append(
-            (
-                step,
-                first.epoch,
-                ",".join(first.siblings()),
-                first.sentry or "-",
-                time.monotonic() - self.started,
+        report = asyncio.run(
+            run_demo(
+                nodes=args.nodes,
+                keys=args.keys,
+                messages=args.messages,
+                backend=args.backend,
+                progress=advance,
             )
         )
-        self.console.print(
-            f"[bold]{step}[/]: epoch [bold]{first.epoch}[/], members "
-            f"{', '.join(first.siblings())}, sentry {first.sentry}"
-        )
-
-    def _agreed(self) -> bool:
-        names = tuple(sorted(self.nodes))
-        return (
-            len({node.epoch for node in self.nodes.values()}) == 1
-            and all(node.state is State.READY for node in self.nodes.values())
-            and all(node.siblings() == names for node in self.nodes.values())
-        )
-
-    def owners(self, title: str) -> None:
-        first = next(iter(self.nodes.values()))
-        table = Table(title=title, title_justify="left")
-        table.add_column("key")
-        table.add_column("owner", style="cyan")
-        for key in KEYS:
-            owner, before = first.whois(key), self.owned.get(key)
-            moved = before is not None and before != owner
-            table.add_row(key, f"[yellow]{owner}[/] (was {before})" if moved else owner)
-            self.owned[key] = owner
-        self.console.print(table)
-
-    def epochs(self) -> None:
-        table = Table(title="epochs", title_justify="left")
-        for column in ("step", "epoch", "members", "sentry", "at"):
-            table.add_column(column)
-        for step, epoch, members, sentry, at in self.history:
-            table.add_row(step, str(epoch), members, sentry, f"{at:.2f}s")
-        self.console.print(table)
-
-    async def close(self) -> None:
-        await asyncio.gather(*(node.stop() for node in self.nodes.values()))
-        self.nodes.clear()
+    show(console, report)
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
-async def tour(console: Console, count: int, backend: str) -> None:
-    """Form a cluster of ``count`` nodes, show ownership, one leave, one join, the epochs."""
-    tour = Tour(console, backend, consensus=count - 1)
-    names = [f"node{i}" for i in range(1, count + 1)]
-    try:
-        await asyncio.gather(*(tour.start(name) for name in names))
-        await tour.settle(f"{count} nodes started")
-        tour.owners("who owns what")
-        await tour.stop(names[-1])
-        await tour.settle(f"{names[-1]} left")
-        tour.owners(f"after {names[-1]} left")
-        await tour.start(f"node{count + 1}")
-        await tour.settle(f"node{count + 1} joined")
-        tour.owners(f"after node{count + 1} joined")
-        tour.epochs()
-    finally:
-        await tour.close()
+def show(console: Console, report: Report) -> None:
+    """Print the events and the figures."""
+    for event in report.events:
+        console.print(f"  {event}")
+    table = Table(title="report", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    good, bad = "[green]", "[bold red]"
+    rows = [
+        ("messages sent", f"{report.messages:,}"),
+        ("handled", f"{report.handled:,}"),
+        ("lost", f"{good if report.lost == 0 else bad}{report.lost}"),
+        ("duplicates (dropped by the worker)", f"{report.duplicates}"),
+        (
+            "per-key order violations",
+            f"{good if report.out_of_order == 0 else bad}{report.out_of_order}",
+        ),
+        ("handoff pause (worst moved key)", f"{report.handoff_pause * 1000:.0f} ms"),
+        ("latency p99 (cast -> handled)", f"{report.latency_p99 * 1000:.1f} ms"),
+        ("throughput", f"{report.throughput:,.0f} msg/s"),
+        ("epochs", f"{report.epochs}"),
+        ("elapsed", f"{report.seconds:.2f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    verdict = (
+        "[bold green]OK[/]: nothing lost, nothing out of order"
+        if report.ok
+        else "[bold red]FAILED[/]"
+    )
+    console.print(verdict)

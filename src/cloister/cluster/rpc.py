@@ -104,6 +104,11 @@ class Handlers:
             return wire.encode({"r": result})
         except UnknownHandlerError as exc:
             return wire.encode({"e": "unknown_handler", "m": str(exc)})
+        except CloisterError as exc:  # an expected refusal (not owner, unknown worker...)
+            log.debug("handler %r on node %s refused: %r", name, self.node, exc)
+            return wire.encode(
+                {"e": "handler_failed", "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
+            )
         except Exception as exc:
             self.errors += 1
             log.exception("handler %r failed on node %s", name, self.node)

@@ -35,6 +35,7 @@ from cloister.cluster.states import State
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
+    NoSuchNodeError,
     RemoteError,
     RequestTimeoutError,
 )
@@ -161,6 +162,7 @@ class DynamicManager:
         self._supervisor = Supervisor(f"manager {self.manager_name}")
         self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
         self._paused = cluster is not None  # a cluster must say what is ours first
+        self._leaving = False  # everything was handed over: refuse new messages
         self._parked: dict[Any, list[Message]] = {}  # messages for ids about to start here
         self._handed: dict[Any, tuple[Any, list[Any]]] = {}  # id -> (payload, casts) handed over
         self._table: StateTable | None = None
@@ -258,7 +260,7 @@ class DynamicManager:
         await self._drain()
         for worker_id in list(self._workers):
             await self._remove(worker_id, "shutdown")
-        if self._table is not None and not (self.cluster is not None and self.cluster.crashed):
+        if self._table is not None and self._cluster_reachable():
             try:
                 await self._table.flush()
             except CloisterError as exc:
@@ -267,6 +269,12 @@ class DynamicManager:
                 )
         await self._supervisor.close()
         await self._set_state("down")
+
+    def _cluster_reachable(self) -> bool:
+        cluster = self.cluster
+        return cluster is None or (
+            not cluster.crashed and cluster.state not in (State.STOPPING, State.STOPPED)
+        )
 
     async def restart(self) -> None:
         """Terminate every live worker and start it again from its spec."""
@@ -358,6 +366,8 @@ class DynamicManager:
         delay = 0.01
         if verb in ("put", "delete") and self._table is not None:
             await self._record_spec(verb, body)
+        if cluster.topology is None:
+            await cluster.wait_ready(max(deadline - loop.time(), 0.0))
         while True:
             owner = cluster.whois(worker_id)
             remaining = deadline - loop.time()
@@ -371,7 +381,9 @@ class DynamicManager:
                     timeout=max(remaining, 0.01),
                 )
                 return result
-            except (NotOwnerError, RemoteError) as exc:
+            except (NotOwnerError, RemoteError, NoSuchNodeError) as exc:
+                # The owner moved, is leaving, or is gone: our view of the ring is behind.
+                # Retry with the ring we will have adopted by then, until the deadline.
                 if isinstance(exc, RemoteError) and "NotOwnerError" not in str(exc):
                     raise
                 if loop.time() + delay > deadline:
@@ -403,7 +415,7 @@ class DynamicManager:
 
     def _check_owner(self, worker_id: Any) -> None:
         cluster = self.cluster
-        if cluster is not None and not cluster.mine(worker_id):
+        if cluster is not None and (self._leaving or not cluster.mine(worker_id)):
             raise NotOwnerError(
                 f"node {cluster.node} does not own worker {worker_id!r} (epoch {cluster.epoch})"
             )
@@ -870,6 +882,7 @@ class DynamicManager:
         if cluster is None or self.state == "down" or cluster.topology is None:
             return
         ring, me = cluster.topology.ring, cluster.node
+        self._leaving = True
         if len(ring) <= 1:
             self._paused = True
             return
