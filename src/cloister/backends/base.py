@@ -10,6 +10,12 @@ small services, and nothing above this layer talks to the outside any other way:
 - **Transport** (:meth:`Backend.serve` / :meth:`Backend.request`, :meth:`Backend.publish`
   / :meth:`Backend.subscribe`): request/reply addressed to one node, and fan-out topics.
   Payloads are bytes; the layers above encode them (msgpack, never pickle).
+- **Partitioned logs** (:class:`Log`): durable, append-only work queues split into a fixed
+  number of partitions. A record stays until acknowledged; each partition has at most one
+  consumer at a time, and the medium refuses a second one (:class:`PartitionBusyError`);
+  a new consumer starts from the oldest unacknowledged record, so nothing is lost and
+  order is kept when a partition changes hands. Appends may carry a message id: a
+  duplicate within the dedup window is dropped. The durable inbox lives here.
 - **Lifecycle**: :meth:`Backend.connect`, :meth:`Backend.close`, and
   :meth:`Backend.on_reconnect` so the cluster can reconcile after an outage.
 
@@ -33,7 +39,10 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloister.errors import BackendError
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 """Answers one request addressed to this node: payload in, reply out."""
@@ -120,6 +129,79 @@ class KeyValue(ABC):
         """
 
 
+class PartitionBusyError(BackendError):
+    """Another consumer holds this partition; it must be released or evicted first."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One record as a consumer receives it. ``sequence`` grows within a partition."""
+
+    partition: int
+    sequence: int
+    data: bytes
+    msg_id: str | None = None
+    deliveries: int = 1
+    ref: Any = field(default=None, compare=False, repr=False)  # the backend's ack handle
+
+
+class LogConsumer(ABC):
+    """The exclusive consumer of one partition (see :meth:`Log.claim`)."""
+
+    partition: int
+    name: str
+
+    @abstractmethod
+    async def fetch(self, batch: int, timeout: float) -> list[LogRecord]:
+        """Up to ``batch`` records not yet delivered to this consumer, oldest first.
+
+        Waits up to ``timeout`` seconds for the first one; an empty list when none came.
+        A delivered record is not delivered again to this consumer, acked or not.
+        """
+
+    @abstractmethod
+    async def ack(self, record: LogRecord) -> None:
+        """Remove ``record`` from the log for good (it was handled)."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give the partition up; unacked records go to the next consumer, in order."""
+
+
+class Log(ABC):
+    """A durable, partitioned, append-only work queue (records stay until acked)."""
+
+    name: str
+    partitions: int
+
+    @abstractmethod
+    async def append(self, partition: int, data: bytes, *, msg_id: str | None = None) -> int:
+        """Store ``data`` durably; return its sequence once the medium acknowledged it.
+
+        With ``msg_id``, a second append of the same id within the dedup window stores
+        nothing and returns the first one's sequence.
+        """
+
+    @abstractmethod
+    async def claim(self, partition: int, consumer: str) -> LogConsumer:
+        """Become ``partition``'s consumer (the same name may re-claim its own claim).
+
+        Raises :class:`PartitionBusyError` while another consumer holds it.
+        """
+
+    @abstractmethod
+    async def evict(self, partition: int, consumer: str) -> None:
+        """Remove ``consumer``'s claim on ``partition`` (it is dead or fenced)."""
+
+    @abstractmethod
+    async def claimants(self, partition: int) -> list[str]:
+        """The consumers holding ``partition`` now (at most one)."""
+
+    @abstractmethod
+    async def depth(self, partition: int | None = None) -> int:
+        """Records not yet acked, in one partition or in all."""
+
+
 class Subscription(ABC):
     """A live subscription to a topic; :meth:`close` stops delivery."""
 
@@ -153,6 +235,17 @@ class Backend(ABC):
         ``ttl_keys`` declares that keys will be written with a TTL and watchers must see
         their expiry.
         """
+
+    async def log(
+        self,
+        name: str,
+        *,
+        partitions: int,
+        dedup_window: float = 120.0,
+        replicas: int | None = None,
+    ) -> Log:
+        """Open (creating if needed) the partitioned log ``name`` of this cluster."""
+        raise BackendError(f"backend {self.url} does not provide partitioned logs yet")
 
     @abstractmethod
     async def serve(self, handler: RequestHandler) -> None:

@@ -35,7 +35,11 @@ from cloister.backends.base import (
     KeyValue,
     KVEvent,
     KVOp,
+    Log,
+    LogConsumer,
+    LogRecord,
     MessageHandler,
+    PartitionBusyError,
     RequestHandler,
     Subscription,
 )
@@ -192,6 +196,151 @@ async def _drain(queue: asyncio.Queue[KVEvent]) -> AsyncIterator[KVEvent]:
         yield await queue.get()
 
 
+@dataclass(slots=True)
+class _Partition:
+    """One partition: records by sequence (acked ones removed) and its one claimant."""
+
+    records: dict[int, tuple[bytes, str | None]] = field(default_factory=dict)
+    deliveries: dict[int, int] = field(default_factory=dict)
+    claimant: str | None = None
+    consumer: _MemoryConsumer | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _LogData:
+    """A log's partitions, sequence counter and dedup window, shared by every node."""
+
+    def __init__(self, partitions: int, dedup_window: float) -> None:
+        self.partitions = [_Partition() for _ in range(partitions)]
+        self.sequence = itertools.count(1)
+        self.dedup_window = dedup_window
+        self.seen: dict[str, tuple[int, float]] = {}  # msg_id -> (sequence, expires at)
+
+    def dedup(self, msg_id: str, now: float) -> int | None:
+        if len(self.seen) > 10_000:  # forget expired ids now and then, not on every append
+            self.seen = {k: v for k, v in self.seen.items() if v[1] > now}
+        found = self.seen.get(msg_id)
+        return found[0] if found is not None and found[1] > now else None
+
+
+class MemoryLog(Log):
+    """A partitioned log as one node sees it (through its fault injection)."""
+
+    def __init__(self, owner: MemoryBackend, name: str, data: _LogData) -> None:
+        self.name = name
+        self.partitions = len(data.partitions)
+        self._owner = owner
+        self._data = data
+
+    def _partition(self, partition: int) -> _Partition:
+        if not 0 <= partition < self.partitions:
+            raise ConfigurationError(
+                f"log {self.name!r} has partitions 0..{self.partitions - 1}, not {partition}"
+            )
+        return self._data.partitions[partition]
+
+    async def append(self, partition: int, data: bytes, *, msg_id: str | None = None) -> int:
+        target = self._partition(partition)
+        await self._owner._io()
+        now = asyncio.get_running_loop().time()
+        if msg_id is not None:
+            original = self._data.dedup(msg_id, now)
+            if original is not None:
+                return original
+        sequence = next(self._data.sequence)
+        target.records[sequence] = (bytes(data), msg_id)
+        if msg_id is not None:
+            self._data.seen[msg_id] = (sequence, now + self._data.dedup_window)
+        target.arrived.set()
+        return sequence
+
+    async def claim(self, partition: int, consumer: str) -> LogConsumer:
+        target = self._partition(partition)
+        await self._owner._io()
+        if target.claimant is not None and target.claimant != consumer:
+            raise PartitionBusyError(
+                f"partition {partition} of log {self.name!r} is held by {target.claimant!r}"
+            )
+        target.claimant = consumer
+        target.consumer = _MemoryConsumer(self._owner, self.name, partition, consumer, target)
+        return target.consumer
+
+    async def evict(self, partition: int, consumer: str) -> None:
+        target = self._partition(partition)
+        await self._owner._io()
+        if target.claimant == consumer:
+            target.claimant = target.consumer = None
+
+    async def claimants(self, partition: int) -> list[str]:
+        target = self._partition(partition)
+        await self._owner._io()
+        return [] if target.claimant is None else [target.claimant]
+
+    async def depth(self, partition: int | None = None) -> int:
+        await self._owner._io()
+        if partition is not None:
+            return len(self._partition(partition).records)
+        return sum(len(p.records) for p in self._data.partitions)
+
+
+class _MemoryConsumer(LogConsumer):
+    def __init__(
+        self, owner: MemoryBackend, log: str, partition: int, name: str, target: _Partition
+    ) -> None:
+        self.partition = partition
+        self.name = name
+        self._owner = owner
+        self._log = log
+        self._target = target
+        self._cursor = 0  # last sequence delivered to this consumer
+
+    def _check_claim(self) -> None:
+        if self._target.consumer is not self:
+            raise PartitionBusyError(
+                f"consumer {self.name!r} no longer holds partition {self.partition} "
+                f"of log {self._log!r}"
+            )
+
+    async def fetch(self, batch: int, timeout: float) -> list[LogRecord]:
+        target = self._target
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await self._owner._io()
+            self._check_claim()
+            found = []
+            for sequence, (data, msg_id) in target.records.items():
+                if sequence > self._cursor:
+                    deliveries = target.deliveries[sequence] = (
+                        target.deliveries.get(sequence, 0) + 1
+                    )
+                    found.append(LogRecord(self.partition, sequence, data, msg_id, deliveries))
+                    if len(found) >= batch:
+                        break
+            if found:
+                self._cursor = found[-1].sequence
+                return found
+            target.arrived.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return []
+            try:
+                async with asyncio.timeout(remaining):
+                    await target.arrived.wait()
+            except TimeoutError:
+                return []
+
+    async def ack(self, record: LogRecord) -> None:
+        await self._owner._io()
+        self._check_claim()
+        self._target.records.pop(record.sequence, None)
+        self._target.deliveries.pop(record.sequence, None)
+
+    async def release(self) -> None:
+        await self._owner._io()
+        if self._target.consumer is self:
+            self._target.claimant = self._target.consumer = None
+
+
 class _MemorySubscription(Subscription):
     def __init__(self, owner: MemoryBackend, key: tuple[str, str], handler: MessageHandler):
         self.owner = owner
@@ -221,6 +370,7 @@ class MemoryWorld:
     def __init__(self, name: str) -> None:
         self.name = name
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._logs: dict[tuple[str, str], _LogData] = {}
         self._servers: dict[tuple[str, str], tuple[MemoryBackend, RequestHandler]] = {}
         self._topics: dict[tuple[str, str], list[_MemorySubscription]] = {}
         self._handles: list[MemoryBackend] = []
@@ -262,6 +412,17 @@ class MemoryWorld:
 
     def bucket(self, cluster: str, name: str) -> _Bucket:
         return self._buckets.setdefault((cluster, name), _Bucket())
+
+    def log(self, cluster: str, name: str, partitions: int, dedup_window: float) -> _LogData:
+        data = self._logs.get((cluster, name))
+        if data is None:
+            data = self._logs[(cluster, name)] = _LogData(partitions, dedup_window)
+        elif len(data.partitions) != partitions:
+            raise ConfigurationError(
+                f"log {name!r} exists with {len(data.partitions)} partitions, not {partitions}; "
+                "the partition count of a log is fixed for its lifetime"
+            )
+        return data
 
 
 class MemoryBackend(Backend):
@@ -329,6 +490,20 @@ class MemoryBackend(Backend):
         _check_key(bucket)
         await self._io()
         return MemoryKV(self, bucket, self._world.bucket(self.cluster, bucket))
+
+    async def log(
+        self,
+        name: str,
+        *,
+        partitions: int,
+        dedup_window: float = 120.0,
+        replicas: int | None = None,
+    ) -> Log:
+        _check_key(name)
+        if not isinstance(partitions, int) or partitions < 1:
+            raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
+        await self._io()
+        return MemoryLog(self, name, self._world.log(self.cluster, name, partitions, dedup_window))
 
     async def serve(self, handler: RequestHandler) -> None:
         await self._io()
