@@ -534,6 +534,7 @@ class DynamicManager:
             self._enqueue(worker)
         elif spec.timeout:
             self._timers.schedule(worker, now + spec.timeout)
+            self._wake.set()  # the dispatcher may be asleep until a later due time
         if parked:
             worker.mailbox = deque(parked)
             self._enqueue(worker)
@@ -797,6 +798,7 @@ class DynamicManager:
             self.counters["errors"] += 1
             log.error("%s: cannot re-key worker %r: %s", self.manager_name, old_id, exc)
             self._reschedule(worker, asyncio.get_running_loop().time(), None)
+            self._wake.set()
             return
         spec = self._specs.pop(old_id, worker.spec)
         if self._workers.get(old_id) is worker:
