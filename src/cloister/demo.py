@@ -113,7 +113,10 @@ class Demo:
         self.started = time.monotonic()
         self.sent = 0
         self.memory = backend.startswith("memory://")
-        self.manager_cls = type("Orders", (Orders,), {"ledger": self.ledger, "key_count": keys})
+        self.window = 2048
+        self.manager_cls: type[Orders] = type(
+            "Orders", (Orders,), {"ledger": self.ledger, "key_count": keys}
+        )
 
     def note(self, text: str) -> None:
         self.events.append(f"{time.monotonic() - self.started:6.2f}s  {text}")
@@ -151,7 +154,11 @@ class Demo:
         counters = dict.fromkeys(keys, 0)
         quota = self.messages // lanes + (1 if lane < self.messages % lanes else 0)
         sent_at = self.ledger.sent_at
+        window = max(64, self.window // lanes)
         for n in range(quota):
+            # A steady stream, not one burst: keep at most `window` messages unhandled.
+            while self.sent - self.ledger.handled > window * lanes:
+                await asyncio.sleep(0.002)
             key = keys[n % len(keys)]
             counters[key] += 1
             sequence = counters[key]
@@ -168,7 +175,9 @@ class Demo:
         self.note(f"{len(names)} nodes ready, epoch {self.clusters[names[0]].epoch}")
         lanes = 32
         began = time.monotonic()
-        producers = [asyncio.ensure_future(self.produce(lane, lanes)) for lane in range(lanes)]
+        producers: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(self.produce(lane, lanes)) for lane in range(lanes)
+        ]
         try:
             await self.drive(names, producers)
         finally:
@@ -188,14 +197,14 @@ class Demo:
         while not all(p.done() for p in producers):
             self.progress("sent", self.sent, self.messages)
             self.progress("handled", self.ledger.handled, self.messages)
-            if not left and self.sent >= self.messages * 0.4:
+            if not left and self.ledger.handled >= self.messages * 0.4:
                 left = True
                 victim = names[1]
                 self.note(f"{victim} leaves gracefully")
                 await self.stop_node(victim)
                 await self.wait_settled()
                 self.note(f"epoch {max(c.epoch for c in self.clusters.values())}: {victim} gone")
-            if not joined and self.sent >= self.messages * 0.7:
+            if not joined and self.ledger.handled >= self.messages * 0.7:
                 joined = True
                 newcomer = f"node-{len(names) + 1}"
                 self.note(f"{newcomer} joins")

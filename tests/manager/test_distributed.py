@@ -102,7 +102,7 @@ class Nodes:
                 owners[worker_id].append(node)
         some = next(iter(live))
         return set(owners) == set(IDS) and all(
-            nodes == [self.clusters[some].whois(i)] for i, nodes in owners.items()
+            nodes == [live[some].owner_of(i)] for i, nodes in owners.items()
         )
 
 
@@ -121,16 +121,16 @@ async def test_only_owned_ids_run_and_calls_are_routed(nodes: Nodes) -> None:
     assert sum(sizes) == len(IDS) and min(sizes) > 0
     for worker_id in IDS[:30]:
         reply = await a.call(worker_id, "ping")
-        assert reply["node"] == nodes.clusters["a"].whois(worker_id)
+        assert reply["node"] == a.owner_of(worker_id)
         assert reply["id"] == worker_id and reply["m"] == "ping"
     # casts from any node reach the owner, in order
-    remote = next(i for i in IDS if nodes.clusters["a"].whois(i) != "a")
+    remote = next(i for i in IDS if a.owner_of(i) != "a")
     before = (await a.call(remote, None))["payload"]
     for _ in range(5):
         await a.cast(remote, 1000)
     await eventually(
         lambda: (
-            nodes.managers[nodes.clusters["a"].whois(remote)].get(remote).payload >= before + 5000
+            nodes.managers[a.owner_of(remote)].get(remote).payload >= before + 5000
         )
     )  # type: ignore[union-attr]
 
@@ -207,15 +207,15 @@ async def test_runtime_put_and_delete_reach_the_owner_from_any_node(nodes: Nodes
     for worker_id in new_ids:
         await a.put(worker_id, payload=100, timeout=0)
     for worker_id in new_ids:
-        owner = nodes.clusters["a"].whois(worker_id)
+        owner = a.owner_of(worker_id)
         info = nodes.managers[owner].get(worker_id)
         assert info is not None and info.payload == 100
         assert (await a.call(worker_id, "x"))["node"] == owner
     await a.delete(new_ids[0])
-    owner = nodes.clusters["a"].whois(new_ids[0])
+    owner = a.owner_of(new_ids[0])
     assert nodes.managers[owner].get(new_ids[0]) is None
     # a node that joins later knows about the runtime workers it comes to own
     await nodes.start("d")
     await eventually(lambda: nodes.clusters["d"].state is State.READY)
-    d_owned = [i for i in new_ids[1:] if nodes.clusters["d"].whois(i) == "d"]
+    d_owned = [i for i in new_ids[1:] if nodes.managers["d"].owner_of(i) == "d"]
     await eventually(lambda: all(nodes.managers["d"].get(i) is not None for i in d_owned))

@@ -31,14 +31,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cloister import wire
 from cloister._tasks import Supervisor
+from cloister.backends import LogConsumer
 from cloister.cluster.states import State
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
     NoSuchNodeError,
+    NotRunningError,
     RemoteError,
     RequestTimeoutError,
 )
+from cloister.manager.consumer import PartitionConsumers
+from cloister.manager.placement import Placement
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
 from cloister.manager.spec import Spec, check_id, make_spec
@@ -53,6 +57,7 @@ from cloister.manager.worker import (
     run_eagerly,
 )
 from cloister.ring import key_hash
+from cloister.store.inbox import DeadLetter, Inbox, InboxMessage
 
 if TYPE_CHECKING:
     from cloister.cluster import Cluster, Topology
@@ -60,6 +65,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("cloister.manager")
 
 ON_ERROR = ("continue", "restart", "remove")
+_OPTIONS = (
+    "name",
+    "concurrency",
+    "on_error",
+    "pickup",
+    "flush_interval",
+    "durable",
+    "partitions",
+    "max_attempts",
+    "max_in_flight",
+)
 PICKUP = ("random", "first_free", "hash")
 
 
@@ -86,6 +102,10 @@ class DynamicManager:
     - ``pickup``: how pool mode (``call(None, msg)``) picks a worker — ``"random"``,
       ``"first_free"`` or ``"hash"`` (of the message).
     - ``flush_interval``: seconds between write-behind flushes of replaced payloads.
+    - ``durable``: in a cluster, casts go through the durable inbox (default True).
+    - ``partitions``: inbox partitions; workers are placed on nodes by partition.
+    - ``max_attempts``: tries of a failing inbox message before it is parked.
+    - ``max_in_flight``: inbox messages delivered and not yet handled, per node.
     """
 
     name: ClassVar[str | None] = None
@@ -94,6 +114,11 @@ class DynamicManager:
     pickup: ClassVar[str] = "random"
     flush_interval: ClassVar[float] = 0.25
     restart_backoff: ClassVar[tuple[float, float]] = (0.05, 5.0)
+    durable: ClassVar[bool] = True
+    partitions: ClassVar[int] = 128
+    max_attempts: ClassVar[int] = 5
+    retry_backoff: ClassVar[tuple[float, float]] = (0.05, 2.0)
+    max_in_flight: ClassVar[int] = 4096
 
     # -- callbacks to override ---------------------------------------------------------------
 
@@ -135,7 +160,7 @@ class DynamicManager:
 
     def __init__(self, cluster: Cluster | None = None, **options: Any) -> None:
         for option, value in options.items():
-            if option not in ("name", "concurrency", "on_error", "pickup", "flush_interval"):
+            if option not in _OPTIONS:
                 raise ConfigurationError(f"unknown manager option {option!r}")
             setattr(self, option, value)
         if self.on_error not in ON_ERROR:
@@ -164,8 +189,12 @@ class DynamicManager:
         self._paused = cluster is not None  # a cluster must say what is ours first
         self._leaving = False  # everything was handed over: refuse new messages
         self._parked: dict[Any, list[Message]] = {}  # messages for ids about to start here
-        self._handed: dict[Any, tuple[Any, list[Any]]] = {}  # id -> (payload, casts) handed over
+        # id -> (payload, casts, watermark) handed over by the previous owner
+        self._handed: dict[Any, tuple[Any, list[Any], int]] = {}
         self._table: StateTable | None = None
+        self._placement: Placement | None = None
+        self._inbox: Inbox | None = None
+        self._consumers: PartitionConsumers | None = None
         self._has_init = type(self).init is not DynamicManager.init
         self._has_terminate = type(self).terminate is not DynamicManager.terminate
         self.counters: dict[str, int] = {
@@ -176,6 +205,9 @@ class DynamicManager:
             "timeouts": 0,
             "handed_off": 0,
             "taken_over": 0,
+            "duplicates": 0,
+            "retries": 0,
+            "dead_letters": 0,
         }
 
     @classmethod
@@ -234,6 +266,21 @@ class DynamicManager:
         self._merge_table()
         self._supervisor.spawn(self._table.follow(max(5.0, 5 * cluster.heartbeat)), "state table")
         self._supervisor.spawn(self._flush_loop(), "payload flusher")
+        if self.durable:
+            self._inbox = Inbox(
+                cluster.backend,
+                self.manager_name,
+                partitions=self.partitions,
+                max_in_flight=self.max_in_flight,
+            )
+            await self._inbox.open()
+            self._consumers = PartitionConsumers(
+                self._inbox,
+                cluster.node,
+                self._deliver_record,
+                self._supervisor,
+                max_in_flight=self.max_in_flight,
+            )
         cluster.add_hook(self)
         if cluster.state is State.READY and cluster.topology is not None:
             await self.settle(cluster.topology)
@@ -344,14 +391,59 @@ class DynamicManager:
         check_id(worker_id)
         return await self._route(worker_id, "call", {"id": worker_id, "m": message}, timeout)
 
-    async def cast(self, worker_id: Any, message: Any, *, timeout: float = 5.0) -> None:
-        """Send ``message`` to worker ``worker_id`` (anywhere in the cluster); returns when
-        the owner has accepted it. ``worker_id`` None = pool mode."""
+    async def cast(
+        self, worker_id: Any, message: Any, *, msg_id: str | None = None, timeout: float = 30.0
+    ) -> None:
+        """Send ``message`` to worker ``worker_id`` (anywhere in the cluster).
+
+        In a cluster it returns once the message is durably stored in the inbox (with
+        ``msg_id``, a duplicate within the dedup window is dropped); standalone, once the
+        worker's mailbox has it. ``worker_id`` None = pool mode (a local worker).
+        """
         if worker_id is None:
             self._local_cast(self._pick(message), message)
             return
         check_id(worker_id)
+        if self._inbox is not None:
+            await self._inbox.put(worker_id, message, msg_id=msg_id, timeout=timeout)
+            return
         await self._route(worker_id, "cast", {"id": worker_id, "m": message}, timeout)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Inbox messages parked because they could not be handled (cluster mode)."""
+        return await self._require_inbox().dead_letters()
+
+    async def replay(self, ids: list[str] | None = None) -> int:
+        """Put parked messages (all, or ``ids``) back into the inbox; returns how many."""
+        return await self._require_inbox().replay(ids)
+
+    async def inbox_depth(self) -> int:
+        """Messages stored in the inbox and not yet handled, cluster-wide."""
+        return await self._require_inbox().depth()
+
+    def _require_inbox(self) -> Inbox:
+        if self._inbox is None:
+            raise NotRunningError(
+                f"manager {self.manager_name} has no inbox: it needs a cluster and durable=True"
+            )
+        return self._inbox
+
+    def owner_of(self, worker_id: Any) -> str:
+        """The node that runs ``worker_id`` (this node's current view)."""
+        if self.cluster is None:
+            return "local"
+        return self._placement_now().owner_of(worker_id)
+
+    def _placement_now(self) -> Placement:
+        cluster = self.cluster
+        assert cluster is not None
+        topology = cluster.topology
+        if topology is None:
+            raise NotOwnerError(f"node {cluster.node} has no topology yet")
+        placement = self._placement
+        if placement is None or placement.ring is not topology.ring:
+            placement = self._placement = Placement(topology.ring, self.partitions, cluster.node)
+        return placement
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -369,7 +461,7 @@ class DynamicManager:
         if cluster.topology is None:
             await cluster.wait_ready(max(deadline - loop.time(), 0.0))
         while True:
-            owner = cluster.whois(worker_id)
+            owner = self._placement_now().owner_of(worker_id)
             remaining = deadline - loop.time()
             try:
                 if owner == cluster.node:
@@ -415,7 +507,7 @@ class DynamicManager:
 
     def _check_owner(self, worker_id: Any) -> None:
         cluster = self.cluster
-        if cluster is not None and (self._leaving or not cluster.mine(worker_id)):
+        if cluster is not None and (self._leaving or not self._placement_now().mine(worker_id)):
             raise NotOwnerError(
                 f"node {cluster.node} does not own worker {worker_id!r} (epoch {cluster.epoch})"
             )
@@ -631,6 +723,9 @@ class DynamicManager:
                 self._run(worker, self.handle_call, message, loop)
             else:
                 self.counters["casts"] += 1
+                if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
+                    self._duplicate(worker, message)  # redelivered after a handoff or crash
+                    return
                 self._run(worker, self.handle_cast, message, loop)
         elif worker.flags & PERFORM_PENDING:
             worker.flags &= ~PERFORM_PENDING
@@ -705,6 +800,10 @@ class DynamicManager:
     ) -> None:
         """Carry out a callback's response."""
         worker.failures = 0
+        if message is not None and message.inbox is not None:
+            worker.watermark = message.inbox.record.sequence
+            assert self._consumers is not None
+            self._consumers.ack(message.consumer, message.inbox.record)
         if message is not None and message.reply is not None and not message.reply.done():
             message.reply.set_result(reply_of(response))
         next_timeout: float | None = None
@@ -763,6 +862,8 @@ class DynamicManager:
             message.reply.set_exception(
                 RemoteError(f"{what} of worker {worker.id!r} raised {exc!r}")
             )
+        if message is not None and message.inbox is not None and self._retry(worker, message, exc):
+            return
         if self.on_error == "remove":
             self._specs.pop(worker.id, None)
             worker.flags |= GONE
@@ -778,6 +879,72 @@ class DynamicManager:
             self._reschedule(worker, started, None)
         elif worker.mailbox:
             self._enqueue(worker)
+
+    def _retry(self, worker: Worker, message: Message, exc: Exception) -> bool:
+        """A durable cast failed: retry it in place (the key waits) or park it."""
+        message.attempts += 1
+        if message.attempts >= self.max_attempts:
+            assert self._consumers is not None
+            self.counters["dead_letters"] += 1
+            reason = f"handle_cast raised {exc!r} {message.attempts} times"
+            self._supervisor.spawn(
+                self._consumers.park(message.consumer, message.inbox, reason, message.attempts),
+                f"park {worker.id!r}",
+            )
+            return False
+        self.counters["retries"] += 1
+        if worker.mailbox is None:
+            worker.mailbox = deque()
+        worker.mailbox.appendleft(message)  # first again: later messages keep their order
+        low, high = self.retry_backoff
+        loop = asyncio.get_running_loop()
+        worker.busy_since = loop.time()  # holds the key during the backoff
+        loop.call_later(min(high, low * 2 ** (message.attempts - 1)), self._retry_due, worker)
+        return True
+
+    def _retry_due(self, worker: Worker) -> None:
+        worker.busy_since = 0.0
+        if not worker.flags & GONE:
+            self._enqueue(worker)
+
+    def _duplicate(self, worker: Worker, message: Message) -> None:
+        assert self._consumers is not None
+        self.counters["duplicates"] += 1
+        self._consumers.ack(message.consumer, message.inbox.record)
+        if worker.has_work():
+            self._enqueue(worker)
+
+    def _deliver_record(self, message: InboxMessage, consumer: LogConsumer) -> None:
+        """An inbox record arrived for one of our partitions: into its worker's mailbox."""
+        try:
+            self._deliver(
+                message.key, Message("cast", message.message, inbox=message, consumer=consumer)
+            )
+        except UnknownWorkerError as exc:
+            assert self._consumers is not None
+            self.counters["dead_letters"] += 1
+            self._supervisor.spawn(self._consumers.park(consumer, message, str(exc), 0), "park")
+
+    def _forget_inbox_messages(self, worker_ids: Any = None) -> None:
+        """Drop delivered, unhandled inbox messages: their next consumer gets them again."""
+        consumers = self._consumers
+        if consumers is None:
+            return
+        ids = self._workers if worker_ids is None else worker_ids
+        for worker_id in list(ids):
+            worker = self._workers.get(worker_id)
+            if isinstance(worker, Worker) and worker.mailbox:
+                kept = deque(m for m in worker.mailbox if m.inbox is None)
+                for _ in range(len(worker.mailbox) - len(kept)):
+                    consumers.forget()
+                worker.mailbox = kept
+        for worker_id in list(self._parked) if worker_ids is None else list(worker_ids):
+            parked = self._parked.get(worker_id)
+            if parked:
+                kept_parked = [m for m in parked if m.inbox is None]
+                for _ in range(len(parked) - len(kept_parked)):
+                    consumers.forget()
+                self._parked[worker_id] = kept_parked
 
     async def _reinit(self, worker: Worker) -> None:
         worker.payload = await self._invoke_quietly(self.init, worker.id, worker.payload)
@@ -827,30 +994,39 @@ class DynamicManager:
         cluster = self.cluster
         assert cluster is not None
         await self._set_state("rehashing")
-        me, ring = cluster.node, topology.ring
-        leaving = [i for i in self._workers if not ring.owned_by(me, i)]
-        for worker_id in [i for i in self._parked if not ring.owned_by(me, i)]:
+        placement = Placement(topology.ring, self.partitions, cluster.node)
+        leaving = [i for i in self._workers if not placement.mine(i)]
+        moved = set()
+        if self._consumers is not None:
+            moved = self._consumers.partitions - placement.owned()
+            self._consumers.stop_fetching(moved)
+        lost = [i for i in self._parked if not placement.mine(i)]
+        self._forget_inbox_messages(lost)
+        for worker_id in lost:
             self._parked.pop(worker_id)  # their senders will retry with the new owner
-        for worker_id in [i for i in self._handed if not ring.owned_by(me, i)]:
+        for worker_id in [i for i in self._handed if not placement.mine(i)]:
             self._handed.pop(worker_id)
         if leaving:
-            await self._hand_over(leaving, lambda worker_id: ring.key_to_node(worker_id))
+            await self._hand_over(leaving, placement.owner_of)
+        if self._consumers is not None and moved:
+            await self._consumers.release(moved)
 
     async def settle(self, topology: Topology) -> None:
         """Every member acknowledged ``topology``: start what is ours, resume."""
         cluster = self.cluster
         assert cluster is not None
-        me, ring = cluster.node, topology.ring
+        placement = Placement(topology.ring, self.partitions, cluster.node)
         now = asyncio.get_running_loop().time()
         mirror = self._table.mirror if self._table is not None else {}
         self._merge_table()
         for worker_id, spec in self._specs.items():
-            if worker_id in self._workers or not ring.owned_by(me, worker_id):
+            if worker_id in self._workers or not placement.mine(worker_id):
                 continue
             payload, fresh = None, True
             handed = self._handed.pop(worker_id, None)
+            watermark = 0
             if handed is not None:
-                payload, fresh = handed[0], False
+                payload, fresh, watermark = handed[0], False, handed[2]
                 self._parked[worker_id] = [
                     Message("cast", m) for m in handed[1]
                 ] + self._parked.get(worker_id, [])
@@ -860,6 +1036,14 @@ class DynamicManager:
                     payload, fresh = stored.payload, False
             self.counters["taken_over"] += 0 if fresh else 1
             await self._spawn(worker_id, spec, payload, now, fresh=fresh)
+            if watermark:
+                worker = self._materialize(worker_id)
+                if worker is not None:
+                    worker.watermark = watermark
+        if self._consumers is not None:
+            owned = placement.owned()
+            await self._consumers.release(self._consumers.partitions - owned)
+            await self._consumers.take(owned)
         self._paused = False
         self._wake.set()
         await self._set_state("up")
@@ -871,11 +1055,18 @@ class DynamicManager:
             return
         self._paused = True
         await self._drain()
+        if self._consumers is not None:
+            # Give the partitions up; whoever consumes them next (us again, or the node
+            # that takes over) starts from the oldest unhandled message.
+            self._forget_inbox_messages()
+            await self._consumers.release(self._consumers.partitions)
         await self._set_state("rehashing")
 
     def abort(self) -> None:
         """The node was killed (test double): stop every callback now."""
         self._paused = True
+        if self._consumers is not None:
+            self._consumers.stop_fetching(self._consumers.partitions)
         for task in list(self._running_tasks.values()):
             task.cancel()
 
@@ -883,12 +1074,15 @@ class DynamicManager:
         cluster = self.cluster
         if cluster is None or self.state == "down" or cluster.topology is None:
             return
-        ring, me = cluster.topology.ring, cluster.node
+        placement = self._placement_now()
         self._leaving = True
-        if len(ring) <= 1:
-            self._paused = True
-            return
-        await self._hand_over(list(self._workers), lambda i: ring.key_to_node(i, exclude=(me,)))
+        if self._consumers is not None:
+            self._consumers.stop_fetching(self._consumers.partitions)
+        if len(placement.ring) > 1:
+            await self._hand_over(list(self._workers), placement.successor_of)
+        if self._consumers is not None:
+            self._forget_inbox_messages()
+            await self._consumers.release(self._consumers.partitions)
         self._paused = True
 
     async def _hand_over(self, leaving: list[Any], owner_of: Callable[[Any], str]) -> None:
@@ -904,19 +1098,27 @@ class DynamicManager:
             if entry is None:
                 continue
             casts: list[Any] = []
+            watermark = 0
             if isinstance(entry, Worker):
                 await self._wait_idle(entry)
                 for m in entry.mailbox or ():
                     if m.reply is not None and not m.reply.done():
                         m.reply.set_exception(NotOwnerError(f"worker {worker_id!r} moved; retry"))
+                    elif m.inbox is not None:
+                        self._consumers.forget()  # type: ignore[union-attr]  # redelivered there
                     elif m.kind == "cast":
                         casts.append(m.body)
                 entry.mailbox = None
-            stateful = isinstance(entry, Worker) and entry.payload is not entry.spec.payload
+                watermark = entry.watermark
+            stateful = isinstance(entry, Worker) and (
+                entry.payload is not entry.spec.payload or watermark
+            )
             payload = entry.payload
             await self._remove(worker_id, "handoff")
             if stateful or casts:  # the others restart from their spec: nothing to ship
-                batches.setdefault(owner_of(worker_id), []).append([worker_id, payload, casts])
+                batches.setdefault(owner_of(worker_id), []).append(
+                    [worker_id, payload, casts, watermark]
+                )
         self.counters["handed_off"] += len(leaving)
         for owner, batch in batches.items():
             for start in range(0, len(batch), 5000):
@@ -933,14 +1135,14 @@ class DynamicManager:
                         exc,
                     )
                     if self._table is not None:
-                        for worker_id, payload, _casts in chunk:
+                        for worker_id, payload, *_rest in chunk:
                             self._table.mark(Stored(worker_id, None, payload, True))
         if self._table is not None:
             await self._table.flush(leaving)
 
     async def _remote_handoff(self, batch: Any) -> int:
-        for worker_id, payload, casts in batch:
-            self._handed[worker_id] = (payload, list(casts))
+        for worker_id, payload, casts, watermark in batch:
+            self._handed[worker_id] = (payload, list(casts), int(watermark))
         return len(batch)
 
     async def _flush_loop(self) -> None:

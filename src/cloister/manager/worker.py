@@ -36,6 +36,7 @@ class Worker:
         "mailbox",
         "payload",
         "spec",
+        "watermark",
     )
 
     def __init__(self, worker_id: Any, spec: Spec, payload: Any) -> None:
@@ -48,6 +49,7 @@ class Worker:
         self.mailbox: deque[Message] | None = None
         self.flags = 0
         self.failures = 0
+        self.watermark = 0  # log sequence of the last inbox message handled (dedup)
 
     def has_work(self) -> bool:
         return bool(self.mailbox) or bool(self.flags & PERFORM_PENDING)
@@ -60,6 +62,9 @@ class Message:
     kind: str  # "call" | "cast"
     body: Any
     reply: Any = None  # asyncio.Future for calls
+    inbox: Any = None  # the InboxMessage a durable cast came from (acked once handled)
+    consumer: Any = None  # the LogConsumer to ack it with
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,173 @@
+"""Feeding workers from the durable inbox: one consumer loop per owned partition.
+
+The manager takes partitions when it settles on a topology and gives them up when they
+move away. Taking a partition claims it in the backend; if the previous owner's claim is
+still there (it crashed, or was fenced), it is evicted — safe only because the cluster's
+handoff barrier has passed, so that owner has released everything or is gone. Records are
+acknowledged by the manager after the worker's ``handle_cast`` returned; acks go through
+one task so the hot path never awaits. At most ``max_in_flight`` records are delivered
+and not yet acknowledged on a node: back-pressure towards the log, not memory growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from cloister._tasks import Supervisor
+from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
+from cloister.errors import BackendError, WireFormatError
+from cloister.store.inbox import Inbox, InboxMessage
+
+log = logging.getLogger("cloister.manager.consumer")
+
+Deliver = Callable[[InboxMessage, LogConsumer], None]
+
+
+class PartitionConsumers:
+    """Owner of this node's partition claims, fetch loops and acks."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        node: str,
+        deliver: Deliver,
+        supervisor: Supervisor,
+        *,
+        max_in_flight: int = 4096,
+        batch: int = 256,
+    ) -> None:
+        self.inbox = inbox
+        self.node = node
+        self.max_in_flight = max_in_flight
+        self.batch = batch
+        self.in_flight = 0
+        self.parked = 0
+        self._deliver = deliver
+        self._supervisor = supervisor
+        self._consumers: dict[int, LogConsumer] = {}
+        self._loops: dict[int, asyncio.Task[None]] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self._acks: asyncio.Queue[tuple[LogConsumer, LogRecord] | None] = asyncio.Queue()
+        self._acker = supervisor.spawn(self._ack_loop(), "inbox acks")
+
+    @property
+    def partitions(self) -> set[int]:
+        """The partitions this node consumes now."""
+        return set(self._consumers)
+
+    async def take(self, partitions: set[int]) -> None:
+        """Claim and start consuming ``partitions`` (evicting stale claims)."""
+        log_ = self.inbox.log
+        assert log_ is not None
+        for partition in sorted(partitions - set(self._consumers)):
+            for holder in await log_.claimants(partition):
+                if holder != self.node:
+                    log.info("partition %d: evicting the stale claim of %s", partition, holder)
+                    await log_.evict(partition, holder)
+            try:
+                consumer = await log_.claim(partition, self.node)
+            except PartitionBusyError as exc:
+                log.warning("partition %d still busy (%s); will retry", partition, exc)
+                continue
+            self._consumers[partition] = consumer
+            self._loops[partition] = self._supervisor.spawn(
+                self._fetch_loop(consumer), f"inbox partition {partition}"
+            )
+
+    def stop_fetching(self, partitions: set[int]) -> None:
+        """Stop pulling new records for ``partitions`` (already delivered ones finish)."""
+        for partition in partitions:
+            loop = self._loops.pop(partition, None)
+            if loop is not None:
+                loop.cancel()
+
+    async def release(self, partitions: set[int]) -> None:
+        """Flush pending acks, then give ``partitions`` up."""
+        self.stop_fetching(partitions)
+        await self.flush_acks()
+        for partition in partitions:
+            consumer = self._consumers.pop(partition, None)
+            if consumer is None:
+                continue
+            try:
+                await consumer.release()
+            except BackendError as exc:
+                log.warning(
+                    "partition %d: release failed (%s); the next owner evicts", partition, exc
+                )
+
+    def ack(self, consumer: LogConsumer, record: LogRecord) -> None:
+        """Acknowledge ``record`` (its handler returned); never blocks."""
+        self._acks.put_nowait((consumer, record))
+
+    def forget(self) -> None:
+        """A delivered record will not be acked by us (its partition moved away)."""
+        self._done()
+
+    async def flush_acks(self) -> None:
+        """Wait until every queued ack has been sent."""
+        await self._acks.join()
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight < self.max_in_flight:
+            self._room.set()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            item = await self._acks.get()
+            try:
+                if item is not None:
+                    consumer, record = item
+                    try:
+                        await consumer.ack(record)
+                    except BackendError as exc:
+                        # The partition moved or the medium is away: the record will be
+                        # delivered again to its next consumer, which skips it by sequence.
+                        log.info(
+                            "ack of %d/%d not sent: %s", record.partition, record.sequence, exc
+                        )
+                    self._done()
+            finally:
+                self._acks.task_done()
+
+    async def _fetch_loop(self, consumer: LogConsumer) -> None:
+        while True:
+            await self._room.wait()
+            try:
+                records = await consumer.fetch(min(self.batch, self.max_in_flight), 1.0)
+            except PartitionBusyError:
+                log.warning("partition %d was taken from %s", consumer.partition, self.node)
+                return
+            except BackendError as exc:
+                log.debug("partition %d fetch failed: %s", consumer.partition, exc)
+                await asyncio.sleep(0.2)
+                continue
+            for record in records:
+                self.in_flight += 1
+                if self.in_flight >= self.max_in_flight:
+                    self._room.clear()
+                try:
+                    message = self.inbox.decode(record)
+                except WireFormatError as exc:
+                    self._supervisor.spawn(
+                        self._park(consumer, record, f"undecodable: {exc}"), "park"
+                    )
+                    continue
+                self._deliver(message, consumer)
+
+    async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
+        await self.inbox.park(record, reason)
+        self.parked += 1
+        self.ack(consumer, record)
+
+    async def park(
+        self, consumer: LogConsumer, message: InboxMessage, reason: str, attempts: int
+    ) -> None:
+        """Park ``message`` as a dead letter, then ack it: it never blocks its key."""
+        await self.inbox.park(message.record, reason, attempts=attempts, decoded=message)
+        self.parked += 1
+        self.ack(consumer, message.record)

@@ -1,0 +1,53 @@
+"""Where a worker id lives: id -> partition (a hash) -> node (the ring).
+
+In a cluster, workers are placed by *partition*, not one by one: ``hash(id) % partitions``
+picks the partition and the ring places partitions on nodes. The inbox is partitioned the
+same way, so the node that consumes a partition's messages is the node that runs the
+workers those messages are for — no forwarding — and a topology change moves whole
+partitions: their workers and their pending messages move together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloister.ring import HashRing, key_hash
+from cloister.store.inbox import partition_key
+
+
+class Placement:
+    """Partition owners for one adopted topology (an immutable value)."""
+
+    __slots__ = ("node", "owners", "partitions", "ring")
+
+    def __init__(self, ring: HashRing, partitions: int, node: str) -> None:
+        self.ring = ring
+        self.partitions = partitions
+        self.node = node
+        self.owners: tuple[str, ...] = (
+            tuple(ring.key_to_node(partition_key(p)) for p in range(partitions))
+            if len(ring)
+            else ()
+        )
+
+    def partition_of(self, worker_id: Any) -> int:
+        """The partition of ``worker_id`` (the same in every process)."""
+        return key_hash(worker_id) % self.partitions
+
+    def owner_of(self, worker_id: Any) -> str:
+        """The node that runs ``worker_id``."""
+        return self.owners[key_hash(worker_id) % self.partitions]
+
+    def mine(self, worker_id: Any) -> bool:
+        """True when this node runs ``worker_id``."""
+        owners = self.owners
+        return bool(owners) and owners[key_hash(worker_id) % self.partitions] == self.node
+
+    def owned(self) -> set[int]:
+        """The partitions this node owns."""
+        return {p for p, owner in enumerate(self.owners) if owner == self.node}
+
+    def successor_of(self, worker_id: Any) -> str:
+        """Who runs ``worker_id`` once this node has left (rendezvous: the next preferred)."""
+        partition = self.partition_of(worker_id)
+        return self.ring.key_to_node(partition_key(partition), exclude=(self.node,))

@@ -1,0 +1,225 @@
+"""The durable inbox: where messages wait for the worker that owns their key.
+
+A message for key ``k`` is appended to partition ``hash(k) % partitions`` of a backend log
+and ``put`` returns only once the backend has stored it (JetStream's ack, on NATS). Each
+partition is consumed by exactly one node — the ring places partitions, and the backend
+refuses a second consumer — and a new consumer starts from the oldest unacknowledged
+record. So a message survives the crash of any node, is handled in order per key, and is
+removed only after its worker's ``handle_cast`` returned.
+
+Messages that cannot be handled — undecodable, addressed to no worker, or failing
+``max_attempts`` times — are parked in a dead-letter bucket with the reason, and the
+record is acknowledged: a poison message never blocks its partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cloister import wire
+from cloister.backends import Backend, KeyValue, Log, LogRecord
+from cloister.errors import CloisterError, ConfigurationError, WireFormatError
+from cloister.ring import key_hash
+
+
+class BackPressureError(CloisterError, TimeoutError):
+    """Too many messages in flight on this node; the producer waited and gave up."""
+
+
+PARTITION_KEY = "cloister.partition"
+
+
+def partition_key(partition: int) -> tuple[str, int]:
+    """The ring key that places ``partition`` on a node."""
+    return (PARTITION_KEY, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    """A decoded inbox record."""
+
+    key: Any
+    message: Any
+    msg_id: str | None
+    record: LogRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message parked because it could not be handled."""
+
+    id: str
+    key: Any
+    message: Any
+    msg_id: str | None
+    reason: str
+    attempts: int
+    at: float
+
+
+class Inbox:
+    """One manager's inbox on one node: producing side and decoding helpers."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        name: str,
+        *,
+        partitions: int = 128,
+        dedup_window: float = 120.0,
+        max_in_flight: int = 4096,
+        replicas: int | None = None,
+    ) -> None:
+        if not isinstance(partitions, int) or partitions < 1:
+            raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
+        self.backend = backend
+        self.name = name
+        self.partitions = partitions
+        self.dedup_window = dedup_window
+        self.replicas = replicas
+        self._producing = asyncio.Semaphore(max_in_flight)
+        self.log: Log | None = None
+        self.dead: KeyValue | None = None
+
+    async def open(self) -> None:
+        """Open (creating if needed) the log and the dead-letter bucket."""
+        self.log = await self.backend.log(
+            f"inbox-{self.name}",
+            partitions=self.partitions,
+            dedup_window=self.dedup_window,
+            replicas=self.replicas,
+        )
+        self.dead = await self.backend.kv(f"dead-{self.name}")
+
+    def partition_of(self, key: Any) -> int:
+        """The partition a key's messages go to (the same in every process)."""
+        return key_hash(key) % self.partitions
+
+    async def put(
+        self, key: Any, message: Any, *, msg_id: str | None = None, timeout: float | None = 30.0
+    ) -> int:
+        """Store ``message`` for ``key`` durably; returns its log sequence.
+
+        Waits while this node already has ``max_in_flight`` puts outstanding, and raises
+        :class:`BackPressureError` after ``timeout`` seconds of waiting.
+        """
+        log = self._require_log()
+        if msg_id is not None and not isinstance(msg_id, str):
+            raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
+        data = wire.encode([key, message, msg_id])
+        partition = self.partition_of(key)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._producing.acquire()
+        except TimeoutError:
+            raise BackPressureError(
+                f"inbox {self.name!r}: every in-flight slot stayed busy for "
+                f"{timeout}s; the cluster is not keeping up (add nodes or slow the producers)"
+            ) from None
+        try:
+            return await log.append(partition, data, msg_id=msg_id)
+        finally:
+            self._producing.release()
+
+    def decode(self, record: LogRecord) -> InboxMessage:
+        """Decode a record; :class:`WireFormatError` when malformed."""
+        value = wire.decode(record.data)
+        if not isinstance(value, list) or len(value) != 3:
+            raise WireFormatError("inbox record: expected [key, message, msg_id]")
+        key, message, msg_id = value
+        if msg_id is not None and not isinstance(msg_id, str):
+            raise WireFormatError("inbox record: msg_id should be a str or None")
+        try:
+            key_hash(key)
+        except TypeError as exc:
+            raise WireFormatError(f"inbox record: bad key ({exc})") from None
+        return InboxMessage(key, message, msg_id, record)
+
+    async def park(
+        self,
+        record: LogRecord,
+        reason: str,
+        *,
+        attempts: int = 0,
+        decoded: InboxMessage | None = None,
+    ) -> DeadLetter:
+        """Store a record in the dead-letter bucket with ``reason``."""
+        dead = self._require_dead()
+        letter = DeadLetter(
+            id=f"{record.partition}-{record.sequence}",
+            key=None if decoded is None else decoded.key,
+            message=None if decoded is None else decoded.message,
+            msg_id=None if decoded is None else decoded.msg_id,
+            reason=reason,
+            attempts=attempts,
+            at=time.time(),
+        )
+        raw = None if decoded is not None else record.data
+        await dead.put(
+            letter.id,
+            wire.encode(
+                {
+                    "key": letter.key,
+                    "message": letter.message,
+                    "msg_id": letter.msg_id,
+                    "reason": reason,
+                    "attempts": attempts,
+                    "at": letter.at,
+                    "raw": raw,
+                }
+            ),
+        )
+        return letter
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Every parked message, oldest first."""
+        dead = self._require_dead()
+        letters = []
+        for name, entry in (await dead.entries()).items():
+            try:
+                data = wire.decode_map(entry.value, "dead letter")
+            except WireFormatError:
+                continue
+            letters.append(
+                DeadLetter(
+                    id=name,
+                    key=data.get("key"),
+                    message=data.get("message"),
+                    msg_id=data.get("msg_id"),
+                    reason=str(data.get("reason", "")),
+                    attempts=int(data.get("attempts", 0)),
+                    at=float(data.get("at", 0.0)),
+                )
+            )
+        return sorted(letters, key=lambda letter: letter.at)
+
+    async def replay(self, ids: list[str] | None = None) -> int:
+        """Put parked messages back into the inbox (all, or those ``ids``); returns how many."""
+        dead = self._require_dead()
+        count = 0
+        for letter in await self.dead_letters():
+            if ids is not None and letter.id not in ids:
+                continue
+            if letter.key is None:
+                continue  # undecodable: nothing to replay
+            await self.put(letter.key, letter.message)
+            await dead.delete(letter.id)
+            count += 1
+        return count
+
+    async def depth(self) -> int:
+        """Messages stored and not yet handled, in all partitions."""
+        return await self._require_log().depth()
+
+    def _require_log(self) -> Log:
+        if self.log is None:
+            raise CloisterError(f"inbox {self.name!r} is not open; the manager opens it on start")
+        return self.log
+
+    def _require_dead(self) -> KeyValue:
+        if self.dead is None:
+            raise CloisterError(f"inbox {self.name!r} is not open; the manager opens it on start")
+        return self.dead
