@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cloister import wire
 from cloister._tasks import Supervisor, wait_event
@@ -49,6 +49,9 @@ from cloister.errors import (
     WireFormatError,
 )
 from cloister.ring import HashRing, Key
+
+if TYPE_CHECKING:
+    from cloister.store import Table
 
 log = logging.getLogger("cloister.cluster")
 
@@ -446,6 +449,16 @@ class Cluster:
     def backend(self) -> Backend:
         """The connected backend (for the layers above: tables, inbox)."""
         return self._require_backend()
+
+    async def table(self, name: str, *, replicas: int | None = None) -> Table:
+        """Open (creating if needed) the cluster's replicated table ``name``.
+
+        The same table from every node: see :class:`cloister.store.Table`. ``replicas``
+        asks the backend for that many copies where it supports it per table.
+        """
+        from cloister.store import open_table  # the layer above: imported on use
+
+        return await open_table(self.backend, name, replicas=replicas)
 
     @property
     def crashed(self) -> bool:

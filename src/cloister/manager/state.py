@@ -14,7 +14,6 @@ last flushed payload.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +21,14 @@ from typing import Any
 from cloister import wire
 from cloister.backends import KeyValue, KVOp
 from cloister.errors import BackendError, WireFormatError
+from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
 
 
 def storage_key(worker_id: Any) -> str:
     """A bucket key for any worker id (exact and reversible, no hashing collisions)."""
-    return "w" + base64.urlsafe_b64encode(wire.encode(worker_id)).decode().rstrip("=")
+    return encode_key(worker_id, "w")
 
 
 @dataclass(frozen=True, slots=True)
