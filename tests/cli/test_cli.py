@@ -191,8 +191,7 @@ def test_bench_names() -> None:
 
 
 def test_demo_finishes() -> None:
-    result = cloister("demo", timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "node3 left" in result.stdout and "node4 joined" in result.stdout
-    assert "epochs" in result.stdout
+    result = cloister("demo", "--no-progress", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost" in result.stdout and "order" in result.stdout
     assert result.stderr == ""

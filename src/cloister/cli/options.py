@@ -186,23 +186,13 @@ def connection_options(args: argparse.Namespace) -> dict[str, Any]:
     """Backend options from the connection flags (and their variables); only those given."""
     for dest, variable in _CONNECTION_ENV.items():
         from_env(args, dest, variable)
-    names = {
-        "user": "user",
-        "password": "password",
-        "token": "token",
-        "creds": "creds",
-        "tls_ca": "tls_ca",
-        "tls_cert": "tls_cert",
-        "tls_key": "tls_key",
-        "replicas": "replicas",
-    }
     return {
-        option: getattr(args, dest)
-        for dest, option in names.items()
-        if getattr(args, dest, None) is not None
+        name: getattr(args, name)
+        for name in (*_CONNECTION_ENV, "tls_ca", "tls_cert", "tls_key", "replicas")
+        if getattr(args, name, None) is not None
     }
 
 
 def redact_url(url: str) -> str:
-    """``url`` without the credentials it may carry (``nats://user:pass@host`` -> ``nats://host``)."""
-    return re.sub(r"//[^/@]*@", "//", url, count=1)
+    """``url`` without credentials: ``nats://user:pass@host`` becomes ``nats://host``."""
+    return re.sub(r"(//|,)[^/@,]*@", r"\1", url)
