@@ -171,6 +171,37 @@ async def test_watch_initial_lists_first_then_follows(nodes: Nodes) -> None:
         await seen.close()
 
 
+async def test_random_operations_match_a_dict(nodes: Nodes) -> None:
+    tables = await nodes.tables("model", "a", "b", "c")
+    rng = random.Random(6)
+    universe: list[Any] = ["a", "b", b"a", 1, 2, ("t", 1), ("t", (2, b"x"))]
+    model: dict[Any, Any] = {}
+    for step in range(150):
+        table = rng.choice(tables)
+        key = rng.choice(universe)
+        action = rng.random()
+        if action < 0.35:
+            value = rng.choice([step, str(step), [step], {"s": step}, None])
+            await table.put(key, value)
+            model[key] = value
+        elif action < 0.5:
+            await table.delete(key)
+            model.pop(key, None)
+        elif action < 0.75:
+
+            def pair(old: Any, step: int = step) -> list[Any]:
+                return [old, step]
+
+            new = await table.update(key, pair, default="none")
+            model[key] = [model.get(key, "none"), step]
+            assert new == model[key]
+        else:
+            assert await table.get(key, "absent") == model.get(key, "absent")
+    for table in tables:
+        assert await table.items() == model
+        assert await table.size() == len(model)
+
+
 # -- failures and the listener (memory backend) -------------------------------------------
 
 
