@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
+import nats
 from cloister import Cluster, ClusterInfo, State
 from cloister.errors import (
+    BackendError,
     BackendUnavailableError,
     ConfigurationError,
     NotRunningError,
@@ -22,10 +26,12 @@ from cloister.errors import (
 )
 from cloister.store import Table, TableOp, UpdateConflictError, open_table
 from cloister.store.keys import encode_key
-from cloister.testing import NatsServer
+from cloister.testing import NatsCluster, NatsServer
 from tests.cluster.support import eventually
 
 from .support import Events, Nodes
+
+T = TypeVar("T")
 
 # -- on every backend ---------------------------------------------------------------------
 
@@ -394,3 +400,44 @@ async def test_nats_table_survives_a_server_crash(nats_server: NatsServer) -> No
             await asyncio.sleep(0.1)
         assert found == {("k", i): i for i in range(20)} | {"total": 20}
         assert await a.update("total", lambda t: t + 1) == 21
+
+
+async def _until_done(step: Callable[[], Awaitable[T]], within: float, what: str) -> T:
+    """Run ``step`` until it stops raising a backend error (a NATS leader election)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await step()
+        except BackendError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still failing after {within}s") from None
+            await asyncio.sleep(0.1)
+
+
+async def test_nats_r3_table_survives_the_loss_of_its_stream_leader(
+    nats_cluster: NatsCluster,
+) -> None:
+    async with Nodes(nats_cluster.url) as nodes:
+        a = await nodes.start("a", backend_options={"replicas": 3})
+        b = await nodes.start("b", backend_options={"replicas": 3})
+        # creating an R3 stream on a young cluster can outlast one request: try again
+        ta = await _until_done(lambda: a.table("r3", replicas=3), 30, "open the table")
+        tb = await _until_done(lambda: b.table("r3", replicas=3), 30, "open the table")
+        for i in range(30):
+            await ta.put(i, {"n": i})
+        await tb.update("total", lambda t: t + 30, default=0)
+        stream = "KV_cloister_test_tbl-r3"
+        nc = await nats.connect(**nats_cluster.connect_kwargs())
+        try:
+            info = await nc.jetstream().stream_info(stream)
+            assert info.config.num_replicas == 3
+        finally:
+            await nc.close()
+        leader = await nats_cluster.wait_stream_leader_async(stream)
+        leader.kill()  # kill -9 the server leading the table's stream
+        expected = {i: {"n": i} for i in range(30)} | {"total": 30}
+        assert await _until_done(ta.items, 30, "read after leader loss") == expected
+        assert await _until_done(tb.items, 30, "read after leader loss") == expected
+        await _until_done(lambda: ta.put("after", 1), 30, "write after leader loss")
+        assert await tb.update("total", lambda t: t + 1) == 31
+        assert await _until_done(tb.size, 30, "size") == 32
