@@ -59,12 +59,11 @@ class MemberStatus:
 
     @property
     def state(self) -> str:
-        """The member's state: its own answer, else its record's, else ``gone``."""
+        """The state the member answered with; ``unreachable`` if it did not answer (its
+        record still stands), ``gone`` if its record is gone too."""
         if self.info is not None:
             return str(self.info.state)
-        if self.record is not None:
-            return self.record.state or "unknown"
-        return "gone"
+        return "unreachable" if self.record is not None else "gone"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict with stable keys (``None`` where unknown)."""
@@ -75,6 +74,7 @@ class MemberStatus:
             "reachable": info is not None,
             "epoch": None if info is None else info.epoch,
             "acked": None if record is None else record.acked,
+            "recorded_state": None if record is None else record.state,
             "sentry": None if info is None else info.is_sentry,
             "share": round(self.share, 6),
             "in_epoch": self.in_epoch,

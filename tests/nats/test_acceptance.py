@@ -7,6 +7,8 @@ lines (their ``time.monotonic()``: the same clock).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cloister.testing import NatsServer, ProcessGroup
@@ -52,6 +54,12 @@ def test_three_nodes_ready_on_one_epoch_and_fingerprint(nodes: Nodes) -> None:
         assert member["share"] == pytest.approx(1 / 3, abs=0.05)
     assert sum(m["sentry"] for m in status["members"]) == 1
     assert status["sentry_lease"] == status["sentry"]
+    table = cloister("status", "--backend", nodes.backend, "--cluster", nodes.cluster)
+    assert table.returncode == 0, table.stderr
+    for name in ABC:
+        assert re.search(
+            rf"^{name}\s+ready\s+{agreed.epoch}\s+{agreed.epoch}\s", table.stdout, re.M
+        )
 
 
 def test_kill_9_is_noticed_within_the_failure_timeout_and_the_node_rejoins(nodes: Nodes) -> None:

@@ -39,6 +39,7 @@ _STATE_STYLES = {
     "rehashing": "yellow",
     "assembling": "cyan",
     "stopping": "magenta",
+    "unreachable": "red",
     "gone": "red",
 }
 
@@ -131,7 +132,8 @@ def render(status: ClusterStatus) -> Group:
         (status.cluster, "bold"),
         (" on ", "dim"),
         redact_url(status.backend),
-        ("  epoch ", "dim"),
+        "\n",
+        ("epoch ", "dim"),
         ("-" if epoch is None else str(epoch.epoch), "bold"),
         ("  sentry ", "dim"),
         ("-" if epoch is None else epoch.sentry, "bold"),
@@ -163,6 +165,8 @@ def _row(member: MemberStatus, published: int | None, sentry: str | None) -> lis
     state = member.state
     adopted = "-" if info is None else str(info.epoch)
     notes = [member.error] if member.error else []
+    if info is None and record is not None:
+        notes.append(f"last recorded state {record.state}")
     if not member.in_epoch and record is not None:
         notes.append("not in the published epoch yet")
     return [
