@@ -9,7 +9,6 @@ import pytest
 
 from cloister.cli.node import parse_event
 from cloister.testing import ProcessGroup, free_port
-from cloister.testing.pytest_plugin import require_nats_server
 from tests.cli.support import assert_one_line_error, cli_env, cloister
 
 COMMANDS = [(), ("node",), ("status",), ("demo",), ("bench",)]
@@ -170,7 +169,6 @@ def test_node_event_lines_parse(node_processes: ProcessGroup) -> None:
 
 
 def test_unreachable_nats_fails_fast_with_one_line() -> None:
-    require_nats_server()  # the backend is part of the installation under test
     url = f"nats://127.0.0.1:{free_port()}"
     for command in ("node", "status"):
         began = time.monotonic()

@@ -22,8 +22,8 @@ T = TypeVar("T")
 HEARTBEAT = 0.5
 FAILURE_TIMEOUT = 2.0
 # NATS TTLs are whole seconds and expiries are noticed by the server's timer and then
-# pushed to watchers: allow this much on top of the configured bounds.
-TTL_SLACK = 1.0
+# pushed to watchers: allow this much on top of the failure timeout + 1 heartbeat bound.
+TTL_SLACK = 0.5
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
