@@ -7,13 +7,18 @@ lines (their ``time.monotonic()``: the same clock).
 
 from __future__ import annotations
 
+import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from cloister.testing import NatsServer, ProcessGroup
 from cloister.testing.pytest_plugin import Factory
-from tests.cli.support import assert_one_line_error, cloister
+from tests.cli.support import assert_one_line_error, cli_env, cloister
 from tests.nats.support import (
     FAILURE_TIMEOUT,
     HEARTBEAT,
@@ -60,6 +65,23 @@ def test_three_nodes_ready_on_one_epoch_and_fingerprint(nodes: Nodes) -> None:
         assert re.search(
             rf"^{name}\s+ready\s+{agreed.epoch}\s+{agreed.epoch}\s", table.stdout, re.M
         )
+
+
+def test_status_watch_refreshes_until_ctrl_c(nodes: Nodes) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "cloister", "status", "--backend", nodes.backend,
+         "--cluster", nodes.cluster, "--json", "--watch", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    time.sleep(2.0)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert len(docs) >= 3
+    assert all([m["node"] for m in doc["members"]] == list(ABC) for doc in docs)
+    ages = [m["heartbeat_age"] for m in docs[-1]["members"]]
+    assert all(age is not None and age < 2 * HEARTBEAT for age in ages), ages
 
 
 def test_kill_9_is_noticed_within_the_failure_timeout_and_the_node_rejoins(nodes: Nodes) -> None:

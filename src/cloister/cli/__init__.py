@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -28,8 +27,6 @@ from cloister.cli.options import EXIT_FAILURE, EXIT_USAGE, UsageError, add_commo
 from cloister.errors import CloisterError, ConfigurationError
 
 __all__ = ["main"]
-
-log = logging.getLogger("cloister.cli")
 
 EXIT_INTERRUPTED = 130
 _COMMANDS = (node, status, demo, bench)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -52,6 +53,8 @@ from cloister.cli.options import (
     resolve_target,
 )
 from cloister.cluster import Cluster, ClusterInfo, State, Topology
+
+log = logging.getLogger("cloister.cli")
 
 _LEASE_POLL = 0.05
 _EVENT = re.compile(r"^(node|state|sentry|epoch|lease|suspended) (.*) t=(\d+(?:\.\d+)?)$")
@@ -134,13 +137,16 @@ async def serve(cluster: Cluster, events: NodeEvents) -> int:
     main = asyncio.current_task()
     assert main is not None
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():
-            main.cancel()  # second signal: give up leaving gracefully
+            log.warning("%s again: node %s stops without leaving", sig.name, cluster.node)
+            main.cancel()
+        else:
+            log.info("%s: node %s leaves cluster %s", sig.name, cluster.node, cluster.name)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     me = f"{cluster.node} pid={os.getpid()}"
     try:
         events.emit(
