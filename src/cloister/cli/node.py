@@ -36,6 +36,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -181,7 +182,7 @@ async def serve(cluster: Cluster, events: NodeEvents) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _lease_watch(cluster: Cluster, events: NodeEvents) -> Any:
+async def _lease_watch(cluster: Cluster, events: NodeEvents) -> AsyncIterator[None]:
     """Print ``lease acquired/lost`` whenever ``cluster.is_sentry`` flips, while inside."""
 
     async def watch() -> None:
