@@ -7,6 +7,7 @@ nats-server); failure injection, the listener and error cases run on memory.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
@@ -368,8 +369,10 @@ async def test_replicas_are_ignored_where_the_backend_cannot_set_them(
     memory_nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = await memory_nodes.start("a")
-    with caplog.at_level(logging.INFO, "cloister.store.table"):
+    with caplog.at_level(logging.WARNING, "cloister.store.table"):
         table = await a.table("r", replicas=3)
+    if "replicas" not in inspect.signature(a.backend.kv).parameters:
+        assert "replicas=3 of table 'r' is ignored" in caplog.text
     await table.put("k", "v")
     assert await (await open_table(a.backend, "r")).get("k") == "v"
 
@@ -408,10 +411,17 @@ async def _until_done(step: Callable[[], Awaitable[T]], within: float, what: str
     while True:
         try:
             return await step()
-        except BackendError:
+        except BackendError as exc:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: still failing after {within}s") from None
+                raise AssertionError(f"{what}: still failing after {within}s: {exc}") from exc
             await asyncio.sleep(0.1)
+
+
+async def _expect(read: Awaitable[Any], expected: Any) -> None:
+    """Raise a BackendError (so that :func:`_until_done` tries again) until ``read`` is right."""
+    found = await read
+    if found != expected:
+        raise BackendError(f"read {found!r}, expected {expected!r}")
 
 
 async def test_nats_r3_table_survives_the_loss_of_its_stream_leader(
@@ -423,9 +433,6 @@ async def test_nats_r3_table_survives_the_loss_of_its_stream_leader(
         # creating an R3 stream on a young cluster can outlast one request: try again
         ta = await _until_done(lambda: a.table("r3", replicas=3), 30, "open the table")
         tb = await _until_done(lambda: b.table("r3", replicas=3), 30, "open the table")
-        for i in range(30):
-            await ta.put(i, {"n": i})
-        await tb.update("total", lambda t: t + 30, default=0)
         stream = "KV_cloister_test_tbl-r3"
         nc = await nats.connect(**nats_cluster.connect_kwargs())
         try:
@@ -433,11 +440,18 @@ async def test_nats_r3_table_survives_the_loss_of_its_stream_leader(
             assert info.config.num_replicas == 3
         finally:
             await nc.close()
-        leader = await nats_cluster.wait_stream_leader_async(stream)
+        leader = await nats_cluster.wait_stream_leader_async(stream)  # writable from now
+        for i in range(30):
+            await ta.put(i, {"n": i})
+        await tb.update("total", lambda t: t + 30, default=0)
         leader.kill()  # kill -9 the server leading the table's stream
         expected = {i: {"n": i} for i in range(30)} | {"total": 30}
-        assert await _until_done(ta.items, 30, "read after leader loss") == expected
-        assert await _until_done(tb.items, 30, "read after leader loss") == expected
-        await _until_done(lambda: ta.put("after", 1), 30, "write after leader loss")
+        # Reads are direct gets, answered by any replica: one that lagged behind the
+        # quorum may answer with an older listing until it catches up. Nothing is lost.
+        await _until_done(lambda: _expect(ta.items(), expected), 30, "read back on a")
+        await _until_done(lambda: _expect(tb.items(), expected), 30, "read back on b")
+        # writes resume once a new leader is elected (puts may be repeated: idempotent)
+        await _until_done(lambda: ta.put("after-a", 1), 30, "write after leader loss")
+        await _until_done(lambda: tb.put("after-b", 2), 30, "write after leader loss")
         assert await tb.update("total", lambda t: t + 1) == 31
-        assert await _until_done(tb.size, 30, "size") == 32
+        assert await ta.size() == 33

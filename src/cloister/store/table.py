@@ -12,8 +12,10 @@ protocol's :class:`~cloister.backends.KeyValue` only, so it behaves alike on eve
   NATS: stored by JetStream on ``replicas`` servers; on memory: in the shared world).
   Nodes keep no copy of their own, so a node crash loses nothing that was acknowledged,
   and a topology change needs no rebuild step — there is nothing to rebuild.
-- **Reads** go to the medium. On NATS with replicas > 1, a read may briefly lag a write
-  acknowledged through another server; :meth:`Table.update` is never fooled by that,
+- **Reads** go to the medium. On NATS with replicas > 1 a read is answered by any
+  replica, and one that lags behind the quorum answers with older data until it catches
+  up (seen in the tests right after a server was killed): the write is not
+  lost, only not visible there yet. :meth:`Table.update` is never fooled by a stale read,
   because its write is a compare-and-set on the revision it read.
 - **update(key, fn)** reads, applies ``fn`` and compare-and-sets, again and again (with
   jittered exponential backoff) until its write wins, at most ``attempts`` times; then
@@ -253,7 +255,8 @@ class Table:
 
         Changes made from the moment the context is entered are delivered in order. With
         ``initial=True`` the table's current contents come first, as ``put`` events, and
-        then every later change, with none missed or repeated in between.
+        then every later change, with none missed or repeated in between (a key deleted
+        while the contents were read may show up as a ``delete`` only).
         """
         return self._watch(initial)
 
@@ -365,8 +368,8 @@ async def open_table(backend: Backend, name: str, *, replicas: int | None = None
         open_kv: Callable[..., Any] = backend.kv
         return Table(await open_kv(bucket, replicas=replicas), name)
     log.warning(
-        "backend %s sets replicas for all its buckets, not per table: replicas=%d of table "
-        "%r is ignored (set the backend's own replicas option instead)",
+        "backend %s does not take replicas per bucket: replicas=%d of table %r is ignored "
+        "(where the backend has a replicas option of its own, that one applies)",
         backend.url,
         replicas,
         name,
