@@ -264,15 +264,23 @@ class NatsBackend(Backend):
         for feed in list(self._watches):
             feed.interrupt(gone)
         self._watches.clear()
+        # Unsubscribe first (flushed below): once close() returns, requests to this node
+        # fail with "no responders" at once instead of timing out.
+        subs = [s._sub for s in self._subscriptions]
+        if self._serving is not None:
+            subs.append(self._serving[0])
         self._subscriptions.clear()
         self._serving = None
+        for sub in subs:
+            with suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
         await self._supervisor.close()
         nc, self._nc, self._js = self._nc, None, None
         if nc is None:
             return
         if nc.is_connected:
             with suppress(*_NATS_ERRORS):
-                await nc.flush(timeout=max(1, round(self.options.op_timeout)))
+                await self._barrier(nc)
         with suppress(*_NATS_ERRORS):
             await nc.close()
         log.debug("node %s closed its NATS connection", self.node)
@@ -294,6 +302,18 @@ class NatsBackend(Backend):
         self._client(what)
         assert self._js is not None
         return self._js
+
+    async def _barrier(self, nc: NATS) -> None:
+        """Return once the server has processed everything we sent before.
+
+        nats-py's ``flush()`` writes its PING straight to the socket while SUB/UNSUB/PUB
+        commands may still wait in its buffer for the flusher task, so one PONG proves
+        nothing (a request right after ``serve`` then met "no responders"). The first
+        round trip lets the flusher run; the second PING goes out behind everything.
+        """
+        timeout = max(1, round(self.options.op_timeout))  # nats-py wants whole seconds
+        await nc.flush(timeout=timeout)
+        await nc.flush(timeout=timeout)
 
     def _server_netloc(self) -> str:
         url = None if self._nc is None else self._nc.connected_url
@@ -388,6 +408,7 @@ class NatsBackend(Backend):
             previous[1].cancel()
         try:
             sub = await nc.subscribe(self._node_subject(self.node))
+            await self._barrier(nc)  # the server knows the subscription on return
         except _NATS_ERRORS as exc:
             raise translate(exc, "serve", self.url) from exc
         task = self._supervisor.spawn(self._serve_loop(sub, handler), "serve")
@@ -446,6 +467,7 @@ class NatsBackend(Backend):
         nc = self._client(f"subscribe to topic {topic!r}")
         try:
             sub = await nc.subscribe(self._topic_subject(topic))
+            await self._barrier(nc)
         except _NATS_ERRORS as exc:
             raise translate(exc, f"subscribe to topic {topic!r}", self.url) from exc
         subscription = NatsSubscription(self, topic, sub, handler)
