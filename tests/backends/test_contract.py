@@ -8,14 +8,13 @@ the cluster core relies on is pinned here, so the two implementations cannot dri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from cloister.backends import Backend, KeyValue, KVEvent, KVOp, open_backend
+from cloister.backends import Backend, KVOp, open_backend
 from cloister.errors import (
     BackendUnavailableError,
     KeyExistsError,
@@ -24,6 +23,7 @@ from cloister.errors import (
     RequestTimeoutError,
     RevisionMismatchError,
 )
+from tests.backends.support import watching
 
 Connect = Callable[..., Awaitable[Backend]]
 _worlds = itertools.count()
@@ -51,46 +51,6 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
     yield make
     for backend in made:
         await backend.close()
-
-
-class Events:
-    """Reads a watch in a background task, so that waiting with a timeout never cancels
-    the watch's iterator (cancelling an async generator mid-step closes it for good)."""
-
-    def __init__(self, events: AsyncIterator[KVEvent]) -> None:
-        self.queue: asyncio.Queue[KVEvent | BaseException] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._pump(events))
-
-    async def _pump(self, events: AsyncIterator[KVEvent]) -> None:
-        try:
-            async for event in events:
-                self.queue.put_nowait(event)
-        except Exception as exc:
-            self.queue.put_nowait(exc)
-
-    async def next(self, timeout: float = 3.0) -> KVEvent:
-        item = await asyncio.wait_for(self.queue.get(), timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def none(self, within: float = 0.3) -> None:
-        await asyncio.sleep(within)
-        assert self.queue.empty(), f"unexpected event {self.queue.get_nowait()}"
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
-async def watching(kv: KeyValue) -> AsyncIterator[Events]:
-    async with kv.watch() as events:
-        reader = Events(events)
-        try:
-            yield reader
-        finally:
-            await reader.stop()
 
 
 # -- key-value ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client, ServerVersion
 
 import nats
-from cloister.backends import KVEvent, KVOp, open_backend
+from cloister.backends import KVOp, open_backend
 from cloister.backends.nats import (
     JetStreamUnavailableError,
     NatsAuthorizationError,
@@ -38,6 +38,7 @@ from cloister.errors import (
 from cloister.testing import NatsCluster, NatsServer
 from cloister.testing.ports import free_port
 from cloister.testing.pytest_plugin import Factory
+from tests.backends.support import eventually, watching
 
 ServerFactory = Factory[NatsServer]
 
@@ -52,33 +53,6 @@ async def connected(
         yield backend
     finally:
         await backend.close()
-
-
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait until ``check()`` holds; return how long it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-class Feed:
-    """A watch read by a background task (a timed-out wait must not close the iterator)."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[KVEvent | BaseException] = asyncio.Queue()
-
-    async def pump(self, events: AsyncIterator[KVEvent]) -> None:
-        try:
-            async for event in events:
-                self.queue.put_nowait(event)
-        except Exception as exc:
-            self.queue.put_nowait(exc)
-
-    async def next(self, timeout: float = 5.0) -> KVEvent | BaseException:
-        return await asyncio.wait_for(self.queue.get(), timeout)
 
 
 # -- URL and options (no server needed) ---------------------------------------------------
@@ -305,21 +279,15 @@ async def test_expiry_is_detected_on_time(nats_server: NatsServer) -> None:
             await writer.kv("members", ttl_keys=True),
             await watcher.kv("members", ttl_keys=True),
         )
-        feed = Feed()
-        async with watched.watch() as events:
-            pump = asyncio.ensure_future(feed.pump(events))
-            try:
-                delays = {}
-                for ttl in (1, 2):
-                    await kv.create(f"n{ttl}", b"x", ttl=ttl)
-                written = time.monotonic()
-                for _ in range(4):
-                    event = await feed.next(timeout=5)
-                    assert isinstance(event, KVEvent)
-                    if event.op is KVOp.EXPIRE:
-                        delays[event.key] = time.monotonic() - written
-            finally:
-                pump.cancel()
+        delays = {}
+        async with watching(watched) as events:
+            for ttl in (1, 2):
+                await kv.create(f"n{ttl}", b"x", ttl=ttl)
+            written = time.monotonic()
+            for _ in range(4):
+                event = await events.next(timeout=5)
+                if event.op is KVOp.EXPIRE:
+                    delays[event.key] = time.monotonic() - written
         assert set(delays) == {"n1", "n2"}
         assert 1.0 <= delays["n1"] <= 2.5 and 2.0 <= delays["n2"] <= 3.5, delays
 
@@ -338,9 +306,7 @@ async def test_reconnect_after_server_restart(nats_server: NatsServer) -> None:
             return payload
 
         await backend.serve(echo)
-        feed = Feed()
-        async with kv.watch() as events:
-            pump = asyncio.ensure_future(feed.pump(events))
+        async with watching(kv) as events:
             nats_server.kill()
             await eventually(
                 lambda: backend._nc is not None and not backend._nc.is_connected, 5, "disconnect"
@@ -355,9 +321,8 @@ async def test_reconnect_after_server_restart(nats_server: NatsServer) -> None:
             await nats_server.restart_async()
             restarted = time.monotonic()
             await eventually(lambda: bool(fired), 10, "the reconnect callback")
-            ended = await feed.next(timeout=2)
-            assert isinstance(ended, BackendUnavailableError), ended  # the watch ends: re-watch
-            await pump
+            with pytest.raises(BackendUnavailableError, match="watch again"):
+                await events.next(timeout=2)  # the watch ends: watch again and re-list
         print(
             f"\nreconnect: server down {restarted - killed:.2f}s, "
             f"callback {fired[0] - restarted:.3f}s after the restart"
@@ -365,13 +330,9 @@ async def test_reconnect_after_server_restart(nats_server: NatsServer) -> None:
         entry = await kv.get("n1")  # the file store kept it
         assert entry is not None and entry.revision == revision
         assert await backend.request("n1", b"again", timeout=2) == b"again"  # serving resumed
-        async with kv.watch() as events:  # a new watch works
-            feed = Feed()
-            pump = asyncio.ensure_future(feed.pump(events))
+        async with watching(kv) as events:  # a new watch works
             await kv.update("n1", b"after", revision=revision, ttl=30)
-            event = await feed.next()
-            assert isinstance(event, KVEvent) and event.value == b"after"
-            pump.cancel()
+            assert (await events.next()).value == b"after"
         assert backend.reconnects == 1
 
 
@@ -379,13 +340,10 @@ async def test_close_ends_watches(nats_server: NatsServer) -> None:
     backend = NatsBackend(nats_server.url, "c", "n1")
     await backend.connect()
     kv = await backend.kv("members")
-    feed = Feed()
-    async with kv.watch() as events:
-        pump = asyncio.ensure_future(feed.pump(events))
+    async with watching(kv) as events:
         await backend.close()
-        ended = await feed.next(timeout=2)
-        assert isinstance(ended, BackendUnavailableError)
-        await pump
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            await events.next(timeout=2)
 
 
 async def test_no_responders_after_the_node_left(nats_server: NatsServer) -> None:
@@ -420,15 +378,12 @@ async def test_three_server_cluster_with_r3_buckets(nats_cluster: NatsCluster) -
             assert info.config.num_replicas == 3
         finally:
             await raw.close()
-        feed = Feed()
-        async with kv2.watch() as events:
-            pump = asyncio.ensure_future(feed.pump(events))
+        async with watching(kv2) as events:
             revision = await kv1.create("n1", b"x", ttl=1)
-            first = await feed.next()
-            assert isinstance(first, KVEvent) and (first.op, first.revision) == (KVOp.PUT, revision)
-            expired = await feed.next(timeout=4)
-            assert isinstance(expired, KVEvent) and (expired.op, expired.key) == (KVOp.EXPIRE, "n1")
-            pump.cancel()
+            first = await events.next()
+            assert (first.op, first.revision) == (KVOp.PUT, revision)
+            expired = await events.next(timeout=4)
+            assert (expired.op, expired.key) == (KVOp.EXPIRE, "n1")
         assert await kv2.get("n1") is None
         await kv1.create("n1", b"again", ttl=30)
         assert (await kv2.entries())["n1"].value == b"again"

@@ -7,21 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 from cloister import Cluster, State
 from cloister.testing import NatsServer
+from tests.backends.support import eventually
 
 HEARTBEAT = 0.5
 FAILURE_TIMEOUT = 2.0
-
-
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout}s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 def agreed(nodes: list[Cluster]) -> bool:

@@ -130,7 +130,7 @@ class NatsBackend(Backend):
         marker_ttl: seconds an expiry marker stays visible to watchers (default 60).
         watch_heartbeat: idle heartbeat of watch consumers (default 1 s); a watch whose
             heartbeats stop is re-created by nats-py from where it left off.
-        reconnect_wait: (first, longest) delay between reconnect attempts (0.05, 2.0).
+        reconnect_wait: (first, longest) delay between reconnect attempts (0.05, 1.0).
         name: the client connection name shown by the server (default cloister/<cluster>/<node>).
     """
 

@@ -102,7 +102,7 @@ class NatsOptions:
     replicas: int = 1
     marker_ttl: float = 60.0
     watch_heartbeat: float = 1.0
-    reconnect_wait: tuple[float, float] = (0.05, 2.0)
+    reconnect_wait: tuple[float, float] = (0.05, 1.0)
     client_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,60 @@
+"""Helpers shared by the backend tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from cloister.backends import KeyValue, KVEvent
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait until ``check()`` holds; return how long it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+class Events:
+    """Reads a watch in a background task, so that waiting with a timeout never cancels
+    the watch's iterator (cancelling an async generator mid-step closes it for good)."""
+
+    def __init__(self, events: AsyncIterator[KVEvent]) -> None:
+        self.queue: asyncio.Queue[KVEvent | BaseException] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._pump(events))
+
+    async def _pump(self, events: AsyncIterator[KVEvent]) -> None:
+        try:
+            async for event in events:
+                self.queue.put_nowait(event)
+        except Exception as exc:
+            self.queue.put_nowait(exc)
+
+    async def next(self, timeout: float = 3.0) -> KVEvent:
+        item = await asyncio.wait_for(self.queue.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def none(self, within: float = 0.3) -> None:
+        await asyncio.sleep(within)
+        assert self.queue.empty(), f"unexpected event {self.queue.get_nowait()}"
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def watching(kv: KeyValue) -> AsyncIterator[Events]:
+    async with kv.watch() as events:
+        reader = Events(events)
+        try:
+            yield reader
+        finally:
+            await reader.stop()
