@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import ssl
 import subprocess
 import time
@@ -225,7 +226,7 @@ async def test_buckets_and_subjects_are_namespaced_by_cluster(nats_server: NatsS
             assert members.allow_msg_ttl and members.allow_direct
             assert members.subject_delete_marker_ttl == 60
             plain = (await js.stream_info("KV_cloister_shop_plain")).config
-            assert not plain.subject_delete_marker_ttl
+            assert plain.subject_delete_marker_ttl == 60  # every bucket shows expiries
 
             heard: list[bytes] = []
 
@@ -334,6 +335,22 @@ async def test_reconnect_after_server_restart(nats_server: NatsServer) -> None:
             await kv.update("n1", b"after", revision=revision, ttl=30)
             assert (await events.next()).value == b"after"
         assert backend.reconnects == 1
+
+
+async def test_buckets_come_back_after_a_server_lost_its_store(nats_server: NatsServer) -> None:
+    async with connected(nats_server.url, reconnect_wait=(0.05, 0.2)) as backend:
+        fired: list[float] = []
+        backend.on_reconnect(lambda: fired.append(time.monotonic()))
+        kv = await backend.kv("members", ttl_keys=True)
+        await kv.put("old", b"gone with the store")
+        nats_server.kill()
+        shutil.rmtree(nats_server.store_dir)
+        await nats_server.restart_async()
+        await eventually(lambda: len(fired) >= 2, 10, "reconnect, then the buckets restored")
+        assert await kv.entries() == {}
+        revision = await kv.create("n1", b"fresh", ttl=30)
+        entry = await kv.get("n1")
+        assert entry is not None and entry.revision == revision
 
 
 async def test_close_ends_watches(nats_server: NatsServer) -> None:

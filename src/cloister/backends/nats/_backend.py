@@ -366,6 +366,11 @@ class NatsBackend(Backend):
         )
         for feed in list(self._watches):
             feed.interrupt(lost)
+        self._run_reconnect_callbacks()
+        if self._buckets:
+            self._supervisor.spawn(self._restore_buckets(), "restore buckets")
+
+    def _run_reconnect_callbacks(self) -> None:
         for callback in list(self._reconnect_callbacks):
             try:
                 callback()
@@ -381,22 +386,40 @@ class NatsBackend(Backend):
     # -- key-value --------------------------------------------------------------------
 
     async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
+        """Open (creating if needed) ``cloister_<cluster>_<bucket>``.
+
+        Every bucket allows per-key TTL and shows expiries to watchers, so ``ttl_keys``
+        changes nothing here.
+        """
         if not isinstance(bucket, str) or not _BUCKET.match(bucket):
             raise ConfigurationError(
                 f"invalid bucket name {bucket!r} for NATS: use 1-64 characters of [A-Za-z0-9_-]"
             )
         known = self._buckets.get(bucket)
-        if known is not None and (known.ttl_keys or not ttl_keys):
-            return known
-        full = f"cloister_{self.cluster}_{bucket}"
-        await ensure_stream(
-            self,
-            full,
-            replicas=self.options.replicas,
-            marker_ttl=self.options.marker_ttl if ttl_keys else None,
-        )
-        opened = self._buckets[bucket] = NatsKV(self, bucket, full, ttl_keys)
-        return opened
+        if known is None:
+            full = f"cloister_{self.cluster}_{bucket}"
+            await ensure_stream(self, full)
+            known = self._buckets[bucket] = NatsKV(self, bucket, full)
+        return known
+
+    async def _restore_buckets(self) -> None:
+        """After a reconnect: re-create buckets a restarted (emptied) server lost."""
+        restored = []
+        for kv in list(self._buckets.values()):
+            try:
+                created = await ensure_stream(self, kv.bucket)
+            except BackendError as exc:
+                log.debug("node %s could not check bucket %s: %s", self.node, kv.bucket, exc)
+                continue
+            if created:
+                restored.append(kv.bucket)
+        if restored:
+            log.warning(
+                "node %s re-created bucket(s) %s: the server had lost them",
+                self.node,
+                ", ".join(restored),
+            )
+            self._run_reconnect_callbacks()  # reconcile again, against the new buckets
 
     # -- request / reply --------------------------------------------------------------
 

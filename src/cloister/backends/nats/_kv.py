@@ -3,7 +3,7 @@
 Layout (compatible with the ``nats kv`` tools): bucket ``cloister_<cluster>_<name>`` is
 the stream ``KV_cloister_<cluster>_<name>`` on subjects ``$KV.<bucket>.<key>``, with one
 message kept per subject (``history=1``), direct gets allowed and per-message TTL on.
-A bucket opened with ``ttl_keys`` also gets a *limit marker TTL*: when a key's TTL runs
+Every bucket also gets a *limit marker TTL*: when a key's TTL runs
 out the server writes a marker message (header ``Nats-Marker-Reason: MaxAge``) that
 watchers see, and removes the marker itself after ``marker_ttl`` seconds. Markers must
 live long (60 s by default): a watcher that was silent for a while still sees them.
@@ -120,7 +120,7 @@ def classify(headers: Mapping[str, str] | None) -> KVOp:
     return KVOp.PUT
 
 
-def stream_config(bucket: str, *, replicas: int, marker_ttl: float | None) -> api.StreamConfig:
+def stream_config(bucket: str, *, replicas: int, marker_ttl: float) -> api.StreamConfig:
     """The stream behind a bucket (what ``nats kv add --history 1 --ttl-markers`` makes)."""
     return api.StreamConfig(
         name=f"KV_{bucket}",
@@ -167,11 +167,10 @@ async def _events(feed: WatchFeed) -> AsyncIterator[KVEvent]:
 class NatsKV(KeyValue):
     """A bucket of one cluster on JetStream (see the module docstring for the layout)."""
 
-    def __init__(self, backend: NatsBackend, name: str, bucket: str, ttl_keys: bool) -> None:
+    def __init__(self, backend: NatsBackend, name: str, bucket: str) -> None:
         self.name = name
         self.bucket = bucket
         self.stream = f"KV_{bucket}"
-        self.ttl_keys = ttl_keys
         self._prefix = f"$KV.{bucket}."
         self._backend = backend
 
@@ -393,12 +392,14 @@ class NatsKV(KeyValue):
                 await psub.unsubscribe()
 
 
-async def ensure_stream(
-    backend: NatsBackend, bucket: str, *, replicas: int, marker_ttl: float | None
-) -> None:
-    """Create the bucket's stream, or bring an existing one up to what we need."""
+async def ensure_stream(backend: NatsBackend, bucket: str) -> bool:
+    """Create the bucket's stream, or bring an existing one up to what we need.
+
+    Returns True when the stream had to be created.
+    """
     what = f"open bucket {bucket!r}"
     js = backend._jetstream(what)
+    replicas, marker_ttl = backend.options.replicas, backend.options.marker_ttl
     wanted = stream_config(bucket, replicas=replicas, marker_ttl=marker_ttl)
     name = f"KV_{bucket}"
     try:
@@ -408,7 +409,7 @@ async def ensure_stream(
             try:
                 await js.add_stream(wanted)
                 log.debug("created stream %s (replicas %d)", name, replicas)
-                return
+                return True
             except nats.js.errors.APIError as exc:
                 if exc.err_code != STREAM_NAME_IN_USE:
                     raise
@@ -424,7 +425,7 @@ async def ensure_stream(
             changes["allow_msg_ttl"] = True
         if not config.allow_direct:
             changes["allow_direct"] = True
-        if marker_ttl is not None and not config.subject_delete_marker_ttl:
+        if not config.subject_delete_marker_ttl:
             changes["subject_delete_marker_ttl"] = marker_ttl
         if changes:
             log.info("updating stream %s: %s", name, changes)
@@ -436,5 +437,6 @@ async def ensure_stream(
                 config.num_replicas,
                 replicas,
             )
+        return False
     except _NATS_ERRORS as exc:
         raise translate(exc, what, backend.url) from exc
