@@ -14,9 +14,9 @@ protocol's :class:`~cloister.backends.KeyValue` only, so it behaves alike on eve
   and a topology change needs no rebuild step — there is nothing to rebuild.
 - **Reads** go to the medium. On NATS with replicas > 1 a read is answered by any
   replica, and one that lags behind the quorum answers with older data until it catches
-  up (seen in the tests right after a server was killed): the write is not
-  lost, only not visible there yet. :meth:`Table.update` is never fooled by a stale read,
-  because its write is a compare-and-set on the revision it read.
+  up (seen in the tests right after a server was killed): the write is not lost, only
+  not visible there yet. :meth:`Table.update` is never fooled by a stale read, because
+  its write is a compare-and-set on the revision it read.
 - **update(key, fn)** reads, applies ``fn`` and compare-and-sets, again and again (with
   jittered exponential backoff) until its write wins, at most ``attempts`` times; then
   :class:`UpdateConflictError`. It retries only lost compare-and-sets: when the write
