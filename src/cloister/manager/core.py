@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cloister import wire
@@ -51,6 +51,7 @@ from cloister.manager.worker import (
     GONE,
     PERFORM_PENDING,
     QUEUED,
+    Continuation,
     Message,
     Worker,
     WorkerInfo,
@@ -186,6 +187,7 @@ class DynamicManager:
         self._idle.set()
         self._supervisor = Supervisor(f"manager {self.manager_name}")
         self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
+        self._continuations: dict[Worker, Continuation] = {}
         self._paused = cluster is not None  # a cluster must say what is ours first
         self._leaving = False  # everything was handed over: refuse new messages
         self._parked: dict[Any, list[Message]] = {}  # messages for ids about to start here
@@ -758,6 +760,7 @@ class DynamicManager:
             self._finish(worker, rest, message, started), f"worker {worker.id!r}"
         )
         self._running_tasks[worker] = task
+        self._continuations[worker] = rest
         if message is None and worker.spec.timeout:
             threshold = worker.spec.lull * worker.spec.timeout
             handle = loop.call_later(threshold, self._slow, worker, started)
@@ -766,7 +769,7 @@ class DynamicManager:
     async def _finish(
         self,
         worker: Worker,
-        rest: Coroutine[Any, Any, Any],
+        rest: Continuation,
         message: Message | None,
         started: float,
     ) -> None:
@@ -778,6 +781,7 @@ class DynamicManager:
             self._apply(worker, value, message, started)
         finally:
             self._running_tasks.pop(worker, None)
+            self._continuations.pop(worker, None)
             worker.busy_since = 0.0
             self._in_flight -= 1
             if not self._in_flight:
@@ -840,12 +844,19 @@ class DynamicManager:
             if worker.mailbox:
                 self._enqueue(worker)
             return
-        # Missed ticks coalesce: the next perform is one interval after this one started,
-        # or now if that is already past — never a burst of catch-up performs.
-        now = asyncio.get_running_loop().time()
-        self._timers.schedule(
-            worker, max(started + timeout, now) if override is None else now + timeout
-        )
+        if override is None:
+            # Periodic performs keep to their grid (due, due + timeout, ...): a late perform
+            # does not shift the ones after it, so a pause leaves no clump of workers due
+            # together behind. Missed ticks coalesce: the ticks that passed before this
+            # perform started are covered by it, and a tick that passed while it ran makes
+            # the next one due at once — never a burst of catch-up performs.
+            when = (worker.fired or started) + timeout
+            if when <= started:
+                when += timeout * ((started - when) // timeout + 1)
+        else:
+            when = asyncio.get_running_loop().time() + timeout
+        worker.fired = 0.0
+        self._timers.schedule(worker, when)
         if worker.mailbox:
             self._enqueue(worker)
 
@@ -978,8 +989,8 @@ class DynamicManager:
 
     async def _drain(self) -> None:
         """Wait until no callback is running."""
-        while self._in_flight:
-            await self._idle.wait()
+        while pending := [t for t in self._running_tasks.values() if not t.done()]:
+            await asyncio.wait(pending)
 
     async def _set_state(self, state: str) -> None:
         if state == self.state:
@@ -993,6 +1004,8 @@ class DynamicManager:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
         cluster = self.cluster
         assert cluster is not None
+        if self._leaving or self.state == "down":
+            return  # stop() handed everything over already
         await self._set_state("rehashing")
         placement = Placement(topology.ring, self.partitions, cluster.node)
         leaving = [i for i in self._workers if not placement.mine(i)]
@@ -1015,6 +1028,8 @@ class DynamicManager:
         """Every member acknowledged ``topology``: start what is ours, resume."""
         cluster = self.cluster
         assert cluster is not None
+        if self._leaving or self.state == "down":
+            return  # a hook call already under way when stop() began: take nothing
         placement = Placement(topology.ring, self.partitions, cluster.node)
         now = asyncio.get_running_loop().time()
         mirror = self._table.mirror if self._table is not None else {}
@@ -1050,6 +1065,8 @@ class DynamicManager:
 
     async def suspend(self, reason: str) -> None:
         """The node may not process now (lease lost, short of consensus, stopping)."""
+        if self._leaving or self.state == "down":
+            return
         if reason == "stopping":
             await self._hand_everything_over()
             return
@@ -1069,6 +1086,13 @@ class DynamicManager:
             self._consumers.stop_fetching(self._consumers.partitions)
         for task in list(self._running_tasks.values()):
             task.cancel()
+        for continuation in list(self._continuations.values()):
+            continuation.close()  # its finally blocks run now, as the process would end
+        # A task cancelled before its first step never runs its bookkeeping: do it here.
+        self._running_tasks.clear()
+        self._continuations.clear()
+        self._in_flight = 0
+        self._idle.set()
 
     async def _hand_everything_over(self) -> None:
         cluster = self.cluster

@@ -30,6 +30,7 @@ class Worker:
         "busy_since",
         "due",
         "failures",
+        "fired",
         "flags",
         "id",
         "last",
@@ -46,6 +47,7 @@ class Worker:
         self.last: Any = None
         self.busy_since = 0.0  # loop time the running callback started; 0.0 = idle
         self.due = 0.0  # loop time of the next perform; 0.0 = none scheduled
+        self.fired = 0.0  # the due time of the timer behind the pending perform; 0.0 = none
         self.mailbox: deque[Message] | None = None
         self.flags = 0
         self.failures = 0
@@ -82,7 +84,7 @@ class WorkerInfo:
 _PENDING: Any = object()
 
 
-def run_eagerly(result: Any) -> tuple[Any, Coroutine[Any, Any, Any] | None]:
+def run_eagerly(result: Any) -> tuple[Any, Continuation | None]:
     """Start ``result`` if it is a coroutine; finish it inline if it never suspends.
 
     Returns ``(value, None)`` when done, or ``(_PENDING, coroutine)`` where the coroutine
@@ -94,7 +96,7 @@ def run_eagerly(result: Any) -> tuple[Any, Coroutine[Any, Any, Any] | None]:
         yielded = result.send(None)
     except StopIteration as stop:
         return stop.value, None
-    return _PENDING, _resume(result, yielded)
+    return _PENDING, Continuation(result, yielded)
 
 
 def is_pending(value: Any) -> bool:
@@ -102,18 +104,22 @@ def is_pending(value: Any) -> bool:
     return value is _PENDING
 
 
-async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
-    return await _Continue(coro, first)
+class Continuation:
+    """Awaitable that continues a started coroutine from its first suspension point.
 
-
-class _Continue:
-    """Awaitable that continues a started coroutine from its first suspension point."""
+    :meth:`close` ends the callback where it stands (its ``finally`` blocks run), for a
+    node that is killed while the callback waits.
+    """
 
     __slots__ = ("coro", "first")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
         self.coro = coro
         self.first = first
+
+    def close(self) -> None:
+        """Close the suspended callback."""
+        self.coro.close()
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, yielded = self.coro, self.first

@@ -1,0 +1,244 @@
+"""The durable inbox on the memory backend: nothing lost, order kept, dedup, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from cloister import CloisterError, Cluster, DynamicManager, Replace
+from cloister.backends.memory import world
+from cloister.cluster import State
+from cloister.store.inbox import BackPressureError, Inbox
+
+from ..cluster.support import eventually
+
+HEARTBEAT = 0.05
+FAILURE_TIMEOUT = 0.25
+KEYS = [f"k{i}" for i in range(50)]
+
+
+class Journal:
+    """What the workers handled, shared by the nodes of one test."""
+
+    def __init__(self) -> None:
+        self.handled: dict[Any, list[int]] = defaultdict(list)
+        self.by_node: dict[Any, list[str]] = defaultdict(list)
+        self.active: dict[Any, str] = {}
+        self.overlaps = 0
+        self.fail: dict[Any, int] = {}  # key -> how many times handle_cast raises first
+        self.poison: set[tuple[Any, Any]] = set()  # (key, message) that always raise
+
+
+class Sink(DynamicManager):
+    """handle_cast appends the message's sequence number to the key's payload."""
+
+    journal: Journal
+    partitions = 16
+    retry_backoff = (0.01, 0.05)
+    max_attempts = 3
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {k: {"payload": 0, "timeout": 0} for k in KEYS}
+
+    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        journal = self.journal
+        if journal.fail.get(id, 0) > 0 or (id, message) in journal.poison:
+            journal.fail[id] = max(0, journal.fail.get(id, 0) - 1)
+            raise RuntimeError(f"failing on purpose for {id}")
+        node = self.cluster.node  # type: ignore[union-attr]
+        if journal.active.get(id) not in (None, node):
+            journal.overlaps += 1
+        journal.active[id] = node
+        try:
+            await asyncio.sleep(0)
+        finally:  # also when a crash cancels us: a dead node handles nothing any more
+            journal.active.pop(id, None)
+        journal.handled[id].append(message)
+        journal.by_node[id].append(node)
+        return Replace(message)
+
+
+class Nodes:
+    def __init__(self, stack: AsyncExitStack, name: str) -> None:
+        self.stack = stack
+        self.url = f"memory://{name}"
+        self.world = world(name)
+        self.journal = Journal()
+        self.clusters: dict[str, Cluster] = {}
+        self.managers: dict[str, Sink] = {}
+        self.cls: type[Sink] = type("S", (Sink,), {"journal": self.journal, "name": "sink"})
+
+    async def start(self, node: str, **kwargs: Any) -> Sink:
+        cluster = Cluster(
+            "inbox",
+            node,
+            backend=self.url,
+            heartbeat=HEARTBEAT,
+            failure_timeout=FAILURE_TIMEOUT,
+            **kwargs,
+        )
+        await cluster.start()
+        self.stack.push_async_callback(cluster.stop)
+        manager = await self.cls.start(cluster)
+        self.stack.push_async_callback(manager.stop)
+        self.clusters[node], self.managers[node] = cluster, manager
+        return manager
+
+    def live(self) -> list[Sink]:
+        return [
+            m
+            for n, m in self.managers.items()
+            if not self.clusters[n].crashed and self.clusters[n].state is not State.STOPPED
+        ]
+
+
+@pytest.fixture
+async def nodes(request: pytest.FixtureRequest) -> Any:
+    async with AsyncExitStack() as stack:
+        yield Nodes(stack, f"inbox-{request.node.name}")
+
+
+async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bool = False) -> int:
+    """Send 1..per_key to every key, each key's sequence from one sender, in order."""
+
+    async def lane(key: str) -> None:
+        for sequence in range(1, per_key + 1):
+            msg_id = f"{key}-{sequence}" if msg_ids else None
+            while True:  # a sender going down refuses the put (not acknowledged): try another
+                sender = random.choice(nodes.live())
+                try:
+                    await sender.cast(key, sequence, msg_id=msg_id)
+                    break
+                except CloisterError:
+                    await asyncio.sleep(0.001)
+            if pause:
+                await asyncio.sleep(pause)
+
+    await asyncio.gather(*(lane(k) for k in KEYS))
+    return per_key * len(KEYS)
+
+
+def all_handled(nodes: Nodes, per_key: int) -> bool:
+    return all(len(set(nodes.journal.handled[k])) == per_key for k in KEYS)
+
+
+def assert_in_order_and_complete(nodes: Nodes, per_key: int) -> None:
+    for key in KEYS:
+        seen = nodes.journal.handled[key]
+        distinct = list(dict.fromkeys(seen))
+        assert distinct == list(range(1, per_key + 1)), (key, seen)
+
+
+async def test_cast_is_durable_and_handled_in_order(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(lambda: all(c.state is State.READY for c in nodes.clusters.values()))
+    await produce(nodes, 20)
+    await eventually(lambda: all_handled(nodes, 20))
+    assert_in_order_and_complete(nodes, 20)
+    assert sum(len(v) for v in nodes.journal.handled.values()) == 20 * len(KEYS)  # no duplicate
+    depth = nodes.managers["a"].inbox_depth
+    for _ in range(100):  # acks are sent right after handling, by a background task
+        if await depth() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await depth() == 0  # acked ones are gone
+
+
+async def test_nothing_lost_and_order_kept_through_leave_join_and_crash(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(lambda: all(c.state is State.READY for c in nodes.clusters.values()))
+    per_key = 40
+    producing = asyncio.ensure_future(produce(nodes, per_key, pause=0.003))
+    await asyncio.sleep(0.03)
+    await nodes.start("d")
+    await asyncio.sleep(0.03)
+    await nodes.managers["b"].stop()
+    await nodes.clusters["b"].stop()
+    await asyncio.sleep(0.03)
+    nodes.world.crash("c")  # kill -9 in the middle of the stream
+    await producing
+    await eventually(lambda: all_handled(nodes, per_key), timeout=10)
+    assert_in_order_and_complete(nodes, per_key)
+    assert nodes.journal.overlaps == 0
+    # keys really moved between nodes, and nothing was handled by c after it died
+    assert any(len(set(n)) > 1 for n in nodes.journal.by_node.values())
+
+
+async def test_msg_id_drops_duplicates(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    await a.cluster.wait_ready(2)  # type: ignore[union-attr]
+    for _ in range(3):  # a producer retrying the same messages
+        for sequence in (1, 2, 3):
+            await a.cast("k1", sequence, msg_id=f"k1-{sequence}")
+    await eventually(lambda: len(nodes.journal.handled["k1"]) >= 3)
+    await asyncio.sleep(0.05)
+    assert nodes.journal.handled["k1"] == [1, 2, 3]
+    # without ids, the same content is delivered again (at-least-once)
+    await a.cast("k1", 4)
+    await a.cast("k1", 4)
+    await eventually(lambda: nodes.journal.handled["k1"][3:] == [4, 4])
+
+
+async def test_failing_message_is_retried_then_parked_and_can_be_replayed(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    await a.cluster.wait_ready(2)  # type: ignore[union-attr]
+    nodes.journal.fail["k2"] = 1  # fails once, then succeeds
+    await a.cast("k2", 1)
+    await eventually(lambda: nodes.journal.handled["k2"] == [1])
+    assert a.counters["retries"] == 1
+    nodes.journal.poison.add(("k3", 1))  # keeps failing: parked after max_attempts
+    await a.cast("k3", 1)
+    await a.cast("k3", 2)  # the key is not blocked for good
+    await eventually(lambda: nodes.journal.handled["k3"] == [2])
+    letters = await a.dead_letters()
+    assert len(letters) == 1 and letters[0].key == "k3" and letters[0].message == 1
+    assert "failing on purpose" in letters[0].reason and letters[0].attempts == 3
+    nodes.journal.poison.clear()
+    assert await a.replay() == 1
+    await eventually(lambda: nodes.journal.handled["k3"] == [2, 1])
+    assert await a.dead_letters() == []
+
+
+async def test_unknown_key_and_malformed_records_are_parked_not_fatal(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    await a.cluster.wait_ready(2)  # type: ignore[union-attr]
+    await a.cast("nobody", 1)
+    inbox = a._inbox
+    assert inbox is not None and inbox.log is not None
+    await inbox.log.append(3, b"\xc1 not msgpack")
+    await a.cast("k4", 7)
+    await eventually(lambda: nodes.journal.handled["k4"] == [7])
+    await eventually(lambda: a.counters["dead_letters"] >= 1)
+    reasons = [letter.reason for letter in await a.dead_letters()]
+    assert any("no worker with id 'nobody'" in r for r in reasons)
+    await eventually(lambda: len(reasons) == 2 or False, timeout=0.01) if len(
+        reasons
+    ) == 2 else None
+    letters = await a.dead_letters()
+    assert any("undecodable" in letter.reason for letter in letters)
+
+
+async def test_producers_feel_back_pressure() -> None:
+    backend_world = world("inbox-backpressure")
+    from cloister.backends.memory import MemoryBackend
+
+    backend = MemoryBackend(backend_world.name, "bp", "p")
+    await backend.connect()
+    backend_world.delay("p", 0.05)  # a slow medium
+    inbox = Inbox(backend, "bp", partitions=4, max_in_flight=2)
+    await inbox.open()
+    results = await asyncio.gather(
+        *(inbox.put("k", i, timeout=0.06) for i in range(6)), return_exceptions=True
+    )
+    assert any(isinstance(r, BackPressureError) for r in results)
+    assert any(isinstance(r, int) for r in results)
+    message = str(next(r for r in results if isinstance(r, BackPressureError)))
+    assert "not keeping up" in message
+    await backend.close()
