@@ -37,7 +37,7 @@ class TimerWheel:
         return self._ticks[0] * self.resolution if self._ticks else None
 
     def pop_due(self, now: float) -> Iterator[Worker]:
-        """Every worker whose tick has come; each one's ``due`` is cleared."""
+        """Every worker whose tick has come; each one's ``due`` moves to ``fired``."""
         resolution = self.resolution
         ticks, buckets = self._ticks, self._buckets
         while ticks and ticks[0] * resolution <= now:
@@ -46,6 +46,7 @@ class TimerWheel:
                 due = worker.due
                 if due and due <= now + resolution and not worker.flags & GONE:
                     worker.due = 0.0
+                    worker.fired = due
                     yield worker
 
     def __len__(self) -> int:
