@@ -163,6 +163,11 @@ class LogConsumer(ABC):
     async def ack(self, record: LogRecord) -> None:
         """Remove ``record`` from the log for good (it was handled)."""
 
+    async def ack_many(self, records: list[LogRecord]) -> None:
+        """Acknowledge several records (backends may do it in one round trip)."""
+        for record in records:
+            await self.ack(record)
+
     @abstractmethod
     async def release(self) -> None:
         """Give the partition up; unacked records go to the next consumer, in order."""

@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -242,8 +243,9 @@ class MemoryLog(Log):
     async def append(self, partition: int, data: bytes, *, msg_id: str | None = None) -> int:
         target = self._partition(partition)
         await self._owner._io()
-        now = asyncio.get_running_loop().time()
+        now = 0.0
         if msg_id is not None:
+            now = asyncio.get_running_loop().time()
             original = self._data.dedup(msg_id, now)
             if original is not None:
                 return original
@@ -251,6 +253,8 @@ class MemoryLog(Log):
         target.records[sequence] = (bytes(data), msg_id)
         if msg_id is not None:
             self._data.seen[msg_id] = (sequence, now + self._data.dedup_window)
+        if target.consumer is not None:
+            target.consumer.pending.append(sequence)
         target.arrived.set()
         return sequence
 
@@ -292,7 +296,9 @@ class _MemoryConsumer(LogConsumer):
         self._owner = owner
         self._log = log
         self._target = target
-        self._cursor = 0  # last sequence delivered to this consumer
+        # Sequences not yet delivered to this consumer, oldest first: everything unacked
+        # when it claimed the partition, then each append.
+        self.pending: deque[int] = deque(target.records)
 
     def _check_claim(self) -> None:
         if self._target.consumer is not self:
@@ -307,17 +313,16 @@ class _MemoryConsumer(LogConsumer):
         while True:
             await self._owner._io()
             self._check_claim()
-            found = []
-            for sequence, (data, msg_id) in target.records.items():
-                if sequence > self._cursor:
-                    deliveries = target.deliveries[sequence] = (
-                        target.deliveries.get(sequence, 0) + 1
-                    )
-                    found.append(LogRecord(self.partition, sequence, data, msg_id, deliveries))
-                    if len(found) >= batch:
-                        break
+            found: list[LogRecord] = []
+            pending, records = self.pending, target.records
+            while pending and len(found) < batch:
+                sequence = pending.popleft()
+                record = records.get(sequence)
+                if record is None:
+                    continue  # acked meanwhile
+                deliveries = target.deliveries[sequence] = target.deliveries.get(sequence, 0) + 1
+                found.append(LogRecord(self.partition, sequence, record[0], record[1], deliveries))
             if found:
-                self._cursor = found[-1].sequence
                 return found
             target.arrived.clear()
             remaining = deadline - asyncio.get_running_loop().time()
@@ -334,6 +339,14 @@ class _MemoryConsumer(LogConsumer):
         self._check_claim()
         self._target.records.pop(record.sequence, None)
         self._target.deliveries.pop(record.sequence, None)
+
+    async def ack_many(self, records: list[LogRecord]) -> None:
+        await self._owner._io()
+        self._check_claim()
+        live, deliveries = self._target.records, self._target.deliveries
+        for record in records:
+            live.pop(record.sequence, None)
+            deliveries.pop(record.sequence, None)
 
     async def release(self) -> None:
         await self._owner._io()

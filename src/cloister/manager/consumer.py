@@ -50,7 +50,12 @@ class PartitionConsumers:
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._room.set()
-        self._acks: asyncio.Queue[tuple[LogConsumer, LogRecord] | None] = asyncio.Queue()
+        # Acks are batched: the hot path appends, one task sends them.
+        self._to_ack: list[tuple[LogConsumer, LogRecord]] = []
+        self._acking = False
+        self._ack_wake = asyncio.Event()
+        self._acks_sent = asyncio.Event()
+        self._acks_sent.set()
         self._acker = supervisor.spawn(self._ack_loop(), "inbox acks")
 
     @property
@@ -101,7 +106,9 @@ class PartitionConsumers:
 
     def ack(self, consumer: LogConsumer, record: LogRecord) -> None:
         """Acknowledge ``record`` (its handler returned); never blocks."""
-        self._acks.put_nowait((consumer, record))
+        self._to_ack.append((consumer, record))
+        self._acks_sent.clear()
+        self._ack_wake.set()
 
     def forget(self) -> None:
         """A delivered record will not be acked by us (its partition moved away)."""
@@ -109,7 +116,9 @@ class PartitionConsumers:
 
     async def flush_acks(self) -> None:
         """Wait until every queued ack has been sent."""
-        await self._acks.join()
+        while self._to_ack or self._acking:
+            self._ack_wake.set()
+            await self._acks_sent.wait()
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -118,21 +127,32 @@ class PartitionConsumers:
 
     async def _ack_loop(self) -> None:
         while True:
-            item = await self._acks.get()
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            batch, self._to_ack = self._to_ack, []
+            self._acking = True
             try:
-                if item is not None:
-                    consumer, record = item
+                by_consumer: dict[LogConsumer, list[LogRecord]] = {}
+                for consumer, record in batch:
+                    by_consumer.setdefault(consumer, []).append(record)
+                for consumer, records in by_consumer.items():
                     try:
-                        await consumer.ack(record)
+                        await consumer.ack_many(records)
                     except BackendError as exc:
-                        # The partition moved or the medium is away: the record will be
-                        # delivered again to its next consumer, which skips it by sequence.
+                        # The partition moved or the medium is away: these records will be
+                        # delivered again to the next consumer, which skips them by sequence.
                         log.info(
-                            "ack of %d/%d not sent: %s", record.partition, record.sequence, exc
+                            "%d ack(s) of partition %d not sent: %s",
+                            len(records),
+                            consumer.partition,
+                            exc,
                         )
-                    self._done()
             finally:
-                self._acks.task_done()
+                self._acking = False
+                for _ in batch:
+                    self._done()
+                if not self._to_ack:
+                    self._acks_sent.set()
 
     async def _fetch_loop(self, consumer: LogConsumer) -> None:
         while True:

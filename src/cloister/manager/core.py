@@ -931,7 +931,7 @@ class DynamicManager:
             self._deliver(
                 message.key, Message("cast", message.message, inbox=message, consumer=consumer)
             )
-        except UnknownWorkerError as exc:
+        except (UnknownWorkerError, TypeError) as exc:  # no such worker, or an unusable key
             assert self._consumers is not None
             self.counters["dead_letters"] += 1
             self._supervisor.spawn(self._consumers.park(consumer, message, str(exc), 0), "park")
