@@ -35,6 +35,8 @@ class Ledger:
     moved_latency: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
     sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    # Flow control for the producers: one slot per message sent and not yet handled.
+    room: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2048))
 
 
 class Orders(DynamicManager):
@@ -50,6 +52,7 @@ class Orders(DynamicManager):
     def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
         ledger = self.ledger
         sequence = int(message)
+        ledger.room.release()
         if sequence <= payload:
             ledger.duplicates += 1
             return Replace(payload)
@@ -113,7 +116,6 @@ class Demo:
         self.started = time.monotonic()
         self.sent = 0
         self.memory = backend.startswith("memory://")
-        self.window = 2048
         self.manager_cls: type[Orders] = type(
             "Orders", (Orders,), {"ledger": self.ledger, "key_count": keys}
         )
@@ -154,11 +156,9 @@ class Demo:
         counters = dict.fromkeys(keys, 0)
         quota = self.messages // lanes + (1 if lane < self.messages % lanes else 0)
         sent_at = self.ledger.sent_at
-        window = max(64, self.window // lanes)
+        room = self.ledger.room
         for n in range(quota):
-            # A steady stream, not one burst: keep at most `window` messages unhandled.
-            while self.sent - self.ledger.handled > window * lanes:
-                await asyncio.sleep(0.002)
+            await room.acquire()  # a steady stream, not one burst: bounded unhandled backlog
             key = keys[n % len(keys)]
             counters[key] += 1
             sequence = counters[key]
