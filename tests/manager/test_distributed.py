@@ -129,9 +129,7 @@ async def test_only_owned_ids_run_and_calls_are_routed(nodes: Nodes) -> None:
     for _ in range(5):
         await a.cast(remote, 1000)
     await eventually(
-        lambda: (
-            nodes.managers[a.owner_of(remote)].get(remote).payload >= before + 5000
-        )
+        lambda: nodes.managers[a.owner_of(remote)].get(remote).payload >= before + 5000
     )  # type: ignore[union-attr]
 
 

@@ -14,9 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import nats
 import pytest
 
-import nats
 from cloister import Cluster, ClusterInfo, State
 from cloister.errors import (
     BackendError,
