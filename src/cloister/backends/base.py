@@ -133,7 +133,7 @@ class PartitionBusyError(BackendError):
     """Another consumer holds this partition; it must be released or evicted first."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per delivered message, on the hot path
 class LogRecord:
     """One record as a consumer receives it. ``sequence`` grows within a partition."""
 

@@ -9,13 +9,17 @@ removed only after its worker's ``handle_cast`` returned.
 
 Messages that cannot be handled — undecodable, addressed to no worker, or failing
 ``max_attempts`` times — are parked in a dead-letter bucket with the reason, and the
-record is acknowledged: a poison message never blocks its partition.
+record is acknowledged: a poison message never blocks its partition. Broker messages a
+source could not turn into an inbox message are parked in the same bucket
+(:meth:`Inbox.park_raw`), with their raw body and the source's name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,8 @@ from cloister import wire
 from cloister.backends import Backend, KeyValue, Log, LogRecord
 from cloister.errors import CloisterError, ConfigurationError, WireFormatError
 from cloister.ring import key_hash
+
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9_=-]")
 
 
 class BackPressureError(CloisterError, TimeoutError):
@@ -37,7 +43,7 @@ def partition_key(partition: int) -> tuple[str, int]:
     return (PARTITION_KEY, partition)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per delivered message, on the hot path
 class InboxMessage:
     """A decoded inbox record."""
 
@@ -58,6 +64,8 @@ class DeadLetter:
     reason: str
     attempts: int
     at: float
+    raw: bytes | None = None  # the undecodable bytes, when the message could not be read
+    source: str | None = None  # the broker source that parked it (see cloister.sources)
 
 
 class Inbox:
@@ -80,7 +88,9 @@ class Inbox:
         self.partitions = partitions
         self.dedup_window = dedup_window
         self.replicas = replicas
-        self._producing = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self._producing = 0  # puts awaiting the backend's acknowledgement
+        self._room = asyncio.Event()
         self.log: Log | None = None
         self.dead: KeyValue | None = None
 
@@ -111,21 +121,27 @@ class Inbox:
             raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
         data = wire.encode([key, message, msg_id])
         partition = self.partition_of(key)
-        try:
-            if self._producing.locked():  # only a full node pays for the timeout
-                async with asyncio.timeout(timeout):
-                    await self._producing.acquire()
-            else:
-                await self._producing.acquire()
-        except TimeoutError:
-            raise BackPressureError(
-                f"inbox {self.name!r}: every in-flight slot stayed busy for "
-                f"{timeout}s; the cluster is not keeping up (add nodes or slow the producers)"
-            ) from None
+        if self._producing >= self.max_in_flight:
+            await self._wait_for_room(timeout)
+        self._producing += 1
         try:
             return await log.append(partition, data, msg_id=msg_id)
         finally:
-            self._producing.release()
+            self._producing -= 1
+            self._room.set()
+
+    async def _wait_for_room(self, timeout: float | None) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while self._producing >= self.max_in_flight:
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:
+            raise BackPressureError(
+                f"inbox {self.name!r}: all {self.max_in_flight} in-flight puts of this node "
+                f"stayed busy for {timeout}s; the cluster is not keeping up (add nodes or "
+                "slow the producers)"
+            ) from None
 
     def decode(self, record: LogRecord) -> InboxMessage:
         """Decode a record; :class:`WireFormatError` when malformed."""
@@ -173,6 +189,40 @@ class Inbox:
         )
         return letter
 
+    async def park_raw(
+        self, body: bytes, reason: str, *, source: str, msg_id: str | None = None
+    ) -> DeadLetter:
+        """Park a broker message that never became an inbox message (see ``cloister.sources``).
+
+        It has no key, so :meth:`replay` leaves it alone; :meth:`dead_letters` lists it with
+        its ``raw`` body and ``source``. Raises what the backend raises when it cannot store.
+        """
+        dead = self._require_dead()
+        safe = _UNSAFE_ID.sub("_", source)[:64] or "source"
+        letter = DeadLetter(
+            id=f"src-{safe}-{time.time_ns()}-{uuid.uuid4().hex[:8]}",
+            key=None,
+            message=None,
+            msg_id=msg_id,
+            reason=reason,
+            attempts=0,
+            at=time.time(),
+            raw=bytes(body),
+            source=source,
+        )
+        record = {
+            "key": None,
+            "message": None,
+            "msg_id": msg_id,
+            "reason": reason,
+            "attempts": 0,
+            "at": letter.at,
+            "raw": letter.raw,
+            "source": source,
+        }
+        await dead.put(letter.id, wire.encode(record))
+        return letter
+
     async def dead_letters(self) -> list[DeadLetter]:
         """Every parked message, oldest first."""
         dead = self._require_dead()
@@ -191,6 +241,8 @@ class Inbox:
                     reason=str(data.get("reason", "")),
                     attempts=int(data.get("attempts", 0)),
                     at=float(data.get("at", 0.0)),
+                    raw=_bytes_or_none(data.get("raw")),
+                    source=_str_or_none(data.get("source")),
                 )
             )
         return sorted(letters, key=lambda letter: letter.at)
@@ -222,3 +274,11 @@ class Inbox:
         if self.dead is None:
             raise CloisterError(f"inbox {self.name!r} is not open; the manager opens it on start")
         return self.dead
+
+
+def _bytes_or_none(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

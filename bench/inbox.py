@@ -1,0 +1,380 @@
+"""Benchmark: the durable inbox, side by side with a plain JetStream pull consumer.
+
+Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout):
+
+- nats-plain: the reference — a plain nats-py JetStream pull consumer with explicit acks
+  (no ordering, no affinity): publish N messages (pipelined), fetch + ack them all.
+- nats-inbox: pycloister on the same kind of server — 3 nodes (``Cluster`` +
+  ``DynamicManager``) in one process, N casts from all nodes, ordered per key, each acked
+  after its ``handle_cast`` returned. Messages/s from the first put to the last handled.
+- memory-inbox: the same on the embedded backend.
+- latency-memory / latency-nats: put -> ``handle_cast`` latency at half the measured max
+  rate (a paced producer); p50/p99.
+- pause-memory: pause of moved keys when a node leaves gracefully and when one is killed
+  (memory backend's crash injection): the largest put -> handled latency of messages for
+  keys that changed owner, under a steady stream.
+
+Run: ``python bench/inbox.py`` (or ``cloister bench inbox``); ``--quick`` for a smaller run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from _common import print_table, write_json
+
+KEYS = 1000
+
+
+# -- the manager under test ---------------------------------------------------------------
+
+
+def make_manager(record: dict[str, Any]) -> type:
+    from cloister import DynamicManager
+
+    class Sink(DynamicManager):
+        name = "bench"
+        partitions = 32
+
+        def children_specs(self) -> dict[str, Any]:
+            return {f"k{i}": {"timeout": 0, "payload": 0} for i in range(KEYS)}
+
+        def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+            record["handled"] += 1
+            sent = message[1]
+            if sent:
+                record["latency"].append(time.perf_counter() - sent)
+            if record["moved_since"] and id in record["moved"]:
+                record["moved_latency"].append(time.perf_counter() - sent)
+            return None
+
+    return Sink
+
+
+async def start_nodes(
+    backend: str, count: int, record: dict[str, Any], **options: Any
+) -> tuple[list[Any], list[Any]]:
+    from cloister import Cluster
+
+    manager_cls = make_manager(record)
+    clusters = [
+        Cluster(
+            "bench",
+            f"n{i}",
+            backend=backend,
+            heartbeat=options.get("heartbeat", 0.5),
+            failure_timeout=options.get("failure_timeout", 1.5),
+            backend_options=options.get("backend_options"),
+        )
+        for i in range(count)
+    ]
+    await asyncio.gather(*(c.start() for c in clusters))
+    managers = [await manager_cls.start(c) for c in clusters]
+    await asyncio.gather(*(c.wait_ready(30) for c in clusters))
+    while sum(len(m) for m in managers) < KEYS:
+        await asyncio.sleep(0.01)
+    return clusters, managers
+
+
+async def stop_nodes(clusters: list[Any], managers: list[Any]) -> None:
+    for manager, cluster in zip(managers, clusters, strict=True):
+        if not cluster.crashed:
+            await manager.stop()
+            await cluster.stop()
+        else:
+            await manager.stop()
+            await cluster.stop()
+
+
+async def throughput(backend: str, n: int, lanes: int = 128) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "handled": 0,
+        "latency": [],
+        "moved": set(),
+        "moved_since": 0,
+        "moved_latency": [],
+    }
+    clusters, managers = await start_nodes(backend, 3, record)
+    started = time.perf_counter()
+
+    async def lane(index: int) -> None:
+        for i in range(index, n, lanes):
+            await managers[i % 3].cast(f"k{i % KEYS}", [i, 0])
+
+    await asyncio.gather(*(lane(i) for i in range(lanes)))
+    stored = time.perf_counter()
+    while record["handled"] < n:
+        await asyncio.sleep(0.001)
+    done = time.perf_counter()
+    await stop_nodes(clusters, managers)
+    return {"messages": n, "put_per_s": n / (stored - started), "per_s": n / (done - started)}
+
+
+async def latency(backend: str, rate: float, seconds: float) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "handled": 0,
+        "latency": [],
+        "moved": set(),
+        "moved_since": 0,
+        "moved_latency": [],
+    }
+    clusters, managers = await start_nodes(backend, 3, record)
+    interval = 1.0 / rate
+    n = int(rate * seconds)
+    begin = time.perf_counter()
+    tasks = set()
+    for i in range(n):
+        due = begin + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.ensure_future(managers[i % 3].cast(f"k{i % KEYS}", [i, time.perf_counter()]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    while record["handled"] < n:
+        await asyncio.sleep(0.001)
+    await stop_nodes(clusters, managers)
+    values = sorted(record["latency"])
+    return {
+        "rate": rate,
+        "messages": n,
+        "p50_ms": values[len(values) // 2] * 1000,
+        "p99_ms": values[int(len(values) * 0.99)] * 1000,
+    }
+
+
+async def pause(kind: str) -> dict[str, Any]:
+    """Largest put -> handled latency of moved keys' messages across a leave or a crash."""
+    from cloister.backends.memory import world
+
+    record: dict[str, Any] = {
+        "handled": 0,
+        "latency": [],
+        "moved": set(),
+        "moved_since": 0,
+        "moved_latency": [],
+    }
+    url = f"memory://bench-pause-{kind}"
+    clusters, managers = await start_nodes(url, 3, record, heartbeat=0.2, failure_timeout=0.6)
+    victim = 1
+    record["moved"] = set(managers[victim].ids())
+    stop = asyncio.Event()
+    sent = 0
+
+    async def stream() -> None:
+        nonlocal sent
+        i = 0
+        while not stop.is_set():
+            live = [
+                m
+                for m, c in zip(managers, clusters, strict=True)
+                if not c.crashed and c.state.value != "stopped"
+            ]
+            try:
+                await live[i % len(live)].cast(f"k{i % KEYS}", [i, time.perf_counter()])
+                sent += 1
+            except Exception:  # a sender going down refuses (not acknowledged): next one
+                pass
+            i += 1
+            await asyncio.sleep(0.0005)
+
+    producer = asyncio.ensure_future(stream())
+    await asyncio.sleep(0.5)
+    record["moved_since"] = time.perf_counter()
+    changed = time.perf_counter()
+    if kind == "leave":
+        await managers[victim].stop()
+        await clusters[victim].stop()
+    else:
+        world(url.split("://")[1]).crash(f"n{victim}")
+    await asyncio.sleep(2.5 if kind == "crash" else 1.5)
+    stop.set()
+    await producer
+    while record["handled"] < sent:
+        await asyncio.sleep(0.01)
+        if time.perf_counter() - changed > 20:
+            break
+    await stop_nodes(clusters, managers)
+    worst = max(record["moved_latency"], default=0.0)
+    return {
+        "kind": kind,
+        "pause_s": worst,
+        "failure_timeout_s": 0.6,
+        "lost": sent - record["handled"],
+    }
+
+
+# -- the reference: plain nats-py -----------------------------------------------------------
+
+
+async def nats_plain(url: str, n: int) -> dict[str, Any]:
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="plain", subjects=["plain.>"], storage=StorageType.FILE))
+    started = time.perf_counter()
+    window = 256
+    for start in range(0, n, window):
+        await asyncio.gather(
+            *(
+                js.publish(f"plain.{i % 32}", b"x" * 16)
+                for i in range(start, min(n, start + window))
+            )
+        )
+    stored = time.perf_counter()
+    sub = await js.pull_subscribe(
+        "plain.>", durable="plain", config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT)
+    )
+    got = 0
+    while got < n:
+        msgs = await sub.fetch(256, timeout=5)
+        for msg in msgs:
+            await msg.ack()
+        got += len(msgs)
+    done = time.perf_counter()
+    await nc.close()
+    return {"messages": n, "put_per_s": n / (stored - started), "per_s": n / (done - started)}
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def run_child(
+    case: str, args: argparse.Namespace, url: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", case, "--messages", str(args.messages)]
+    if url:
+        command += ["--url", url]
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    case = args.child
+    if case == "nats-plain":
+        out = asyncio.run(nats_plain(args.url, args.messages))
+    elif case == "nats-inbox":
+        out = asyncio.run(throughput(args.url, args.messages))
+    elif case == "memory-inbox":
+        out = asyncio.run(throughput("memory://bench-inbox", args.messages))
+    elif case == "latency-memory":
+        out = asyncio.run(latency("memory://bench-latency", args.rate, args.seconds))
+    elif case == "latency-nats":
+        out = asyncio.run(latency(args.url, args.rate, args.seconds))
+    elif case in ("pause-leave", "pause-crash"):
+        out = asyncio.run(pause(case.split("-")[1]))
+    else:
+        raise SystemExit(f"unknown case {case}")
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child")
+    parser.add_argument("--url")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.messages = 20_000
+    from cloister.testing import NatsServer
+
+    results: dict[str, Any] = {}
+    with NatsServer() as server:
+        results["nats_plain"] = run_child("nats-plain", args, server.url)
+    with NatsServer() as server:
+        results["nats_inbox"] = run_child("nats-inbox", args, server.url)
+    results["memory_inbox"] = run_child("memory-inbox", args)
+    memory_rate = results["memory_inbox"]["per_s"] / 2
+    nats_rate = results["nats_inbox"]["per_s"] / 2
+    results["latency_memory"] = run_child("latency-memory", args, rate=memory_rate, seconds=3)
+    with NatsServer() as server:
+        results["latency_nats"] = run_child(
+            "latency-nats", args, server.url, rate=nats_rate, seconds=3
+        )
+    results["pause_leave"] = run_child("pause-leave", args)
+    results["pause_crash"] = run_child("pause-crash", args)
+
+    ratio = results["nats_inbox"]["per_s"] / results["nats_plain"]["per_s"]
+    rows = [
+        [
+            "throughput on NATS, 3 nodes, ordered per key",
+            f"{results['nats_inbox']['per_s']:,.0f} msg/s",
+            f"{results['nats_plain']['per_s']:,.0f} msg/s (plain pull+ack)",
+            ">= 50% of plain",
+            f"{ratio:.0%}",
+            ratio >= 0.5,
+        ],
+        [
+            "throughput on the memory backend",
+            f"{results['memory_inbox']['per_s']:,.0f} msg/s",
+            "-",
+            ">= 100,000 msg/s",
+            "-",
+            results["memory_inbox"]["per_s"] >= 100_000,
+        ],
+        [
+            f"p99 put->handled at half max (NATS, {nats_rate:,.0f}/s)",
+            f"{results['latency_nats']['p99_ms']:.1f} ms",
+            "-",
+            "<= 50 ms",
+            "-",
+            results["latency_nats"]["p99_ms"] <= 50,
+        ],
+        [
+            f"p99 put->handled at half max (memory, {memory_rate:,.0f}/s)",
+            f"{results['latency_memory']['p99_ms']:.1f} ms",
+            "-",
+            "<= 5 ms",
+            "-",
+            results["latency_memory"]["p99_ms"] <= 5,
+        ],
+        [
+            "pause of moved keys, graceful leave",
+            f"{results['pause_leave']['pause_s'] * 1000:.0f} ms",
+            "-",
+            "<= 1 s",
+            "-",
+            results["pause_leave"]["pause_s"] <= 1,
+        ],
+        [
+            "pause of moved keys, kill -9 (failure timeout 0.6 s)",
+            f"{results['pause_crash']['pause_s'] * 1000:.0f} ms",
+            "-",
+            "<= 1.6 s",
+            "-",
+            results["pause_crash"]["pause_s"] <= 1.6,
+        ],
+    ]
+    print_table(
+        "durable inbox", ["figure", "pycloister", "reference", "target", "ratio", "met"], rows
+    )
+    path = write_json("inbox", {"messages": args.messages, "results": results, "nats_ratio": ratio})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
