@@ -1,0 +1,514 @@
+"""What every source does: decode, key, store durably, and only then acknowledge.
+
+A source takes messages from a broker queue, turns each into ``(key, message, msg_id)``
+with your key function, puts it into the manager's durable inbox with
+``manager.cast(key, message, msg_id=msg_id)`` and acknowledges the broker only once the
+inbox has stored it. Run one on every node: the broker spreads its messages over them,
+and the inbox brings each message to the node that owns its key.
+
+The key function::
+
+    def key(body: Any, meta: SourceMessage) -> tuple[key, message] | tuple[key, message, msg_id]
+
+``body`` is the decoded body (``decode="json"`` by default); ``meta`` carries the raw
+body, headers, subject or routing key, the redelivery flag and the broker's message id.
+Return the worker id and the message for its ``handle_cast``; a third item overrides the
+message id used to drop duplicates (the default comes from the broker, see each source;
+``None`` turns deduplication off). For example::
+
+    def key(body, meta):
+        return body["order"], {"qty": body["qty"]}, f"order-{body['order']}-{body['seq']}"
+
+It runs synchronously on the event loop, in delivery order: keep it fast and pure.
+
+What happens to a message:
+
+- Stored: acknowledged (``counters["stored"]``).
+- Malformed (the body does not decode, the key function raises or returns something that
+  is not a key and a message, the inbox cannot encode the message): parked in the inbox's
+  dead letters with the reason and the raw body (``manager.dead_letters()``), then
+  acknowledged (``counters["parked"]``). It never stops the source or blocks the queue.
+- The inbox cannot store it right now (backend unreachable, back-pressure): it is *not*
+  acknowledged. The source retries in place with backoff (``counters["failed"]`` counts
+  the failed attempts) and after ``requeue_after`` seconds gives it back to the broker
+  (``counters["released"]``) so that any node may take it. Nothing the broker hears
+  acknowledged from us is ever lost; a message that is stored but whose ack is lost comes
+  back, and its message id makes the inbox drop the copy.
+
+Per-key order: messages a node receives are stored in delivery order per key (different
+keys are stored concurrently). Several nodes take from one queue at once, so two messages
+for the same key that are in flight on two nodes at the same moment can be stored in
+either order, and a message given back to the broker is stored after the ones behind it.
+When the order of a key's messages matters beyond that, see each source's options (for
+RabbitMQ, ``single_active_consumer=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypedDict
+
+from cloister._tasks import Supervisor, wait_event
+from cloister.errors import (
+    CloisterError,
+    ConfigurationError,
+    NotRunningError,
+    WireFormatError,
+)
+from cloister.ring import key_hash
+from cloister.sources.decoding import Decoder, resolve_decoder
+
+if TYPE_CHECKING:
+    from cloister.manager import DynamicManager
+    from cloister.store.inbox import Inbox
+
+
+class SourceError(CloisterError):
+    """A source could not connect to its broker or set up its queue or consumer."""
+
+
+class MissingDependencyError(CloisterError, ImportError):
+    """A source needs a package that is not installed (the message names the extra)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    """What the key function learns about a broker message besides its decoded body."""
+
+    source: str  # the source's name
+    body: bytes  # the raw body
+    msg_id: str | None  # the broker's message id (the default dedup id), if any
+    subject: str | None = None  # NATS subject, or the AMQP routing key
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False  # the broker delivered it before (to us or another node)
+    sequence: int | None = None  # JetStream stream sequence (None on RabbitMQ)
+    content_type: str | None = None
+    raw: Any = None  # the client library's own message object
+
+
+KeyResult = tuple[Any, Any] | tuple[Any, Any, str | None]
+KeyFunction = Callable[[Any, SourceMessage], KeyResult]
+"""``key(body, meta)`` -> ``(key, message)`` or ``(key, message, msg_id)``."""
+
+
+class SourceOptions(TypedDict, total=False):
+    """The options every source takes (see :class:`Source`)."""
+
+    decode: str | Decoder
+    name: str
+    put_timeout: float
+    retry_backoff: tuple[float, float]
+    requeue_after: float
+    drain_timeout: float
+
+
+class Delivery(ABC):
+    """One broker message on its way into the inbox."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: SourceMessage) -> None:
+        self.meta = meta
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Tell the broker the message is safe with us."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give the message back to the broker unacknowledged, for any node to take."""
+
+    async def touch(self) -> None:  # noqa: B027 - optional hook
+        """We still work on it (JetStream: postpone redelivery)."""
+
+    def stale(self) -> bool:
+        """The broker already took it back (its channel closed): do not store it now."""
+        return False
+
+
+class _Job:
+    __slots__ = ("delivery", "key", "message", "msg_id", "reason")
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        key: Any = None,
+        message: Any = None,
+        msg_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.delivery = delivery
+        self.key = key
+        self.message = message
+        self.msg_id = msg_id
+        self.reason = reason  # set: park instead of store
+
+
+_PARKING = object()  # the lane of messages on their way to the dead letters
+
+# The inbox refused the message itself: retrying cannot help, so it is parked.
+_REFUSED = (WireFormatError, ConfigurationError, TypeError)
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: message`` for dead-letter reasons and logs."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and errors)."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+class Source(ABC):
+    """Base of the broker sources: lanes per key, store-then-ack, parking, retries.
+
+    Options common to all sources:
+
+    - ``key``: the key function (see the module documentation).
+    - ``decode``: ``"json"`` (default), ``"msgpack"``, ``"bytes"`` (the body as is) or a
+      function ``bytes -> value``.
+    - ``name``: names the source in logs (``cloister.sources.<name>``) and dead letters.
+    - ``put_timeout``: seconds one inbox put may wait for back-pressure (default 30).
+    - ``retry_backoff``: ``(first, max)`` seconds between attempts to store (0.05, 2).
+    - ``requeue_after``: seconds of failed attempts after which the message is given back
+      to the broker (default 10; 0 gives it back after the first failure and a backoff).
+    - ``drain_timeout``: seconds :meth:`stop` lets messages in flight finish (default 5).
+
+    ``counters``: ``received``, ``stored``, ``parked``, ``failed`` (failed attempts to
+    store), ``released`` (given back unacknowledged), ``ack_errors``.
+    """
+
+    kind: ClassVar[str] = "source"
+
+    def __init__(
+        self,
+        manager: DynamicManager,
+        *,
+        key: KeyFunction,
+        name: str,
+        decode: str | Decoder = "json",
+        put_timeout: float = 30.0,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
+        requeue_after: float = 10.0,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        if not callable(key):
+            raise ConfigurationError(
+                f"key must be a function (body, meta) -> (key, message), got {key!r}"
+            )
+        if len(retry_backoff) != 2 or not 0 < retry_backoff[0] <= retry_backoff[1]:
+            raise ConfigurationError(
+                f"retry_backoff must be (first, max) > 0, got {retry_backoff!r}"
+            )
+        for option, value in (
+            ("put_timeout", put_timeout),
+            ("requeue_after", requeue_after),
+            ("drain_timeout", drain_timeout),
+        ):
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigurationError(f"{option} must be a number >= 0, got {value!r}")
+        self.manager = manager
+        self.name = name
+        self.log = logging.getLogger(f"cloister.sources.{name}")
+        self.put_timeout = put_timeout
+        self.retry_backoff = retry_backoff
+        self.requeue_after = requeue_after
+        self.drain_timeout = drain_timeout
+        self._key = key
+        self._decoder_name, self._decode = resolve_decoder(decode)
+        self.counters: dict[str, int] = {
+            "received": 0,
+            "stored": 0,
+            "parked": 0,
+            "failed": 0,
+            "released": 0,
+            "ack_errors": 0,
+        }
+        self.state = "new"  # -> running -> stopping -> stopped
+        self._lanes: dict[Any, deque[_Job]] = {}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._supervisor = Supervisor(f"source {name}")
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, manager: DynamicManager, /, **options: Any) -> Self:
+        """Create the source (the class's keyword arguments) and start consuming."""
+        source = cls(manager, **options)
+        await source.open()
+        return source
+
+    async def open(self) -> None:
+        """Connect to the broker and start consuming (what :meth:`start` and ``async with`` do)."""
+        if self.state != "new":
+            raise NotRunningError(f"source {self.name!r} is {self.state}; it can start only once")
+        if getattr(self.manager, "_inbox", None) is None:
+            raise ConfigurationError(
+                f"source {self.name!r}: the manager has no durable inbox; start it in a "
+                "cluster (DynamicManager.start(cluster)) with durable=True"
+            )
+        self.state = "running"
+        try:
+            await self._connect()
+        except BaseException:
+            self.state = "stopping"
+            self._stopping.set()
+            await self._supervisor.close()
+            await self._disconnect()
+            self.state = "stopped"
+            raise
+        self.log.info("source %s started", self.name)
+
+    async def stop(self) -> None:
+        """Stop taking messages; let those in flight finish (``drain_timeout``), then close.
+
+        What did not finish stays unacknowledged and is given back to the broker.
+        """
+        if self.state in ("stopping", "stopped"):
+            return
+        if self.state == "new":
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        self._stopping.set()
+        try:
+            try:
+                await self._stop_intake()
+            except Exception as exc:
+                self.log.warning("source %s: stopping the consumer failed: %s", self.name, exc)
+            if not await wait_event(self._idle, self.drain_timeout):
+                self.log.warning(
+                    "source %s: %d message(s) still in flight after %ss; leaving them "
+                    "unacknowledged",
+                    self.name,
+                    self._in_flight,
+                    self.drain_timeout,
+                )
+            await self._supervisor.close()
+            leftovers = [job for lane in self._lanes.values() for job in lane]
+            self._lanes.clear()
+            self._in_flight = 0
+            for job in leftovers:
+                await self._release(job, quiet=True)
+        finally:
+            await self._disconnect()
+            self.state = "stopped"
+            self.log.info("source %s stopped (%s)", self.name, self.counters)
+
+    async def __aenter__(self) -> Self:
+        if self.state == "new":
+            await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages received and neither acknowledged nor given back yet."""
+        return self._in_flight
+
+    # -- for the broker-specific subclasses -------------------------------------------------
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Connect and start consuming; deliveries go to :meth:`_accept`."""
+
+    @abstractmethod
+    async def _stop_intake(self) -> None:
+        """Stop receiving new deliveries (in-flight ones may still be acked)."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None:
+        """Close what :meth:`_connect` opened (safe to call after a failed connect)."""
+
+    def _accept(self, delivery: Delivery) -> None:
+        """A delivery arrived: decode and key it now (in order), store it in its key's lane."""
+        self.counters["received"] += 1
+        if self.state != "running":  # arrived while stopping: give it back at once
+            self._spawn_release(_Job(delivery))
+            return
+        meta = delivery.meta
+        try:
+            body = self._decode(meta.body)
+        except Exception as exc:
+            reason = f"undecodable body ({self._decoder_name}): {describe(exc)}"
+            self._enqueue(_PARKING, _Job(delivery, msg_id=meta.msg_id, reason=reason))
+            return
+        try:
+            key, message, msg_id = self._apply_key(body, meta)
+        except _Malformed as exc:
+            self._enqueue(_PARKING, _Job(delivery, msg_id=meta.msg_id, reason=str(exc)))
+            return
+        self._enqueue(key, _Job(delivery, key, message, msg_id))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _apply_key(self, body: Any, meta: SourceMessage) -> tuple[Any, Any, str | None]:
+        try:
+            result = self._key(body, meta)
+        except Exception as exc:
+            raise _Malformed(f"key function raised {describe(exc)}") from None
+        if not isinstance(result, tuple | list) or len(result) not in (2, 3):
+            raise _Malformed(
+                "key function returned "
+                f"{type(result).__name__}; expected (key, message) or (key, message, msg_id)"
+            )
+        key, message = result[0], result[1]
+        msg_id = result[2] if len(result) == 3 else meta.msg_id
+        if msg_id is not None and not isinstance(msg_id, str):
+            raise _Malformed(f"key function returned a msg_id of type {type(msg_id).__name__}")
+        try:
+            key_hash(key)
+        except TypeError as exc:
+            raise _Malformed(f"key function returned a key the ring cannot place: {exc}") from None
+        return key, message, msg_id
+
+    def _enqueue(self, lane_key: Any, job: _Job) -> None:
+        self._in_flight += 1
+        lane = self._lanes.get(lane_key)
+        if lane is not None:
+            lane.append(job)
+            return
+        lane = self._lanes[lane_key] = deque((job,))
+        self._idle.clear()
+        self._supervisor.spawn(self._run_lane(lane_key, lane), "lane")
+
+    async def _run_lane(self, lane_key: Any, lane: deque[_Job]) -> None:
+        while lane:
+            job = lane[0]
+            try:
+                await self._process(job)
+            except Exception:  # a bug of ours must not wedge the key's lane
+                self.log.exception("source %s: handling %s failed", self.name, _label(job))
+                await self._release(job)
+            lane.popleft()
+            self._in_flight -= 1
+            self._job_done()
+        del self._lanes[lane_key]
+        if not self._lanes:
+            self._idle.set()
+
+    def _job_done(self) -> None:  # noqa: B027 - optional hook
+        """A message left our hands (hook for sources that pace their intake)."""
+
+    def _inbox(self) -> Inbox:
+        inbox = self.manager._inbox
+        if inbox is None:
+            raise NotRunningError(f"manager {self.manager.manager_name} has no inbox right now")
+        return inbox
+
+    async def _process(self, job: _Job) -> None:
+        delivery = job.delivery
+        pause, longest = self.retry_backoff
+        first_failure: float | None = None
+        while True:
+            if delivery.stale():
+                self.log.debug("source %s: %s went back to the broker", self.name, _label(job))
+                return
+            try:
+                if job.reason is None:
+                    await self.manager.cast(
+                        job.key, job.message, msg_id=job.msg_id, timeout=self.put_timeout
+                    )
+                else:
+                    await self._inbox().park_raw(
+                        delivery.meta.body, job.reason, source=self.name, msg_id=job.msg_id
+                    )
+                break
+            except Exception as exc:
+                if job.reason is None and isinstance(exc, _REFUSED):
+                    job.reason = f"the inbox refused it: {describe(exc)}"
+                    continue
+                self.counters["failed"] += 1
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    self.log.warning(
+                        "source %s: could not store %s (%s); it stays unacknowledged, retrying",
+                        self.name,
+                        _label(job),
+                        describe(exc),
+                    )
+                else:
+                    self.log.debug("source %s: still failing: %s", self.name, describe(exc))
+                give_back = now - first_failure >= self.requeue_after
+                if not give_back:
+                    await self._touch(delivery)
+                # back off before giving it back too: the broker may hand it to us at once
+                if await wait_event(self._stopping, pause) or give_back:
+                    await self._release(job)
+                    return
+                pause = min(pause * 2, longest)
+        if first_failure is not None:
+            self.log.info("source %s: stored %s after retrying", self.name, _label(job))
+        if job.reason is None:
+            self.counters["stored"] += 1
+        else:
+            self.counters["parked"] += 1
+            self.log.warning("source %s: parked %s: %s", self.name, _label(job), job.reason)
+        try:
+            await delivery.ack()
+        except Exception as exc:
+            self.counters["ack_errors"] += 1
+            self.log.warning(
+                "source %s: ack of %s failed (%s); the broker will deliver it again (the "
+                "inbox drops the copy when it has a msg_id)",
+                self.name,
+                _label(job),
+                describe(exc),
+            )
+
+    async def _touch(self, delivery: Delivery) -> None:
+        try:
+            await delivery.touch()
+        except Exception as exc:
+            self.log.debug("source %s: keep-alive failed: %s", self.name, describe(exc))
+
+    async def _release(self, job: _Job, *, quiet: bool = False) -> None:
+        self.counters["released"] += 1
+        if not quiet:
+            self.log.warning(
+                "source %s: gave %s back to the broker unacknowledged", self.name, _label(job)
+            )
+        try:
+            await job.delivery.release()
+        except Exception as exc:  # the channel is gone: the broker has it back anyway
+            self.log.debug("source %s: release failed: %s", self.name, describe(exc))
+
+    def _spawn_release(self, job: _Job) -> None:
+        try:
+            self._supervisor.spawn(self._release(job, quiet=True), "release")
+        except RuntimeError:  # closed: the broker takes it back when we disconnect
+            self.counters["released"] += 1
+
+
+class _Malformed(Exception):
+    """The key function's answer cannot become an inbox message (the text is the reason)."""
+
+
+def _label(job: _Job) -> str:
+    meta = job.delivery.meta
+    if job.msg_id is not None:
+        return f"message {job.msg_id!r}"
+    if meta.sequence is not None:
+        return f"message #{meta.sequence}"
+    return f"a message for key {job.key!r}" if job.reason is None else "a message"

@@ -1,0 +1,252 @@
+"""A NATS JetStream stream (one you already have) as a source.
+
+Every node runs the source with the same ``durable`` name: they share one durable pull
+consumer, and JetStream hands each message to one of them::
+
+    def key(body, meta):                      # meta.subject, meta.sequence, meta.headers
+        return body["key"], body["seq"]
+
+    source = await JetStreamSource.start(
+        manager, servers="nats://127.0.0.1:4222", stream="ORDERS", subject="orders.>",
+        durable="orders-inbox", key=key,
+    )
+
+A message is acknowledged only after the inbox stored it; a malformed one is parked and
+acknowledged; one the inbox cannot take right now stays unacknowledged (kept alive with
+``in_progress``), is retried and then given back with ``nak`` so any node may take it. The
+default message id is the ``Nats-Msg-Id`` header when the publisher set one, otherwise
+``"<stream>:<stream sequence>"``, which is the same on every redelivery: a message stored
+twice (its ack lost) is dropped by the inbox the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Unpack
+
+import nats
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from cloister._tasks import wait_event
+from cloister.errors import ConfigurationError
+from cloister.sources.base import (
+    Delivery,
+    KeyFunction,
+    Source,
+    SourceError,
+    SourceMessage,
+    SourceOptions,
+    describe,
+)
+
+if TYPE_CHECKING:
+    from cloister.manager import DynamicManager
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class _JetStreamDelivery(Delivery):
+    __slots__ = ("msg",)
+
+    def __init__(self, meta: SourceMessage, msg: Any) -> None:
+        super().__init__(meta)
+        self.msg = msg
+
+    async def ack(self) -> None:
+        await self.msg.ack()
+
+    async def release(self) -> None:
+        await self.msg.nak()
+
+    async def touch(self) -> None:
+        await self.msg.in_progress()
+
+
+class JetStreamSource(Source):
+    """Messages from a JetStream stream into the manager's inbox, through a durable consumer.
+
+    - ``servers``: NATS URL(s) (default ``nats://127.0.0.1:4222``), or ``nc``: a connected
+      ``nats.aio.client.Client`` of yours (then it is not closed on stop).
+    - ``stream``: the stream, which must exist; ``subject``: a filter inside it (default:
+      all of it).
+    - ``durable``: the consumer's name, the same on every node (default ``"cloister"``).
+      Created if missing (explicit acks, unlimited deliveries, ``ack_wait``,
+      ``max_ack_pending``, from the start of the stream); an existing one is used as it is.
+    - ``batch``: messages per fetch (default 100); ``max_in_flight``: messages this node
+      holds unacknowledged at most (default 2 x batch).
+    - plus the options of :class:`~cloister.sources.Source` (``key``, ``decode``, ...).
+    """
+
+    kind = "jetstream"
+
+    def __init__(
+        self,
+        manager: DynamicManager,
+        servers: str | list[str] = "nats://127.0.0.1:4222",
+        *,
+        stream: str,
+        key: KeyFunction,
+        subject: str | None = None,
+        durable: str = "cloister",
+        nc: Any = None,
+        batch: int = 100,
+        max_in_flight: int | None = None,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 1000,
+        fetch_timeout: float = 1.0,
+        **options: Unpack[SourceOptions],
+    ) -> None:
+        for option, value in (("stream", stream), ("durable", durable)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
+        if not isinstance(batch, int) or batch < 1:
+            raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
+        max_in_flight = 2 * batch if max_in_flight is None else max_in_flight
+        if not isinstance(max_in_flight, int) or max_in_flight < batch:
+            raise ConfigurationError(
+                f"max_in_flight must be an int >= batch, got {max_in_flight!r}"
+            )
+        if not ack_wait > 0 or not fetch_timeout > 0:
+            raise ConfigurationError("ack_wait and fetch_timeout must be > 0 seconds")
+        options.setdefault("name", f"jetstream.{stream}.{durable}")
+        super().__init__(manager, key=key, **options)
+        self.servers = servers
+        self.stream = stream
+        self.subject = subject
+        self.durable = durable
+        self.batch = batch
+        self.max_in_flight = max_in_flight
+        self.ack_wait = ack_wait
+        self.max_ack_pending = max_ack_pending
+        self.fetch_timeout = fetch_timeout
+        self._nc: Any = nc
+        self._owns_nc = nc is None
+        self._sub: Any = None
+        self._pulling: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+
+    async def _connect(self) -> None:
+        if self._nc is None:
+            try:
+                self._nc = await nats.connect(
+                    self.servers, max_reconnect_attempts=-1, name=f"cloister {self.name}"
+                )
+            except Exception as exc:
+                raise SourceError(
+                    f"source {self.name}: cannot connect to NATS at {self.servers} "
+                    f"({describe(exc)}); is the server running?"
+                ) from exc
+        js = self._nc.jetstream()
+        try:
+            await js.stream_info(self.stream)
+        except NotFoundError:
+            raise SourceError(
+                f"source {self.name}: stream {self.stream!r} does not exist; a JetStream "
+                "source reads a stream you created"
+            ) from None
+        await self._ensure_consumer(js)
+        self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        self._pulling = self._supervisor.spawn(self._pull_loop(), "fetch")
+
+    async def _ensure_consumer(self, js: Any) -> None:
+        try:
+            info = await js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            config = api.ConsumerConfig(
+                durable_name=self.durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,  # never let the server drop a message we did not store
+                max_ack_pending=self.max_ack_pending,
+                filter_subject=self.subject,
+            )
+            try:
+                await js.add_consumer(self.stream, config=config)
+            except Exception as exc:  # another node may have created it a moment ago
+                try:
+                    await js.consumer_info(self.stream, self.durable)
+                except NotFoundError:
+                    raise SourceError(
+                        f"source {self.name}: cannot create consumer {self.durable!r} on "
+                        f"stream {self.stream!r} ({describe(exc)})"
+                    ) from exc
+            return
+        wanted = self.subject
+        have = info.config.filter_subject
+        if wanted is not None and have != wanted:
+            self.log.warning(
+                "source %s: consumer %s exists with filter %r, not %r; using it as it is",
+                self.name,
+                self.durable,
+                have,
+                wanted,
+            )
+
+    async def _pull_loop(self) -> None:
+        pause, longest = self.retry_backoff
+        while self.state == "running":
+            room = self.max_in_flight - self.in_flight
+            if room < self.batch:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception as exc:
+                self.log.warning("source %s: fetch failed: %s", self.name, describe(exc))
+                await wait_event(self._stopping, pause)
+                pause = min(pause * 2, longest)
+                continue
+            pause = self.retry_backoff[0]
+            for msg in msgs:
+                self._accept(self._delivery(msg))
+
+    def _delivery(self, msg: Any) -> _JetStreamDelivery:
+        metadata = msg.metadata
+        headers = msg.headers or {}
+        sequence = metadata.sequence.stream
+        msg_id = headers.get(MSG_ID_HEADER) or f"{metadata.stream}:{sequence}"
+        meta = SourceMessage(
+            source=self.name,
+            body=msg.data,
+            msg_id=msg_id,
+            subject=msg.subject,
+            headers=headers,
+            redelivered=metadata.num_delivered > 1,
+            sequence=sequence,
+            content_type=headers.get("Content-Type"),
+            raw=msg,
+        )
+        return _JetStreamDelivery(meta, msg)
+
+    def _job_done(self) -> None:
+        if self.max_in_flight - self.in_flight >= self.batch:
+            self._room.set()
+
+    async def _stop_intake(self) -> None:
+        pulling, self._pulling = self._pulling, None
+        if pulling is None:
+            return
+        self._room.set()
+        # a fetch under way returns within fetch_timeout; what it brings is given back
+        done, _ = await asyncio.wait({pulling}, timeout=self.fetch_timeout + 1.0)
+        if not done:
+            pulling.cancel()
+
+    async def _disconnect(self) -> None:
+        sub, self._sub = self._sub, None
+        nc, self._nc = self._nc, None
+        try:
+            if sub is not None:
+                await sub.unsubscribe()  # the durable consumer stays, for the other nodes
+        except Exception as exc:
+            self.log.debug("source %s: unsubscribe: %s", self.name, describe(exc))
+        try:
+            if nc is not None and self._owns_nc:
+                await nc.close()
+        except Exception as exc:
+            self.log.debug("source %s: closing the connection: %s", self.name, describe(exc))
