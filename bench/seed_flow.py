@@ -53,7 +53,7 @@ def analyse(
     for key, expected in per_key.items():
         seen: set[int] = set()
         highest = 0
-        for start, end, seq, node in sorted(events.get(key, [])):
+        for _start, _end, seq, _node in sorted(events.get(key, [])):
             if seq not in seen:
                 if seq < highest:
                     out_of_order += 1
@@ -62,10 +62,11 @@ def analyse(
         distinct += len(seen)
         if len(seen) != expected:
             lost_keys.append(key)
-        spans = sorted(events.get(key, []))
-        for (s1, e1, _, n1), (s2, _e2, _, n2) in zip(spans, spans[1:], strict=False):
-            if n1 != n2 and s2 < e1:
+        latest_end: dict[str, float] = {}  # per node, the end of its latest handling
+        for start, end, _, node in sorted(events.get(key, [])):
+            if any(other != node and until > start for other, until in latest_end.items()):
                 overlaps += 1
+            latest_end[node] = max(end, latest_end.get(node, 0.0))
     nodes = {node for e in events.values() for *_, node in e}
     moved = sum(1 for e in events.values() if len({n for *_, n in e}) > 1)
     return {
