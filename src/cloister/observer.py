@@ -3,7 +3,9 @@
 An :class:`Observer` opens the cluster's backend under a reserved name (``_observer-...``)
 and never writes: it reads the member records (``members`` bucket), the published epoch
 and the sentry lease (``control`` bucket), and asks every member for its own view through
-the built-in ``cloister.info`` handler. A member that does not answer (dead, partitioned,
+the built-in ``cloister.info`` handler, and for its manager's figures through
+``cloister.manager.status`` (answered by nodes that ``cloister run`` an application; see
+:class:`ManagerStatus`). A member that does not answer (dead, partitioned,
 slow) is reported with the error instead of failing the whole picture. ``cloister status``
 is built on it::
 
@@ -30,14 +32,79 @@ from cloister.cluster.info import ClusterInfo
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.rpc import decode_reply, encode_request, failed
 from cloister.cluster.topology import EpochRecord, Topology
-from cloister.errors import BackendError, CloisterError, NotRunningError, WireFormatError
+from cloister.errors import (
+    BackendError,
+    CloisterError,
+    NotRunningError,
+    UnknownHandlerError,
+    WireFormatError,
+)
 
-__all__ = ["OBSERVER_PREFIX", "ClusterStatus", "MemberStatus", "Observer"]
+__all__ = [
+    "MANAGER_STATUS_HANDLER",
+    "OBSERVER_PREFIX",
+    "ClusterStatus",
+    "ManagerStatus",
+    "MemberStatus",
+    "Observer",
+]
 
 log = logging.getLogger("cloister.observer")
 
 OBSERVER_PREFIX = "_observer-"
 """Observers connect under ``_observer-<random>``: a name no member is given by default."""
+
+MANAGER_STATUS_HANDLER = "cloister.manager.status"
+"""The handler a node running an application answers with its :class:`ManagerStatus`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatus:
+    """What a node's manager reports: its live workers, counters and inbox depth.
+
+    ``workers`` counts the workers live on that node (the ids it owns); ``inbox_depth``
+    is the number of inbox messages stored and not yet handled — the manager's whole
+    inbox, over every node — or None when the manager has no inbox (standalone, or
+    ``durable = False``) or it could not be read.
+    """
+
+    manager: str
+    state: str
+    workers: int
+    counters: dict[str, int]
+    inbox_depth: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict with stable keys (the same as :meth:`to_wire`)."""
+        return self.to_wire()
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-able dict (the handler's answer)."""
+        return {
+            "manager": self.manager,
+            "state": self.state,
+            "workers": self.workers,
+            "counters": dict(self.counters),
+            "inbox_depth": self.inbox_depth,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> ManagerStatus:
+        """Parse :meth:`to_wire`'s dict; :class:`WireFormatError` if malformed."""
+        what = "manager status"
+        if not isinstance(data, dict):
+            raise WireFormatError(f"{what}: expected a map, got {type(data).__name__}")
+        counters = wire.field(data, "counters", dict, what)
+        depth = data.get("inbox_depth")
+        if depth is not None and not isinstance(depth, int):
+            raise WireFormatError(f"{what}: field 'inbox_depth' should be int or None")
+        return cls(
+            manager=wire.field(data, "manager", str, what),
+            state=wire.field(data, "state", str, what),
+            workers=wire.field(data, "workers", int, what),
+            counters={str(k): int(v) for k, v in counters.items() if isinstance(v, int)},
+            inbox_depth=depth,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +123,8 @@ class MemberStatus:
     share: float
     in_epoch: bool
     heartbeat_age: float | None
+    manager: ManagerStatus | None = None
+    """The node's manager, if it runs one and answered (``cloister run``); else None."""
 
     @property
     def state(self) -> str:
@@ -86,6 +155,9 @@ class MemberStatus:
             "started_at": None if record is None else record.started_at,
             "heartbeat_age": None if self.heartbeat_age is None else round(self.heartbeat_age, 3),
             "error": self.error,
+            "workers": None if self.manager is None else self.manager.workers,
+            "inbox_depth": None if self.manager is None else self.manager.inbox_depth,
+            "manager": None if self.manager is None else self.manager.to_json(),
         }
 
 
@@ -208,17 +280,33 @@ class Observer:
 
     async def info(self, node: str, *, timeout: float | None = None) -> ClusterInfo:
         """``node``'s own view (its ``cloister.info``); raises the error it produced."""
+        return ClusterInfo.from_wire(await self._ask(node, "cloister.info", timeout))
+
+    async def manager_status(
+        self, node: str, *, timeout: float | None = None
+    ) -> ManagerStatus | None:
+        """``node``'s manager (``cloister.manager.status``); None if it runs none.
+
+        Raises the error the node produced (unreachable, timeout, malformed answer).
+        """
+        try:
+            answer = await self._ask(node, MANAGER_STATUS_HANDLER, timeout)
+        except UnknownHandlerError:
+            return None
+        return ManagerStatus.from_wire(answer)
+
+    async def _ask(self, node: str, handler: str, timeout: float | None) -> Any:
         backend = self._require_backend()
         timeout = self.request_timeout if timeout is None else timeout
         try:
             reply = await backend.request(
-                node, encode_request("cloister.info", None, self.name), timeout=timeout
+                node, encode_request(handler, None, self.name), timeout=timeout
             )
         except Exception as exc:
             result = failed(node, exc)
         else:
             result = decode_reply(node, reply)
-        return ClusterInfo.from_wire(result.unwrap())
+        return result.unwrap()
 
     async def infos(self, nodes: list[str]) -> dict[str, ClusterInfo | CloisterError]:
         """``info`` of every node in ``nodes`` at once; an error in place of a failed one."""
@@ -232,6 +320,19 @@ class Observer:
         answers = await asyncio.gather(*(one(node) for node in nodes))
         return dict(zip(nodes, answers, strict=True))
 
+    async def managers(self, nodes: list[str]) -> dict[str, ManagerStatus | None]:
+        """``manager_status`` of every node at once; None for no manager or no answer."""
+
+        async def one(node: str) -> ManagerStatus | None:
+            try:
+                return await self.manager_status(node)
+            except CloisterError as exc:
+                log.debug("no manager status from %s: %s", node, exc)
+                return None
+
+        answers = await asyncio.gather(*(one(node) for node in nodes))
+        return dict(zip(nodes, answers, strict=True))
+
     async def status(self) -> ClusterStatus:
         """Everything at once: records, epoch, lease, and every member's own answer."""
         (records, problems), (epoch, holder, control_problems) = await asyncio.gather(
@@ -239,7 +340,8 @@ class Observer:
         )
         in_epoch = set() if epoch is None else set(epoch.members)
         names = sorted(set(records) | in_epoch)
-        answers = await self.infos([n for n in names if n in records])
+        live = [n for n in names if n in records]
+        answers, managers = await asyncio.gather(self.infos(live), self.managers(live))
         shares = {} if epoch is None else Topology.from_record(epoch).ring.shares()
         now = time.monotonic()
         members = []
@@ -258,6 +360,7 @@ class Observer:
                     share=shares.get(name, 0.0),
                     in_epoch=name in in_epoch,
                     heartbeat_age=None if beat is None else now - beat,
+                    manager=managers.get(name),
                 )
             )
         return ClusterStatus(

@@ -1,8 +1,9 @@
 """The ``cloister`` command line: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module (:mod:`.node`, :mod:`.status`, :mod:`.demo`,
-:mod:`.bench`) that adds its parser and names the function that runs it; this module
-builds the parser, sets up logging and turns failures into exit codes scripts can trust:
+Each subcommand lives in its own module (:mod:`.run`, :mod:`.dev`, :mod:`.node`,
+:mod:`.status`, :mod:`.demo`, :mod:`.bench`) that adds its parser and names the function
+that runs it; this module builds the parser, sets up logging and turns failures into exit
+codes scripts can trust:
 
 - ``0``: done;
 - ``1``: runtime failure (backend unreachable, refused credentials, no members, ...);
@@ -22,14 +23,21 @@ import traceback
 from collections.abc import Sequence
 
 from cloister import __version__
-from cloister.cli import bench, demo, node, status
-from cloister.cli.options import EXIT_FAILURE, EXIT_USAGE, UsageError, add_common, configure_logging
+from cloister.cli import bench, demo, node, run, status
+from cloister.cli.options import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UsageError,
+    add_common,
+    configure_logging,
+    log_level,
+)
 from cloister.errors import CloisterError, ConfigurationError
 
 __all__ = ["main"]
 
 EXIT_INTERRUPTED = 130
-_COMMANDS = (node, status, demo, bench)
+_COMMANDS = (run, node, status, demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with argparse's message on a usage error
-    configure_logging(args.log_level)
+    configure_logging(log_level(args))
     prog = f"cloister {args.command}"
     try:
         code: int = args.run(args)

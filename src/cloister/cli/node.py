@@ -1,5 +1,9 @@
 """``cloister node``: run one bare cluster node until SIGTERM or SIGINT (graceful leave).
 
+This module also holds what ``cloister run`` shares with it: the node options
+(:func:`add_node_options`), building the :class:`Cluster` from flags and environment
+(:func:`make_cluster`), the signal-driven lifecycle (:func:`serve`) and the event lines.
+
 The node prints one line per event to stdout, flushed at once, ``<kind> <fields> t=<T>``
 where ``T`` is ``time.monotonic()`` (one clock for every process of a machine, so event
 logs of several nodes can be merged). Fields are ``key=value`` without spaces; ``-`` stands
@@ -7,6 +11,8 @@ for "none"; member lists are comma-separated. The kinds:
 
 ``node <name> pid=<pid> starting cluster=<c> backend=<url> consensus=<k> groups=<g,h>``
     before connecting.
+``metrics port=<p>``
+    the Prometheus endpoint listens (``--metrics-port``), before connecting.
 ``node <name> pid=<pid> started cluster=<c>``
     joined (connected, member record written).
 ``state <from> -> <to> epoch=<n> members=<a,b,c> sentry=<s> fingerprint=<fp>``
@@ -19,6 +25,12 @@ for "none"; member lists are comma-separated. The kinds:
     this node starts / stops being the sentry holding the lease (checked every 50 ms).
 ``suspended reason=<why>``
     this node stopped claiming keys (``lease_lost``, ``short_of_consensus``, ``stopping``).
+``manager <name> started class=<module:Class>`` (``cloister run`` only)
+    the application's manager started (its workers start once the node is ready).
+``manager up workers=<n> epoch=<e>`` (``cloister run`` only)
+    the manager runs the ``n`` workers this node owns in epoch ``e`` (after each settle).
+``manager stopped handed_off=<n>`` (``cloister run`` only)
+    the manager handed its workers over and stopped, before the node leaves.
 ``node <name> pid=<pid> leaving`` then ``node <name> pid=<pid> stopped``
     graceful leave after a signal; the exit code is then 0.
 
@@ -36,12 +48,14 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import IO, Any
 
 from cloister.cli.options import (
     EXIT_OK,
+    UsageError,
     add_common,
     add_connection,
     add_target,
@@ -54,11 +68,19 @@ from cloister.cli.options import (
     resolve_target,
 )
 from cloister.cluster import Cluster, ClusterInfo, State, Topology
+from cloister.metrics import (
+    MetricsUnavailableError,
+    NodeMetrics,
+    require_prometheus,
+    serve_metrics,
+)
 
 log = logging.getLogger("cloister.cli")
 
 _LEASE_POLL = 0.05
-_EVENT = re.compile(r"^(node|state|sentry|epoch|lease|suspended) (.*) t=(\d+(?:\.\d+)?)$")
+_EVENT = re.compile(
+    r"^(node|state|sentry|epoch|lease|suspended|manager|metrics) (.*) t=(\d+(?:\.\d+)?)$"
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -71,6 +93,14 @@ def add_parser(commands: Any) -> None:
         "epoch to stdout (see `pydoc cloister.cli.node` for the format).",
     )
     add_target(parser)
+    add_node_options(parser)
+    add_connection(parser)
+    add_common(parser)
+    parser.set_defaults(run=run)
+
+
+def add_node_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one node (``node`` and ``run``): name, consensus, groups, timing."""
     node = parser.add_argument_group("node")
     node.add_argument("--name", help="this node's name (default $CLOISTER_NODE, or generated)")
     node.add_argument(
@@ -98,25 +128,51 @@ def add_parser(commands: Any) -> None:
     node.add_argument(
         "--weight", type=positive_float, metavar="W", help="share of the ring, relative (1.0)"
     )
-    add_connection(parser)
-    add_common(parser)
-    parser.set_defaults(run=run)
+    node.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default "
+        "$CLOISTER_METRICS_PORT; needs pip install 'pycloister[metrics]')",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build the node from ``args`` and the environment, run it until a signal."""
+def port_number(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
+    return value
+
+
+def make_cluster(args: argparse.Namespace, events: NodeEvents) -> Cluster:
+    """The node ``args`` and the environment describe, reporting to ``events``.
+
+    Also checks ``--metrics-port`` (``args.metrics_port`` is set from the environment),
+    so that a missing ``prometheus_client`` fails before anything connects.
+
+    Raises:
+        UsageError: a flag or variable is invalid (exit 2).
+    """
     backend, name = resolve_target(args)
     from_env(args, "name", "CLOISTER_NODE")
     from_env(args, "consensus", "CLOISTER_CONSENSUS", positive_int)
     from_env(args, "group", "CLOISTER_GROUPS", groups)
+    if from_env(args, "metrics_port", "CLOISTER_METRICS_PORT", port_number) is not None:
+        try:
+            require_prometheus()
+        except MetricsUnavailableError as exc:
+            raise UsageError(f"--metrics-port: {exc}") from None
     settings: dict[str, Any] = {
         "heartbeat": args.heartbeat,
         "failure_timeout": args.failure_timeout,
         "weight": args.weight,
         "consensus": args.consensus,
     }
-    events = NodeEvents()
-    cluster = Cluster(
+    return Cluster(
         name,
         args.name,
         backend=backend,
@@ -125,13 +181,43 @@ def run(args: argparse.Namespace) -> int:
         backend_options=connection_options(args),
         **{key: value for key, value in settings.items() if value is not None},
     )
-    return asyncio.run(serve(cluster, events))
 
 
-async def serve(cluster: Cluster, events: NodeEvents) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Build the node from ``args`` and the environment, run it until a signal."""
+    events = NodeEvents()
+    cluster = make_cluster(args, events)
+    return asyncio.run(serve(cluster, events, metrics_port=args.metrics_port))
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What an application attached to a running node may use (see :func:`serve`)."""
+
+    cluster: Cluster
+    events: NodeEvents
+    metrics: NodeMetrics | None
+
+
+Attach = Callable[[Node], AbstractAsyncContextManager[object]]
+"""Runs an application on a joined node: entered once joined, left when the node leaves
+(before the cluster stops), e.g. start a manager, and stop it with handoff on exit."""
+
+
+async def serve(
+    cluster: Cluster,
+    events: NodeEvents,
+    *,
+    attach: Attach | None = None,
+    metrics_port: int | None = None,
+) -> int:
     """Start ``cluster``, follow it until SIGTERM/SIGINT, leave gracefully; exit code.
 
-    A second signal while leaving cancels the leave (the node then expires instead).
+    ``attach`` runs an application while the node is up (``cloister run``'s manager);
+    ``metrics_port`` serves Prometheus metrics from before joining until the end. When
+    the application fails to start, the node still leaves gracefully before the error
+    is raised. A second signal while leaving cancels the leave (the node then expires
+    instead).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -150,35 +236,62 @@ async def serve(cluster: Cluster, events: NodeEvents) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     me = f"{cluster.node} pid={os.getpid()}"
     try:
-        events.emit(
-            f"node {me} starting cluster={cluster.name} "
-            f"backend={redact_url(cluster.backend_url)} consensus={cluster.consensus} "
-            f"groups={_names(cluster.groups)}"
-        )
-        cluster.add_hook(events)
-        starting = asyncio.ensure_future(cluster.start())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if not starting.done():  # a signal came before we had joined
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            events.emit(f"node {me} stopped before joining")
+        async with AsyncExitStack() as outer:
+            metrics = None
+            if metrics_port is not None:
+                metrics = await outer.enter_async_context(serve_metrics(cluster, port=metrics_port))
+                events.emit(f"metrics port={metrics.port}")
+            events.emit(
+                f"node {me} starting cluster={cluster.name} "
+                f"backend={redact_url(cluster.backend_url)} consensus={cluster.consensus} "
+                f"groups={_names(cluster.groups)}"
+            )
+            cluster.add_hook(events)
+            if not await _join(cluster, stop):
+                events.emit(f"node {me} stopped before joining")
+                return EXIT_OK
+            events.emit(f"node {me} started cluster={cluster.name}")
+            try:
+                async with AsyncExitStack() as running:
+                    await running.enter_async_context(_lease_watch(cluster, events))
+                    if attach is not None:
+                        await running.enter_async_context(attach(Node(cluster, events, metrics)))
+                    await stop.wait()
+                    events.emit(f"node {me} leaving")
+            except Exception:
+                await _leave_quietly(cluster)
+                raise
+            await cluster.stop()
+            events.emit(f"node {me} stopped")
             return EXIT_OK
-        starting.result()  # raises the start failure (wrong credentials, unreachable...)
-        events.emit(f"node {me} started cluster={cluster.name}")
-        async with _lease_watch(cluster, events):
-            await stop.wait()
-        events.emit(f"node {me} leaving")
-        await cluster.stop()
-        events.emit(f"node {me} stopped")
-        return EXIT_OK
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
+    """Start ``cluster`` unless ``stop`` comes first; False if it did (nothing joined)."""
+    starting = asyncio.ensure_future(cluster.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():  # a signal came before we had joined
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return False
+    starting.result()  # raises the start failure (wrong credentials, unreachable...)
+    return True
+
+
+async def _leave_quietly(cluster: Cluster) -> None:
+    """Leave after a failure, so the others need not wait for the record to expire."""
+    try:
+        await cluster.stop()
+    except Exception as exc:
+        log.warning("node %s could not leave cleanly after a failure: %s", cluster.node, exc)
 
 
 @contextlib.asynccontextmanager

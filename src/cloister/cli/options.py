@@ -9,10 +9,13 @@ variable                   flag                    meaning
 ``CLOISTER_BACKEND``       ``--backend``           ``nats://host:port[,host:port]`` or
                                                    ``memory://NAME``
 ``CLOISTER_CLUSTER``       ``--cluster``           the cluster's name
-``CLOISTER_NODE``          ``--name``              this node's name (``node`` only)
+``CLOISTER_NODE``          ``--name``              this node's name (``node``, ``run``)
 ``CLOISTER_CONSENSUS``     ``--consensus``         members needed before ``ready``
 ``CLOISTER_GROUPS``        ``--group``             comma-separated group names
-``CLOISTER_LOG_LEVEL``     ``--log-level``         debug, info, warning (default), error
+``CLOISTER_METRICS_PORT``  ``--metrics-port``      Prometheus endpoint (``node``, ``run``)
+``CLOISTER_APP``           ``APP``                 ``module:Class`` (``run``, ``dev``)
+``CLOISTER_LOG_LEVEL``     ``--log-level``         debug, info (``run``'s default), warning
+                                                   (the others' default), error
 ``CLOISTER_NATS_USER``     ``--user``              NATS user
 ``CLOISTER_NATS_PASSWORD`` ``--password``          NATS password (keeps it out of ``ps``)
 ``CLOISTER_NATS_TOKEN``    ``--token``             NATS token
@@ -63,9 +66,9 @@ def add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> N
         "--log-level",
         choices=LOG_LEVELS,
         type=str.lower,
-        default=os.environ.get("CLOISTER_LOG_LEVEL", "warning") if top_level else argparse.SUPPRESS,
-        help="log messages of this level and above go to stderr (default: warning, or "
-        "$CLOISTER_LOG_LEVEL)",
+        default=None if top_level else argparse.SUPPRESS,
+        help="log messages of this level and above go to stderr (default "
+        "$CLOISTER_LOG_LEVEL, else info for run and warning for the other commands)",
     )
     group.add_argument(
         "--debug",
@@ -73,6 +76,22 @@ def add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> N
         default=False if top_level else argparse.SUPPRESS,
         help="print the full traceback of a failure",
     )
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """The level to log at: ``--log-level``, else ``$CLOISTER_LOG_LEVEL``, else the
+    command's own default (``args.default_log_level``, set by the command), else warning.
+
+    ``args.log_level`` stays None when no flag was given (``dev`` passes only an
+    explicit level on to its nodes).
+    """
+    given = getattr(args, "log_level", None)
+    if given:
+        return str(given)
+    variable = os.environ.get("CLOISTER_LOG_LEVEL", "").strip().lower()
+    if variable in LOG_LEVELS:
+        return variable
+    return str(getattr(args, "default_log_level", "warning"))
 
 
 def configure_logging(level: str) -> None:

@@ -1,4 +1,8 @@
-"""``cloister status``: members, states, epoch, sentry and ring shares of a running cluster.
+"""``cloister status``: members, states, epoch, sentry, ring shares, workers of a cluster.
+
+Nodes running an application (``cloister run``) also report their manager: the workers
+live on that node and the manager's inbox depth (messages stored and not yet handled, over
+the whole cluster); other nodes show ``-`` there.
 
 Connects as an :class:`~cloister.observer.Observer` (never as a member). ``--json``
 prints one document with stable keys (see :meth:`ClusterStatus.to_json
@@ -48,10 +52,11 @@ def add_parser(commands: Any) -> None:
     """Register ``cloister status``."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "status",
-        help="show the members, states, epoch, sentry and ring shares of a cluster",
+        help="show the members, states, epoch, sentry, ring shares and workers of a cluster",
         description="Show a running cluster: one row per member with its state, adopted "
-        "and acknowledged epoch, sentry, share of the ring and last heartbeat. Connects as "
-        "an observer, never as a member. Exit code 1 if the cluster has no member.",
+        "and acknowledged epoch, sentry, share of the ring, last heartbeat, and for nodes "
+        "running an application (`cloister run`) its live workers and inbox depth. Connects "
+        "as an observer, never as a member. Exit code 1 if the cluster has no member.",
     )
     add_target(parser)
     output = parser.add_argument_group("display")
@@ -149,7 +154,7 @@ def render(status: ClusterStatus) -> Group:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("node", "state"):
         table.add_column(column)
-    for column in ("epoch", "acked", "sentry", "ring share", "heartbeat"):
+    for column in ("epoch", "acked", "sentry", "ring share", "heartbeat", "workers", "inbox"):
         table.add_column(column, justify="right")
     table.add_column("note", overflow="fold")
     published = None if epoch is None else epoch.epoch
@@ -161,7 +166,7 @@ def render(status: ClusterStatus) -> Group:
 
 
 def _row(member: MemberStatus, published: int | None, sentry: str | None) -> list[Text | str]:
-    info, record = member.info, member.record
+    info, record, manager = member.info, member.record, member.manager
     state = member.state
     adopted = "-" if info is None else str(info.epoch)
     notes = [member.error] if member.error else []
@@ -177,5 +182,7 @@ def _row(member: MemberStatus, published: int | None, sentry: str | None) -> lis
         "●" if member.node == sentry else "",
         f"{member.share:.1%}" if member.in_epoch else "-",
         "-" if member.heartbeat_age is None else f"{member.heartbeat_age:.1f}s ago",
+        "-" if manager is None else f"{manager.workers:,}",
+        "-" if manager is None or manager.inbox_depth is None else f"{manager.inbox_depth:,}",
         "; ".join(notes),
     ]

@@ -1,0 +1,266 @@
+"""``cloister run APP``: run your ``DynamicManager`` as one node of a cluster.
+
+``APP`` names the manager class: ``package.module:Class`` (imported with the current
+directory on ``sys.path``) or ``path/to/file.py:Class``. The node joins the cluster, starts
+``await Class.start(cluster)`` and runs until SIGTERM or SIGINT; then the manager hands
+its workers over (``await manager.stop()``) and the node leaves (``await
+cluster.stop()``): exit 0. Everything can come from the environment as well
+(``CLOISTER_APP``, ``CLOISTER_BACKEND``, ``CLOISTER_CLUSTER``, ``CLOISTER_NODE``, ...; see
+:mod:`cloister.cli.options`), as container deployments expect.
+
+Output: the event lines of ``cloister node`` (see :mod:`cloister.cli.node`) plus
+``manager ...`` lines on stdout; INFO logs (one line per topology change) on stderr.
+The node answers ``cloister.manager.status`` (live workers, counters, inbox depth) for
+``cloister status``; ``--metrics-port`` serves Prometheus metrics
+(:mod:`cloister.metrics`).
+
+Exit codes: 0 after a graceful leave; 1 when the backend is unreachable or the
+application fails (to import or to start); 2 when ``APP`` names no such module, file or
+attribute, or not a ``DynamicManager`` subclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from cloister.cli.node import Node, NodeEvents, add_node_options, make_cluster, serve
+from cloister.cli.options import (
+    UsageError,
+    add_common,
+    add_connection,
+    add_target,
+    from_env,
+)
+from cloister.cluster import Topology
+from cloister.errors import CloisterError
+from cloister.manager import DynamicManager
+from cloister.observer import MANAGER_STATUS_HANDLER, ManagerStatus
+
+_STATUS_DEPTH_TIMEOUT = 1.0
+
+
+class AppError(CloisterError):
+    """The application failed: its module raised on import, or ``start`` raised (exit 1)."""
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``cloister run``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "run",
+        help="run your DynamicManager (module:Class) as one node of a cluster",
+        description="Run APP, a DynamicManager subclass given as module:Class or "
+        "path/to/file.py:Class, as one node of a cluster until SIGTERM or SIGINT; then hand "
+        "its workers over and leave gracefully (exit 0). Prints the event lines of "
+        "`cloister node` plus `manager ...` lines; logs topology changes at INFO. Exit 2 if "
+        "APP cannot be found, 1 if the backend is unreachable or the application fails.",
+    )
+    parser.add_argument(
+        "app",
+        nargs="?",
+        metavar="APP",
+        help="module:Class or path/to/file.py:Class (default $CLOISTER_APP)",
+    )
+    add_target(parser)
+    add_node_options(parser)
+    add_connection(parser)
+    add_common(parser)
+    parser.set_defaults(run=run, default_log_level="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load APP, build the node from ``args`` and the environment, run until a signal."""
+    spec = from_env(args, "app", "CLOISTER_APP", required="APP")
+    app = load_app(spec)
+    events = NodeEvents()
+    cluster = make_cluster(args, events)
+    attach = functools.partial(_run_manager, app, spec)
+    return asyncio.run(serve(cluster, events, attach=attach, metrics_port=args.metrics_port))
+
+
+# -- loading the application ------------------------------------------------------------------
+
+
+def load_app(spec: str) -> type[DynamicManager]:
+    """The ``DynamicManager`` subclass ``spec`` (``module:Class`` or ``file.py:Class``) names.
+
+    Raises:
+        UsageError: no such module, file or attribute, or not a DynamicManager subclass.
+        AppError: the module itself raised while being imported.
+    """
+    target, _, attr = spec.strip().rpartition(":")
+    if not target or not attr:
+        raise UsageError(
+            f"APP {spec!r}: expected module:Class or path/to/file.py:Class, e.g. myapp:Processor"
+        )
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    module = _import_file(spec, target) if is_file else _import_module(spec, target)
+    found: Any = module
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise UsageError(
+                f"APP {spec!r}: {module.__name__} has no attribute {attr!r}{_candidates(module)}"
+            ) from None
+    if not (isinstance(found, type) and issubclass(found, DynamicManager)):
+        raise UsageError(
+            f"APP {spec!r}: {attr} is {_describe(found)}, not a DynamicManager subclass"
+            f"{_candidates(module)}"
+        )
+    return found
+
+
+def _import_module(spec: str, name: str) -> ModuleType:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as `python -m` does: the project's own modules come first
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            raise UsageError(
+                f"APP {spec!r}: no module named {missing!r} (looked in {cwd} and sys.path)"
+            ) from None
+        raise _import_failed(name, exc) from exc
+    except Exception as exc:
+        raise _import_failed(name, exc) from exc
+
+
+def _import_file(spec: str, target: str) -> ModuleType:
+    path = Path(target)
+    if not path.is_file():
+        raise UsageError(f"APP {spec!r}: no such file {target!r} (from {os.getcwd()})")
+    stem = path.stem
+    name = stem if stem.isidentifier() and stem not in sys.modules else f"_cloister_app_{id(path)}"
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so that the file can import its neighbours
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise UsageError(f"APP {spec!r}: {target!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # dataclasses, pickle and friends look modules up by name
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise _import_failed(target, exc) from exc
+    return module
+
+
+def _import_failed(what: str, exc: Exception) -> AppError:
+    return AppError(
+        f"importing {what!r} failed: {type(exc).__name__}: {exc} "
+        "(rerun with --debug for the traceback)"
+    )
+
+
+def _candidates(module: ModuleType) -> str:
+    names = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and issubclass(value, DynamicManager)
+        and value is not DynamicManager
+    )
+    return f" (DynamicManager subclasses there: {', '.join(names)})" if names else ""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__qualname__}"
+    if isinstance(value, ModuleType):
+        return f"the module {value.__name__}"
+    if inspect.isroutine(value):
+        return f"the function {getattr(value, '__qualname__', value)!r}"
+    return f"a {type(value).__name__}"
+
+
+# -- running it -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> AsyncIterator[None]:
+    """Start ``app`` on the joined node; on the way out hand everything over and stop it."""
+    cluster, events = node.cluster, node.events
+    try:
+        manager = await app.start(cluster)
+    except CloisterError:
+        raise
+    except Exception as exc:
+        raise AppError(
+            f"{spec} failed to start: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback)"
+        ) from exc
+    events.emit(f"manager {manager.manager_name} started class={spec.replace(' ', '')}")
+    report = _WorkersReport(manager, events)
+    cluster.add_hook(report)
+    if manager.state == "up":  # settled inside start(): the hook missed it
+        events.emit(f"manager up workers={len(manager)} epoch={cluster.epoch}")
+    cluster._handlers.register(MANAGER_STATUS_HANDLER, _status_handler(manager), builtin=True)
+    if node.metrics is not None:
+        node.metrics.attach(manager)
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise  # a second signal: stop now, without handing over
+    except BaseException:
+        cluster.remove_hook(report)
+        await manager.stop()
+        raise
+    cluster.remove_hook(report)
+    await manager.stop()
+    events.emit(f"manager stopped handed_off={manager.counters.get('handed_off', 0)}")
+
+
+def _status_handler(manager: DynamicManager) -> Any:
+    async def status(_payload: Any) -> dict[str, Any]:
+        try:
+            depth: int | None = await asyncio.wait_for(
+                manager.inbox_depth(), timeout=_STATUS_DEPTH_TIMEOUT
+            )
+        except (CloisterError, TimeoutError):
+            depth = None  # no inbox (standalone, durable=False), or the backend is slow
+        return ManagerStatus(
+            manager=manager.manager_name,
+            state=manager.state,
+            workers=len(manager),
+            counters=dict(manager.counters),
+            inbox_depth=depth,
+        ).to_wire()
+
+    return status
+
+
+class _WorkersReport:
+    """A topology hook added after the manager's: ``manager up workers=<n>`` per settle."""
+
+    def __init__(self, manager: DynamicManager, events: NodeEvents) -> None:
+        self.manager = manager
+        self.events = events
+
+    async def release(self, topology: Topology) -> None:
+        """Nothing: the manager reports its handoffs itself."""
+
+    async def settle(self, topology: Topology) -> None:
+        if self.manager.state == "up":
+            self.events.emit(f"manager up workers={len(self.manager)} epoch={topology.epoch}")
+
+    async def suspend(self, reason: str) -> None:
+        """Nothing: the node prints ``suspended``."""
+
+    def abort(self) -> None:
+        """Nothing to abort."""
