@@ -245,9 +245,9 @@ class Source(ABC):
     # -- lifecycle --------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, manager: DynamicManager, /, **options: Any) -> Self:
-        """Create the source (the class's keyword arguments) and start consuming."""
-        source = cls(manager, **options)
+    async def start(cls, manager: DynamicManager, /, *args: Any, **options: Any) -> Self:
+        """Create the source (the class's arguments) and start consuming."""
+        source = cls(manager, *args, **options)
         await source.open()
         return source
 

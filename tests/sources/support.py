@@ -1,0 +1,109 @@
+"""A memory-backend cluster whose manager records what it handled, and key functions."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from cloister import DynamicManager, Replace
+from cloister.errors import BackendUnavailableError
+from cloister.sources import SourceMessage
+
+from ..cluster.support import Harness, eventually
+
+FAILURE_TIMEOUT = 0.25
+KEYS = [f"k{i}" for i in range(50)]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test for a missing service; under ``CI=true`` fail it instead."""
+    if in_ci():
+        pytest.fail(f"CI=true, so this is a failure: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class Journal:
+    """What the workers of one test handled: key -> messages, in handling order."""
+
+    def __init__(self) -> None:
+        self.handled: dict[Any, list[Any]] = defaultdict(list)
+        self.nodes: set[str] = set()
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.handled.values())
+
+
+class Sink(DynamicManager):
+    journal: Journal
+    partitions = 16
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {k: {"payload": 0, "timeout": 0} for k in KEYS}
+
+    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        self.journal.handled[id].append(message)
+        self.journal.nodes.add(self.cluster.node)  # type: ignore[union-attr]
+        return Replace(message)
+
+
+class Nodes:
+    """Cluster nodes on one memory world, each with a Sink manager; all stopped at the end."""
+
+    def __init__(self, stack: AsyncExitStack, name: str) -> None:
+        self.stack = stack
+        self.harness = Harness(stack, name)
+        self.journal = Journal()
+        self.managers: dict[str, Sink] = {}
+        self.cls: type[Sink] = type("S", (Sink,), {"journal": self.journal, "name": "sink"})
+
+    async def start(self, *names: str) -> list[Sink]:
+        for node in names:
+            cluster = await self.harness.start(node, failure_timeout=FAILURE_TIMEOUT)
+            manager = await self.cls.start(cluster)
+            self.stack.push_async_callback(manager.stop)
+            self.managers[node] = manager
+        await eventually(lambda: self.harness.agreed(set(self.managers)), what="cluster ready")
+        return [self.managers[n] for n in names]
+
+    def in_order(self, per_key: int) -> bool:
+        """Every key handled 1..per_key exactly once, in order."""
+        expected = list(range(1, per_key + 1))
+        return all(self.journal.handled[k] == expected for k in KEYS)
+
+
+def messages(per_key: int) -> Iterator[tuple[str, int]]:
+    """(key, sequence) for every key, interleaved: sequence 1 of every key, then 2, ..."""
+    for sequence in range(1, per_key + 1):
+        for key in KEYS:
+            yield key, sequence
+
+
+def body(key: str, sequence: int) -> bytes:
+    return json.dumps({"key": key, "seq": sequence}).encode()
+
+
+def key_fn(body: Any, meta: SourceMessage) -> tuple[Any, Any]:
+    return body["key"], body["seq"]
+
+
+def flaky_cast(manager: Sink, failures: list[int]) -> None:
+    """Make ``manager.cast`` raise BackendUnavailableError while ``failures[0] > 0``."""
+    real: Callable[..., Any] = manager.cast
+
+    async def cast(*args: Any, **kwargs: Any) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise BackendUnavailableError("backend down (on purpose)")
+        await real(*args, **kwargs)
+
+    manager.cast = cast  # type: ignore[method-assign]
