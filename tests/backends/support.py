@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from cloister.backends import KeyValue, KVEvent
+from cloister.backends.nats import NatsBackend
 
 
 async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -58,3 +60,16 @@ async def watching(kv: KeyValue) -> AsyncIterator[Events]:
             yield reader
         finally:
             await reader.stop()
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    url: str, cluster: str = "t", node: str = "n1", **options: Any
+) -> AsyncIterator[NatsBackend]:
+    """A connected NATS backend, closed on exit."""
+    backend = NatsBackend(url, cluster, node, **options)
+    await backend.connect()
+    try:
+        yield backend
+    finally:
+        await backend.close()

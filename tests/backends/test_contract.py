@@ -14,9 +14,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from cloister.backends import Backend, KVOp, open_backend
+from cloister.backends import (
+    Backend,
+    KVOp,
+    Log,
+    LogConsumer,
+    LogRecord,
+    PartitionBusyError,
+    open_backend,
+)
 from cloister.errors import (
     BackendUnavailableError,
+    ConfigurationError,
     KeyExistsError,
     NoSuchNodeError,
     RemoteError,
@@ -388,3 +397,195 @@ async def test_clusters_never_see_each_other(connect: Connect) -> None:
     await other.publish("multicast", b"for beta")
     await asyncio.sleep(0.2)
     assert heard == [b"for beta"]
+
+
+# -- partitioned logs ---------------------------------------------------------------------
+
+
+async def settles(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 3.0) -> None:
+    """Wait until ``await check()`` holds (NATS applies acks asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+async def depth_is(log: Log, partition: int | None, value: int) -> bool:
+    return await log.depth(partition) == value
+
+
+async def fetch_all(consumer: LogConsumer, expected: int, batch: int = 100) -> list[LogRecord]:
+    """Fetch until ``expected`` records came (or a fetch came back empty)."""
+    records: list[LogRecord] = []
+    while len(records) < expected:
+        got = await consumer.fetch(batch, 2.0)
+        if not got:
+            break
+        records.extend(got)
+    return records
+
+
+async def test_log_appends_are_fetched_in_order_per_partition(connect: Connect) -> None:
+    producer, consumer = await connect(node="n1"), await connect(node="n2")
+    log = await producer.log("orders", partitions=4)
+    assert (log.name, log.partitions) == ("orders", 4)
+    sequences = [await log.append(i % 2, b"r%d" % i) for i in range(20)]
+    assert sequences == sorted(sequences) and len(set(sequences)) == 20
+    theirs = await consumer.log("orders", partitions=4)
+    assert await theirs.depth() == 20
+    assert [await theirs.depth(p) for p in range(4)] == [10, 10, 0, 0]
+    for partition in (0, 1):
+        claim = await theirs.claim(partition, "n2")
+        assert (claim.partition, claim.name) == (partition, "n2")
+        records = await fetch_all(claim, 10, batch=3)
+        assert [r.data for r in records] == [b"r%d" % i for i in range(partition, 20, 2)]
+        assert [r.sequence for r in records] == sequences[partition::2]
+        assert all(r.partition == partition and r.msg_id is None for r in records)
+        assert all(r.deliveries >= 1 for r in records)
+        assert await claim.fetch(10, 0.2) == []  # delivered once, acked or not
+    empty = await theirs.claim(2, "n2")
+    assert await empty.fetch(10, 0.2) == []  # partitions are isolated
+    with pytest.raises(ConfigurationError):
+        await log.append(4, b"no such partition")
+
+
+async def test_log_ack_removes_records(connect: Connect) -> None:
+    log = await (await connect()).log("acks", partitions=2)
+    for i in range(6):
+        await log.append(0, b"%d" % i)
+    await log.append(1, b"other")
+    claim = await log.claim(0, "n1")
+    records = await fetch_all(claim, 6)
+    assert len(records) == 6
+    for record in records[:4]:
+        await claim.ack(record)
+    await settles(lambda: depth_is(log, 0, 2), "acked records leaving the partition")
+    assert await log.depth(1) == 1 and await log.depth() == 3
+    for record in records[4:]:
+        await claim.ack(record)
+    await settles(lambda: depth_is(log, None, 1), "the partition emptying")
+
+
+async def test_log_drops_duplicate_message_ids(connect: Connect) -> None:
+    one, two = await connect(node="n1"), await connect(node="n2")
+    log1, log2 = await one.log("dedup", partitions=2), await two.log("dedup", partitions=2)
+    first = await log1.append(0, b"payment", msg_id="pay-1")
+    assert await log2.append(0, b"payment again", msg_id="pay-1") == first  # another node
+    assert await log1.append(0, b"payment", msg_id="pay-1") == first
+    second = await log1.append(0, b"refund", msg_id="pay-2")
+    assert second > first
+    assert await log1.depth(0) == 2
+    claim = await log2.claim(0, "n2")
+    records = await fetch_all(claim, 2)
+    assert [(r.data, r.msg_id, r.sequence) for r in records] == [
+        (b"payment", "pay-1", first),
+        (b"refund", "pay-2", second),
+    ]
+    await claim.ack(records[0])
+    await settles(lambda: depth_is(log1, 0, 1), "the ack")
+    assert await log1.append(0, b"late retry", msg_id="pay-1") == first  # even once acked
+
+
+async def test_log_partition_has_one_consumer_at_a_time(connect: Connect) -> None:
+    one, two = await connect(node="n1"), await connect(node="n2")
+    log1, log2 = await one.log("busy", partitions=3), await two.log("busy", partitions=3)
+    await log1.claim(0, "n1")
+    with pytest.raises(PartitionBusyError):
+        await log2.claim(0, "n2")
+    assert await log2.claimants(0) == ["n1"]
+    assert await log2.claimants(1) == []
+    await log2.claim(1, "n2")  # other partitions stay free
+    assert await log1.claimants(1) == ["n2"]
+    again = await log1.claim(0, "n1")  # a consumer may re-claim its own claim
+    assert again.name == "n1" and await log1.claimants(0) == ["n1"]
+    odd = "node.7=blue"  # names NATS cannot take as they are come back intact
+    await log2.claim(2, odd)
+    assert await log1.claimants(2) == [odd]
+    with pytest.raises(PartitionBusyError):
+        await log1.claim(2, "node.7")
+
+
+async def test_log_release_hands_unacked_records_to_the_next_consumer(connect: Connect) -> None:
+    one, two = await connect(node="n1"), await connect(node="n2")
+    log1, log2 = await one.log("handoff", partitions=2), await two.log("handoff", partitions=2)
+    for i in range(10):
+        await log1.append(0, b"%d" % i)
+    first = await log1.claim(0, "n1")
+    records = await fetch_all(first, 10, batch=4)
+    assert len(records) == 10
+    for index in (0, 1, 2, 5):
+        await first.ack(records[index])
+    await first.release()
+    assert await log2.claimants(0) == []
+    second = await log2.claim(0, "n2")
+    again = await fetch_all(second, 6)
+    assert [r.data for r in again] == [b"3", b"4", b"6", b"7", b"8", b"9"]
+    assert [r.sequence for r in again] == [records[i].sequence for i in (3, 4, 6, 7, 8, 9)]
+    assert await second.fetch(10, 0.2) == []
+    await log1.append(0, b"10")
+    assert [r.data for r in await second.fetch(10, 2.0)] == [b"10"]
+    with pytest.raises(PartitionBusyError):
+        await first.ack(records[3])  # the released claim acknowledges nothing any more
+
+
+async def test_log_evicting_a_dead_consumer_frees_its_partition(connect: Connect) -> None:
+    dead, alive = await connect(node="n1"), await connect(node="n2")
+    log1, log2 = await dead.log("evict", partitions=2), await alive.log("evict", partitions=2)
+    for i in range(5):
+        await log1.append(1, b"%d" % i)
+    stale = await log1.claim(1, "n1")
+    assert len(await fetch_all(stale, 5)) == 5  # delivered, never acked: then it "dies"
+    with pytest.raises(PartitionBusyError):
+        await log2.claim(1, "n2")
+    await log2.evict(1, "n1")
+    await log2.evict(1, "n1")  # evicting what is gone is harmless
+    assert await log2.claimants(1) == []
+    successor = await log2.claim(1, "n2")
+    assert [r.data for r in await fetch_all(successor, 5)] == [b"%d" % i for i in range(5)]
+    with pytest.raises(PartitionBusyError):
+        await stale.fetch(10, 1.0)  # the evicted claim learns it lost the partition
+
+
+async def test_log_reclaim_starts_again_from_the_oldest_unacked(connect: Connect) -> None:
+    log = await (await connect()).log("reclaim", partitions=1)
+    for i in range(4):
+        await log.append(0, b"%d" % i)
+    first = await log.claim(0, "n1")
+    records = await fetch_all(first, 4)
+    await first.ack(records[0])
+    second = await log.claim(0, "n1")  # e.g. the node restarted under the same name
+    assert [r.data for r in await fetch_all(second, 3)] == [b"1", b"2", b"3"]
+    with pytest.raises(PartitionBusyError):
+        await first.fetch(1, 0.2)  # the earlier claim object is superseded
+
+
+async def test_log_fetch_waits_for_records_and_times_out_empty(connect: Connect) -> None:
+    producer, consumer = await connect(node="n1"), await connect(node="n2")
+    log = await producer.log("wait", partitions=2)
+    claim = await (await consumer.log("wait", partitions=2)).claim(0, "n2")
+    started = time.monotonic()
+    assert await claim.fetch(10, 0.3) == []
+    assert 0.25 <= time.monotonic() - started < 1.5
+    waiting = asyncio.ensure_future(claim.fetch(10, 5.0))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    appended = time.monotonic()
+    await log.append(0, b"late")
+    assert [r.data for r in await waiting] == [b"late"]
+    assert time.monotonic() - appended < 1.0
+    # a fetch cancelled while waiting loses nothing
+    cancelled = asyncio.ensure_future(claim.fetch(10, 5.0))
+    await asyncio.sleep(0.1)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await log.append(0, b"after the cancel")
+    assert [r.data for r in await fetch_all(claim, 1)] == [b"after the cancel"]
+
+
+async def test_log_partition_count_is_fixed(connect: Connect) -> None:
+    one, two = await connect(node="n1"), await connect(node="n2")
+    await one.log("fixed", partitions=4)
+    with pytest.raises(ConfigurationError, match="partitions"):
+        await two.log("fixed", partitions=8)
+    with pytest.raises(ConfigurationError):
+        await one.log("bad", partitions=0)

@@ -8,19 +8,18 @@ the layout on the server, expiry timing, reconnection and a 3-server cluster.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client, ServerVersion
 
-import nats
 from cloister.backends import KVOp, open_backend
 from cloister.backends.nats import (
     JetStreamUnavailableError,
@@ -39,21 +38,9 @@ from cloister.errors import (
 from cloister.testing import NatsCluster, NatsServer
 from cloister.testing.ports import free_port
 from cloister.testing.pytest_plugin import Factory
-from tests.backends.support import eventually, watching
+from tests.backends.support import connected, eventually, watching
 
 ServerFactory = Factory[NatsServer]
-
-
-@contextlib.asynccontextmanager
-async def connected(
-    url: str, cluster: str = "t", node: str = "n1", **options: Any
-) -> AsyncIterator[NatsBackend]:
-    backend = NatsBackend(url, cluster, node, **options)
-    await backend.connect()
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 # -- URL and options (no server needed) ---------------------------------------------------
@@ -470,3 +457,18 @@ async def test_stream_leader_loss(nats_cluster: NatsCluster) -> None:
         assert listing["n1"].revision == revision
         print(f"\nstream leader loss: reads back after {reads:.2f}s, writes after {writes:.2f}s")
         await leader.restart_async()
+
+
+async def test_nodes_opening_one_bucket_at_once_on_a_fresh_cluster(
+    nats_cluster: NatsCluster,
+) -> None:
+    """Regression: the nodes that found the stream already created returned before it had
+    a leader, and their first read failed with "no responders"."""
+
+    async def node(name: str) -> list[str]:
+        async with connected(nats_cluster.url, cluster="shop", node=name, replicas=3) as b:
+            buckets = await asyncio.gather(*(b.kv(f"bucket{i}") for i in range(3)))
+            return ["ok" if await kv.get(name) is None else "unexpected value" for kv in buckets]
+
+    results = await asyncio.gather(*(node(name) for name in "abc"))
+    assert results == [["ok"] * 3] * 3

@@ -6,7 +6,9 @@ see each other:
 - requests to a node: ``cloister.<cluster>.node.<node>`` (request/reply, "no responders"
   when nobody serves the node);
 - topics: ``cloister.<cluster>.topic.<topic>`` (core NATS publish/subscribe);
-- buckets: ``cloister_<cluster>_<bucket>`` (JetStream KV streams, :mod:`._kv`).
+- buckets: ``cloister_<cluster>_<bucket>`` (JetStream KV streams, :mod:`._kv`);
+- logs: stream ``cloister_<cluster>_log_<name>`` on ``cloister.<cluster>.log.<name>.<partition>``
+  (work-queue streams with one pull consumer per claimed partition, :mod:`._log`).
 
 The connection reconnects forever with a capped exponential backoff and jitter; after a
 reconnect every watch ends with :class:`~cloister.errors.BackendUnavailableError` (so
@@ -35,6 +37,7 @@ from cloister._tasks import Supervisor
 from cloister.backends.base import (
     Backend,
     KeyValue,
+    Log,
     MessageHandler,
     RequestHandler,
     Subscription,
@@ -50,6 +53,7 @@ from cloister.backends.nats._errors import (
     translate,
 )
 from cloister.backends.nats._kv import NatsKV, WatchFeed, ensure_stream
+from cloister.backends.nats._log import NatsLog, ensure_log_stream
 from cloister.errors import (
     BackendError,
     BackendUnavailableError,
@@ -150,6 +154,7 @@ class NatsBackend(Backend):
         self._supervisor = Supervisor(f"nats-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._buckets: dict[str, NatsKV] = {}
+        self._logs: dict[str, tuple[NatsLog, float, int]] = {}  # log, dedup window, replicas
         self._watches: set[WatchFeed] = set()
         self._subscriptions: set[NatsSubscription] = set()
         self._serving: tuple[NatsSub, asyncio.Task[None]] | None = None
@@ -244,7 +249,13 @@ class NatsBackend(Backend):
         check_server_version(self.server_version, self.url)
         js = nc.jetstream(timeout=self.options.op_timeout)
         try:
-            await js.account_info()
+            for attempt in range(3):  # a freshly formed cluster may drop the first ones
+                try:
+                    await js.account_info()
+                    break
+                except nats.errors.TimeoutError:
+                    if attempt == 2:
+                        raise
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             raise JetStreamUnavailableError(
                 f"NATS at {self.url} has no JetStream ({describe(exc)}): start nats-server "
@@ -367,7 +378,7 @@ class NatsBackend(Backend):
         for feed in list(self._watches):
             feed.interrupt(lost)
         self._run_reconnect_callbacks()
-        if self._buckets:
+        if self._buckets or self._logs:
             self._supervisor.spawn(self._restore_buckets(), "restore buckets")
 
     def _run_reconnect_callbacks(self) -> None:
@@ -402,8 +413,59 @@ class NatsBackend(Backend):
             known = self._buckets[bucket] = NatsKV(self, bucket, full)
         return known
 
+    async def log(
+        self,
+        name: str,
+        *,
+        partitions: int,
+        dedup_window: float = 120.0,
+        replicas: int | None = None,
+    ) -> Log:
+        """Open (creating if needed) the log ``name``: stream ``cloister_<cluster>_log_<name>``.
+
+        ``replicas`` defaults to the backend's ``replicas`` option; an existing stream keeps
+        its replicas and dedup window. The partition count is fixed for the log's lifetime.
+        """
+        if not isinstance(name, str) or not _BUCKET.match(name):
+            raise ConfigurationError(
+                f"invalid log name {name!r} for NATS: use 1-64 characters of [A-Za-z0-9_-]"
+            )
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
+        if isinstance(dedup_window, bool) or not isinstance(dedup_window, int | float):
+            raise ConfigurationError(f"dedup_window must be seconds > 0, got {dedup_window!r}")
+        if not dedup_window > 0:
+            raise ConfigurationError(f"dedup_window must be seconds > 0, got {dedup_window!r}")
+        if replicas is None:
+            replicas = self.options.replicas
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise ConfigurationError(
+                f"replicas must be a whole number from 1 to 5, got {replicas!r}"
+            )
+        known = self._logs.get(name)
+        if known is not None:
+            if known[0].partitions != partitions:
+                raise ConfigurationError(
+                    f"log {name!r} exists with {known[0].partitions} partitions, not "
+                    f"{partitions}; the partition count of a log is fixed for its lifetime"
+                )
+            return known[0]
+        stream = f"cloister_{self.cluster}_log_{name}"
+        prefix = f"{self._base}.log.{name}"
+        await ensure_log_stream(
+            self,
+            stream,
+            f"{prefix}.*",
+            partitions=partitions,
+            dedup_window=float(dedup_window),
+            replicas=replicas,
+        )
+        opened = NatsLog(self, name, stream, prefix, partitions)
+        self._logs[name] = (opened, float(dedup_window), replicas)
+        return opened
+
     async def _restore_buckets(self) -> None:
-        """After a reconnect: re-create buckets a restarted (emptied) server lost."""
+        """After a reconnect: re-create buckets and logs a restarted (emptied) server lost."""
         restored = []
         for kv in list(self._buckets.values()):
             try:
@@ -413,9 +475,24 @@ class NatsBackend(Backend):
                 continue
             if created:
                 restored.append(kv.bucket)
+        for opened, dedup_window, replicas in list(self._logs.values()):
+            try:
+                created = await ensure_log_stream(
+                    self,
+                    opened.stream,
+                    f"{opened.prefix}.*",
+                    partitions=opened.partitions,
+                    dedup_window=dedup_window,
+                    replicas=replicas,
+                )
+            except BackendError as exc:
+                log.debug("node %s could not check log %s: %s", self.node, opened.stream, exc)
+                continue
+            if created:
+                restored.append(opened.stream)
         if restored:
             log.warning(
-                "node %s re-created bucket(s) %s: the server had lost them",
+                "node %s re-created stream(s) %s: the server had lost them",
                 self.node,
                 ", ".join(restored),
             )

@@ -15,6 +15,8 @@ from cloister.errors import BackendError, BackendUnavailableError
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 #: JetStream error code for "stream name already in use with a different configuration".
 STREAM_NAME_IN_USE = 10058
+#: JetStream error code for "filtered consumer not unique on workqueue stream".
+FILTERED_CONSUMER_NOT_UNIQUE = 10100
 #: JetStream error code for "jetstream not enabled for account".
 JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 

@@ -48,6 +48,7 @@ from cloister.backends.nats._errors import (
 )
 from cloister.errors import (
     BackendError,
+    BackendUnavailableError,
     ConfigurationError,
     KeyExistsError,
     RevisionMismatchError,
@@ -392,51 +393,154 @@ class NatsKV(KeyValue):
                 await psub.unsubscribe()
 
 
+async def stream_info(
+    backend: NatsBackend, name: str, what: str, *, subjects_filter: str | None = None
+) -> api.StreamInfo | None:
+    """``name``'s stream info (None when there is no such stream), retried while unanswered.
+
+    A stream that is being created, or is between leaders, may leave an info request
+    unanswered or without responders for a moment: ask again, with short timeouts, for up
+    to ``2 * op_timeout``.
+    """
+    nc = backend._client(what)
+    op_timeout = backend.options.op_timeout
+    deadline = time.monotonic() + 2 * op_timeout
+    attempt = min(0.5, op_timeout)
+    while True:
+        js = nc.jetstream(timeout=attempt)
+        try:
+            return await js.stream_info(name, subjects_filter=subjects_filter)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.TimeoutError, *NO_RESPONDERS) as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.05:
+                raise translate(exc, what, backend.url) from exc
+            if isinstance(exc, NO_RESPONDERS):
+                await asyncio.sleep(min(0.1, remaining / 2))
+            attempt = max(0.05, min(2 * attempt, op_timeout, deadline - time.monotonic()))
+        except _NATS_ERRORS as exc:
+            raise translate(exc, what, backend.url) from exc
+
+
+async def wait_for_leader(backend: NatsBackend, info: api.StreamInfo, what: str) -> None:
+    """Return once a replicated stream has a leader (bounded by ``op_timeout``).
+
+    A stream another node has just created exists before its first leader is elected;
+    until then every read and write of it meets "no responders". After the bound we
+    return anyway and leave the retrying to the operations.
+    """
+    name = info.config.name
+    deadline = time.monotonic() + backend.options.op_timeout
+    pause = 0.02
+    while info.cluster is not None and not info.cluster.leader:
+        if time.monotonic() + pause > deadline:
+            log.debug("stream %s still has no leader; going on", name)
+            return
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 0.2)
+        found = await stream_info(backend, str(name), what)
+        if found is None:
+            return
+        info = found
+
+
+async def open_stream(
+    backend: NatsBackend, wanted: api.StreamConfig, what: str
+) -> tuple[api.StreamInfo, bool]:
+    """The info of stream ``wanted.name``, creating it if absent; True when we created it.
+
+    Several nodes may open the same stream at once, and a replicated stream can take
+    longer than ``op_timeout`` to create on a busy cluster: a create that met "name in
+    use" or went unanswered is followed by a (retried) look at what is there now.
+    """
+    name = str(wanted.name)
+    js = backend._jetstream(what)
+    info = await stream_info(backend, name, what)
+    if info is not None:
+        return info, False
+    try:
+        info = await js.add_stream(wanted)
+        log.debug("created stream %s (replicas %s)", name, wanted.num_replicas)
+        return info, True
+    except nats.js.errors.APIError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise translate(exc, what, backend.url) from exc
+    except nats.errors.TimeoutError:
+        log.debug("creating stream %s went unanswered; looking again", name)
+    except _NATS_ERRORS as exc:
+        raise translate(exc, what, backend.url) from exc
+    info = await stream_info(backend, name, what)
+    if info is None:
+        raise BackendUnavailableError(f"{what}: stream {name} could not be created; try again")
+    return info, False
+
+
 async def ensure_stream(backend: NatsBackend, bucket: str) -> bool:
     """Create the bucket's stream, or bring an existing one up to what we need.
 
-    Returns True when the stream had to be created.
+    Returns True when the stream had to be created. Either way the stream answers reads
+    on return (or ``op_timeout`` passed waiting for it).
     """
     what = f"open bucket {bucket!r}"
-    js = backend._jetstream(what)
     replicas, marker_ttl = backend.options.replicas, backend.options.marker_ttl
     wanted = stream_config(bucket, replicas=replicas, marker_ttl=marker_ttl)
-    name = f"KV_{bucket}"
+    info, created = await open_stream(backend, wanted, what)
     try:
-        try:
-            info = await js.stream_info(name)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(wanted)
-                log.debug("created stream %s (replicas %d)", name, replicas)
-                return True
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != STREAM_NAME_IN_USE:
-                    raise
-                info = await js.stream_info(name)  # somebody else created it meanwhile
-        config = info.config
-        if config.max_msgs_per_subject != 1:
-            raise BackendError(
-                f"stream {name} exists with history {config.max_msgs_per_subject}; pycloister "
-                "needs history 1. Remove it (nats stream rm) or use another cluster name."
-            )
-        changes: dict[str, Any] = {}
-        if not config.allow_msg_ttl:
-            changes["allow_msg_ttl"] = True
-        if not config.allow_direct:
-            changes["allow_direct"] = True
-        if not config.subject_delete_marker_ttl:
-            changes["subject_delete_marker_ttl"] = marker_ttl
-        if changes:
-            log.info("updating stream %s: %s", name, changes)
-            await js.update_stream(config.evolve(**changes))
-        if config.num_replicas != replicas:
-            log.info(
-                "stream %s has %s replica(s), not the %d asked for; keeping it",
-                name,
-                config.num_replicas,
-                replicas,
-            )
-        return False
+        if not created:
+            await _adjust(backend._jetstream(what), info.config, replicas, marker_ttl)
+        await wait_for_leader(backend, info, what)
+        await _wait_for_reads(backend, f"KV_{bucket}", f"$KV.{bucket}.", what)
     except _NATS_ERRORS as exc:
         raise translate(exc, what, backend.url) from exc
+    return created
+
+
+async def _wait_for_reads(backend: NatsBackend, stream: str, prefix: str, what: str) -> None:
+    """Wait (up to ``op_timeout``) until a direct get of the stream is answered.
+
+    A new leader takes a moment more to serve direct gets; a first ``get`` then met "no
+    responders".
+    """
+    js = backend._jetstream(what)
+    deadline = time.monotonic() + backend.options.op_timeout
+    pause = 0.02
+    while True:
+        try:
+            await js.get_msg(stream, subject=f"{prefix}_cloister_probe", direct=True)
+            return
+        except nats.js.errors.NotFoundError:
+            return
+        except NO_RESPONDERS:
+            if time.monotonic() + pause > deadline:
+                log.debug("stream %s does not answer direct gets yet; going on", stream)
+                return
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.2)
+
+
+async def _adjust(js: Any, config: api.StreamConfig, replicas: int, marker_ttl: float) -> None:
+    """Bring an existing bucket stream up to what we need (or refuse it clearly)."""
+    name = config.name
+    if config.max_msgs_per_subject != 1:
+        raise BackendError(
+            f"stream {name} exists with history {config.max_msgs_per_subject}; pycloister "
+            "needs history 1. Remove it (nats stream rm) or use another cluster name."
+        )
+    changes: dict[str, Any] = {}
+    if not config.allow_msg_ttl:
+        changes["allow_msg_ttl"] = True
+    if not config.allow_direct:
+        changes["allow_direct"] = True
+    if not config.subject_delete_marker_ttl:
+        changes["subject_delete_marker_ttl"] = marker_ttl
+    if changes:
+        log.info("updating stream %s: %s", name, changes)
+        await js.update_stream(config.evolve(**changes))
+    if config.num_replicas != replicas:
+        log.info(
+            "stream %s has %s replica(s), not the %d asked for; keeping it",
+            name,
+            config.num_replicas,
+            replicas,
+        )

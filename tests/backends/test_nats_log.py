@@ -1,0 +1,173 @@
+"""NATS-specific behaviour of the partitioned log (the shared contract is in test_contract.py).
+
+The layout on the server, names NATS cannot carry as they are, recovery of deliveries lost
+on the wire, a server restart under a live claim, and the loss of an R3 stream's leader
+in the middle of appends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+
+from cloister.backends import Log, LogConsumer, LogRecord
+from cloister.backends.nats._log import (
+    ACK_WAIT,
+    MAX_ACK_PENDING,
+    NatsLogConsumer,
+    consumer_name,
+    parse_consumer_name,
+)
+from cloister.errors import BackendUnavailableError, ConfigurationError
+from cloister.testing import NatsCluster, NatsServer
+from tests.backends.support import connected, eventually
+
+
+async def drain(consumer: LogConsumer, expected: int, timeout: float = 20.0) -> list[LogRecord]:
+    """Fetch (retrying unavailability) until ``expected`` records came or time ran out."""
+    records: list[LogRecord] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < expected and time.monotonic() < deadline:
+        try:
+            records.extend(await consumer.fetch(256, 1.0))
+        except BackendUnavailableError:
+            await asyncio.sleep(0.1)
+    return records
+
+
+async def depth_becomes(log: Log, value: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (found := await log.depth()) != value:
+        assert time.monotonic() < deadline, f"depth stayed {found}, not {value}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("name", ["n1", "node.7", "a=b", "ünï cödé", "p3-x", "=41"])
+def test_consumer_names_round_trip(name: str) -> None:
+    durable = consumer_name(5, name)
+    assert not set(durable) & set(".*> \t/\\")
+    assert parse_consumer_name(durable) == (5, name)
+
+
+async def test_layout_on_the_server(nats_server: NatsServer) -> None:
+    async with connected(nats_server.url, cluster="shop") as backend:
+        log = await backend.log("inbox-orders", partitions=8, dedup_window=30)
+        assert await backend.log("inbox-orders", partitions=8) is log
+        with pytest.raises(ConfigurationError, match="fixed"):
+            await backend.log("inbox-orders", partitions=4)
+        with pytest.raises(ConfigurationError):
+            await backend.log("bad.name", partitions=1)
+        await log.append(3, b"x", msg_id="m-1")
+        await log.claim(3, "node.1")
+        raw = await nats.connect(nats_server.url)
+        try:
+            jsm = raw.jetstream()._jsm
+            info = await jsm.stream_info("cloister_shop_log_inbox-orders")
+            config = info.config
+            assert config.subjects == ["cloister.shop.log.inbox-orders.*"]
+            assert config.retention == "workqueue"
+            assert config.storage == "file"
+            assert config.duplicate_window == 30
+            assert (config.metadata or {})["cloister.partitions"] == "8"
+            consumer = await jsm.consumer_info(
+                "cloister_shop_log_inbox-orders", consumer_name(3, "node.1")
+            )
+            assert consumer.config.filter_subject == "cloister.shop.log.inbox-orders.3"
+            assert consumer.config.ack_wait == ACK_WAIT
+            assert consumer.config.max_ack_pending == MAX_ACK_PENDING
+            assert consumer.config.durable_name == "p3-node=2E1"
+        finally:
+            await raw.close()
+
+
+async def test_deliveries_lost_on_the_wire_are_taken_again(nats_server: NatsServer) -> None:
+    """A gap in the consumer sequence (or a reconnect) re-creates the durable: the lost
+    records come, in order; those already handed out do not come twice and their acks
+    still count."""
+    async with connected(nats_server.url) as backend:
+        log = await backend.log("gaps", partitions=1)
+        for i in range(8):
+            await log.append(0, b"%d" % i)
+        consumer = await log.claim(0, "n1")
+        assert isinstance(consumer, NatsLogConsumer)
+        first = await consumer.fetch(3, 2.0)
+        assert [r.data for r in first] == [b"0", b"1", b"2"]
+        await consumer.ack(first[0])
+        consumer._lost = True  # as if a delivery had gone missing
+        rest = await drain(consumer, 5, timeout=5)
+        assert [r.data for r in rest] == [b"3", b"4", b"5", b"6", b"7"]
+        for record in [*first[1:], *rest]:
+            await consumer.ack(record)
+        await depth_becomes(log, 0)
+
+
+async def test_claim_survives_a_server_restart(nats_server: NatsServer) -> None:
+    async with connected(nats_server.url) as backend:
+        log = await backend.log("restart", partitions=2)
+        for i in range(10):
+            await log.append(1, b"%d" % i)
+        consumer = await log.claim(1, "n1")
+        before = await consumer.fetch(4, 2.0)
+        for record in before[:2]:
+            await consumer.ack(record)
+        await asyncio.sleep(0.1)  # let the acks reach the server before it goes down
+        reconnects = backend.reconnects
+        await nats_server.restart_async()
+        await eventually(lambda: backend.reconnects > reconnects, 10, "a reconnect")
+        after = await drain(consumer, 6)
+        assert [r.data for r in after] == [b"%d" % i for i in range(4, 10)]
+        for record in [*before[2:], *after]:
+            await consumer.ack(record)
+        await depth_becomes(log, 0)
+
+
+async def test_no_acknowledged_append_is_lost_when_the_stream_leader_dies(
+    nats_cluster: NatsCluster,
+) -> None:
+    """1000 appends to an R3 log; SIGKILL the stream leader a third of the way through.
+
+    Appends retry (with their message id) until acknowledged; every acknowledged record
+    is then fetched, in order per partition, and none twice.
+    """
+    total, partitions = 1000, 4
+    stream = "cloister_t_log_r3"
+    async with connected(nats_cluster.url, node="producer", replicas=3) as producer:
+        log = await producer.log("r3", partitions=partitions)
+        leader = await nats_cluster.wait_stream_leader_async(stream)
+        acknowledged: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(partitions)}
+        failures = 0
+        killed_at = recovered_at = 0.0
+        for i in range(total):
+            if i == total // 3:
+                leader.kill()
+                killed_at = time.monotonic()
+            partition, data = i % partitions, b"%d" % i
+            while True:
+                try:
+                    sequence = await log.append(partition, data, msg_id=f"r-{i}")
+                    break
+                except BackendUnavailableError:
+                    failures += 1
+                    assert time.monotonic() - killed_at < 30, "appends never came back"
+                    await asyncio.sleep(0.05)
+            if killed_at and not recovered_at:
+                recovered_at = time.monotonic()
+            acknowledged[partition].append((sequence, data))
+        print(
+            f"\nR3 leader loss: appends back after {recovered_at - killed_at:.2f}s "
+            f"({failures} failed attempts)"
+        )
+        async with connected(nats_cluster.url, node="consumer", replicas=3) as reader:
+            theirs = await reader.log("r3", partitions=partitions)
+            for partition in range(partitions):
+                consumer = await theirs.claim(partition, "consumer")
+                records = await drain(consumer, len(acknowledged[partition]))
+                got = [(r.sequence, r.data) for r in records]
+                assert got == acknowledged[partition], f"partition {partition}"
+                for record in records:
+                    await consumer.ack(record)
+            await depth_becomes(theirs, 0)
+        await leader.restart_async()
