@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 # The variables the CLI reads: a developer's own settings must not leak into the tests.
 _CLEAN = (
@@ -19,7 +20,33 @@ _CLEAN = (
     "CLOISTER_NATS_PASSWORD",
     "CLOISTER_NATS_TOKEN",
     "CLOISTER_NATS_CREDS",
+    "CLOISTER_APP",
+    "CLOISTER_METRICS_PORT",
 )
+
+KEYS = 8
+"""Workers of the test application (:func:`write_app`)."""
+
+APP = f"""
+from cloister import DynamicManager, Ok
+
+
+class Shop(DynamicManager):
+    def children_specs(self):
+        return {{f"key-{{i}}": {{"timeout": 0.5}} for i in range({KEYS})}}
+
+    def perform(self, id, payload):
+        return Ok(None)
+
+
+class Broken(DynamicManager):
+    def children_specs(self):
+        raise RuntimeError("no specs today")
+
+
+def helper():
+    return None
+"""
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -30,15 +57,19 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def cloister(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m cloister ARGS``; its exit code and output."""
+    """``python -m cloister ARGS`` (from ``cwd``); its exit code and output."""
     return subprocess.run(
         [sys.executable, "-m", "cloister", *args],
         capture_output=True,
         text=True,
         env=cli_env(env),
         timeout=timeout,
+        cwd=cwd,
         check=False,
     )
 
@@ -54,3 +85,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def write_app(folder: Path, module: str = "shopapp") -> Path:
+    """Write the test application (``Shop``: a manager of :data:`KEYS` workers) there."""
+    path = folder / f"{module}.py"
+    path.write_text(APP)
+    return path

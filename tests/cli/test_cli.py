@@ -11,7 +11,7 @@ from cloister.cli.node import parse_event
 from cloister.testing import ProcessGroup, free_port
 from tests.cli.support import assert_one_line_error, cli_env, cloister
 
-COMMANDS = [(), ("node",), ("status",), ("demo",), ("bench",)]
+COMMANDS = [(), ("run",), ("dev",), ("node",), ("status",), ("demo",), ("bench",)]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "cloister")

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from cloister import __version__
-from cloister.cli import bench, demo, node, run, status
+from cloister.cli import bench, demo, dev, node, run, status
 from cloister.cli.options import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -37,7 +37,7 @@ from cloister.errors import CloisterError, ConfigurationError
 __all__ = ["main"]
 
 EXIT_INTERRUPTED = 130
-_COMMANDS = (run, node, status, demo, bench)
+_COMMANDS = (run, dev, node, status, demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from cloister.cli.options import (
     add_target,
     from_env,
 )
-from cloister.cluster import Topology
+from cloister.cluster import Cluster, Topology
 from cloister.errors import CloisterError
 from cloister.manager import DynamicManager
 from cloister.observer import MANAGER_STATUS_HANDLER, ManagerStatus
@@ -218,12 +218,19 @@ async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> Asyn
     except asyncio.CancelledError:
         raise  # a second signal: stop now, without handing over
     except BaseException:
-        cluster.remove_hook(report)
-        await manager.stop()
+        await _stop_manager(manager, cluster, report)
         raise
+    handed = await _stop_manager(manager, cluster, report)
+    events.emit(f"manager stopped handed_off={handed}")
+
+
+async def _stop_manager(manager: DynamicManager, cluster: Cluster, report: _WorkersReport) -> int:
+    """Hand every worker over and stop; how many workers were handed over now."""
+    report.closed = True  # a settle under way must not print "manager up" any more
     cluster.remove_hook(report)
+    before = manager.counters.get("handed_off", 0)
     await manager.stop()
-    events.emit(f"manager stopped handed_off={manager.counters.get('handed_off', 0)}")
+    return manager.counters.get("handed_off", 0) - before
 
 
 def _status_handler(manager: DynamicManager) -> Any:
@@ -251,12 +258,13 @@ class _WorkersReport:
     def __init__(self, manager: DynamicManager, events: NodeEvents) -> None:
         self.manager = manager
         self.events = events
+        self.closed = False
 
     async def release(self, topology: Topology) -> None:
         """Nothing: the manager reports its handoffs itself."""
 
     async def settle(self, topology: Topology) -> None:
-        if self.manager.state == "up":
+        if self.manager.state == "up" and not self.closed:
             self.events.emit(f"manager up workers={len(self.manager)} epoch={topology.epoch}")
 
     async def suspend(self, reason: str) -> None:
