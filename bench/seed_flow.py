@@ -46,6 +46,12 @@ def analyse(
             key, seq, node, start, end = parts
             events[key].append((float(start), float(end), int(seq), node))
     handled = sum(len(e) for e in events.values())
+    repeated = []
+    for key, entries in events.items():
+        counts: dict[int, list[tuple[str, float]]] = defaultdict(list)
+        for start, _end, seq, node in entries:
+            counts[seq].append((node, round(start - entries[0][0], 3)))
+        repeated += [(key, seq, where) for seq, where in counts.items() if len(where) > 1]
     distinct = 0
     out_of_order = 0
     overlaps = 0
@@ -80,6 +86,42 @@ def analyse(
         "nodes_that_handled": sorted(nodes),
         "keys_that_moved": moved,
         "keys_missing_messages": lost_keys[:10],
+        "repeated": repeated[:10],
+    }
+
+
+async def final_state(url: str, per_key: dict[str, int]) -> dict[str, Any]:
+    """Check every key's final payload: each sequence number exactly once, in order.
+
+    A message's payload change is stored before the message is acknowledged, so the
+    stored payloads are the cluster's state, whatever happened to the nodes.
+    """
+    from cloister.backends import open_backend
+    from cloister.manager.state import Stored
+
+    backend = open_backend(url, "seed", "_seed-bench", replicas=3)
+    await backend.connect()
+    try:
+        kv = await backend.kv("mgr-seed")
+        deadline = time.monotonic() + 30
+        while True:
+            payloads = {}
+            for entry in (await kv.entries()).values():
+                stored = Stored.decode(entry.value)
+                payloads[stored.id] = tuple(stored.payload or ())
+            complete = all(len(set(payloads.get(k, ()))) == n for k, n in per_key.items())
+            if complete or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await backend.close()
+    state_duplicates = sum(len(p) - len(set(p)) for p in payloads.values())
+    state_missing = sum(n - len(set(payloads.get(k, ()))) for k, n in per_key.items())
+    state_disordered = sum(1 for p in payloads.values() if list(p) != sorted(p))
+    return {
+        "state_duplicates": state_duplicates,
+        "state_missing": state_missing,
+        "state_out_of_order": state_disordered,
     }
 
 
@@ -216,6 +258,8 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1)
             result = analyse(journals, args.messages, args.keys, per_key)
         note(f"{result['distinct']} distinct messages handled")
+        result.update(await final_state(nats.url, per_key))
+        note("final payloads read from the cluster's state table")
         for name in ("node-1", "node-4"):
             await asyncio.to_thread(nodes[name].terminate, 30)
         note("stopped")
@@ -244,7 +288,30 @@ def main() -> int:
         ["messages published", f"{result['messages']:,}", "-", "-"],
         ["lost", result["lost"], 0, result["lost"] == 0],
         ["per-key order violations", result["out_of_order"], 0, result["out_of_order"] == 0],
-        ["duplicates (msg_id given)", result["duplicates"], 0, result["duplicates"] == 0],
+        [
+            "final payloads: duplicates (msg_id given)",
+            result["state_duplicates"],
+            0,
+            result["state_duplicates"] == 0,
+        ],
+        [
+            "final payloads: missing sequence numbers",
+            result["state_missing"],
+            0,
+            result["state_missing"] == 0,
+        ],
+        [
+            "final payloads: out of order",
+            result["state_out_of_order"],
+            0,
+            result["state_out_of_order"] == 0,
+        ],
+        [
+            "handler runs repeated (at-least-once, around kill -9)",
+            result["duplicates"],
+            "reported",
+            "-",
+        ],
         ["keys handled on two nodes at once", result["overlaps"], 0, result["overlaps"] == 0],
         [
             "keys that moved between nodes",
@@ -263,7 +330,14 @@ def main() -> int:
         args.json_out.write_text(json.dumps(result))
     else:
         print(f"wrote {write_json('seed_flow', result)}")
-    ok = result["lost"] == 0 and result["out_of_order"] == 0 and result["overlaps"] == 0
+    ok = (
+        result["lost"] == 0
+        and result["out_of_order"] == 0
+        and result["overlaps"] == 0
+        and result["state_duplicates"] == 0
+        and result["state_missing"] == 0
+        and result["state_out_of_order"] == 0
+    )
     return 0 if ok else 1
 
 

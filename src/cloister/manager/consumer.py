@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
@@ -23,6 +24,8 @@ from cloister.store.inbox import Inbox, InboxMessage
 log = logging.getLogger("cloister.manager.consumer")
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
+BeforeAck = Callable[[list[Any]], Awaitable[None]]
+"""Called with the keys of a batch of records before they are acked (persist state)."""
 
 
 class PartitionConsumers:
@@ -37,6 +40,7 @@ class PartitionConsumers:
         *,
         max_in_flight: int = 4096,
         batch: int = 256,
+        before_ack: BeforeAck | None = None,
     ) -> None:
         self.inbox = inbox
         self.node = node
@@ -45,13 +49,14 @@ class PartitionConsumers:
         self.in_flight = 0
         self.parked = 0
         self._deliver = deliver
+        self._before_ack = before_ack
         self._supervisor = supervisor
         self._consumers: dict[int, LogConsumer] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._room.set()
         # Acks are batched: the hot path appends, one task sends them.
-        self._to_ack: list[tuple[LogConsumer, LogRecord]] = []
+        self._to_ack: list[tuple[LogConsumer, LogRecord, Any]] = []
         self._acking = False
         self._ack_wake = asyncio.Event()
         self._acks_sent = asyncio.Event()
@@ -104,9 +109,9 @@ class PartitionConsumers:
                     "partition %d: release failed (%s); the next owner evicts", partition, exc
                 )
 
-    def ack(self, consumer: LogConsumer, record: LogRecord) -> None:
-        """Acknowledge ``record`` (its handler returned); never blocks."""
-        self._to_ack.append((consumer, record))
+    def ack(self, consumer: LogConsumer, record: LogRecord, key: Any = None) -> None:
+        """Acknowledge ``record`` of ``key`` (its handler returned); never blocks."""
+        self._to_ack.append((consumer, record, key))
         self._acks_sent.clear()
         self._ack_wake.set()
 
@@ -114,11 +119,17 @@ class PartitionConsumers:
         """A delivered record will not be acked by us (its partition moved away)."""
         self._done()
 
-    async def flush_acks(self) -> None:
-        """Wait until every queued ack has been sent."""
-        while self._to_ack or self._acking:
-            self._ack_wake.set()
-            await self._acks_sent.wait()
+    async def flush_acks(self, timeout: float = 5.0) -> None:
+        """Wait until every queued ack has been sent (at most ``timeout`` seconds: an
+        unreachable medium must not hold a handoff; unsent acks mean redeliveries, which
+        the next owner skips by watermark)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._to_ack or self._acking:
+                    self._ack_wake.set()
+                    await self._acks_sent.wait()
+        except TimeoutError:
+            log.warning("%d ack(s) not sent before giving the partitions up", len(self._to_ack))
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -130,10 +141,24 @@ class PartitionConsumers:
             await self._ack_wake.wait()
             self._ack_wake.clear()
             batch, self._to_ack = self._to_ack, []
+            if not batch:
+                self._acks_sent.set()
+                continue
             self._acking = True
             try:
+                if self._before_ack is not None:
+                    try:
+                        await self._before_ack([key for _, _, key in batch if key is not None])
+                    except BackendError as exc:
+                        # The state these acks vouch for is not stored: hold them back.
+                        log.warning("state not stored (%s); %d ack(s) wait", exc, len(batch))
+                        self._to_ack[:0] = batch
+                        batch = []
+                        await asyncio.sleep(0.2)
+                        self._ack_wake.set()
+                        continue
                 by_consumer: dict[LogConsumer, list[LogRecord]] = {}
-                for consumer, record in batch:
+                for consumer, record, _ in batch:
                     by_consumer.setdefault(consumer, []).append(record)
                 for consumer, records in by_consumer.items():
                     try:
@@ -190,4 +215,4 @@ class PartitionConsumers:
         """Park ``message`` as a dead letter, then ack it: it never blocks its key."""
         await self.inbox.park(message.record, reason, attempts=attempts, decoded=message)
         self.parked += 1
-        self.ack(consumer, message.record)
+        self.ack(consumer, message.record, None)

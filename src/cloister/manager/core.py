@@ -266,7 +266,6 @@ class DynamicManager:
         self._table = StateTable(kv)
         await self._table.load()
         self._merge_table()
-        self._supervisor.spawn(self._table.follow(max(5.0, 5 * cluster.heartbeat)), "state table")
         self._supervisor.spawn(self._flush_loop(), "payload flusher")
         if self.durable:
             self._inbox = Inbox(
@@ -282,6 +281,7 @@ class DynamicManager:
                 self._deliver_record,
                 self._supervisor,
                 max_in_flight=self.max_in_flight,
+                before_ack=self._table.flush,
             )
         cluster.add_hook(self)
         if cluster.state is State.READY and cluster.topology is not None:
@@ -806,15 +806,15 @@ class DynamicManager:
         worker.failures = 0
         if message is not None and message.inbox is not None:
             worker.watermark = message.inbox.record.sequence
-            assert self._consumers is not None
-            self._consumers.ack(message.consumer, message.inbox.record)
+            assert self._consumers is not None and self._table is not None
+            # Ack only once payload and watermark are stored (see BeforeAck): a crash
+            # then never loses the state a message produced, nor replays the message.
+            self._consumers.ack(message.consumer, message.inbox.record, worker.id)
         if message is not None and message.reply is not None and not message.reply.done():
             message.reply.set_result(reply_of(response))
         next_timeout: float | None = None
         if isinstance(response, Replace):
             worker.payload = response.payload
-            if self._table is not None:
-                self._table.mark(Stored(worker.id, None, worker.payload, True))
             if response.rekeys and response.id != worker.id:
                 self._supervisor.spawn(self._rekey(worker, response.id), f"rekey {worker.id!r}")
                 return
@@ -830,6 +830,12 @@ class DynamicManager:
             worker.last = response.result
         else:
             worker.last = response
+        if self._table is not None and (
+            isinstance(response, Replace) or (message is not None and message.inbox is not None)
+        ):
+            self._table.mark(
+                Stored(worker.id, None, worker.payload, True, watermark=worker.watermark)
+            )
         if message is None:
             self._reschedule(worker, started, next_timeout)
             return
@@ -921,7 +927,7 @@ class DynamicManager:
     def _duplicate(self, worker: Worker, message: Message) -> None:
         assert self._consumers is not None
         self.counters["duplicates"] += 1
-        self._consumers.ack(message.consumer, message.inbox.record)
+        self._consumers.ack(message.consumer, message.inbox.record, None)
         if worker.has_work():
             self._enqueue(worker)
 
@@ -1032,6 +1038,11 @@ class DynamicManager:
             return  # a hook call already under way when stop() began: take nothing
         placement = Placement(topology.ring, self.partitions, cluster.node)
         now = asyncio.get_running_loop().time()
+        if self._table is not None:
+            try:  # the latest stored payloads and runtime specs (crash takeover, put/delete)
+                await self._table.load()
+            except CloisterError as exc:
+                log.warning("manager %s: state table not re-listed (%s)", self.manager_name, exc)
         mirror = self._table.mirror if self._table is not None else {}
         self._merge_table()
         for worker_id, spec in self._specs.items():
@@ -1048,7 +1059,7 @@ class DynamicManager:
             else:
                 stored = mirror.get(worker_id)
                 if stored is not None and stored.has_payload:
-                    payload, fresh = stored.payload, False
+                    payload, fresh, watermark = stored.payload, False, stored.watermark
             self.counters["taken_over"] += 0 if fresh else 1
             await self._spawn(worker_id, spec, payload, now, fresh=fresh)
             if watermark:
@@ -1159,8 +1170,10 @@ class DynamicManager:
                         exc,
                     )
                     if self._table is not None:
-                        for worker_id, payload, *_rest in chunk:
-                            self._table.mark(Stored(worker_id, None, payload, True))
+                        for worker_id, payload, _casts, watermark in chunk:
+                            self._table.mark(
+                                Stored(worker_id, None, payload, True, watermark=watermark)
+                            )
         if self._table is not None:
             await self._table.flush(leaving)
 

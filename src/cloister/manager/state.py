@@ -3,12 +3,14 @@
 Ids from ``children_specs()`` are known on every node without storage. What changes at
 runtime — ``put``/``delete`` and payloads that workers ``Replace`` — is written to a
 backend bucket so that it survives the owner: the new owner of a moved worker continues
-from its last payload, not from its spec. Every node keeps a mirror of the bucket (watch
-plus periodic re-listing), so starting moved workers needs no round trips.
+from its last payload, not from its spec. A node re-lists the bucket into its mirror each
+time it settles on a topology, so starting moved workers needs no round trip each.
 
-Replaced payloads are written behind (batched every ``flush_interval``), and flushed
-synchronously before a graceful handoff; after a crash, the new owner resumes from the
-last flushed payload.
+Replaced payloads are written behind (batched every ``flush_interval``). For workers fed
+by the inbox, the payload and the *watermark* (the log sequence of the last message it
+includes) are written before that message is acknowledged: after a crash the new owner
+resumes from a payload that matches the log, and skips redelivered messages it already
+contains — effectively once. A graceful handoff ships both directly.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloister import wire
-from cloister.backends import KeyValue, KVOp
-from cloister.errors import BackendError, WireFormatError
+from cloister.backends import KeyValue
+from cloister.errors import WireFormatError
 from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
@@ -40,6 +42,7 @@ class Stored:
     payload: Any
     has_payload: bool
     deleted: bool = False
+    watermark: int = 0  # log sequence of the last inbox message the payload includes
 
     def encode(self) -> bytes:
         return wire.encode(
@@ -49,6 +52,7 @@ class Stored:
                 "payload": self.payload,
                 "has_payload": self.has_payload,
                 "deleted": self.deleted,
+                "w": self.watermark,
             }
         )
 
@@ -64,6 +68,7 @@ class Stored:
             payload=message.get("payload"),
             has_payload=bool(message.get("has_payload")),
             deleted=bool(message.get("deleted")),
+            watermark=int(message.get("w") or 0),
         )
 
 
@@ -75,7 +80,6 @@ class StateTable:
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
-        self.changed = asyncio.Event()
 
     async def load(self) -> None:
         """Re-list the bucket into the mirror."""
@@ -85,26 +89,6 @@ class StateTable:
             if stored is not None:
                 mirror[stored.id] = stored
         self.mirror = mirror
-        self.changed.set()
-
-    async def follow(self, interval: float) -> None:
-        """Keep the mirror current: watch, and re-list every ``interval`` seconds."""
-        while True:
-            try:
-                async with self.kv.watch() as events:
-                    await self.load()
-                    async with asyncio.timeout(interval):
-                        async for event in events:
-                            if event.op is KVOp.PUT and event.value is not None:
-                                stored = self._decode(event.value)
-                                if stored is not None:
-                                    self.mirror[stored.id] = stored
-                                    self.changed.set()
-            except TimeoutError:
-                continue
-            except BackendError as exc:
-                log.debug("state table watch interrupted: %s", exc)
-                await asyncio.sleep(min(1.0, interval))
 
     def _decode(self, data: bytes) -> Stored | None:
         try:
@@ -130,10 +114,15 @@ class StateTable:
             batch, self.dirty = self.dirty, {}
         else:
             batch = {i: self.dirty.pop(i) for i in ids if i in self.dirty}
+        items = list(batch.values())
         try:
-            for stored in batch.values():
-                await self.kv.put(storage_key(stored.id), stored.encode())
-                self.mirror[stored.id] = stored
+            for start in range(0, len(items), 256):  # pipelined, not one round trip each
+                chunk = items[start : start + 256]
+                await asyncio.gather(
+                    *(self.kv.put(storage_key(stored.id), stored.encode()) for stored in chunk)
+                )
+                for stored in chunk:
+                    self.mirror[stored.id] = stored
         except BaseException:
             for worker_id, stored in batch.items():  # keep what was not written
                 self.dirty.setdefault(worker_id, stored)
