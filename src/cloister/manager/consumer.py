@@ -53,6 +53,8 @@ class PartitionConsumers:
         self._supervisor = supervisor
         self._consumers: dict[int, LogConsumer] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
+        self._wanted: set[int] = set()  # partitions we should consume (some maybe not yet)
+        self._claimer: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
         # Acks are batched: the hot path appends, one task sends them.
@@ -69,23 +71,46 @@ class PartitionConsumers:
         return set(self._consumers)
 
     async def take(self, partitions: set[int]) -> None:
-        """Claim and start consuming ``partitions`` (evicting stale claims)."""
+        """Claim and start consuming ``partitions`` (evicting stale claims).
+
+        A partition that cannot be claimed now (the medium is slow or away) is retried in
+        the background until it is claimed or no longer ours — never an error here.
+        """
+        self._wanted = set(partitions)
+        for partition in sorted(partitions - set(self._consumers)):
+            await self._claim(partition)
+        if self._wanted - set(self._consumers) and self._claimer is None:
+            self._claimer = self._supervisor.spawn(self._claim_later(), "inbox claims")
+
+    async def _claim(self, partition: int) -> bool:
         log_ = self.inbox.log
         assert log_ is not None
-        for partition in sorted(partitions - set(self._consumers)):
+        try:
             for holder in await log_.claimants(partition):
                 if holder != self.node:
                     log.info("partition %d: evicting the stale claim of %s", partition, holder)
                     await log_.evict(partition, holder)
-            try:
-                consumer = await log_.claim(partition, self.node)
-            except PartitionBusyError as exc:
-                log.warning("partition %d still busy (%s); will retry", partition, exc)
-                continue
-            self._consumers[partition] = consumer
-            self._loops[partition] = self._supervisor.spawn(
-                self._fetch_loop(consumer), f"inbox partition {partition}"
-            )
+            consumer = await log_.claim(partition, self.node)
+        except BackendError as exc:  # PartitionBusyError included
+            log.warning("partition %d not claimed yet (%s); retrying", partition, exc)
+            return False
+        self._consumers[partition] = consumer
+        self._loops[partition] = self._supervisor.spawn(
+            self._fetch_loop(consumer), f"inbox partition {partition}"
+        )
+        return True
+
+    async def _claim_later(self) -> None:
+        delay = 0.2
+        try:
+            while missing := self._wanted - set(self._consumers):
+                await asyncio.sleep(delay)
+                for partition in sorted(missing):
+                    if partition in self._wanted and partition not in self._consumers:
+                        await self._claim(partition)
+                delay = min(delay * 2, 2.0)
+        finally:
+            self._claimer = None
 
     def stop_fetching(self, partitions: set[int]) -> None:
         """Stop pulling new records for ``partitions`` (already delivered ones finish)."""
@@ -96,6 +121,7 @@ class PartitionConsumers:
 
     async def release(self, partitions: set[int]) -> None:
         """Flush pending acks, then give ``partitions`` up."""
+        self._wanted -= partitions
         self.stop_fetching(partitions)
         await self.flush_acks()
         for partition in partitions:

@@ -80,6 +80,9 @@ class StateTable:
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
+        # One write at a time: two flushes in flight could land an older payload of a key
+        # after a newer one, and the older one would win.
+        self._writing = asyncio.Lock()
 
     async def load(self) -> None:
         """Re-list the bucket into the mirror."""
@@ -100,9 +103,10 @@ class StateTable:
 
     async def write(self, stored: Stored) -> None:
         """Write one record now (runtime put/delete, handoff)."""
-        self.dirty.pop(stored.id, None)
-        await self.kv.put(storage_key(stored.id), stored.encode())
-        self.mirror[stored.id] = stored
+        async with self._writing:
+            self.dirty.pop(stored.id, None)
+            await self.kv.put(storage_key(stored.id), stored.encode())
+            self.mirror[stored.id] = stored
 
     def mark(self, stored: Stored) -> None:
         """Queue a replaced payload for the next flush."""
@@ -110,6 +114,10 @@ class StateTable:
 
     async def flush(self, ids: Any = None) -> None:
         """Write queued payloads (only those of ``ids`` when given)."""
+        async with self._writing:
+            await self._flush(ids)
+
+    async def _flush(self, ids: Any) -> None:
         if ids is None:
             batch, self.dirty = self.dirty, {}
         else:
