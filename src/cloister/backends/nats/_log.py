@@ -73,6 +73,12 @@ CONSUMER = "cloister.consumer"
 ACK_WAIT = 3600.0
 #: Records delivered and not yet acknowledged, per consumer.
 MAX_ACK_PENDING = 10_000
+#: The longest consumer name we create (the server takes up to 255 characters).
+MAX_NAME = 240
+#: Acks remembered until the server shows it applied them (sent again if it lost them).
+RECENT_ACKS = 20_000
+#: Seconds between checks that a busy consumer's acks were applied.
+AUDIT_INTERVAL = 5.0
 #: How long after a pull request expired we still wait for the server to say so.
 PULL_GRACE = 0.5
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
@@ -196,13 +202,12 @@ class NatsLog(Log):
         subject = self.subject(partition)
         if msg_id is not None and (not isinstance(msg_id, str) or not msg_id):
             raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
-        what = f"append to partition {partition} of log {self.name!r}"
         payload = bytes(data)
         deadline = time.monotonic() + 2 * self._op_timeout
         pause = 0.05
         while True:
             try:
-                js = self._backend._jetstream(what)
+                js = self._backend._jetstream("append")
                 ack = await js.publish(
                     subject,
                     payload,
@@ -214,10 +219,12 @@ class NatsLog(Log):
             except (*NO_RESPONDERS, nats.errors.TimeoutError, BackendUnavailableError) as exc:
                 # Nobody stored it (no responders), or we cannot know (timeout): again.
                 if self._backend._closed or time.monotonic() + pause > deadline:
+                    what = f"append to partition {partition} of log {self.name!r}"
                     raise translate(exc, what, self._backend.url) from exc
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, 0.5)
             except _NATS_ERRORS as exc:
+                what = f"append to partition {partition} of log {self.name!r}"
                 raise translate(exc, what, self._backend.url) from exc
 
     # -- claims -----------------------------------------------------------------------
@@ -226,6 +233,11 @@ class NatsLog(Log):
         subject = self.subject(partition)
         if not isinstance(consumer, str) or not consumer:
             raise ConfigurationError(f"a consumer name is a non-empty str, got {consumer!r}")
+        if len(consumer_name(partition, consumer)) > MAX_NAME:
+            raise ConfigurationError(
+                f"consumer name {consumer!r} is too long for NATS once escaped (at most "
+                f"{MAX_NAME} characters); use a shorter node name"
+            )
         old = self._claims.get(partition)
         if old is not None and old.name == consumer:
             await old._close("superseded by a new claim")
@@ -327,9 +339,15 @@ class NatsLog(Log):
         except _NATS_ERRORS as exc:
             raise translate(exc, what, self._backend.url) from exc
 
-    async def _consumer_info(self, durable: str, what: str) -> api.ConsumerInfo | None:
+    async def _consumer_info(
+        self, durable: str, what: str, *, patient: bool = True
+    ) -> api.ConsumerInfo | None:
+        """The durable's info, None when it does not exist; ``patient`` retries."""
         js = self._backend._jetstream(what)
         try:
+            if not patient:
+                info: api.ConsumerInfo = await js._jsm.consumer_info(self.stream, durable)
+                return info
             return await self._call(lambda: js._jsm.consumer_info(self.stream, durable))
         except nats.js.errors.NotFoundError:
             return None
@@ -402,8 +420,10 @@ class NatsLogConsumer(LogConsumer):
         self._buffer: deque[Msg] = deque()  # delivered, not yet handed out
         self._held: dict[int, Msg] = {}  # handed out, not acked: sequence -> ack handle
         self._stale: set[int] = set()  # held, with a handle from before the last re-sync
-        self._acked_stale: set[int] = set()  # acked through a stale handle: ack it again
+        self._recent: dict[int, str] = {}  # acks sent, not known applied: sequence -> subject
         self._acks = 0  # acks sent to the current durable
+        self._audit_at = 0.0  # when to check next that our acks were applied
+        self._disturbed = False  # a reconnect, an election...: check the acks now
         self._arrived = asyncio.Event()
         self._lock = asyncio.Lock()
         self._sub: NatsSub | None = None
@@ -480,10 +500,10 @@ class NatsLogConsumer(LogConsumer):
                 self._lost = True  # some delivery never reached us
             self._last_delivery = max(self._last_delivery, delivery)
             sequence = int(meta.sequence.stream)
-            if sequence in self._acked_stale:  # handled already; ack the new delivery
-                self._acked_stale.discard(sequence)
-                if await self._send_ack(msg):
+            if sequence in self._recent:  # acked, but not where it was redelivered from
+                if await self._send_ack(str(msg.reply)):
                     self._acks += 1
+                    self._recent[sequence] = str(msg.reply)
             elif sequence in self._held:  # redelivered after a re-sync: its new handle
                 self._held[sequence] = msg
                 self._stale.discard(sequence)
@@ -504,7 +524,9 @@ class NatsLogConsumer(LogConsumer):
             if status == "409" and "deleted" in description.lower():
                 self._ended = self._ended or "its consumer was deleted (evicted)"
             elif status == "503":
-                self._no_responders = True
+                self._no_responders = self._disturbed = True
+            elif status == "409":  # e.g. "Leadership Change": acks in flight may be lost
+                self._disturbed = True
         self._arrived.set()
 
     async def fetch(self, batch: int, timeout: float) -> list[LogRecord]:
@@ -521,6 +543,8 @@ class NatsLogConsumer(LogConsumer):
                     continue
                 if self._buffer:
                     return self._hand_out(batch)
+                if self._recent and (self._disturbed or loop.time() >= self._audit_at):
+                    await self._audit()
                 if self._no_responders:
                     self._no_responders = False
                     await self._diagnose()
@@ -597,6 +621,7 @@ class NatsLogConsumer(LogConsumer):
                 self._check()
             assert info is not None
             self._reconnects = self._backend.reconnects
+            self._disturbed = True  # acks sent just before the drop may be lost
             delivered = 0 if info.delivered is None else info.delivered.consumer_seq
             if delivered <= self._last_delivery:
                 return  # nothing went missing
@@ -625,32 +650,71 @@ class NatsLogConsumer(LogConsumer):
         msg = self._held.pop(sequence, None) or record.ref
         if not isinstance(msg, Msg) or not msg.reply:
             raise BackendError(f"record {sequence} carries no JetStream ack handle")
-        stale = sequence in self._stale
-        if stale:  # the current durable has not redelivered it yet: ack that one too
-            self._stale.discard(sequence)
-            self._acked_stale.add(sequence)
         what = f"ack {sequence} in partition {self.partition} of log {self._log.name!r}"
         nc = self._backend._client(what)
         try:
             await nc.publish(msg.reply, b"+ACK")
         except _NATS_ERRORS as exc:
             self._held[sequence] = msg
-            if stale:
-                self._acked_stale.discard(sequence)
-                self._stale.add(sequence)
             raise translate(exc, what, self._backend.url) from exc
-        if not stale:
+        # A handle from before a re-sync acks the old durable's delivery; the current
+        # durable's redelivery of it is acked on arrival (it is in _recent).
+        if sequence in self._stale:
+            self._stale.discard(sequence)
+        else:
             self._acks += 1
+        self._recent[sequence] = msg.reply
+        if len(self._recent) > RECENT_ACKS:
+            del self._recent[next(iter(self._recent))]
 
-    async def _send_ack(self, msg: Msg) -> bool:
+    async def _send_ack(self, subject: str) -> bool:
         nc = self._backend._nc
-        if nc is None or not nc.is_connected or not msg.reply:
+        if nc is None or not nc.is_connected:
             return False
         try:
-            await nc.publish(msg.reply, b"+ACK")
+            await nc.publish(subject, b"+ACK")
         except _NATS_ERRORS:
             return False
         return True
+
+    async def _audit(self) -> None:
+        """Check that the server applied our acks; send again those it lost."""
+        self._disturbed = False
+        now = asyncio.get_running_loop().time()
+        self._audit_at = now + AUDIT_INTERVAL
+        what = f"check the acks of partition {self.partition} of log {self._log.name!r}"
+        try:
+            info = await self._log._consumer_info(self.durable, what, patient=False)
+        except BackendError as exc:
+            log.debug("%r: %s", self, exc)
+            self._audit_at = now + 1.0  # soon again, without holding up this fetch
+            return
+        if info is not None:
+            await self._repair(info)
+
+    def _applied(self, info: api.ConsumerInfo) -> bool:
+        """True when the server applied every ack we sent (forgets those it shows applied).
+
+        Then the records pending with the durable are at most those it delivered minus
+        the acks we sent; deliveries still on their way only make it look worse.
+        """
+        floor = 0 if info.ack_floor is None else info.ack_floor.stream_seq
+        for sequence in [s for s in self._recent if s <= floor]:
+            del self._recent[sequence]
+        delivered = 0 if info.delivered is None else info.delivered.consumer_seq
+        return (info.num_ack_pending or 0) <= delivered - self._acks
+
+    async def _repair(self, info: api.ConsumerInfo) -> None:
+        """Send again the acks the server may have lost (acking twice is harmless).
+
+        An ack is fire-and-forget: one in flight while the consumer's leader changes, or
+        while our connection drops, is lost, and its record would stay pending here and
+        go to the next consumer once more.
+        """
+        if not self._applied(info):
+            log.debug("%r: sending %d recent acks again", self, len(self._recent))
+            for subject in list(self._recent.values()):
+                await self._send_ack(subject)
 
     async def release(self) -> None:
         if self._ended is not None:
@@ -664,24 +728,26 @@ class NatsLogConsumer(LogConsumer):
         """Wait (up to ``op_timeout``) until the server has applied the acks we sent.
 
         Acks are fire-and-forget; deleting the durable before they are applied would
-        hand acknowledged records to the next consumer again. Applied when the records
-        pending with the durable are at most those it delivered minus the acks we sent.
+        hand acknowledged records to the next consumer again. Acks still missing after a
+        moment are sent once more.
         """
-        deadline = time.monotonic() + self._log._op_timeout
+        started = time.monotonic()
+        deadline = started + self._log._op_timeout
         pause = 0.005
+        resent = False
         while True:
             try:
                 info = await self._log._consumer_info(self.durable, what)
             except BackendError as exc:
                 log.debug("%r: acks not confirmed: %s", self, exc)
                 return
-            if info is None:
+            if info is None or self._applied(info):
                 return
-            delivered = 0 if info.delivered is None else info.delivered.consumer_seq
-            if (info.num_ack_pending or 0) <= delivered - self._acks:
-                return
+            if not resent and time.monotonic() - started > 0.05:
+                await self._repair(info)
+                resent = True
             if time.monotonic() + pause > deadline:
-                log.debug("%r: %s acks still unapplied at release", self, info.num_ack_pending)
+                log.debug("%r: %s records still pending at release", self, info.num_ack_pending)
                 return
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.1)
