@@ -172,6 +172,36 @@ async def test_on_error_restart_backs_off_exponentially_while_failing(
         assert manager.counters["errors"] >= 6
 
 
+async def test_on_error_restart_of_an_idle_worker_holds_its_messages_for_the_backoff(
+    flaky: type[Flaky],
+) -> None:
+    """timeout 0 never performs, not even after a restart; the next casts wait instead."""
+
+    class P(flaky):  # type: ignore[valid-type, misc]
+        SPECS = ONLY_B
+        restart_backoff = (0.1, 0.1)
+
+        def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+            self.events.append(("at", message, asyncio.get_running_loop().time()))
+            if isinstance(message, Replace):
+                return message
+            return super().handle_cast(message, id, payload)
+
+    async with running(P, on_error="restart") as manager:
+        await manager.cast("b", Replace(5))
+        await until(lambda: manager.get("b").payload == 5)
+        for message in ("boom", "after 1", "after 2"):
+            await manager.cast("b", message)
+        await until(lambda: len(manager.of("at")) == 4, timeout=3)
+        at = {message: t for message, t in manager.of("at")}
+        assert at["after 1"] - at["boom"] >= 0.1  # held for the backoff
+        assert at["after 2"] - at["after 1"] < 0.05  # then the queue runs on
+        assert manager.get("b").payload == 0  # back to the spec's payload
+        await asyncio.sleep(0.05)
+        assert manager.seen == []  # no perform: it is not periodic
+        assert manager.counters["errors"] == 1
+
+
 async def test_on_error_restart_builds_the_payload_with_init_again() -> None:
     class P(Flaky):
         SPECS = {"a": {"payload": 10, "timeout": 0.01}}

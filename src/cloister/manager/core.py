@@ -782,7 +782,8 @@ class DynamicManager:
         finally:
             self._running_tasks.pop(worker, None)
             self._continuations.pop(worker, None)
-            worker.busy_since = 0.0
+            if worker.busy_since == started:  # else _failed holds it for a backoff
+                worker.busy_since = 0.0
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
@@ -889,7 +890,12 @@ class DynamicManager:
             low, high = self.restart_backoff
             backoff = min(high, low * 2 ** (worker.failures - 1))
             worker.payload = worker.spec.payload
-            self._timers.schedule(worker, asyncio.get_running_loop().time() + backoff)
+            loop = asyncio.get_running_loop()
+            if worker.spec.timeout:
+                self._timers.schedule(worker, loop.time() + backoff)
+            else:  # never periodic: no perform, its messages wait for the backoff
+                worker.busy_since = loop.time()
+                loop.call_later(backoff, self._retry_due, worker)
             if self._has_init:
                 self._supervisor.spawn(self._reinit(worker), f"reinit {worker.id!r}")
         elif message is None:
