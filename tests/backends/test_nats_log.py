@@ -104,6 +104,28 @@ async def test_deliveries_lost_on_the_wire_are_taken_again(nats_server: NatsServ
         await depth_becomes(log, 0)
 
 
+async def test_acks_lost_on_the_wire_are_sent_again_before_release(
+    nats_server: NatsServer,
+) -> None:
+    """An ack lost in flight (a leader change, a dropped connection) would hand its
+    record to the next consumer again: release notices and sends it once more."""
+    async with connected(nats_server.url) as backend:
+        log = await backend.log("lost-acks", partitions=1)
+        for i in range(3):
+            await log.append(0, b"%d" % i)
+        consumer = await log.claim(0, "n1")
+        assert isinstance(consumer, NatsLogConsumer)
+        records = await consumer.fetch(3, 2.0)
+        await consumer.ack(records[0])
+        lost = records[1]  # acked by the caller, but the ack never reached the server:
+        del consumer._held[lost.sequence]
+        consumer._recent[lost.sequence] = lost.ref.reply
+        consumer._acks += 1
+        await consumer.release()
+        successor = await log.claim(0, "n2")
+        assert [r.data for r in await drain(successor, 1, timeout=3)] == [b"2"]
+
+
 async def test_claim_survives_a_server_restart(nats_server: NatsServer) -> None:
     async with connected(nats_server.url) as backend:
         log = await backend.log("restart", partitions=2)
