@@ -27,6 +27,13 @@ Mapping of the contract:
   the wire (a reconnect, a gap in the consumer sequence) would otherwise stay pending
   for an hour: the consumer then re-creates its durable and takes every unacknowledged
   record again, in order, except those it already handed out (their acks still count).
+- ``ack`` is a plain (fire-and-forget) JetStream ack. The consumer remembers recent acks
+  until the server's ack floor passes them, checks every few seconds, after any sign of
+  trouble (a reconnect, a leader change) and before ``release`` that the server applied
+  them, and sends the missing ones again; ``release`` deletes the durable only then (or
+  after ``op_timeout``), so a graceful handoff does not hand acknowledged records on.
+- ``LogRecord.deliveries`` counts deliveries by the current durable only: a record
+  handed to the next consumer starts again at 1.
 """
 
 from __future__ import annotations
