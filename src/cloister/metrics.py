@@ -27,6 +27,10 @@ metric                                            type     meaning
 ``cloister_fenced_total``                         counter  self-fencings (renewal failed)
 ``cloister_heartbeat_failures_total``             counter  failed membership renewals
 ``cloister_bad_records_total``                    counter  malformed records ignored
+``cloister_rehash_seconds``                       summary  time from leaving ``ready`` (or
+                                                           ``assembling``) to ``ready`` again:
+                                                           the longest a moved key can pause
+``cloister_last_rehash_seconds``                  gauge    the last such pause
 ``cloister_manager_state{state}``                 gauge    1 for the manager's state
 ``cloister_manager_workers``                      gauge    live (owned) workers here
 ``cloister_manager_inbox_depth``                  gauge    inbox messages stored, unhandled
@@ -49,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +129,27 @@ class NodeCollector:
         self.manager = manager
         self.inbox_depth: int | None = None
         """The last sampled inbox depth (None before the first sample, or no inbox)."""
+        self._rehash_began: float | None = None
+        self._rehashes = 0
+        self._rehash_total = 0.0
+        self._last_rehash: float | None = None
+
+    def state_changed(self, from_state: State, to_state: State) -> None:
+        """Time the rehashes (call it from the cluster's listener, on every transition).
+
+        A rehash runs from leaving ``ready`` or ``assembling`` to ``ready``: while it
+        lasts, keys that move are stopped on their old owner and not started on the new.
+        """
+        if to_state is State.REHASHING and self._rehash_began is None:
+            self._rehash_began = time.monotonic()
+        elif to_state is State.READY and self._rehash_began is not None:
+            took = time.monotonic() - self._rehash_began
+            self._rehash_began = None
+            self._rehashes += 1
+            self._rehash_total += took
+            self._last_rehash = took
+        elif to_state in (State.STOPPING, State.STOPPED):
+            self._rehash_began = None
 
     def describe(self) -> list[Any]:
         """Nothing to check ahead: names are fixed and registered once per registry."""
@@ -140,6 +166,14 @@ class NodeCollector:
         yield labels.gauge("consensus", "Members needed before any node is ready.", info.consensus)
         yield labels.gauge("is_sentry", "1 while this node is the sentry.", info.is_sentry)
         yield from labels.counters("", cluster.counters, _CLUSTER_COUNTERS)
+        yield labels.summary(
+            "rehash_seconds",
+            "Rehashes: from leaving ready (or assembling) to ready again.",
+            self._rehashes,
+            self._rehash_total,
+        )
+        if self._last_rehash is not None:
+            yield labels.gauge("last_rehash_seconds", "The last rehash.", self._last_rehash)
         manager = self.manager
         if manager is None:
             return
@@ -173,6 +207,13 @@ class _Labels:
 
         family = GaugeMetricFamily(f"cloister_{name}", doc, labels=self.names)
         family.add_metric(self.values, float(value))
+        return family
+
+    def summary(self, name: str, doc: str, count: int, total: float) -> Any:
+        from prometheus_client.core import SummaryMetricFamily
+
+        family = SummaryMetricFamily(f"cloister_{name}", doc, labels=self.names)
+        family.add_metric(self.values, count_value=count, sum_value=total)
         return family
 
     def one_hot(self, name: str, doc: str, options: Iterable[str], current: str) -> Any:

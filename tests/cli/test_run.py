@@ -81,6 +81,8 @@ def test_run_serves_status_and_metrics_then_leaves_on_sigterm(
     assert _value(metrics, "cloister_members", node="a") == 1.0
     assert _value(metrics, "cloister_manager_workers", manager="Shop") == KEYS
     assert _value(metrics, "cloister_manager_performs_total", manager="Shop") >= 0
+    assert _value(metrics, "cloister_rehash_seconds_count", node="a") == 1.0  # to ready once
+    assert 0 < _value(metrics, "cloister_last_rehash_seconds", node="a") < 10
     for name in ("handed_off", "taken_over", "duplicates", "retries", "dead_letters", "errors"):
         assert f"cloister_manager_{name}_total{{" in metrics
 

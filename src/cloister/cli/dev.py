@@ -40,11 +40,10 @@ from cloister.cli.node import parse_event, port_number
 from cloister.cli.options import (
     EXIT_OK,
     add_common,
-    from_env,
     positive_float,
     positive_int,
 )
-from cloister.cli.run import load_app
+from cloister.cli.run import add_app_argument, app_spec, load_app
 
 if TYPE_CHECKING:  # imported when dev runs: other commands start faster without it
     from cloister.testing import NatsServer, NodeProcess
@@ -68,12 +67,7 @@ def add_parser(commands: Any) -> None:
         "(SIGKILL), `t N` terminates it (SIGTERM), `s` shows the nodes, `q` quits. "
         "Ctrl-C, SIGTERM or `q` stop every node and the server, leaving no process behind.",
     )
-    parser.add_argument(
-        "app",
-        nargs="?",
-        metavar="APP",
-        help="module:Class or path/to/file.py:Class (default $CLOISTER_APP)",
-    )
+    add_app_argument(parser)
     parser.add_argument(
         "--nodes", type=positive_int, default=3, metavar="N", help="nodes to start (default 3)"
     )
@@ -109,7 +103,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check APP, then run the dev cluster until ``q``, Ctrl-C or SIGTERM."""
-    spec = from_env(args, "app", "CLOISTER_APP", required="APP")
+    spec = app_spec(args)
     load_app(spec)  # a wrong APP fails here once, not in every node
     return asyncio.run(DevCluster(args, spec).run())
 
@@ -208,7 +202,8 @@ class DevCluster:
             await asyncio.sleep(_TICK)
         left = [node for node in running if node.proc.is_running]
         if left:
-            self.say(f"killing {', '.join(_name(n.number) for n in left)} (did not leave in time)")
+            why = "now" if self.hurry else f"(still running after {self.args.grace:g}s)"
+            self.say(f"killing {', '.join(_name(n.number) for n in left)} {why}")
         await asyncio.to_thread(self.group.stop)  # SIGKILL leftovers, join output readers
         self.pump()
         if self.server is not None:
@@ -349,7 +344,8 @@ class DevCluster:
     async def _obey(self) -> None:
         while (line := await self._commands.get()) is not None:
             self.command(line)
-        # stdin closed: keep running until a signal (`cloister dev < /dev/null` is fine)
+        # `cloister dev < /dev/null` is fine: it runs until a signal.
+        self.say("stdin closed: no more commands; Ctrl-C or SIGTERM stops everything")
 
     def command(self, line: str) -> None:
         """Carry out one command line (see the module doc)."""

@@ -240,6 +240,7 @@ async def serve(
             metrics = None
             if metrics_port is not None:
                 metrics = await outer.enter_async_context(serve_metrics(cluster, port=metrics_port))
+                events.state_watchers.append(metrics.collector.state_changed)
                 events.emit(f"metrics port={metrics.port}")
             events.emit(
                 f"node {me} starting cluster={cluster.name} "
@@ -325,6 +326,8 @@ class NodeEvents:
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream
+        self.state_watchers: list[Callable[[State, State], None]] = []
+        """Also told of every state change (the metrics time rehashing with it)."""
 
     def emit(self, text: str) -> None:
         """Print ``text t=<monotonic>`` as one flushed line (a closed stdout is ignored)."""
@@ -334,6 +337,8 @@ class NodeEvents:
     # -- listener ---------------------------------------------------------------------------
 
     def on_state_change(self, from_state: State, to_state: State, info: ClusterInfo) -> None:
+        for watcher in self.state_watchers:
+            watcher(from_state, to_state)
         self.emit(
             f"state {from_state} -> {to_state} epoch={info.epoch} members={_names(info.members)} "
             f"sentry={info.sentry or '-'} fingerprint={info.fingerprint or '-'}"

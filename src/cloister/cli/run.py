@@ -65,13 +65,12 @@ def add_parser(commands: Any) -> None:
         "its workers over and leave gracefully (exit 0). Prints the event lines of "
         "`cloister node` plus `manager ...` lines; logs topology changes at INFO. Exit 2 if "
         "APP cannot be found, 1 if the backend is unreachable or the application fails.",
+        epilog="Every option can also come from the environment (a flag wins over its "
+        "variable): CLOISTER_APP, CLOISTER_BACKEND, CLOISTER_CLUSTER, CLOISTER_NODE, "
+        "CLOISTER_CONSENSUS, CLOISTER_GROUPS, CLOISTER_METRICS_PORT, CLOISTER_LOG_LEVEL, "
+        "CLOISTER_NATS_USER, CLOISTER_NATS_PASSWORD, CLOISTER_NATS_TOKEN, CLOISTER_NATS_CREDS.",
     )
-    parser.add_argument(
-        "app",
-        nargs="?",
-        metavar="APP",
-        help="module:Class or path/to/file.py:Class (default $CLOISTER_APP)",
-    )
+    add_app_argument(parser)
     add_target(parser)
     add_node_options(parser)
     add_connection(parser)
@@ -79,9 +78,25 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run, default_log_level="info")
 
 
+def add_app_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``APP`` positional (``run`` and ``dev``); read it with :func:`app_spec`."""
+    parser.add_argument(
+        "app",
+        nargs="?",
+        metavar="APP",
+        help="module:Class or path/to/file.py:Class (default $CLOISTER_APP)",
+    )
+
+
+def app_spec(args: argparse.Namespace) -> str:
+    """``APP`` from the command line or ``$CLOISTER_APP`` (a :class:`UsageError` if neither)."""
+    spec: str = from_env(args, "app", "CLOISTER_APP", required="APP")
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
     """Load APP, build the node from ``args`` and the environment, run until a signal."""
-    spec = from_env(args, "app", "CLOISTER_APP", required="APP")
+    spec = app_spec(args)
     app = load_app(spec)
     events = NodeEvents()
     cluster = make_cluster(args, events)
