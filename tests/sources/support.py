@@ -66,9 +66,10 @@ class Nodes:
         self.managers: dict[str, Sink] = {}
         self.cls: type[Sink] = type("S", (Sink,), {"journal": self.journal, "name": "sink"})
 
-    async def start(self, *names: str) -> list[Sink]:
+    async def start(self, *names: str, **cluster_options: Any) -> list[Sink]:
+        cluster_options.setdefault("failure_timeout", FAILURE_TIMEOUT)
         for node in names:
-            cluster = await self.harness.start(node, failure_timeout=FAILURE_TIMEOUT)
+            cluster = await self.harness.start(node, **cluster_options)
             manager = await self.cls.start(cluster)
             self.stack.push_async_callback(manager.stop)
             self.managers[node] = manager

@@ -151,3 +151,23 @@ async def test_a_stream_that_does_not_exist_is_a_clear_error(
     (a,) = await nodes.start("a")
     with pytest.raises(SourceError, match="stream 'NOPE' does not exist"):
         await JetStreamSource.start(a, nats_server.url, stream="NOPE", key=key_fn)
+
+
+async def test_a_message_held_at_stop_is_given_back_at_once(
+    nats_server: NatsServer, js: Any, nodes: Nodes
+) -> None:
+    (a,) = await nodes.start("a")
+    failures = [10**9]  # the inbox refuses everything for now
+    flaky_cast(a, failures)
+    (source,) = await start_sources(nodes, nats_server, key=key_fn, retry_backoff=(0.01, 0.02))
+    await js.publish("orders.k5", body("k5", 1))
+    await eventually(lambda: source.counters["failed"] >= 3, what="retrying in place")
+    assert source.in_flight == 1 and source.counters["released"] == 0
+    await source.stop()
+    # given back (nak); the fetch still open at the stop may bring it once more: given back
+    assert source.counters["released"] >= 1 and source.counters["stored"] == 0
+    failures[0] = 0  # the inbox is back; the next source gets it well before ack_wait (30 s)
+    (again,) = await start_sources(nodes, nats_server, key=key_fn)
+    await eventually(lambda: nodes.journal.handled["k5"] == [1], timeout=5)
+    await eventually(lambda: again.counters["stored"] == 1)
+    await drained(js)

@@ -1,0 +1,166 @@
+"""The broker-independent part of sources, with a fake broker: decode, key, park, ack, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import msgpack
+import pytest
+
+from cloister.errors import ConfigurationError
+from cloister.sources import MissingDependencyError, RabbitMQSource, Source, SourceMessage
+from cloister.sources.base import Delivery
+
+from ..cluster.support import eventually
+from .support import Nodes, body, flaky_cast, key_fn
+
+
+class FakeDelivery(Delivery):
+    __slots__ = ("outcome",)
+
+    def __init__(self, meta: SourceMessage) -> None:
+        super().__init__(meta)
+        self.outcome: str | None = None
+
+    async def ack(self) -> None:
+        self.outcome = "acked"
+
+    async def release(self) -> None:
+        self.outcome = "released"
+
+
+class FakeSource(Source):
+    """A broker that is a list: ``deliver(body)`` hands one message to the source."""
+
+    def __init__(self, manager: Any, **options: Any) -> None:
+        options.setdefault("name", "fake")
+        super().__init__(manager, **options)
+        self.deliveries: list[FakeDelivery] = []
+
+    async def _connect(self) -> None:
+        pass
+
+    async def _stop_intake(self) -> None:
+        pass
+
+    async def _disconnect(self) -> None:
+        pass
+
+    def deliver(self, data: bytes, msg_id: str | None = None) -> FakeDelivery:
+        delivery = FakeDelivery(SourceMessage(source=self.name, body=data, msg_id=msg_id))
+        self.deliveries.append(delivery)
+        self._accept(delivery)
+        return delivery
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Nodes]:
+    async with AsyncExitStack() as stack:  # (parametrized test names make no world name)
+        yield Nodes(stack, f"fake-sources-{uuid.uuid4().hex[:8]}")
+
+
+async def settled(source: FakeSource) -> None:
+    await eventually(lambda: all(d.outcome for d in source.deliveries), what="all settled")
+
+
+@pytest.mark.parametrize(
+    ("result", "reason"),
+    [
+        ("k1", "key function returned str; expected (key, message)"),
+        (("k1", 1, 7), "msg_id of type int"),
+        (([1], 1), "a key the ring cannot place"),
+    ],
+)
+async def test_a_key_function_answer_that_is_no_message_is_parked(
+    nodes: Nodes, result: Any, reason: str
+) -> None:
+    (a,) = await nodes.start("a")
+    async with FakeSource(a, key=lambda body, meta: result) as source:
+        delivery = source.deliver(b"{}")
+        await settled(source)
+    assert delivery.outcome == "acked" and source.counters["parked"] == 1
+    (letter,) = await a.dead_letters()
+    assert reason in letter.reason and letter.raw == b"{}" and letter.source == "fake"
+
+
+async def test_a_message_the_inbox_cannot_encode_is_parked(nodes: Nodes) -> None:
+    (a,) = await nodes.start("a")
+    async with FakeSource(a, key=lambda body, meta: ("k1", {1, 2})) as source:
+        source.deliver(b"{}", msg_id="set")
+        await settled(source)
+    (letter,) = await a.dead_letters()
+    assert letter.reason.startswith("the inbox refused it: WireFormatError")
+    assert letter.msg_id == "set"
+
+
+@pytest.mark.parametrize(
+    ("decode", "data", "expected"),
+    [
+        ("msgpack", msgpack.packb({"key": "k2", "seq": 1}), 1),
+        ("bytes", b"k2:2", 2),
+        (lambda data: {"key": "k2", "seq": int(data)}, b"3", 3),
+    ],
+)
+async def test_decoders(nodes: Nodes, decode: Any, data: bytes, expected: int) -> None:
+    (a,) = await nodes.start("a")
+
+    def key(body: Any, meta: SourceMessage) -> tuple[Any, Any]:
+        if isinstance(body, bytes):
+            name, seq = body.decode().split(":")
+            return name, int(seq)
+        return key_fn(body, meta)
+
+    async with FakeSource(a, key=key, decode=decode) as source:
+        source.deliver(data)
+        await eventually(lambda: nodes.journal.handled["k2"] == [expected])
+    assert (source.counters["stored"], source.counters["parked"]) == (1, 0)
+
+
+async def test_stop_gives_back_what_is_still_failing_and_what_arrives_late(nodes: Nodes) -> None:
+    (a,) = await nodes.start("a")
+    flaky_cast(a, [10**9])
+    source = await FakeSource.start(a, key=key_fn, retry_backoff=(0.01, 0.01))
+    held = source.deliver(body("k3", 1))
+    await eventually(lambda: source.counters["failed"] >= 2)
+    assert held.outcome is None  # neither acked nor given back: still ours, retried
+    await source.stop()
+    assert held.outcome == "released" and source.in_flight == 0
+    late = source.deliver(body("k3", 2))  # a delivery racing the stop
+    await asyncio.sleep(0.01)
+    assert late.outcome is None and source.counters["released"] == 2
+    assert nodes.journal.total() == 0
+
+
+async def test_options_are_checked(nodes: Nodes) -> None:
+    (a,) = await nodes.start("a")
+    with pytest.raises(ConfigurationError, match="decode must be one of"):
+        FakeSource(a, key=key_fn, decode="yaml")
+    with pytest.raises(ConfigurationError, match="key must be a function"):
+        FakeSource(a, key="key")
+    with pytest.raises(ConfigurationError, match="requeue_after must be a number"):
+        FakeSource(a, key=key_fn, requeue_after=-1)
+
+
+async def test_a_manager_without_an_inbox_is_refused() -> None:
+    from .support import Sink
+
+    standalone = await type("Solo", (Sink,), {"journal": None}).start()
+    try:
+        with pytest.raises(ConfigurationError, match="no durable inbox"):
+            await FakeSource.start(standalone, key=key_fn)
+    finally:
+        await standalone.stop()
+
+
+async def test_without_aio_pika_the_error_names_the_extra(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a,) = await nodes.start("a")
+    monkeypatch.setitem(sys.modules, "aio_pika", None)  # what a missing package looks like
+    with pytest.raises(MissingDependencyError, match=r"pip install 'pycloister\[rabbitmq\]'"):
+        await RabbitMQSource.start(a, queue="q", key=key_fn)
