@@ -268,12 +268,34 @@ class Cluster:
         assert self._members_kv is not None and self._control_kv is not None
         try:
             if self._sentry_revision is not None:
-                await self._control_kv.delete(_SENTRY_KEY, revision=self._sentry_revision)
-            await self._members_kv.delete(self.node, revision=self._record_revision)
+                await self._delete_if_ours(self._control_kv, _SENTRY_KEY, self._sentry_revision)
+            await self._delete_if_ours(self._members_kv, self.node, self._record_revision)
         except BackendError as exc:
             log.warning(
                 "node %s could not leave cleanly (%s); it will expire instead", self.node, exc
             )
+
+    async def _delete_if_ours(self, kv: KeyValue, key: str, revision: int | None) -> None:
+        """Delete our key. A renewal cancelled in flight may have moved its revision on:
+        then delete it at its current revision, if it still holds our incarnation."""
+        try:
+            await kv.delete(key, revision=revision)
+            return
+        except RevisionMismatchError:
+            current = await kv.get(key)
+        if current is None:
+            return
+        try:
+            holder = wire.decode_map(current.value, "record")
+        except WireFormatError:
+            return
+        ours = (
+            holder.get("inc") == self._record.incarnation
+            if key == self.node and self._record is not None
+            else holder.get("node") == self.node
+        )
+        if ours:
+            await kv.delete(key, revision=current.revision)
 
     async def _teardown(self) -> None:
         await self._supervisor.close()

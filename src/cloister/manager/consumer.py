@@ -78,7 +78,8 @@ class PartitionConsumers:
         """
         self._wanted = set(partitions)
         for partition in sorted(partitions - set(self._consumers)):
-            await self._claim(partition)
+            if partition in self._wanted:  # a release meanwhile takes it off the list
+                await self._claim(partition)
         if self._wanted - set(self._consumers) and self._claimer is None:
             self._claimer = self._supervisor.spawn(self._claim_later(), "inbox claims")
 

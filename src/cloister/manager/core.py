@@ -190,6 +190,9 @@ class DynamicManager:
         self._continuations: dict[Worker, Continuation] = {}
         self._paused = cluster is not None  # a cluster must say what is ours first
         self._leaving = False  # everything was handed over: refuse new messages
+        # release/settle/suspend/handover run one at a time, whoever calls them (the
+        # cluster's hooks, start(), stop()): they move the same workers and partitions.
+        self._topology_lock = asyncio.Lock()
         self._parked: dict[Any, list[Message]] = {}  # messages for ids about to start here
         # id -> (payload, casts, watermark) handed over by the previous owner
         self._handed: dict[Any, tuple[Any, list[Any], int]] = {}
@@ -1014,6 +1017,19 @@ class DynamicManager:
 
     async def release(self, topology: Topology) -> None:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
+        async with self._topology_lock:
+            await self._release(topology)
+
+    async def settle(self, topology: Topology) -> None:
+        """Every member acknowledged ``topology``: start what is ours, resume."""
+        async with self._topology_lock:
+            latest = self.cluster.topology if self.cluster is not None else None
+            if latest is not None and latest.epoch > topology.epoch:
+                return  # a newer epoch was adopted meanwhile; its settle comes next
+            await self._settle(topology)
+
+    async def _release(self, topology: Topology) -> None:
+        """Before this node acknowledges ``topology``: stop and hand over what moved away."""
         cluster = self.cluster
         assert cluster is not None
         if self._leaving or self.state == "down":
@@ -1036,8 +1052,7 @@ class DynamicManager:
         if self._consumers is not None and moved:
             await self._consumers.release(moved)
 
-    async def settle(self, topology: Topology) -> None:
-        """Every member acknowledged ``topology``: start what is ours, resume."""
+    async def _settle(self, topology: Topology) -> None:
         cluster = self.cluster
         assert cluster is not None
         if self._leaving or self.state == "down":
@@ -1087,6 +1102,10 @@ class DynamicManager:
         if reason == "stopping":
             await self._hand_everything_over()
             return
+        async with self._topology_lock:
+            await self._suspend()
+
+    async def _suspend(self) -> None:
         self._paused = True
         await self._drain()
         if self._consumers is not None:
@@ -1112,6 +1131,10 @@ class DynamicManager:
         self._idle.set()
 
     async def _hand_everything_over(self) -> None:
+        async with self._topology_lock:
+            await self._hand_all_over()
+
+    async def _hand_all_over(self) -> None:
         cluster = self.cluster
         if cluster is None or self.state == "down" or cluster.topology is None:
             return
