@@ -86,6 +86,8 @@ MAX_NAME = 240
 RECENT_ACKS = 20_000
 #: Seconds between checks that a busy consumer's acks were applied.
 AUDIT_INTERVAL = 5.0
+#: The shortest a fetch waits: one round trip to the server for what is stored.
+MIN_WAIT = 0.1
 #: How long after a pull request expired we still wait for the server to say so.
 PULL_GRACE = 0.5
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
@@ -541,7 +543,8 @@ class NatsLogConsumer(LogConsumer):
             raise ConfigurationError(f"batch must be a whole number >= 1, got {batch!r}")
         async with self._lock:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + max(0.0, timeout)
+            # Records are in the stream, not here: even fetch(n, 0) asks the server.
+            deadline = loop.time() + max(MIN_WAIT, timeout)
             while True:
                 self._arrived.clear()
                 self._check()
