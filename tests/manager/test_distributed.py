@@ -193,7 +193,7 @@ async def test_no_worker_performs_while_short_of_consensus(nodes: Nodes) -> None
     assert sum(1 for p in nodes.ledger.performs if p[0] == "a") == count
     await nodes.start("c", consensus=2)
     await eventually(nodes.settled)
-    assert sum(1 for p in nodes.ledger.performs if p[0] == "a") > count
+    await eventually(lambda: sum(1 for p in nodes.ledger.performs if p[0] == "a") > count)
 
 
 async def test_runtime_put_and_delete_reach_the_owner_from_any_node(nodes: Nodes) -> None:

@@ -148,7 +148,9 @@ def port_number(text: str) -> int:
     return value
 
 
-def make_cluster(args: argparse.Namespace, events: NodeEvents) -> Cluster:
+def make_cluster(
+    args: argparse.Namespace, events: NodeEvents, extra_groups: tuple[str, ...] = ()
+) -> Cluster:
     """The node ``args`` and the environment describe, reporting to ``events``.
 
     Also checks ``--metrics-port`` (``args.metrics_port`` is set from the environment),
@@ -177,7 +179,7 @@ def make_cluster(args: argparse.Namespace, events: NodeEvents) -> Cluster:
         args.name,
         backend=backend,
         listener=events,
-        groups=args.group or (),
+        groups=(*(args.group or ()), *extra_groups),
         backend_options=connection_options(args),
         **{key: value for key, value in settings.items() if value is not None},
     )

@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     spec = app_spec(args)
     app = load_app(spec)
     events = NodeEvents()
-    cluster = make_cluster(args, events)
+    # Join the manager's group: its workers are placed only on nodes that run it.
+    cluster = make_cluster(args, events, extra_groups=(app.placement_group(),))
     attach = functools.partial(_run_manager, app, spec)
     return asyncio.run(serve(cluster, events, attach=attach, metrics_port=args.metrics_port))
 

@@ -57,7 +57,7 @@ from cloister.manager.worker import (
     WorkerInfo,
     run_eagerly,
 )
-from cloister.ring import key_hash
+from cloister.ring import HashRing, key_hash
 from cloister.store.inbox import DeadLetter, Inbox, InboxMessage
 
 if TYPE_CHECKING:
@@ -439,6 +439,23 @@ class DynamicManager:
             return "local"
         return self._placement_now().owner_of(worker_id)
 
+    @classmethod
+    def placement_group(cls) -> str:
+        """The cluster group whose members run this manager (``cloister run`` joins it).
+
+        When nodes of the cluster joined this group, workers are placed on its ring only,
+        so a node that does not run the manager gets none of its workers. Nodes that run
+        a manager should either all join its group, or none.
+        """
+        return f"manager.{cls.name or cls.__name__}"
+
+    def _ring_of(self, topology: Topology) -> HashRing:
+        return topology.group_rings.get(self.placement_group(), topology.ring)
+
+    def _placement_for(self, topology: Topology) -> Placement:
+        assert self.cluster is not None
+        return Placement(self._ring_of(topology), self.partitions, self.cluster.node)
+
     def _placement_now(self) -> Placement:
         cluster = self.cluster
         assert cluster is not None
@@ -446,8 +463,8 @@ class DynamicManager:
         if topology is None:
             raise NotOwnerError(f"node {cluster.node} has no topology yet")
         placement = self._placement
-        if placement is None or placement.ring is not topology.ring:
-            placement = self._placement = Placement(topology.ring, self.partitions, cluster.node)
+        if placement is None or placement.ring is not self._ring_of(topology):
+            placement = self._placement = self._placement_for(topology)
         return placement
 
     # -- routing ------------------------------------------------------------------------------
@@ -1035,7 +1052,7 @@ class DynamicManager:
         if self._leaving or self.state == "down":
             return  # stop() handed everything over already
         await self._set_state("rehashing")
-        placement = Placement(topology.ring, self.partitions, cluster.node)
+        placement = self._placement_for(topology)
         leaving = [i for i in self._workers if not placement.mine(i)]
         moved = set()
         if self._consumers is not None:
@@ -1057,7 +1074,7 @@ class DynamicManager:
         assert cluster is not None
         if self._leaving or self.state == "down":
             return  # a hook call already under way when stop() began: take nothing
-        placement = Placement(topology.ring, self.partitions, cluster.node)
+        placement = self._placement_for(topology)
         now = asyncio.get_running_loop().time()
         if self._table is not None:
             try:  # the latest stored payloads and runtime specs (crash takeover, put/delete)
