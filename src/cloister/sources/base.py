@@ -41,6 +41,11 @@ for the same key that are in flight on two nodes at the same moment can be store
 either order, and a message given back to the broker is stored after the ones behind it.
 When the order of a key's messages matters beyond that, see each source's options (for
 RabbitMQ, ``single_active_consumer=True``).
+
+Lifecycle: ``source = await XSource.start(manager, ...)`` then ``await source.stop()``, or
+``async with XSource(manager, ...) as source``. Stop the sources before the manager (a
+graceful leave): what is in flight gets ``drain_timeout`` seconds to be stored and acked,
+and whatever is left is given back to the broker unacknowledged.
 """
 
 from __future__ import annotations
@@ -240,6 +245,7 @@ class Source(ABC):
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._supervisor = Supervisor(f"source {name}")
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -269,6 +275,7 @@ class Source(ABC):
             await self._supervisor.close()
             await self._disconnect()
             self.state = "stopped"
+            self._stopped.set()
             raise
         self.log.info("source %s started", self.name)
 
@@ -278,9 +285,11 @@ class Source(ABC):
         What did not finish stays unacknowledged and is given back to the broker.
         """
         if self.state in ("stopping", "stopped"):
+            await self._stopped.wait()
             return
         if self.state == "new":
             self.state = "stopped"
+            self._stopped.set()
             return
         self.state = "stopping"
         self._stopping.set()
@@ -306,6 +315,7 @@ class Source(ABC):
         finally:
             await self._disconnect()
             self.state = "stopped"
+            self._stopped.set()
             self.log.info("source %s stopped (%s)", self.name, self.counters)
 
     async def __aenter__(self) -> Self:
