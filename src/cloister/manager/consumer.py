@@ -55,6 +55,7 @@ class PartitionConsumers:
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._wanted: set[int] = set()  # partitions we should consume (some maybe not yet)
         self._claimer: asyncio.Task[None] | None = None
+        self._claiming = asyncio.Lock()
         self._room = asyncio.Event()
         self._room.set()
         # Acks are batched: the hot path appends, one task sends them.
@@ -70,6 +71,11 @@ class PartitionConsumers:
         """The partitions this node consumes now."""
         return set(self._consumers)
 
+    @property
+    def held_or_wanted(self) -> set[int]:
+        """The partitions this node consumes or is still trying to claim."""
+        return set(self._consumers) | self._wanted
+
     async def take(self, partitions: set[int]) -> None:
         """Claim and start consuming ``partitions`` (evicting stale claims).
 
@@ -84,6 +90,12 @@ class PartitionConsumers:
             self._claimer = self._supervisor.spawn(self._claim_later(), "inbox claims")
 
     async def _claim(self, partition: int) -> bool:
+        async with self._claiming:  # never a claim in flight while partitions are given up
+            if partition not in self._wanted or partition in self._consumers:
+                return partition in self._consumers
+            return await self._claim_now(partition)
+
+    async def _claim_now(self, partition: int) -> bool:
         log_ = self.inbox.log
         assert log_ is not None
         try:
@@ -107,8 +119,7 @@ class PartitionConsumers:
             while missing := self._wanted - set(self._consumers):
                 await asyncio.sleep(delay)
                 for partition in sorted(missing):
-                    if partition in self._wanted and partition not in self._consumers:
-                        await self._claim(partition)
+                    await self._claim(partition)
                 delay = min(delay * 2, 2.0)
         finally:
             self._claimer = None
@@ -121,8 +132,9 @@ class PartitionConsumers:
                 loop.cancel()
 
     async def release(self, partitions: set[int]) -> None:
-        """Flush pending acks, then give ``partitions`` up."""
-        self._wanted -= partitions
+        """Stop wanting ``partitions``; flush pending acks, then give those held up."""
+        async with self._claiming:
+            self._wanted -= partitions
         self.stop_fetching(partitions)
         await self.flush_acks()
         for partition in partitions:

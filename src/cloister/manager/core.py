@@ -1056,7 +1056,7 @@ class DynamicManager:
         leaving = [i for i in self._workers if not placement.mine(i)]
         moved = set()
         if self._consumers is not None:
-            moved = self._consumers.partitions - placement.owned()
+            moved = self._consumers.held_or_wanted - placement.owned()
             self._consumers.stop_fetching(moved)
         lost = [i for i in self._parked if not placement.mine(i)]
         self._forget_inbox_messages(lost)
@@ -1106,7 +1106,7 @@ class DynamicManager:
                     worker.watermark = watermark
         if self._consumers is not None:
             owned = placement.owned()
-            await self._consumers.release(self._consumers.partitions - owned)
+            await self._consumers.release(self._consumers.held_or_wanted - owned)
             await self._consumers.take(owned)
         self._paused = False
         self._wake.set()
@@ -1129,7 +1129,7 @@ class DynamicManager:
             # Give the partitions up; whoever consumes them next (us again, or the node
             # that takes over) starts from the oldest unhandled message.
             self._forget_inbox_messages()
-            await self._consumers.release(self._consumers.partitions)
+            await self._consumers.release(self._consumers.held_or_wanted)
         await self._set_state("rehashing")
 
     def abort(self) -> None:
@@ -1163,7 +1163,7 @@ class DynamicManager:
             await self._hand_over(list(self._workers), placement.successor_of)
         if self._consumers is not None:
             self._forget_inbox_messages()
-            await self._consumers.release(self._consumers.partitions)
+            await self._consumers.release(self._consumers.held_or_wanted)
         self._paused = True
 
     async def _hand_over(self, leaving: list[Any], owner_of: Callable[[Any], str]) -> None:
