@@ -591,3 +591,42 @@ async def test_log_partition_count_is_fixed(connect: Connect) -> None:
         await two.log("fixed", partitions=8)
     with pytest.raises(ConfigurationError):
         await one.log("bad", partitions=0)
+
+
+async def test_consistent_reads_see_the_latest_writes(connect: Connect) -> None:
+    writer, reader = await connect(node="n1"), await connect(node="n2")
+    kv = await writer.kv("members", ttl_keys=True)
+    other = await reader.kv("members", ttl_keys=True)
+    assert await other.get("missing", consistent=True) is None
+    assert await other.entries(consistent=True) == {}
+    revisions = {key: await kv.put(key, b"v1") for key in ("a", "b.c", "d=e", "gone")}
+    revisions["a"] = await kv.update("a", b"v2", revision=revisions["a"])
+    revisions["b.c"] = await kv.put("b.c", b"v3")
+    await kv.delete("gone")
+    await kv.create("short", b"x", ttl=1)
+    listing = await other.entries(consistent=True)
+    assert set(listing) == {"a", "b.c", "d=e", "short"}
+    assert {k: (e.key, e.value, e.revision) for k, e in listing.items() if k != "short"} == {
+        "a": ("a", b"v2", revisions["a"]),
+        "b.c": ("b.c", b"v3", revisions["b.c"]),
+        "d=e": ("d=e", b"v1", revisions["d=e"]),
+    }
+    for key, entry in listing.items():
+        assert await other.get(key, consistent=True) == entry
+    assert await other.get("gone", consistent=True) is None
+    # After the expiry (and its marker) the key is gone from consistent reads too.
+    await asyncio.sleep(1 + EXPIRY_SLACK)
+    assert await other.get("short", consistent=True) is None
+    assert "short" not in await other.entries(consistent=True)
+    # Over a tombstone and over an expiry marker.
+    await kv.create("gone", b"back")
+    await kv.create("short", b"again")
+    final = await other.entries(consistent=True)
+    assert {k: e.value for k, e in final.items()} == {
+        "a": b"v2",
+        "b.c": b"v3",
+        "d=e": b"v1",
+        "gone": b"back",
+        "short": b"again",
+    }
+    assert final == await other.entries()  # the default agrees once things settled

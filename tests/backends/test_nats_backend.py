@@ -519,3 +519,25 @@ async def test_consistent_listing_right_after_writes_on_r3(nats_cluster: NatsClu
             f"direct {direct:.3f}s"
         )
         assert consistent < 5.0
+
+
+async def test_consistent_listing_falls_back_to_walking_the_leader(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No consumer on the leader (never here: no tries): the key-by-key walk agrees."""
+    from cloister.backends.nats import _kv
+
+    async with connected(nats_server.url) as backend:
+        kv = await backend.kv("members", ttl_keys=True)
+        for i in range(30):
+            await kv.put(f"k{i}", b"%d" % i)
+        await kv.put("k3", b"new")
+        await kv.delete("k7")
+        await kv.create("short", b"x", ttl=1)
+        expected = await kv.entries(consistent=True)
+        monkeypatch.setattr(_kv, "_PLACEMENT_TRIES", 0)
+        assert await kv.entries(consistent=True) == expected
+        assert expected["k3"].value == b"new" and "k7" not in expected and "short" in expected
+        await asyncio.sleep(2.5)
+        walked = await kv.entries(consistent=True)
+        assert "short" not in walked and len(walked) == 29

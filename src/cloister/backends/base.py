@@ -87,8 +87,13 @@ class KeyValue(ABC):
     name: str
 
     @abstractmethod
-    async def get(self, key: str) -> Entry | None:
-        """The current entry, or None when the key is absent, deleted or expired."""
+    async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
+        """The current entry, or None when the key is absent, deleted or expired.
+
+        ``consistent=True`` reads from the authoritative copy (the stream leader on NATS):
+        it sees every write acknowledged before the call; the default may serve a slightly
+        stale replica and keeps working during a leader election.
+        """
 
     @abstractmethod
     async def put(self, key: str, value: bytes) -> int:
@@ -116,8 +121,13 @@ class KeyValue(ABC):
         """Remove the key (only if still at ``revision`` when one is given)."""
 
     @abstractmethod
-    async def entries(self) -> dict[str, Entry]:
-        """A full, consistent listing of the live keys (for reconciliation)."""
+    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
+        """A full, consistent listing of the live keys (for reconciliation).
+
+        ``consistent=True`` reads from the authoritative copy (the stream leader on NATS):
+        it sees every write acknowledged before the call; the default may serve a slightly
+        stale replica and keeps working during a leader election.
+        """
 
     @abstractmethod
     def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:

@@ -131,7 +131,8 @@ class MemoryKV(KeyValue):
         self._owner = owner
         self._bucket = bucket
 
-    async def get(self, key: str) -> Entry | None:
+    async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
+        # Memory is always consistent: ``consistent`` changes nothing.
         await self._owner._io()
         item = self._bucket.items.get(key)
         return None if item is None else Entry(key, item.value, item.revision)
@@ -174,7 +175,7 @@ class MemoryKV(KeyValue):
             )
         self._bucket.remove(key, KVOp.DELETE)
 
-    async def entries(self) -> dict[str, Entry]:
+    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
         await self._owner._io()
         return {k: Entry(k, i.value, i.revision) for k, i in self._bucket.items.items()}
 
@@ -216,10 +217,12 @@ class _LogData:
         self.sequence = itertools.count(1)
         self.dedup_window = dedup_window
         self.seen: dict[str, tuple[int, float]] = {}  # msg_id -> (sequence, expires at)
+        self.purge_at = 10_000
 
     def dedup(self, msg_id: str, now: float) -> int | None:
-        if len(self.seen) > 10_000:  # forget expired ids now and then, not on every append
+        if len(self.seen) > self.purge_at:  # forget expired ids now and then, not each time
             self.seen = {k: v for k, v in self.seen.items() if v[1] > now}
+            self.purge_at = max(10_000, 2 * len(self.seen))  # amortised O(1) per append
         found = self.seen.get(msg_id)
         return found[0] if found is not None and found[1] > now else None
 

@@ -87,7 +87,7 @@ class StateTable:
     async def load(self) -> None:
         """Re-list the bucket into the mirror."""
         mirror: dict[Any, Stored] = {}
-        for entry in (await self.kv.entries()).values():
+        for entry in (await self.kv.entries(consistent=True)).values():
             stored = self._decode(entry.value)
             if stored is not None:
                 mirror[stored.id] = stored

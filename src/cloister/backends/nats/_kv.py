@@ -17,7 +17,9 @@ Mapping of the contract:
 - ``delete`` = a ``KV-Operation: DEL`` tombstone;
 - ``entries`` = a batched direct get of every message of the stream (history 1 means
   the stream holds exactly the last message of each key), markers and tombstones
-  dropped;
+  dropped; with ``consistent=True`` an ephemeral ``LAST_PER_SUBJECT`` pull consumer
+  instead (a consumer works on the stream leader's store, a direct get may be answered
+  by a lagging follower), and ``get(consistent=True)`` uses the message-get API;
 - ``watch`` = an ordered push consumer delivering only new messages.
 """
 
@@ -65,6 +67,8 @@ MSG_TTL = "Nats-TTL"
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
 _BATCH = 1000
+#: How many consumers a consistent listing creates to get one on the stream leader.
+_PLACEMENT_TRIES = 12
 #: How long an operation keeps retrying "no responders" (a stream between leaders) before
 #: it gives up with BackendUnavailableError and leaves the retrying to the caller.
 NO_RESPONDERS_RETRY = 0.5
@@ -184,19 +188,25 @@ class NatsKV(KeyValue):
 
     # -- reads ------------------------------------------------------------------------
 
-    async def get(self, key: str) -> Entry | None:
+    async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
         check_key(key)
-        found = await self._last(key)
+        found = await self._last(key, consistent=consistent)
         if found is None or classify(found[2]) is not KVOp.PUT:
             return None
         return Entry(key, found[1], found[0])
 
-    async def _last(self, key: str) -> tuple[int, bytes, Mapping[str, str] | None] | None:
-        """The last message stored for ``key`` (value, tombstone or marker), or None."""
+    async def _last(
+        self, key: str, *, consistent: bool = False
+    ) -> tuple[int, bytes, Mapping[str, str] | None] | None:
+        """The last message stored for ``key`` (value, tombstone or marker), or None.
+
+        A direct get may be answered by any replica (a follower can lag); ``consistent``
+        asks the stream leader with the message-get API instead.
+        """
         js = self._backend._jetstream(f"get {key!r}")
         try:
             msg = await retrying(
-                lambda: js.get_msg(self.stream, subject=self._prefix + key, direct=True),
+                lambda: js.get_msg(self.stream, subject=self._prefix + key, direct=not consistent),
                 self._retry_budget,
             )
         except nats.js.errors.NotFoundError:
@@ -206,8 +216,11 @@ class NatsKV(KeyValue):
             raise translate(exc, what, self._backend.url) from exc
         return int(msg.seq or 0), bytes(msg.data or b""), msg.headers
 
-    async def entries(self) -> dict[str, Entry]:
-        """Every live key, read with batched direct gets (a few ms for ~100 keys)."""
+    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
+        """Every live key: batched direct gets (a few ms for ~100 keys), or with
+        ``consistent`` a consumer on the stream leader (see :meth:`_consistent_entries`)."""
+        if consistent:
+            return await self._consistent_entries()
         found: dict[str, Entry] = {}
         start = 1
         while True:
@@ -217,15 +230,157 @@ class NatsKV(KeyValue):
                 subject = headers.get("Nats-Subject", "")
                 seq = int(headers.get("Nats-Sequence", "0"))
                 start = max(start, seq + 1)
-                if not subject.startswith(self._prefix):
-                    continue
-                key = subject[len(self._prefix) :]
-                if classify(headers) is KVOp.PUT:
-                    found[key] = Entry(key, bytes(msg.data), seq)
-                else:
-                    found.pop(key, None)
+                self._apply(found, subject, bytes(msg.data), seq, headers)
             if not messages or pending == 0:
                 return found
+
+    def _apply(
+        self,
+        found: dict[str, Entry],
+        subject: str,
+        data: bytes,
+        seq: int,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        """Fold one stored message into a listing: a value sets its key, anything else
+        (tombstone, purge, expiry marker) removes it."""
+        if not subject.startswith(self._prefix):
+            return
+        key = subject[len(self._prefix) :]
+        if classify(headers) is KVOp.PUT:
+            found[key] = Entry(key, data, seq)
+        else:
+            found.pop(key, None)
+
+    async def _consistent_entries(self) -> dict[str, Entry]:
+        """Every live key as the stream leader stores it.
+
+        An ephemeral pull consumer delivering the last message of every key
+        (``LAST_PER_SUBJECT``), read in batches of ``_BATCH`` until nothing is pending.
+        A consumer reads the store of the server it runs on, and the server places an R1
+        consumer on any replica of the stream (measured: a third of them on the leader),
+        so a consumer that did not land on the leader is replaced; after
+        ``_PLACEMENT_TRIES`` misses the leader is walked key by key instead (correct,
+        but one round trip per key). Writes made while we read arrive after the snapshot,
+        in stream order, and are folded in like the rest.
+        """
+        what = f"list bucket {self.name!r} (consistent)"
+        js = self._backend._jetstream(what)
+        nc = self._backend._client(what)
+        op_timeout = self._backend.options.op_timeout
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=f"{self._prefix}>",
+            mem_storage=True,
+            num_replicas=1,
+            max_ack_pending=-1,
+            # Removed by us when done; the server drops it by itself should we vanish.
+            inactive_threshold=max(5.0, 2 * op_timeout),
+        )
+        try:
+            # Only the stream leader answers stream info (a follower never does).
+            stream = await retrying(lambda: js.stream_info(self.stream), self._retry_budget)
+            leader = stream.cluster.leader if stream.cluster is not None else None
+            for _ in range(_PLACEMENT_TRIES):
+                info = await retrying(
+                    lambda: js.add_consumer(self.stream, config=config, timeout=op_timeout),
+                    self._retry_budget,
+                )
+                placed = info.cluster.leader if info.cluster is not None else None
+                if leader is None or placed == leader:
+                    break
+                await self._drop_consumer(nc, str(info.name))
+            else:
+                return await self._walk_leader(js, what)
+        except _NATS_ERRORS as exc:
+            raise translate(exc, what, self._backend.url) from exc
+        consumer = str(info.name)
+        found: dict[str, Entry] = {}
+        try:
+            pending = int(info.num_pending or 0)
+            while pending > 0:
+                try:
+                    messages = await retrying(
+                        lambda: self._pull_once(nc, consumer), self._retry_budget
+                    )
+                except _NATS_ERRORS as exc:
+                    raise translate(exc, what, self._backend.url) from exc
+                if not messages:
+                    break  # the leader has nothing more to deliver
+                for msg in messages:
+                    meta = msg.metadata
+                    self._apply(
+                        found, msg.subject, bytes(msg.data), int(meta.sequence.stream), msg.headers
+                    )
+                pending = int(messages[-1].metadata.num_pending)
+        finally:
+            await self._drop_consumer(nc, consumer)
+        return found
+
+    async def _drop_consumer(self, nc: Any, consumer: str) -> None:
+        """Ask for ``consumer``'s removal without waiting (inactive_threshold backs it up)."""
+        with suppress(*_NATS_ERRORS):
+            await nc.publish(f"$JS.API.CONSUMER.DELETE.{self.stream}.{consumer}", b"")
+
+    async def _walk_leader(self, js: Any, what: str) -> dict[str, Entry]:
+        """Every live key, one leader-answered message get per stored message."""
+        found: dict[str, Entry] = {}
+        start = 1
+        while True:
+            try:
+                msg = await retrying(
+                    lambda start=start: js.get_msg(  # type: ignore[misc]
+                        self.stream, seq=start, subject=f"{self._prefix}>", next=True
+                    ),
+                    self._retry_budget,
+                )
+            except nats.js.errors.NotFoundError:
+                return found
+            seq = int(msg.seq or 0)
+            self._apply(found, str(msg.subject), bytes(msg.data or b""), seq, msg.headers)
+            start = seq + 1
+
+    async def _pull_once(self, nc: Any, consumer: str) -> list[Any]:
+        """One pull of up to ``_BATCH`` messages from ``consumer`` (no waiting for more)."""
+        request = {"batch": _BATCH, "no_wait": True}
+        messages: list[Any] = []
+        sub = await nc.subscribe(nc.new_inbox())
+        try:
+            await nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}",
+                json.dumps(request).encode(),
+                reply=sub.subject,
+            )
+            while len(messages) < _BATCH:
+                msg = await sub.next_msg(timeout=self._backend.options.op_timeout)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is None and msg.reply:
+                    messages.append(msg)
+                elif status in ("404", "408") and messages:
+                    break  # end of what is there now
+                elif status in ("404", "408"):
+                    return messages  # nothing at all to deliver
+                elif status == "503":
+                    raise nats.errors.NoRespondersError
+                elif status == "100":
+                    continue  # idle heartbeat or flow control
+                elif status == "409":  # e.g. leadership change, consumer deleted
+                    raise BackendUnavailableError(
+                        f"list bucket {self.name!r}: pull from the leader interrupted: "
+                        f"{headers.get('Description', '')}; try again"
+                    )
+                else:
+                    description = headers.get("Description", "")
+                    raise BackendError(
+                        f"list bucket {self.name!r}: pull from the leader failed: "
+                        f"{status} {description}"
+                    )
+            return messages
+        finally:
+            with suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
 
     async def _batch(self, start: int) -> tuple[list[Any], int]:
         """One direct-get batch from sequence ``start``: (messages, how many remain)."""
@@ -283,7 +438,7 @@ class NatsKV(KeyValue):
             except WrongLastSequence:
                 # Maybe a tombstone or an expiry marker is in the way: then the key is
                 # absent, and we may write over exactly that marker.
-                last = await self._last(key)
+                last = await self._last(key, consistent=True)
                 if last is not None and classify(last[2]) is KVOp.PUT:
                     break
                 expected = 0 if last is None else last[0]
@@ -307,7 +462,7 @@ class NatsKV(KeyValue):
         check_key(key)
         headers = {KV_OPERATION: "DEL"}
         if revision is None:
-            if await self.get(key) is None:
+            if await self.get(key, consistent=True) is None:
                 return  # already absent: no tombstone, no event (as in memory)
         else:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(int(revision))
