@@ -146,7 +146,7 @@ class DynamicManager:
 
     def terminate(self, reason: str, id: Any, payload: Any) -> Any:
         """Called when a worker stops: ``shutdown``, ``handoff``, ``halt``, ``delete``,
-        ``restart``, ``error``, ``rekey``."""
+        ``restart``, ``error``, ``rekey``, ``suspend`` (the node lost its lease or quorum)."""
         return None
 
     def handle_state_change(self, state: str) -> Any:
@@ -1043,7 +1043,23 @@ class DynamicManager:
             latest = self.cluster.topology if self.cluster is not None else None
             if latest is not None and latest.epoch > topology.epoch:
                 return  # a newer epoch was adopted meanwhile; its settle comes next
-            await self._settle(topology)
+            try:
+                await self._settle(topology)
+            except CloisterError as exc:
+                # Taking workers over needs the latest stored state; without it, starting
+                # them would resume from stale payloads. Nothing was started: try again.
+                log.warning(
+                    "manager %s: settling epoch %d postponed (%s); retrying",
+                    self.manager_name,
+                    topology.epoch,
+                    exc,
+                )
+                self._supervisor.spawn(self._settle_later(topology), "settle retry")
+
+    async def _settle_later(self, topology: Topology) -> None:
+        await asyncio.sleep(1.0)
+        if not self._leaving and self.state != "down":
+            await self.settle(topology)
 
     async def _release(self, topology: Topology) -> None:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
@@ -1077,10 +1093,9 @@ class DynamicManager:
         placement = self._placement_for(topology)
         now = asyncio.get_running_loop().time()
         if self._table is not None:
-            try:  # the latest stored payloads and runtime specs (crash takeover, put/delete)
-                await self._table.load()
-            except CloisterError as exc:
-                log.warning("manager %s: state table not re-listed (%s)", self.manager_name, exc)
+            # The latest stored payloads and runtime specs (crash takeover, put/delete);
+            # a failure propagates: settle() retries rather than resume from stale state.
+            await self._table.load()
         mirror = self._table.mirror if self._table is not None else {}
         self._merge_table()
         for worker_id, spec in self._specs.items():
@@ -1130,6 +1145,13 @@ class DynamicManager:
             # that takes over) starts from the oldest unhandled message.
             self._forget_inbox_messages()
             await self._consumers.release(self._consumers.held_or_wanted)
+            # While we were away the topology may change and our workers move and come
+            # back: never resume them from what is in memory here. Unacknowledged state is
+            # dropped (its messages are delivered again); the rest is in the state table.
+            assert self._table is not None
+            self._table.dirty.clear()
+            for worker_id in list(self._workers):
+                await self._remove(worker_id, "suspend")
         await self._set_state("rehashing")
 
     def abort(self) -> None:
