@@ -224,7 +224,12 @@ class PartitionConsumers:
             try:
                 records = await consumer.fetch(min(self.batch, self.max_in_flight), 1.0)
             except PartitionBusyError:
+                # Evicted (we were presumed dead) or the medium lost the claim: forget it,
+                # so that the next settle on a topology that gives it to us claims it anew.
                 log.warning("partition %d was taken from %s", consumer.partition, self.node)
+                if self._consumers.get(consumer.partition) is consumer:
+                    del self._consumers[consumer.partition]
+                    self._loops.pop(consumer.partition, None)
                 return
             except BackendError as exc:
                 log.debug("partition %d fetch failed: %s", consumer.partition, exc)
