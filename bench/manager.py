@@ -37,6 +37,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from cloister import Cluster, DynamicManager, State
 from cloister.cluster import Topology
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+STALL_MS = 25  # a lateness run in which the process did not run this long was disturbed
 
 
 def rss() -> int:
@@ -193,6 +195,35 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
 # -- lateness: timers at half of the maximum rate --------------------------------------------
 
 
+class Stalls:
+    """The longest time this process did not run, as a thread sleeping 2 ms sees it.
+
+    On a shared machine the process may be descheduled for tens of milliseconds; any
+    scheduler is late by that much then. (The thread also waits for the GIL, up to the
+    5 ms switch interval, so a few ms are normal.)
+    """
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.002):
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last - 0.002)
+            last = now
+
+    def __enter__(self) -> Stalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Probe:
     """Shared by both sides: how late performs are against their due times.
 
@@ -259,7 +290,8 @@ class Probe:
         await asyncio.sleep(warmup)
         self.recording = True
         first, began = self.performs, time.perf_counter()
-        await asyncio.sleep(window)
+        with Stalls() as stalls:
+            await asyncio.sleep(window)
         self.recording = False
         took = time.perf_counter() - began
         performs = self.performs - first
@@ -272,6 +304,7 @@ class Probe:
 
         return {
             "performs_per_s": performs / took,
+            "process_stall_max_ms": stalls.longest * 1e3,
             "p50_ms": pct(0.50),
             "p99_ms": pct(0.99),
             "max_ms": late[-1] * 1e3,
@@ -560,11 +593,21 @@ def main() -> None:
             result = run(f"lateness-{against}", busy, interval, warmup, window)
             late_runs[side].append({"offered_per_s": busy / interval, **result})
     rate = {side: statistics.median(values) for side, values in rates.items()}
-    # the run with the median p99 (the machine may be shared: one noisy run is not the figure)
-    late = {
-        side: sorted(results, key=lambda r: r["p99_ms"] or 0.0)[len(results) // 2]
-        for side, results in late_runs.items()
-    }
+
+    # The figure: the run with the median p99 among the runs the machine did not disturb
+    # (the process ran without a stall of STALL_MS or more and the offered rate was
+    # achieved); among all runs when every run was disturbed. All runs go to the JSON.
+    def undisturbed(result: dict[str, Any]) -> bool:
+        return (
+            result["process_stall_max_ms"] < STALL_MS
+            and result["performs_per_s"] >= 0.95 * result["offered_per_s"]
+        )
+
+    late: dict[str, dict[str, Any]] = {}
+    for side, results in late_runs.items():
+        clean = [r for r in results if undisturbed(r)] or results
+        late[side] = sorted(clean, key=lambda r: r["p99_ms"] or 0.0)[len(clean) // 2]
+        late[side]["undisturbed_runs"] = sum(map(undisturbed, results))
     offered = late["ours"]["offered_per_s"]
 
     print("handoff", flush=True)
@@ -619,6 +662,14 @@ def main() -> None:
             ms(lb["p99_ms"]),
             "<= 50 ms",
             lo["p99_ms"] is not None and lo["p99_ms"] <= 50,
+        ],
+        [
+            f"  runs undisturbed by the machine (of {args.runs}): p99 of each run",
+            f"{lo['undisturbed_runs']}: " + ", ".join(ms(r["p99_ms"]) for r in late_runs["ours"]),
+            f"{lb['undisturbed_runs']}: "
+            + ", ".join(ms(r["p99_ms"]) for r in late_runs["baseline"]),
+            f"no stall >= {STALL_MS} ms",
+            "-",
         ],
         [
             "  achieved rate while measuring",
