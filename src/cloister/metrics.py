@@ -33,7 +33,7 @@ metric                                            type     meaning
 ``cloister_last_rehash_seconds``                  gauge    the last such pause
 ``cloister_manager_state{state}``                 gauge    1 for the manager's state
 ``cloister_manager_workers``                      gauge    live (owned) workers here
-``cloister_manager_inbox_depth``                  gauge    inbox messages stored, unhandled
+``cloister_manager_inbox_depth``                  gauge    inbox backlog of this node's partitions
                                                            (whole cluster; sampled)
 ``cloister_manager_performs_total`` ...           counter  one per manager counter:
                                                            performs, calls, casts, errors
@@ -307,7 +307,7 @@ class NodeMetrics:
         while True:
             try:
                 depth: int | None = await asyncio.wait_for(
-                    manager.inbox_depth(), timeout=max(1.0, self.sample_interval)
+                    manager.inbox_depth(owned=True), timeout=max(1.0, self.sample_interval)
                 )
             except (CloisterError, TimeoutError) as exc:
                 log.debug("inbox depth not sampled: %s", exc)

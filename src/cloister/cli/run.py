@@ -253,7 +253,7 @@ def _status_handler(manager: DynamicManager) -> Any:
     async def status(_payload: Any) -> dict[str, Any]:
         try:
             depth: int | None = await asyncio.wait_for(
-                manager.inbox_depth(), timeout=_STATUS_DEPTH_TIMEOUT
+                manager.inbox_depth(owned=True), timeout=_STATUS_DEPTH_TIMEOUT
             )
         except (CloisterError, TimeoutError):
             depth = None  # no inbox (standalone, durable=False), or the backend is slow

@@ -422,9 +422,15 @@ class DynamicManager:
         """Put parked messages (all, or ``ids``) back into the inbox; returns how many."""
         return await self._require_inbox().replay(ids)
 
-    async def inbox_depth(self) -> int:
-        """Messages stored in the inbox and not yet handled, cluster-wide."""
-        return await self._require_inbox().depth()
+    async def inbox_depth(self, *, owned: bool = False) -> int:
+        """Messages stored in the inbox and not yet handled: cluster-wide, or (``owned``)
+        only in the partitions this node consumes — its own backlog."""
+        inbox = self._require_inbox()
+        if not owned:
+            return await inbox.depth()
+        assert inbox.log is not None
+        partitions = self._consumers.partitions if self._consumers is not None else set()
+        return sum([await inbox.log.depth(partition) for partition in sorted(partitions)])
 
     def _require_inbox(self) -> Inbox:
         if self._inbox is None:
