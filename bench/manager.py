@@ -435,9 +435,9 @@ async def handoff(n: int, performers: int, heartbeat: float) -> dict[str, Any]:
     )
     managers = []
     for cluster in nodes:
-        # Three nodes share this process: starting a 100k-id manager keeps the loop busy for
-        # ~0.2 s, so give the heartbeats a turn between them (separate processes would not
-        # need it), or all three could miss their renewals and fence themselves.
+        # Three nodes share this process: give the heartbeats a turn between the starts
+        # (settling 33k ids keeps the loop busy for ~0.1 s; separate processes would not
+        # need the pause).
         managers.append(await Moving.start(cluster))
         await asyncio.sleep(heartbeat)
     await _until(
@@ -448,7 +448,12 @@ async def handoff(n: int, performers: int, heartbeat: float) -> dict[str, Any]:
         ),
         60,
     )
-    await asyncio.sleep(0.5)  # the periodic workers run for a while
+    while True:  # a settled cluster: the same epoch for a second, every node ready
+        epoch = nodes[0].epoch
+        await asyncio.sleep(1.0)
+        if {c.epoch for c in nodes} == {epoch} and all(c.state is State.READY for c in nodes):
+            break
+    fenced_before = sum(c.counters["fenced"] for c in nodes)
     leaving, survivors = nodes[2], nodes[:2]
     moving = set(managers[2].ids())
     watch["epoch"] = survivors[0].epoch
@@ -483,7 +488,8 @@ async def handoff(n: int, performers: int, heartbeat: float) -> dict[str, Any]:
         "performs_outside_live_interval": outside,
         "ids_checked": checked,
         "moved_workers_performed_on_new_owner": moved_performs,
-        "fenced": {c.node: c.counters["fenced"] for c in nodes},
+        "fenced_while_starting": fenced_before,
+        "fenced_after_the_leave": sum(c.counters["fenced"] for c in nodes) - fenced_before,
     }
     for manager in managers[:2]:
         await manager.stop()

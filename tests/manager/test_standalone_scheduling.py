@@ -366,3 +366,31 @@ async def test_a_worker_put_at_runtime_performs_even_if_the_next_timer_is_far_aw
         await until(lambda: manager.count("near") >= 3, timeout=2)
         await manager.put("instant", timeout=0, instant_perform=True)
         await until(lambda: manager.count("instant") == 1, timeout=2)
+
+
+async def test_starting_many_workers_lets_other_tasks_run() -> None:
+    """A node's heartbeat must not wait for a million ids to start (it would fence)."""
+    n = 200_000
+
+    class P(DynamicManager):
+        def children_specs(self) -> dict[Any, Any]:
+            idle = {"timeout": 0}
+            return {i: idle for i in range(n)}
+
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    before = turns
+    manager = await P.start()
+    during = turns - before
+    task.cancel()
+    await manager.stop()
+    assert len(manager) == 0
+    assert during >= 10, during  # it yields every 10,000 ids

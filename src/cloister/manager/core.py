@@ -78,6 +78,7 @@ _OPTIONS = (
     "max_in_flight",
 )
 PICKUP = ("random", "first_free", "hash")
+_YIELD_EVERY = 10_000  # ids started between yields to the event loop
 
 
 class UnknownWorkerError(CloisterError, KeyError):
@@ -237,22 +238,28 @@ class DynamicManager:
                 f"children_specs() must return a mapping id -> spec, got {type(specs).__name__}"
             )
         self._supervisor.spawn(self._dispatch_loop(), "dispatcher")
+        # A million ids take seconds: yield now and then, or the node's heartbeat (and
+        # everything else on this loop) would wait, and a cluster node fence itself.
         if self.cluster is None:
             now = asyncio.get_running_loop().time()
             spawn_now = self._spawn_now
-            for worker_id, fields in specs.items():
+            for n, (worker_id, fields) in enumerate(specs.items(), 1):
                 check_id(worker_id)
                 spec = make_spec(worker_id, fields)
                 if self._has_init:
                     await self._spawn(worker_id, spec, None, now)
                 else:
                     spawn_now(worker_id, spec, spec.payload, now)
+                if not n % _YIELD_EVERY:
+                    await asyncio.sleep(0)
             await self._set_state("up")
             return
         add = self._specs.__setitem__
-        for worker_id, fields in specs.items():
+        for n, (worker_id, fields) in enumerate(specs.items(), 1):
             check_id(worker_id)
             add(worker_id, make_spec(worker_id, fields))
+            if not n % _YIELD_EVERY:
+                await asyncio.sleep(0)
         await self._join_cluster(self.cluster)
 
     async def _join_cluster(self, cluster: Cluster) -> None:
