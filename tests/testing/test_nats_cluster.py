@@ -61,9 +61,16 @@ async def test_r3_stream_survives_sigkill_of_its_leader(nats_cluster: NatsCluste
         await js.add_stream(
             StreamConfig(name="FAIL", subjects=["fail.>"], num_replicas=3, storage=StorageType.FILE)
         )
+        # A new R3 stream answers only once it has a leader (until then: no responders,
+        # nothing stored), which takes a moment on a busy machine.
+        old = await nats_cluster.wait_stream_leader_async("FAIL", timeout=10)
         for i in range(20):
-            await js.publish("fail.x", f"m{i}".encode())
-        old = await nats_cluster.wait_stream_leader_async("FAIL", timeout=5)
+            while True:
+                try:
+                    await js.publish("fail.x", f"m{i}".encode())
+                    break
+                except nats.js.errors.NoStreamResponseError:
+                    await asyncio.sleep(0.1)
 
         killed_at = time.monotonic()
         old.kill()
