@@ -184,8 +184,6 @@ class DynamicManager:
         self._runnable: deque[Worker] = deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._supervisor = Supervisor(f"manager {self.manager_name}")
         self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
         self._continuations: dict[Worker, Continuation] = {}
@@ -788,7 +786,6 @@ class DynamicManager:
             return
         worker.busy_since = started
         self._in_flight += 1
-        self._idle.clear()
         task = self._supervisor.spawn(
             self._finish(worker, rest, message, started), f"worker {worker.id!r}"
         )
@@ -818,8 +815,6 @@ class DynamicManager:
             if worker.busy_since == started:  # else _failed holds it for a backoff
                 worker.busy_since = 0.0
             self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
             if worker.has_work() and not worker.flags & GONE:
                 self._enqueue(worker)
             self._wake.set()
@@ -1180,7 +1175,6 @@ class DynamicManager:
         self._running_tasks.clear()
         self._continuations.clear()
         self._in_flight = 0
-        self._idle.set()
 
     async def _hand_everything_over(self) -> None:
         async with self._topology_lock:
