@@ -45,6 +45,11 @@ class Supervisor:
             self.failures += 1
             log.error("task %s failed", task.get_name(), exc_info=exc)
 
+    def cancel_all(self) -> None:
+        """Cancel every task now, without waiting (a killed node; :meth:`close` awaits)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def __len__(self) -> int:
         return len(self._tasks)
 

@@ -311,8 +311,7 @@ class Cluster:
         self._ready.clear()
         for hook in self._hooks:
             hook.abort()
-        for task in list(self._supervisor._tasks):
-            task.cancel()
+        self._supervisor.cancel_all()
 
     def _on_reconnect(self) -> None:
         self._resync.set()
