@@ -37,11 +37,18 @@ KEYS = 1000
 
 def new_record() -> dict[str, Any]:
     """What the workers of one case report: counts and latencies."""
-    return {"handled": 0, "latency": [], "moved": set(), "moved_since": 0, "moved_latency": []}
+    return {
+        "handled": 0,
+        "latency": [],
+        "moved": set(),
+        "moved_since": 0,
+        "moved_latency": [],
+        "stateful": False,
+    }
 
 
 def make_manager(record: dict[str, Any]) -> type:
-    from cloister import DynamicManager
+    from cloister import DynamicManager, Replace
 
     class Sink(DynamicManager):
         name = "bench"
@@ -57,6 +64,8 @@ def make_manager(record: dict[str, Any]) -> type:
                 record["latency"].append(time.perf_counter() - sent)
             if record["moved_since"] and id in record["moved"]:
                 record["moved_latency"].append(time.perf_counter() - sent)
+            if record["stateful"]:
+                return Replace(payload + 1)  # a new payload: stored before the ack
             return None
 
     return Sink
@@ -93,8 +102,11 @@ async def stop_nodes(clusters: list[Any], managers: list[Any]) -> None:
         await cluster.stop()
 
 
-async def throughput(backend: str, n: int, lanes: int = 128) -> dict[str, Any]:
+async def throughput(
+    backend: str, n: int, lanes: int = 128, *, stateful: bool = False
+) -> dict[str, Any]:
     record = new_record()
+    record["stateful"] = stateful
     clusters, managers = await start_nodes(backend, 3, record)
     started = time.perf_counter()
 
@@ -111,22 +123,23 @@ async def throughput(backend: str, n: int, lanes: int = 128) -> dict[str, Any]:
     return {"messages": n, "put_per_s": n / (stored - started), "per_s": n / (done - started)}
 
 
-async def latency(backend: str, rate: float, seconds: float) -> dict[str, Any]:
+async def latency(backend: str, rate: float, seconds: float, lanes: int = 64) -> dict[str, Any]:
     record = new_record()
     clusters, managers = await start_nodes(backend, 3, record)
     interval = 1.0 / rate
     n = int(rate * seconds)
     begin = time.perf_counter()
-    tasks = set()
-    for i in range(n):
-        due = begin + i * interval
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.ensure_future(managers[i % 3].cast(f"k{i % KEYS}", [i, time.perf_counter()]))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
+
+    async def lane(index: int) -> None:
+        # A paced producer: message i is due at begin + i * interval; each lane sends its
+        # share in order, so at most ``lanes`` puts are in flight (NATS round trips).
+        for i in range(index, n, lanes):
+            delay = begin + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await managers[i % 3].cast(f"k{i % KEYS}", [i, time.perf_counter()])
+
+    await asyncio.gather(*(lane(i) for i in range(lanes)))
     while record["handled"] < n:
         await asyncio.sleep(0.001)
     await stop_nodes(clusters, managers)

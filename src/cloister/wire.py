@@ -7,6 +7,7 @@ code that reads it; :func:`decode_map` turns any malformed input into a
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -22,7 +23,8 @@ _TUPLE = 1
 
 def _default(value: Any) -> Any:
     if isinstance(value, tuple):
-        return msgpack.ExtType(_TUPLE, encode(list(value)))
+        # A fresh packer: this thread's own one is busy with the enclosing value.
+        return msgpack.ExtType(_TUPLE, _encode_with(_new_packer(), list(value)))
     # strict_types sends subclasses here: pass them on as their base type.
     for base in (bool, int, float, str, bytes, dict, list):
         if isinstance(value, base):
@@ -36,12 +38,28 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise WireFormatError(f"unknown msgpack extension type {code}")
 
 
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, strict_types=True, default=_default)
+
+
+class _ThreadPacker(threading.local):
+    """One reusable packer per thread: building a packer costs more than most packs."""
+
+    def __init__(self) -> None:
+        self.packer = _new_packer()
+
+
+_thread = _ThreadPacker()
+
+
 def encode(value: Any) -> bytes:
     """Encode a msgpack-able value; a clear error for anything else."""
+    return _encode_with(_thread.packer, value)
+
+
+def _encode_with(packer: msgpack.Packer, value: Any) -> bytes:
     try:
-        return msgpack.packb(  # type: ignore[no-any-return]
-            value, use_bin_type=True, strict_types=True, default=_default
-        )
+        return packer.pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireFormatError(
             f"cannot encode {type(value).__name__} for the wire ({exc}); use None, bool, "

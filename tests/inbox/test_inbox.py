@@ -242,3 +242,69 @@ async def test_producers_feel_back_pressure() -> None:
     message = str(next(r for r in results if isinstance(r, BackPressureError)))
     assert "not keeping up" in message
     await backend.close()
+
+
+class Counter(DynamicManager):
+    """Counts casts of "+" in its payload; any other message leaves the payload alone."""
+
+    name = "counter"
+    partitions = 4
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {"c": {"payload": 0, "timeout": 0}}
+
+    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        return Replace(payload + 1) if message == "+" else None
+
+
+async def test_only_new_payloads_are_stored_and_a_crash_keeps_them() -> None:
+    url = "memory://inbox-stored-payloads"
+    async with AsyncExitStack() as stack:
+        managers = {}
+        for node in ("a", "b"):
+            cluster = Cluster(
+                "counting", node, backend=url, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT
+            )
+            await cluster.start()
+            stack.push_async_callback(cluster.stop)
+            managers[node] = await Counter.start(cluster)
+            stack.push_async_callback(managers[node].stop)
+        a = managers["a"]
+        await a.cluster.wait_ready(2)  # type: ignore[union-attr]
+        bucket = world("inbox-stored-payloads").bucket("counting", "mgr-counter")
+
+        def stored() -> dict[str, int]:
+            return {key: item.revision for key, item in bucket.items.items()}
+
+        before = stored()
+
+        for _ in range(20):  # leave the payload alone: nothing to store before the acks
+            await a.cast("c", "noop")
+        await eventually(lambda: sum(m.counters["casts"] for m in managers.values()) == 20)
+        await _drained(a)
+        assert stored() == before
+
+        for _ in range(5):
+            await a.cast("c", "+")
+        owner = a.owner_of("c")
+        await eventually(lambda: managers[owner].get("c").payload == 5)  # type: ignore[union-attr]
+        await _drained(a)
+        assert stored() != before  # the new payload is stored before its ack
+
+        world("inbox-stored-payloads").crash(owner)  # kill -9: the survivor takes over
+        survivor = managers["b" if owner == "a" else "a"]
+        await eventually(lambda: survivor.owner_of("c") == survivor.cluster.node, timeout=5)  # type: ignore[union-attr]
+        await survivor.cast("c", "+")
+        await eventually(lambda: (survivor.get("c") or _NoInfo()).payload == 6, timeout=5)
+
+
+class _NoInfo:
+    payload = None
+
+
+async def _drained(manager: DynamicManager) -> None:
+    for _ in range(300):
+        if await manager.inbox_depth() == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the inbox was not drained")

@@ -150,9 +150,11 @@ class PartitionConsumers:
 
     def ack(self, consumer: LogConsumer, record: LogRecord, key: Any = None) -> None:
         """Acknowledge ``record`` of ``key`` (its handler returned); never blocks."""
-        self._to_ack.append((consumer, record, key))
-        self._acks_sent.clear()
-        self._ack_wake.set()
+        to_ack = self._to_ack
+        to_ack.append((consumer, record, key))
+        if len(to_ack) == 1:  # the first of a batch wakes the acker; the rest ride along
+            self._acks_sent.clear()
+            self._ack_wake.set()
 
     def forget(self) -> None:
         """A delivered record will not be acked by us (its partition moved away)."""

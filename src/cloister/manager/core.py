@@ -859,9 +859,11 @@ class DynamicManager:
             worker.last = response.result
         else:
             worker.last = response
-        if self._table is not None and (
-            isinstance(response, Replace) or (message is not None and message.inbox is not None)
-        ):
+        # Only a new payload is stored. A message that left the payload as it was needs no
+        # write before its ack: were its ack lost, running it again changes nothing stored
+        # (at-least-once, as for any side effect), and the payload stored last still
+        # matches the watermark stored with it.
+        if self._table is not None and isinstance(response, Replace):
             self._table.mark(
                 Stored(worker.id, None, worker.payload, True, watermark=worker.watermark)
             )
@@ -966,11 +968,30 @@ class DynamicManager:
             self._enqueue(worker)
 
     def _deliver_record(self, message: InboxMessage, consumer: LogConsumer) -> None:
-        """An inbox record arrived for one of our partitions: into its worker's mailbox."""
+        """An inbox record arrived for one of our partitions: run it or queue it.
+
+        A worker with nothing queued and nothing running handles it at once, here — the
+        fetch loop is never inside a callback, and nothing can be ahead of the record in
+        that worker's order. Otherwise it joins the worker's mailbox behind the rest.
+        """
+        cast = Message("cast", message.message, inbox=message, consumer=consumer)
         try:
-            self._deliver(
-                message.key, Message("cast", message.message, inbox=message, consumer=consumer)
-            )
+            worker = self._materialize(message.key)
+            if (
+                worker is not None
+                and not worker.mailbox
+                and not worker.busy_since
+                and not worker.flags  # not queued, no perform pending, not gone
+                and not self._paused
+                and self._in_flight < self.concurrency
+            ):
+                self.counters["casts"] += 1
+                if message.record.sequence <= worker.watermark:
+                    self._duplicate(worker, cast)  # redelivered after a handoff or crash
+                else:
+                    self._run(worker, self.handle_cast, cast, asyncio.get_running_loop())
+                return
+            self._deliver(message.key, cast)
         except (UnknownWorkerError, TypeError) as exc:  # no such worker, or an unusable key
             assert self._consumers is not None
             self.counters["dead_letters"] += 1

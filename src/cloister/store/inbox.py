@@ -128,7 +128,8 @@ class Inbox:
             return await log.append(partition, data, msg_id=msg_id)
         finally:
             self._producing -= 1
-            self._room.set()
+            if self._producing == self.max_in_flight - 1:  # it was full: wake a waiter
+                self._room.set()
 
     async def _wait_for_room(self, timeout: float | None) -> None:
         try:
