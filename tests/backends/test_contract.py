@@ -106,6 +106,30 @@ async def test_get_and_entries_show_only_live_keys(connect: Connect) -> None:
     assert (await kv.entries())["empty"].revision == empty
 
 
+async def test_put_many_stores_every_key_and_watchers_see_each(connect: Connect) -> None:
+    kv = await (await connect()).kv("state")
+    await kv.put("k0001", b"old")
+    items = {f"k{i:04}": f"v{i}".encode() for i in range(2500)}  # more than one NATS batch
+    async with watching(kv) as events:
+        await kv.put_many(items)
+        await kv.put_many({})  # nothing to write is fine
+        await kv.put_many({"single": b"s"})
+        listing = await kv.entries(consistent=True)
+        assert {key: entry.value for key, entry in listing.items()} == {**items, "single": b"s"}
+        seen = [await events.next(5) for _ in range(len(items) + 1)]
+    assert {event.key for event in seen} == {*items, "single"}
+    assert all(event.op is KVOp.PUT for event in seen)
+    revisions = [event.revision for event in seen]
+    assert revisions == sorted(revisions)
+
+
+async def test_put_many_refuses_a_bad_key_before_writing_anything(connect: Connect) -> None:
+    kv = await (await connect()).kv("state")
+    with pytest.raises(ConfigurationError):
+        await kv.put_many({"good": b"1", "bad key": b"2"})
+    assert await kv.entries() == {}
+
+
 async def test_delete_semantics(connect: Connect) -> None:
     kv = await (await connect()).kv("members", ttl_keys=True)
     await kv.delete("never-there")  # absent, no revision: nothing to do

@@ -246,6 +246,65 @@ async def test_invalid_keys_are_refused(nats_server: NatsServer) -> None:
             await backend.kv("bad.bucket")
 
 
+async def test_put_many_is_one_atomic_batch(nats_server: NatsServer) -> None:
+    async with connected(nats_server.url) as backend:
+        kv = await backend.kv("state")
+        raw = await nats.connect(nats_server.url)
+        try:
+            info = await raw.jetstream().stream_info("KV_cloister_t_state")
+            assert info.config.allow_atomic  # a 2.12+ server: buckets take atomic batches
+            before = info.state.last_seq
+            await kv.put_many({f"w{i}": b"%d" % i for i in range(300)})
+            info = await raw.jetstream().stream_info("KV_cloister_t_state")
+            assert info.state.last_seq - before == 300
+            # a batch that cannot commit stores nothing (here: a gap in the sequence)
+            reply = await raw.request(
+                "$KV.cloister_t_state.x1",
+                b"1",
+                headers={"Nats-Batch-Id": "b1", "Nats-Batch-Sequence": "1"},
+            )
+            assert reply.data == b""
+            reply = await raw.request(
+                "$KV.cloister_t_state.x3",
+                b"3",
+                headers={
+                    "Nats-Batch-Id": "b1",
+                    "Nats-Batch-Sequence": "3",
+                    "Nats-Batch-Commit": "1",
+                },
+            )
+            assert b"incomplete" in reply.data
+        finally:
+            await raw.close()
+        listing = await kv.entries(consistent=True)
+        assert len(listing) == 300 and "x1" not in listing and listing["w299"].value == b"299"
+
+
+async def test_put_many_on_a_stream_without_atomic_batches(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloister.backends.nats._kv import stream_config
+
+    caplog.set_level("INFO", logger="cloister.backends.nats")
+
+    raw = await nats.connect(nats_server.url)
+    try:  # a bucket made by an older pycloister (or by hand) without allow_atomic
+        js = raw.jetstream()
+        await js.add_stream(stream_config("cloister_t_old", replicas=1, marker_ttl=60))
+        async with connected(nats_server.url) as backend:
+            kv = await backend.kv("old")  # opening it turns atomic batches on
+            info = await js.stream_info("KV_cloister_t_old")
+            assert info.config.allow_atomic
+            await js.update_stream(info.config.evolve(allow_atomic=False))
+            items = {f"w{i}": b"%d" % i for i in range(50)}
+            await kv.put_many(items)  # refused as a batch: written key by key instead
+            assert "refuses atomic batches" in caplog.text
+            listing = await kv.entries(consistent=True)
+            assert {key: entry.value for key, entry in listing.items()} == items
+    finally:
+        await raw.close()
+
+
 async def test_entries_lists_large_buckets(nats_server: NatsServer) -> None:
     async with connected(nats_server.url) as backend:
         kv = await backend.kv("big")
@@ -391,6 +450,9 @@ async def test_three_server_cluster_with_r3_buckets(nats_cluster: NatsCluster) -
         assert await kv2.get("n1") is None
         await kv1.create("n1", b"again", ttl=30)
         assert (await kv2.entries())["n1"].value == b"again"
+        await kv1.put_many({f"w{i}": b"%d" % i for i in range(100)})  # atomic on R3 too
+        listing = await kv2.entries(consistent=True)
+        assert len(listing) == 101 and listing["w99"].value == b"99"
 
 
 async def test_cluster_failover_of_the_connected_server(nats_cluster: NatsCluster) -> None:

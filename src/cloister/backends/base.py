@@ -3,9 +3,10 @@
 A backend is one node's connection to the shared medium of one cluster. It offers three
 small services, and nothing above this layer talks to the outside any other way:
 
-- **Key-value buckets** (:class:`KeyValue`): get/put, ``create`` (only if absent),
-  ``update`` (compare-and-set on the revision), delete, a full listing, a live watch, and
-  a per-key TTL after which the key expires and watchers see :attr:`KVOp.EXPIRE`.
+- **Key-value buckets** (:class:`KeyValue`): get/put (and ``put_many``), ``create``
+  (only if absent), ``update`` (compare-and-set on the revision), delete, a full listing,
+  a live watch, and a per-key TTL after which the key expires and watchers see
+  :attr:`KVOp.EXPIRE`.
   Membership records, the sentry lease and the published epoch live here.
 - **Transport** (:meth:`Backend.serve` / :meth:`Backend.request`, :meth:`Backend.publish`
   / :meth:`Backend.subscribe`): request/reply addressed to one node, and fan-out topics.
@@ -35,9 +36,10 @@ Failure semantics every implementation follows:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +100,18 @@ class KeyValue(ABC):
     @abstractmethod
     async def put(self, key: str, value: bytes) -> int:
         """Write unconditionally; returns the new revision."""
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        """Write several keys unconditionally; returns once all of them are stored.
+
+        Backends that can store them all or none do (memory; NATS 2.12+ in atomic batches
+        of up to 1,000 keys). This default pipelines single puts: on an error some of the
+        keys may be written, and writing them all again is the way to recover.
+        """
+        pairs = list(items.items())
+        for start in range(0, len(pairs), 256):  # pipelined, not one round trip each
+            chunk = pairs[start : start + 256]
+            await asyncio.gather(*(self.put(key, value) for key, value in chunk))
 
     @abstractmethod
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:

@@ -25,7 +25,7 @@ import itertools
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -141,6 +141,13 @@ class MemoryKV(KeyValue):
         _check_key(key)
         await self._owner._io()
         return self._bucket.write(key, bytes(value), None)
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        for key in items:
+            _check_key(key)
+        await self._owner._io()  # then every write, or none if the medium is away
+        for key, value in items.items():
+            self._bucket.write(key, bytes(value), None)
 
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         _check_key(key)

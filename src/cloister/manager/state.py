@@ -122,15 +122,14 @@ class StateTable:
             batch, self.dirty = self.dirty, {}
         else:
             batch = {i: self.dirty.pop(i) for i in ids if i in self.dirty}
-        items = list(batch.values())
+        if not batch:
+            return
         try:
-            for start in range(0, len(items), 256):  # pipelined, not one round trip each
-                chunk = items[start : start + 256]
-                await asyncio.gather(
-                    *(self.kv.put(storage_key(stored.id), stored.encode()) for stored in chunk)
-                )
-                for stored in chunk:
-                    self.mirror[stored.id] = stored
+            # One batch (atomic where the backend can): a round trip, not one per worker.
+            await self.kv.put_many(
+                {storage_key(stored.id): stored.encode() for stored in batch.values()}
+            )
+            self.mirror.update(batch)
         except BaseException:
             for worker_id, stored in batch.items():  # keep what was not written
                 self.dirty.setdefault(worker_id, stored)

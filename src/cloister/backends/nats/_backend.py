@@ -313,6 +313,14 @@ class NatsBackend(Backend):
             )
         return nc
 
+    def _server_at_least(self, version: tuple[int, int, int]) -> bool:
+        """True when the server we are connected to is ``version`` or newer."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return False
+        found = nc.connected_server_version
+        return (found.major, found.minor, found.patch) >= version
+
     def _jetstream(self, what: str) -> JetStreamContext:
         self._client(what)
         assert self._js is not None

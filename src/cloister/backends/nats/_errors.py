@@ -20,7 +20,12 @@ FILTERED_CONSUMER_NOT_UNIQUE = 10100
 #: JetStream error code for "jetstream not enabled for account".
 JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 
+#: JetStream error code for "atomic publish is disabled" (the stream lacks allow_atomic).
+ATOMIC_PUBLISH_DISABLED = 10174
+
 MIN_SERVER_VERSION = (2, 11, 0)
+#: Atomic batch publishing (ADR-50) came with nats-server 2.12.
+ATOMIC_PUBLISH_SINCE = (2, 12, 0)
 
 
 class NatsAuthorizationError(BackendError):

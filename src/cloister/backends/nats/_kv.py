@@ -15,6 +15,11 @@ Mapping of the contract:
   tombstone or an expiry marker, with the marker's sequence instead;
 - ``update`` = publish expecting the given revision (``Nats-TTL`` restarts the TTL);
 - ``delete`` = a ``KV-Operation: DEL`` tombstone;
+- ``put_many`` = atomic batches (ADR-50, nats-server 2.12+, the stream has
+  ``allow_atomic``): the first message is a request the server answers when the batch
+  starts, the rest are plain publishes, the last one commits and gets the pub ack. All
+  keys of a batch are stored or none; one round trip per batch instead of one per key.
+  Older servers get pipelined single puts;
 - ``entries`` = a batched direct get of every message of the stream (history 1 means
   the stream holds exactly the last message of each key), markers and tombstones
   dropped; with ``consistent=True`` an ephemeral ``LAST_PER_SUBJECT`` pull consumer
@@ -26,11 +31,13 @@ Mapping of the contract:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -42,6 +49,8 @@ from nats.js import api
 
 from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
 from cloister.backends.nats._errors import (
+    ATOMIC_PUBLISH_DISABLED,
+    ATOMIC_PUBLISH_SINCE,
     NO_RESPONDERS,
     STREAM_NAME_IN_USE,
     WRONG_LAST_SEQUENCE,
@@ -66,6 +75,11 @@ EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 MSG_TTL = "Nats-TTL"
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
+BATCH_ID = "Nats-Batch-Id"
+BATCH_SEQUENCE = "Nats-Batch-Sequence"
+BATCH_COMMIT = "Nats-Batch-Commit"
+#: The server takes at most this many messages in one atomic batch.
+ATOMIC_BATCH_LIMIT = 1000
 _BATCH = 1000
 #: How many consumers a consistent listing creates to get one on the stream leader.
 _PLACEMENT_TRIES = 12
@@ -125,8 +139,11 @@ def classify(headers: Mapping[str, str] | None) -> KVOp:
     return KVOp.PUT
 
 
-def stream_config(bucket: str, *, replicas: int, marker_ttl: float) -> api.StreamConfig:
-    """The stream behind a bucket (what ``nats kv add --history 1 --ttl-markers`` makes)."""
+def stream_config(
+    bucket: str, *, replicas: int, marker_ttl: float, atomic: bool = False
+) -> api.StreamConfig:
+    """The stream behind a bucket (what ``nats kv add --history 1 --ttl-markers`` makes),
+    with atomic batch publishing allowed when ``atomic`` (nats-server 2.12+)."""
     return api.StreamConfig(
         name=f"KV_{bucket}",
         subjects=[f"$KV.{bucket}.>"],
@@ -146,7 +163,12 @@ def stream_config(bucket: str, *, replicas: int, marker_ttl: float) -> api.Strea
         deny_delete=True,
         allow_msg_ttl=True,
         subject_delete_marker_ttl=marker_ttl,
+        allow_atomic=True if atomic else None,
     )
+
+
+class AtomicPublishDisabled(Exception):
+    """Internal: the bucket's stream does not allow atomic batches (made before 2.12)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -178,6 +200,7 @@ class NatsKV(KeyValue):
         self.stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
         self._backend = backend
+        self._atomic = True  # until the stream says it is not (see put_many)
 
     def __repr__(self) -> str:
         return f"<NatsKV {self.bucket} of {self._backend.url}>"
@@ -426,6 +449,63 @@ class NatsKV(KeyValue):
         check_key(key)
         return await self._publish(key, value, {}, f"put {key!r}")
 
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        for key in items:
+            check_key(key)
+        pairs = [(key, bytes(value)) for key, value in items.items()]
+        for start in range(0, len(pairs), ATOMIC_BATCH_LIMIT):
+            chunk = pairs[start : start + ATOMIC_BATCH_LIMIT]
+            if (
+                len(chunk) > 1
+                and self._atomic
+                and self._backend._server_at_least(ATOMIC_PUBLISH_SINCE)
+            ):
+                what = f"put {len(chunk)} keys in bucket {self.name!r}"
+                try:
+                    await retrying(
+                        functools.partial(self._publish_batch, chunk), self._retry_budget
+                    )
+                    continue
+                except AtomicPublishDisabled:
+                    log.info(
+                        "stream %s refuses atomic batches; putting keys one by one", self.stream
+                    )
+                    self._atomic = False
+                except _NATS_ERRORS as exc:
+                    raise translate(exc, what, self._backend.url) from exc
+            await super().put_many(dict(chunk))
+
+    async def _publish_batch(self, chunk: list[tuple[str, bytes]]) -> None:
+        """Store ``chunk`` as one atomic batch (a fresh batch id on every attempt)."""
+        what = f"put {len(chunk)} keys in bucket {self.name!r}"
+        nc = self._backend._client(what)
+        timeout = self._backend.options.op_timeout
+        batch = uuid.uuid4().hex
+        last = len(chunk)
+        for number, (key, value) in enumerate(chunk, 1):
+            headers = {BATCH_ID: batch, BATCH_SEQUENCE: str(number)}
+            if number == last:
+                headers[BATCH_COMMIT] = "1"
+            if 1 < number < last:
+                await nc.publish(self._prefix + key, value, headers=headers)
+                continue
+            # The first message starts the batch (an empty reply, or an error); the last
+            # commits it and is answered with the pub ack of the whole batch.
+            reply = await nc.request(self._prefix + key, value, timeout=timeout, headers=headers)
+            if reply.headers and reply.headers.get("Status") == "503":
+                raise nats.errors.NoRespondersError
+            if not reply.data:
+                continue
+            answer = json.loads(reply.data)
+            error = answer.get("error") if isinstance(answer, dict) else None
+            if error:
+                if error.get("err_code") == ATOMIC_PUBLISH_DISABLED:
+                    raise AtomicPublishDisabled
+                raise BackendError(
+                    f"{what}: the server refused the batch ({error.get('description', error)}); "
+                    "nothing of it was stored, writing it again may help"
+                )
+
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         check_key(key)
         headers = {} if ttl is None else {MSG_TTL: str(ttl_seconds(ttl))}
@@ -639,11 +719,12 @@ async def ensure_stream(backend: NatsBackend, bucket: str) -> bool:
     """
     what = f"open bucket {bucket!r}"
     replicas, marker_ttl = backend.options.replicas, backend.options.marker_ttl
-    wanted = stream_config(bucket, replicas=replicas, marker_ttl=marker_ttl)
+    atomic = backend._server_at_least(ATOMIC_PUBLISH_SINCE)
+    wanted = stream_config(bucket, replicas=replicas, marker_ttl=marker_ttl, atomic=atomic)
     info, created = await open_stream(backend, wanted, what)
     try:
         if not created:
-            await _adjust(backend._jetstream(what), info.config, replicas, marker_ttl)
+            await _adjust(backend._jetstream(what), info.config, replicas, marker_ttl, atomic)
         await wait_for_leader(backend, info, what)
         await _wait_for_reads(backend, f"KV_{bucket}", f"$KV.{bucket}.", what)
     except _NATS_ERRORS as exc:
@@ -674,7 +755,9 @@ async def _wait_for_reads(backend: NatsBackend, stream: str, prefix: str, what: 
             pause = min(2 * pause, 0.2)
 
 
-async def _adjust(js: Any, config: api.StreamConfig, replicas: int, marker_ttl: float) -> None:
+async def _adjust(
+    js: Any, config: api.StreamConfig, replicas: int, marker_ttl: float, atomic: bool
+) -> None:
     """Bring an existing bucket stream up to what we need (or refuse it clearly)."""
     name = config.name
     if config.max_msgs_per_subject != 1:
@@ -689,6 +772,8 @@ async def _adjust(js: Any, config: api.StreamConfig, replicas: int, marker_ttl: 
         changes["allow_direct"] = True
     if not config.subject_delete_marker_ttl:
         changes["subject_delete_marker_ttl"] = marker_ttl
+    if atomic and not config.allow_atomic:
+        changes["allow_atomic"] = True
     if changes:
         log.info("updating stream %s: %s", name, changes)
         await js.update_stream(config.evolve(**changes))
