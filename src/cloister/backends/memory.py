@@ -252,7 +252,11 @@ class MemoryLog(Log):
 
     async def append(self, partition: int, data: bytes, *, msg_id: str | None = None) -> int:
         target = self._partition(partition)
-        await self._owner._io()
+        owner = self._owner
+        if owner.latency:
+            await owner._io()
+        else:
+            owner._check()  # the hot path of every put: no coroutine when there is no delay
         now = 0.0
         if msg_id is not None:
             now = asyncio.get_running_loop().time()
@@ -478,6 +482,10 @@ class MemoryBackend(Backend):
         """Every operation passes here: fault injection happens in one place."""
         if self.latency:
             await asyncio.sleep(self.latency)
+        self._check()
+
+    def _check(self) -> None:
+        """Raise as the network would for a node that cannot reach the medium now."""
         if not self._connected or self.crashed:
             raise BackendUnavailableError(f"node {self.node} is not connected to {self.url}")
         if self.partitioned:

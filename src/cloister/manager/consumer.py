@@ -156,9 +156,9 @@ class PartitionConsumers:
             self._acks_sent.clear()
             self._ack_wake.set()
 
-    def forget(self) -> None:
-        """A delivered record will not be acked by us (its partition moved away)."""
-        self._done()
+    def forget(self, count: int = 1) -> None:
+        """``count`` delivered records will not be acked by us (their partition moved)."""
+        self._done(count)
 
     async def flush_acks(self, timeout: float = 5.0) -> None:
         """Wait until every queued ack has been sent (at most ``timeout`` seconds: an
@@ -172,8 +172,8 @@ class PartitionConsumers:
         except TimeoutError:
             log.warning("%d ack(s) not sent before giving the partitions up", len(self._to_ack))
 
-    def _done(self) -> None:
-        self.in_flight -= 1
+    def _done(self, count: int) -> None:
+        self.in_flight -= count
         if self.in_flight < self.max_in_flight:
             self._room.set()
 
@@ -215,8 +215,7 @@ class PartitionConsumers:
                         )
             finally:
                 self._acking = False
-                for _ in batch:
-                    self._done()
+                self._done(len(batch))
                 if not self._to_ack:
                     self._acks_sent.set()
 
@@ -237,18 +236,19 @@ class PartitionConsumers:
                 log.debug("partition %d fetch failed: %s", consumer.partition, exc)
                 await asyncio.sleep(0.2)
                 continue
+            self.in_flight += len(records)
+            if self.in_flight >= self.max_in_flight:
+                self._room.clear()
+            decode, deliver = self.inbox.decode, self._deliver
             for record in records:
-                self.in_flight += 1
-                if self.in_flight >= self.max_in_flight:
-                    self._room.clear()
                 try:
-                    message = self.inbox.decode(record)
+                    message = decode(record)
                 except WireFormatError as exc:
                     self._supervisor.spawn(
                         self._park(consumer, record, f"undecodable: {exc}"), "park"
                     )
                     continue
-                self._deliver(message, consumer)
+                deliver(message, consumer)
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)

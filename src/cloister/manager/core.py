@@ -413,10 +413,10 @@ class DynamicManager:
         if worker_id is None:
             self._local_cast(self._pick(message), message)
             return
-        check_id(worker_id)
-        if self._inbox is not None:
+        if self._inbox is not None:  # the inbox checks the id as it places it
             await self._inbox.put(worker_id, message, msg_id=msg_id, timeout=timeout)
             return
+        check_id(worker_id)
         await self._route(worker_id, "cast", {"id": worker_id, "m": message}, timeout)
 
     async def dead_letters(self) -> list[DeadLetter]:
@@ -1007,15 +1007,13 @@ class DynamicManager:
             worker = self._workers.get(worker_id)
             if isinstance(worker, Worker) and worker.mailbox:
                 kept = deque(m for m in worker.mailbox if m.inbox is None)
-                for _ in range(len(worker.mailbox) - len(kept)):
-                    consumers.forget()
+                consumers.forget(len(worker.mailbox) - len(kept))
                 worker.mailbox = kept
         for worker_id in list(self._parked) if worker_ids is None else list(worker_ids):
             parked = self._parked.get(worker_id)
             if parked:
                 kept_parked = [m for m in parked if m.inbox is None]
-                for _ in range(len(parked) - len(kept_parked)):
-                    consumers.forget()
+                consumers.forget(len(parked) - len(kept_parked))
                 self._parked[worker_id] = kept_parked
 
     async def _reinit(self, worker: Worker) -> None:

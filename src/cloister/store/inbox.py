@@ -105,8 +105,14 @@ class Inbox:
         self.dead = await self.backend.kv(f"dead-{self.name}")
 
     def partition_of(self, key: Any) -> int:
-        """The partition a key's messages go to (the same in every process)."""
-        return key_hash(key) % self.partitions
+        """The partition a key's messages go to (the same in every process).
+
+        :class:`TypeError` for a key the ring cannot place (as ``check_id``).
+        """
+        try:
+            return key_hash(key) % self.partitions
+        except TypeError as exc:
+            raise TypeError(f"worker id {key!r}: {exc}") from None
 
     async def put(
         self, key: Any, message: Any, *, msg_id: str | None = None, timeout: float | None = 30.0
@@ -119,8 +125,8 @@ class Inbox:
         log = self._require_log()
         if msg_id is not None and not isinstance(msg_id, str):
             raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
-        data = wire.encode([key, message, msg_id])
         partition = self.partition_of(key)
+        data = wire.encode([key, message, msg_id])
         if self._producing >= self.max_in_flight:
             await self._wait_for_room(timeout)
         self._producing += 1
