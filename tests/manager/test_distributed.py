@@ -217,3 +217,49 @@ async def test_runtime_put_and_delete_reach_the_owner_from_any_node(nodes: Nodes
     await eventually(lambda: nodes.clusters["d"].state is State.READY)
     d_owned = [i for i in new_ids[1:] if nodes.managers["d"].owner_of(i) == "d"]
     await eventually(lambda: all(nodes.managers["d"].get(i) is not None for i in d_owned))
+
+
+class Many(DynamicManager):
+    """25,000 idle workers; ``init`` notes how far a ticker task had got."""
+
+    name = "many"
+    ticks = 0
+    seen: list[int]
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {f"w{i}": {"timeout": 0, "payload": 0} for i in range(25_000)}
+
+    def init(self, id: Any, payload: Any) -> Any:
+        self.seen.append(Many.ticks)
+        return payload
+
+
+async def test_taking_over_many_workers_lets_the_event_loop_run() -> None:
+    async def ticker() -> None:
+        while True:
+            Many.ticks += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(ticker())
+    url = "memory://manager-many"
+    try:
+        async with AsyncExitStack() as stack:
+            managers = []
+            for node in ("a", "b"):
+                cluster = Cluster("many", node, backend=url, heartbeat=0.1, failure_timeout=0.5)
+                await cluster.start()
+                stack.push_async_callback(cluster.stop)
+                manager_cls = type("M", (Many,), {"seen": []})
+                managers.append(await manager_cls.start(cluster))
+                stack.push_async_callback(managers[-1].stop)
+            await eventually(
+                lambda: all(len(m) for m in managers) and sum(len(m) for m in managers) == 25_000,
+                timeout=20,
+            )
+            for manager in managers:
+                seen = manager.seen
+                assert len(seen) >= 10_000
+                # Heartbeats and running workers were not held up while it took them over.
+                assert seen[-1] > seen[0]
+    finally:
+        ticking.cancel()

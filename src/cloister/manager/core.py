@@ -1125,8 +1125,18 @@ class DynamicManager:
             await self._table.load()
         mirror = self._table.mirror if self._table is not None else {}
         self._merge_table()
-        for worker_id, spec in self._specs.items():
-            if worker_id in self._workers or not placement.mine(worker_id):
+        # A snapshot, with a yield every few thousand ids: a million specs take seconds,
+        # and heartbeats (and the workers already running) must not wait for them.
+        for count, (worker_id, spec) in enumerate(list(self._specs.items()), 1):
+            if not count % _YIELD_EVERY:
+                await asyncio.sleep(0)
+                if self.state == "down":
+                    return  # killed meanwhile: start nothing more
+            if (
+                worker_id in self._workers
+                or self._specs.get(worker_id) is not spec  # deleted or replaced meanwhile
+                or not placement.mine(worker_id)
+            ):
                 continue
             payload, fresh = None, True
             handed = self._handed.pop(worker_id, None)
