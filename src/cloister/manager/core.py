@@ -1187,8 +1187,10 @@ class DynamicManager:
             # dropped (its messages are delivered again); the rest is in the state table.
             assert self._table is not None
             self._table.dirty.clear()
-            for worker_id in list(self._workers):
+            for count, worker_id in enumerate(list(self._workers), 1):
                 await self._remove(worker_id, "suspend")
+                if not count % _YIELD_EVERY:
+                    await asyncio.sleep(0)  # heartbeats go on while a million workers stop
         await self._set_state("rehashing")
 
     def abort(self) -> None:
