@@ -176,6 +176,37 @@ async def test_graceful_leave_hands_over_replaced_payloads(nodes: Nodes) -> None
         assert info.payload >= final[worker_id][2] > 0  # continued, not restarted from 0
 
 
+async def test_rolling_stop_hands_over_to_nodes_still_there(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in "abc":
+        await nodes.start(name, heartbeat=0.5, failure_timeout=2.5)  # epochs come slowly
+    await eventually(nodes.settled, timeout=10)
+    await asyncio.sleep(0.3)  # let the payloads count up
+    epoch = nodes.clusters["a"].epoch
+    moved = set(nodes.managers["b"].ids()) | set(nodes.managers["c"].ids())
+    for name in "cb":  # c goes, then b at once, then a last
+        await nodes.managers[name].stop()
+        await nodes.clusters[name].stop()
+        if name == "c":  # b's ring still names c: no epoch without it yet
+            assert nodes.clusters["b"].epoch == epoch and "c" in nodes.clusters["b"].ring
+    assert "failed" not in caplog.text  # b handed its workers to a, not to c (gone)
+    await eventually(nodes.settled, timeout=10)
+    survivor = nodes.managers["a"]
+    for worker_id in moved:
+        info = survivor.get(worker_id)
+        assert info is not None and info.payload >= nodes.ledger.terminated[worker_id][2] > 0
+    await survivor.stop()  # the last one out stores the payloads: nobody to ship to
+    await nodes.clusters["a"].stop()
+    assert "failed" not in caplog.text
+    last = {i: nodes.ledger.terminated[i][2] for i in IDS}
+    fresh = await nodes.start("d", heartbeat=0.5, failure_timeout=2.5)
+    await eventually(lambda: len(fresh) == len(IDS), timeout=10)
+    for worker_id in IDS:  # a cluster started again continues from them
+        info = fresh.get(worker_id)
+        assert info is not None and info.payload >= last[worker_id] > 0
+
+
 async def test_no_worker_performs_while_short_of_consensus(nodes: Nodes) -> None:
     for name in "ab":
         await nodes.start(name, consensus=2)

@@ -340,6 +340,15 @@ class Cluster:
         return HashRing(()) if self._ring is None else self._ring
 
     @property
+    def members_seen(self) -> frozenset[str]:
+        """The nodes whose member record this node sees right now.
+
+        It runs ahead of :attr:`topology`: a node that has just left is gone from here
+        before an epoch without it is published.
+        """
+        return frozenset(self._view)
+
+    @property
     def sentry(self) -> str | None:
         """The sentry named by the adopted epoch."""
         return None if self._topology is None else self._topology.sentry

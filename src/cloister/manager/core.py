@@ -1219,15 +1219,25 @@ class DynamicManager:
         self._leaving = True
         if self._consumers is not None:
             self._consumers.stop_fetching(self._consumers.partitions)
+        # Hand over to the next preferred node that is still there: in a rolling stop the
+        # ring may still name a node that left a moment ago (no epoch without it yet).
         if len(placement.ring) > 1:
-            await self._hand_over(list(self._workers), placement.successor_of)
+            gone = [n for n in placement.ring.nodes if n not in cluster.members_seen]
+            if all(n == cluster.node or n in gone for n in placement.ring.nodes):
+                # The last one out: nobody to ship to, the stored payloads carry on.
+                await self._hand_over(list(self._workers), lambda worker_id: None)
+            else:
+                await self._hand_over(
+                    list(self._workers), lambda worker_id: placement.successor_of(worker_id, gone)
+                )
         if self._consumers is not None:
             self._forget_inbox_messages()
             await self._consumers.release(self._consumers.held_or_wanted)
         self._paused = True
 
-    async def _hand_over(self, leaving: list[Any], owner_of: Callable[[Any], str]) -> None:
-        """Stop ``leaving`` workers and ship their payloads and queued casts to their owners."""
+    async def _hand_over(self, leaving: list[Any], owner_of: Callable[[Any], str | None]) -> None:
+        """Stop ``leaving`` workers and ship their payloads and queued casts to their owners
+        (``owner_of`` None: nobody to ship to, store the payloads)."""
         cluster = self.cluster
         assert cluster is not None
         entries = [(i, self._workers.get(i)) for i in leaving]
@@ -1256,10 +1266,13 @@ class DynamicManager:
             )
             payload = entry.payload
             await self._remove(worker_id, "handoff")
-            if stateful or casts:  # the others restart from their spec: nothing to ship
-                batches.setdefault(owner_of(worker_id), []).append(
-                    [worker_id, payload, casts, watermark]
-                )
+            if not (stateful or casts):  # the others restart from their spec: nothing to ship
+                continue
+            owner = owner_of(worker_id)
+            if owner is not None:
+                batches.setdefault(owner, []).append([worker_id, payload, casts, watermark])
+            elif self._table is not None and stateful:
+                self._table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
         self.counters["handed_off"] += len(leaving)
         for owner, batch in batches.items():
             for start in range(0, len(batch), 5000):

@@ -9,6 +9,7 @@ partitions: their workers and their pending messages move together.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from cloister.ring import HashRing, key_hash
@@ -47,7 +48,8 @@ class Placement:
         """The partitions this node owns."""
         return {p for p, owner in enumerate(self.owners) if owner == self.node}
 
-    def successor_of(self, worker_id: Any) -> str:
-        """Who runs ``worker_id`` once this node has left (rendezvous: the next preferred)."""
+    def successor_of(self, worker_id: Any, gone: Collection[str] = ()) -> str:
+        """Who runs ``worker_id`` once this node has left (rendezvous: the next preferred),
+        passing over the nodes ``gone`` too. :class:`EmptyRingError` if nobody is left."""
         partition = self.partition_of(worker_id)
-        return self.ring.key_to_node(partition_key(partition), exclude=(self.node,))
+        return self.ring.key_to_node(partition_key(partition), exclude=(self.node, *gone))
