@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import defaultdict
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -16,91 +15,18 @@ from cloister.cluster import State
 from cloister.store.inbox import BackPressureError, Inbox
 
 from ..cluster.support import eventually
+from .support import Nodes
 
 HEARTBEAT = 0.05
 FAILURE_TIMEOUT = 0.25
 KEYS = [f"k{i}" for i in range(50)]
 
 
-class Journal:
-    """What the workers handled, shared by the nodes of one test."""
-
-    def __init__(self) -> None:
-        self.handled: dict[Any, list[int]] = defaultdict(list)
-        self.by_node: dict[Any, list[str]] = defaultdict(list)
-        self.active: dict[Any, str] = {}
-        self.overlaps = 0
-        self.fail: dict[Any, int] = {}  # key -> how many times handle_cast raises first
-        self.poison: set[tuple[Any, Any]] = set()  # (key, message) that always raise
-
-
-class Sink(DynamicManager):
-    """handle_cast appends the message's sequence number to the key's payload."""
-
-    journal: Journal
-    partitions = 16
-    retry_backoff = (0.01, 0.05)
-    max_attempts = 3
-
-    def children_specs(self) -> dict[Any, Any]:
-        return {k: {"payload": 0, "timeout": 0} for k in KEYS}
-
-    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
-        journal = self.journal
-        if journal.fail.get(id, 0) > 0 or (id, message) in journal.poison:
-            journal.fail[id] = max(0, journal.fail.get(id, 0) - 1)
-            raise RuntimeError(f"failing on purpose for {id}")
-        node = self.cluster.node  # type: ignore[union-attr]
-        if journal.active.get(id) not in (None, node):
-            journal.overlaps += 1
-        journal.active[id] = node
-        try:
-            await asyncio.sleep(0)
-        finally:  # also when a crash cancels us: a dead node handles nothing any more
-            journal.active.pop(id, None)
-        journal.handled[id].append(message)
-        journal.by_node[id].append(node)
-        return Replace(message)
-
-
-class Nodes:
-    def __init__(self, stack: AsyncExitStack, name: str) -> None:
-        self.stack = stack
-        self.url = f"memory://{name}"
-        self.world = world(name)
-        self.journal = Journal()
-        self.clusters: dict[str, Cluster] = {}
-        self.managers: dict[str, Sink] = {}
-        self.cls: type[Sink] = type("S", (Sink,), {"journal": self.journal, "name": "sink"})
-
-    async def start(self, node: str, **kwargs: Any) -> Sink:
-        cluster = Cluster(
-            "inbox",
-            node,
-            backend=self.url,
-            heartbeat=HEARTBEAT,
-            failure_timeout=FAILURE_TIMEOUT,
-            **kwargs,
-        )
-        await cluster.start()
-        self.stack.push_async_callback(cluster.stop)
-        manager = await self.cls.start(cluster)
-        self.stack.push_async_callback(manager.stop)
-        self.clusters[node], self.managers[node] = cluster, manager
-        return manager
-
-    def live(self) -> list[Sink]:
-        return [
-            m
-            for n, m in self.managers.items()
-            if not self.clusters[n].crashed and self.clusters[n].state is not State.STOPPED
-        ]
-
-
 @pytest.fixture
 async def nodes(request: pytest.FixtureRequest) -> Any:
     async with AsyncExitStack() as stack:
-        yield Nodes(stack, f"inbox-{request.node.name}")
+        url = f"memory://inbox-{request.node.name}"
+        yield Nodes(stack, url, KEYS, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT)
 
 
 async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bool = False) -> int:
@@ -110,7 +36,7 @@ async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bo
         for sequence in range(1, per_key + 1):
             msg_id = f"{key}-{sequence}" if msg_ids else None
             while True:  # a sender going down refuses the put (not acknowledged): try another
-                sender = random.choice(nodes.live())
+                sender = nodes.managers[random.choice(nodes.live())]
                 try:
                     await sender.cast(key, sequence, msg_id=msg_id)
                     break
@@ -127,20 +53,13 @@ def all_handled(nodes: Nodes, per_key: int) -> bool:
     return all(len(set(nodes.journal.handled[k])) == per_key for k in KEYS)
 
 
-def assert_in_order_and_complete(nodes: Nodes, per_key: int) -> None:
-    for key in KEYS:
-        seen = nodes.journal.handled[key]
-        distinct = list(dict.fromkeys(seen))
-        assert distinct == list(range(1, per_key + 1)), (key, seen)
-
-
 async def test_cast_is_durable_and_handled_in_order(nodes: Nodes) -> None:
     for name in "abc":
         await nodes.start(name)
     await eventually(lambda: all(c.state is State.READY for c in nodes.clusters.values()))
     await produce(nodes, 20)
     await eventually(lambda: all_handled(nodes, 20))
-    assert_in_order_and_complete(nodes, 20)
+    nodes.assert_in_order_and_complete(20)
     assert sum(len(v) for v in nodes.journal.handled.values()) == 20 * len(KEYS)  # no duplicate
     depth = nodes.managers["a"].inbox_depth
     for _ in range(100):  # acks are sent right after handling, by a background task
@@ -162,10 +81,10 @@ async def test_nothing_lost_and_order_kept_through_leave_join_and_crash(nodes: N
     await nodes.managers["b"].stop()
     await nodes.clusters["b"].stop()
     await asyncio.sleep(0.03)
-    nodes.world.crash("c")  # kill -9 in the middle of the stream
+    world(nodes.url.removeprefix("memory://")).crash("c")  # kill -9 in the middle of the stream
     await producing
     await eventually(lambda: all_handled(nodes, per_key), timeout=10)
-    assert_in_order_and_complete(nodes, per_key)
+    nodes.assert_in_order_and_complete(per_key)
     assert nodes.journal.overlaps == 0
     # keys really moved between nodes, and nothing was handled by c after it died
     assert any(len(set(n)) > 1 for n in nodes.journal.by_node.values())

@@ -9,52 +9,19 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import defaultdict
 from contextlib import AsyncExitStack
 from typing import Any
 
-from cloister import CloisterError, Cluster, DynamicManager, Replace
+from cloister import CloisterError
 from cloister.cluster import State
 from cloister.testing import NatsServer
+
+from .support import Nodes
 
 HEARTBEAT = 0.5
 FAILURE_TIMEOUT = 2.0
 KEYS = [f"k{i}" for i in range(30)]
 PER_KEY = 20
-
-
-class Journal:
-    """What the workers handled, shared by the nodes of the test."""
-
-    def __init__(self) -> None:
-        self.handled: dict[str, list[int]] = defaultdict(list)
-        self.by_node: dict[str, list[str]] = defaultdict(list)
-        self.active: dict[str, str] = {}
-        self.overlaps = 0
-
-
-class Sink(DynamicManager):
-    """handle_cast records the message (a per-key sequence number) and keeps it."""
-
-    journal: Journal
-    partitions = 16
-
-    def children_specs(self) -> dict[Any, Any]:
-        return {key: {"payload": 0, "timeout": 0} for key in KEYS}
-
-    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
-        journal = self.journal
-        node = self.cluster.node  # type: ignore[union-attr]
-        if journal.active.get(id) not in (None, node):
-            journal.overlaps += 1
-        journal.active[id] = node
-        try:
-            await asyncio.sleep(0.001)
-        finally:
-            journal.active.pop(id, None)
-        journal.handled[id].append(message)
-        journal.by_node[id].append(node)
-        return Replace(message)
 
 
 async def until(check: Any, timeout: float, what: str) -> None:
@@ -64,34 +31,18 @@ async def until(check: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-class Nodes:
-    """Three nodes of cluster ``inbox`` on one NATS server, and what they handled."""
+class NatsNodes(Nodes):
+    """Three nodes of cluster ``inbox`` on one NATS server, and producers for them."""
 
     def __init__(self, url: str, stack: AsyncExitStack) -> None:
-        self.url = url
-        self.stack = stack
-        self.journal = Journal()
-        self.sink: type[Sink] = type("NatsSink", (Sink,), {"journal": self.journal, "name": "sink"})
-        self.clusters: dict[str, Cluster] = {}
-        self.managers: dict[str, Sink] = {}
-        self.live: list[str] = []
+        super().__init__(
+            stack, url, KEYS, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT, hold=0.001
+        )
         self.sent: list[float] = []
 
-    async def start(self, names: str) -> None:
+    async def start_together(self, names: str) -> None:
         for node in names:
-            cluster = Cluster(
-                "inbox",
-                node,
-                backend=self.url,
-                heartbeat=HEARTBEAT,
-                failure_timeout=FAILURE_TIMEOUT,
-            )
-            await cluster.start()
-            self.stack.push_async_callback(cluster.stop)
-            manager = await self.sink.start(cluster)
-            self.stack.push_async_callback(manager.stop)
-            self.clusters[node], self.managers[node] = cluster, manager
-            self.live.append(node)
+            await self.start(node)
         await until(
             lambda: all(
                 c.state is State.READY and c.siblings() == tuple(sorted(names))
@@ -105,7 +56,7 @@ class Nodes:
         """Cast 1..PER_KEY to ``key`` from random live nodes, in order, with message ids."""
         for sequence in range(1, PER_KEY + 1):
             while True:  # a node going down refuses the put (not acknowledged): retry
-                sender = self.managers[random.choice(self.live)]
+                sender = self.managers[random.choice(self.live())]
                 try:
                     await sender.cast(key, sequence, msg_id=f"{key}-{sequence}")
                     break
@@ -122,12 +73,6 @@ class Nodes:
             "every message handled",
         )
 
-    def assert_in_order(self) -> None:
-        for key in KEYS:
-            distinct = list(dict.fromkeys(self.journal.handled[key]))
-            assert distinct == list(range(1, PER_KEY + 1)), (key, self.journal.handled[key])
-        assert self.journal.overlaps == 0
-
     async def assert_inbox_empties(self, node: str) -> None:
         depth = self.managers[node].inbox_depth
         deadline = time.monotonic() + 5
@@ -140,13 +85,12 @@ async def test_nothing_lost_or_doubled_when_a_node_leaves_mid_stream(
     nats_server: NatsServer,
 ) -> None:
     async with AsyncExitStack() as stack:
-        nodes = Nodes(nats_server.url, stack)
-        await nodes.start("abc")
+        nodes = NatsNodes(nats_server.url, stack)
+        await nodes.start_together("abc")
         started = time.monotonic()
         producing = asyncio.ensure_future(asyncio.gather(*(nodes.lane(k) for k in KEYS)))
         await asyncio.sleep(0.15)
-        nodes.live.remove("b")  # b leaves gracefully in the middle of the stream
-        left = time.monotonic()  # from here on the leave is under way
+        left = time.monotonic()  # b leaves gracefully in the middle of the stream
         await nodes.managers["b"].stop()
         await nodes.clusters["b"].stop()
         await producing
@@ -159,7 +103,7 @@ async def test_nothing_lost_or_doubled_when_a_node_leaves_mid_stream(
             "after the first"
         )
         await asyncio.sleep(0.3)  # room for a duplicate to show up
-        nodes.assert_in_order()
+        nodes.assert_in_order_and_complete(PER_KEY)
         journal = nodes.journal
         assert all(len(journal.handled[k]) == PER_KEY for k in KEYS), "duplicates"
         moved = [k for k, by in journal.by_node.items() if "b" in by and set(by) - {"b"}]
@@ -171,11 +115,10 @@ async def test_nothing_lost_when_a_node_crashes_mid_stream(nats_server: NatsServ
     """c dies without a goodbye: its claims stay until the new owners evict them after
     its membership expired; what it had not acknowledged is handled again elsewhere."""
     async with AsyncExitStack() as stack:
-        nodes = Nodes(nats_server.url, stack)
-        await nodes.start("abc")
+        nodes = NatsNodes(nats_server.url, stack)
+        await nodes.start_together("abc")
         producing = asyncio.ensure_future(asyncio.gather(*(nodes.lane(k) for k in KEYS)))
         await asyncio.sleep(0.15)
-        nodes.live.remove("c")
         victim = nodes.clusters["c"]
         victim._on_crash()  # stop every callback now, as kill -9 would ...
         assert victim._backend is not None
@@ -189,5 +132,5 @@ async def test_nothing_lost_when_a_node_crashes_mid_stream(nats_server: NatsServ
             f"\ninbox on NATS, crash: all handled {time.monotonic() - crashed:.2f}s after c "
             f"died ({duplicates} handled twice)"
         )
-        nodes.assert_in_order()
+        nodes.assert_in_order_and_complete(PER_KEY)
         await nodes.assert_inbox_empties("a")

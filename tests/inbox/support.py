@@ -1,0 +1,115 @@
+"""What the inbox tests share: a journal of what workers handled, a sink, and its nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from contextlib import AsyncExitStack
+from typing import Any, ClassVar
+
+from cloister import Cluster, DynamicManager, Replace
+from cloister.cluster import State
+
+
+class Journal:
+    """What the workers handled, shared by the nodes of one test."""
+
+    def __init__(self) -> None:
+        self.handled: dict[Any, list[int]] = defaultdict(list)
+        self.by_node: dict[Any, list[str]] = defaultdict(list)
+        self.active: dict[Any, str] = {}
+        self.overlaps = 0
+        self.fail: dict[Any, int] = {}  # key -> how many times handle_cast raises first
+        self.poison: set[tuple[Any, Any]] = set()  # (key, message) that always raise
+
+
+class Sink(DynamicManager):
+    """handle_cast notes the message (a per-key sequence number) and keeps it as payload.
+
+    It holds its key for ``hold`` seconds, so that two nodes handling one key at the same
+    time would show up in ``journal.overlaps``.
+    """
+
+    journal: Journal
+    keys: ClassVar[list[str]]
+    hold: ClassVar[float] = 0.0
+    partitions = 16
+    retry_backoff = (0.01, 0.05)
+    max_attempts = 3
+
+    def children_specs(self) -> dict[Any, Any]:
+        return {key: {"payload": 0, "timeout": 0} for key in self.keys}
+
+    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        journal = self.journal
+        if journal.fail.get(id, 0) > 0 or (id, message) in journal.poison:
+            journal.fail[id] = max(0, journal.fail.get(id, 0) - 1)
+            raise RuntimeError(f"failing on purpose for {id}")
+        node = self.cluster.node  # type: ignore[union-attr]
+        if journal.active.get(id) not in (None, node):
+            journal.overlaps += 1
+        journal.active[id] = node
+        try:
+            await asyncio.sleep(self.hold)
+        finally:  # also when a crash cancels us: a dead node handles nothing any more
+            journal.active.pop(id, None)
+        journal.handled[id].append(message)
+        journal.by_node[id].append(node)
+        return Replace(message)
+
+
+class Nodes:
+    """The nodes of cluster ``inbox`` on one backend, each running a :class:`Sink`."""
+
+    def __init__(
+        self,
+        stack: AsyncExitStack,
+        url: str,
+        keys: list[str],
+        *,
+        heartbeat: float,
+        failure_timeout: float,
+        hold: float = 0.0,
+    ) -> None:
+        self.stack = stack
+        self.url = url
+        self.keys = keys
+        self.heartbeat = heartbeat
+        self.failure_timeout = failure_timeout
+        self.journal = Journal()
+        attrs = {"journal": self.journal, "name": "sink", "keys": keys, "hold": hold}
+        self.sink: type[Sink] = type("TestSink", (Sink,), attrs)
+        self.clusters: dict[str, Cluster] = {}
+        self.managers: dict[str, Sink] = {}
+
+    async def start(self, node: str, **kwargs: Any) -> Sink:
+        """Start ``node`` (stopped again when the test ends)."""
+        cluster = Cluster(
+            "inbox",
+            node,
+            backend=self.url,
+            heartbeat=self.heartbeat,
+            failure_timeout=self.failure_timeout,
+            **kwargs,
+        )
+        await cluster.start()
+        self.stack.push_async_callback(cluster.stop)
+        manager = await self.sink.start(cluster)
+        self.stack.push_async_callback(manager.stop)
+        self.clusters[node], self.managers[node] = cluster, manager
+        return manager
+
+    def live(self) -> list[str]:
+        """The nodes neither stopped nor crashed."""
+        return [
+            node
+            for node, cluster in self.clusters.items()
+            if not cluster.crashed and cluster.state not in (State.STOPPING, State.STOPPED)
+        ]
+
+    def assert_in_order_and_complete(self, per_key: int) -> None:
+        """Every key saw 1..per_key in order (repeats allowed), and never two nodes at once."""
+        for key in self.keys:
+            seen = self.journal.handled[key]
+            assert list(dict.fromkeys(seen)) == list(range(1, per_key + 1)), (key, seen)
+        assert self.journal.overlaps == 0
