@@ -306,6 +306,26 @@ async def test_put_many_on_a_stream_without_atomic_batches(
         await raw.close()
 
 
+async def test_put_many_when_the_server_takes_no_more_batches(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="cloister.backends.nats")
+    async with connected(nats_server.url) as backend:
+        kv = await backend.kv("busy")
+        raw = await nats.connect(nats_server.url)
+        try:  # others hold the stream's batches in flight (50 at most), not committing yet
+            for n in range(50):
+                headers = {"Nats-Batch-Id": f"other{n}", "Nats-Batch-Sequence": "1"}
+                await raw.request("$KV.cloister_t_busy.o", b"", headers=headers)
+            items = {f"w{i}": b"%d" % i for i in range(20)}
+            await kv.put_many(items)  # not as a batch now: key by key
+            assert "too many inflight" in caplog.text
+        finally:
+            await raw.close()
+        listing = await kv.entries(consistent=True)
+        assert {key: entry.value for key, entry in listing.items()} == items
+
+
 async def test_entries_lists_large_buckets(nats_server: NatsServer) -> None:
     async with connected(nats_server.url) as backend:
         kv = await backend.kv("big")

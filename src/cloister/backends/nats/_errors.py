@@ -22,6 +22,9 @@ JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 
 #: JetStream error code for "atomic publish is disabled" (the stream lacks allow_atomic).
 ATOMIC_PUBLISH_DISABLED = 10174
+#: Atomic batches the server will not take now, though the stream allows them: the batch
+#: is larger than the server's limit, or too many batches are in flight on the stream.
+ATOMIC_PUBLISH_NOT_NOW = frozenset({10199, 10210})
 
 MIN_SERVER_VERSION = (2, 11, 0)
 #: Atomic batch publishing (ADR-50) came with nats-server 2.12.

@@ -50,6 +50,7 @@ from nats.js import api
 from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
 from cloister.backends.nats._errors import (
     ATOMIC_PUBLISH_DISABLED,
+    ATOMIC_PUBLISH_NOT_NOW,
     ATOMIC_PUBLISH_SINCE,
     NO_RESPONDERS,
     STREAM_NAME_IN_USE,
@@ -167,8 +168,13 @@ def stream_config(
     )
 
 
-class AtomicPublishDisabled(Exception):
-    """Internal: the bucket's stream does not allow atomic batches (made before 2.12)."""
+class AtomicBatchRefused(Exception):
+    """Internal: the server stored nothing of an atomic batch and will not take it as one:
+    never (``disabled``: the stream lacks allow_atomic) or not now (limits)."""
+
+    def __init__(self, reason: str, *, disabled: bool) -> None:
+        super().__init__(reason)
+        self.disabled = disabled
 
 
 @dataclass(eq=False, slots=True)
@@ -466,11 +472,15 @@ class NatsKV(KeyValue):
                         functools.partial(self._publish_batch, chunk), self._retry_budget
                     )
                     continue
-                except AtomicPublishDisabled:
-                    log.info(
-                        "stream %s refuses atomic batches; putting keys one by one", self.stream
-                    )
-                    self._atomic = False
+                except AtomicBatchRefused as refused:
+                    if refused.disabled:
+                        log.info(
+                            "stream %s refuses atomic batches; putting keys one by one",
+                            self.stream,
+                        )
+                        self._atomic = False
+                    else:  # this batch one by one; the next ones atomic again
+                        log.debug("stream %s: %s; putting keys one by one", self.stream, refused)
                 except _NATS_ERRORS as exc:
                     raise translate(exc, what, self._backend.url) from exc
             await super().put_many(dict(chunk))
@@ -499,8 +509,12 @@ class NatsKV(KeyValue):
             answer = json.loads(reply.data)
             error = answer.get("error") if isinstance(answer, dict) else None
             if error:
-                if error.get("err_code") == ATOMIC_PUBLISH_DISABLED:
-                    raise AtomicPublishDisabled
+                code = error.get("err_code")
+                if code == ATOMIC_PUBLISH_DISABLED or code in ATOMIC_PUBLISH_NOT_NOW:
+                    raise AtomicBatchRefused(
+                        str(error.get("description", code)),
+                        disabled=code == ATOMIC_PUBLISH_DISABLED,
+                    )
                 raise BackendError(
                     f"{what}: the server refused the batch ({error.get('description', error)}); "
                     "nothing of it was stored, writing it again may help"
