@@ -164,3 +164,44 @@ async def test_without_aio_pika_the_error_names_the_extra(
     monkeypatch.setitem(sys.modules, "aio_pika", None)  # what a missing package looks like
     with pytest.raises(MissingDependencyError, match=r"pip install 'pycloister\[rabbitmq\]'"):
         await RabbitMQSource.start(a, queue="q", key=key_fn)
+
+
+async def test_parked_messages_can_be_replayed_once_the_key_function_is_fixed(
+    nodes: Nodes,
+) -> None:
+    (a,) = await nodes.start("a")
+    fixed = False
+
+    def key(body: Any, meta: SourceMessage) -> tuple[Any, Any]:
+        if not fixed and body["seq"] == 2:
+            raise ValueError("a bug, fixed later")
+        assert meta.subject == "orders.eu" and meta.headers["tenant"] == "t1"
+        return key_fn(body, meta)
+
+    source = FakeSource(a, key=key)
+    async with source:
+        for seq in (1, 2):
+            delivery = FakeDelivery(
+                SourceMessage(
+                    source="fake",
+                    body=body("k5", seq),
+                    msg_id=f"m{seq}",
+                    subject="orders.eu",
+                    headers={"tenant": "t1", "trace": b"\x00"},  # bytes are not kept
+                )
+            )
+            source.deliveries.append(delivery)
+            source._accept(delivery)
+        source.deliver(b"not json")  # stays parked: the decoder still cannot read it
+        await settled(source)
+    await eventually(lambda: nodes.journal.handled["k5"] == [1])
+    assert len(await a.dead_letters()) == 2
+    assert await a.replay() == 0  # no key yet: the manager leaves them to their source
+
+    fixed = True
+    assert await source.replay_parked() == 1  # works on a stopped source: needs no broker
+    await eventually(lambda: nodes.journal.handled["k5"] == [1, 2])
+    (left,) = await a.dead_letters()
+    assert left.raw == b"not json" and left.source == "fake"
+    assert await source.replay_parked() == 0
+    assert source.counters["stored"] == 1  # counters speak of the broker's deliveries

@@ -28,6 +28,8 @@ What happens to a message:
   is not a key and a message, the inbox cannot encode the message): parked in the inbox's
   dead letters with the reason and the raw body (``manager.dead_letters()``), then
   acknowledged (``counters["parked"]``). It never stops the source or blocks the queue.
+  Once the decoder or the key function is fixed, ``source.replay_parked()`` runs them
+  again and stores those that now make a message.
 - The inbox cannot store it right now (backend unreachable, back-pressure): it is *not*
   acknowledged. The source retries in place with backoff (``counters["failed"]`` counts
   the failed attempts) and after ``requeue_after`` seconds gives it back to the broker
@@ -56,7 +58,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypedDict
@@ -331,6 +333,37 @@ class Source(ABC):
     ) -> None:
         await self.stop()
 
+    async def replay_parked(self, ids: Collection[str] | None = None) -> int:
+        """Run the messages this source parked (all, or those ``ids``) through the decoder
+        and the key function again — after you fixed either — and store those that now
+        make an inbox message; returns how many were stored. The others stay parked.
+
+        Needs the manager's inbox, not the broker: it works on a source that was never
+        opened too. The key function sees the parked message's subject, headers and
+        content type; not the redelivery flag, sequence or client object.
+        """
+        inbox = self._inbox()
+        stored = 0
+        for letter in await inbox.dead_letters():
+            if letter.source != self.name or letter.raw is None:
+                continue
+            if ids is not None and letter.id not in ids:
+                continue
+            meta = _meta_from_storage(self.name, letter.raw, letter.msg_id, letter.meta)
+            try:
+                key, message, msg_id = self._apply_key(self._decode(letter.raw), meta)
+            except Exception as exc:  # _Malformed, or the decoder's own error
+                self.log.info("source %s: %s stays parked: %s", self.name, letter.id, exc)
+                continue
+            try:
+                await self.manager.cast(key, message, msg_id=msg_id, timeout=self.put_timeout)
+            except _REFUSED as exc:  # the inbox refuses the message itself
+                self.log.info("source %s: %s stays parked: %s", self.name, letter.id, exc)
+                continue
+            await inbox.discard(letter.id)
+            stored += 1
+        return stored
+
     @property
     def in_flight(self) -> int:
         """Messages received and neither acknowledged nor given back yet."""
@@ -441,7 +474,11 @@ class Source(ABC):
                     )
                 else:
                     await self._inbox().park_raw(
-                        delivery.meta.body, job.reason, source=self.name, msg_id=job.msg_id
+                        delivery.meta.body,
+                        job.reason,
+                        source=self.name,
+                        msg_id=job.msg_id,
+                        meta=_storable_meta(delivery.meta),
                     )
                 break
             except Exception as exc:
@@ -509,6 +546,31 @@ class Source(ABC):
             self._supervisor.spawn(self._release(job, quiet=True), "release")
         except RuntimeError:  # closed: the broker takes it back when we disconnect
             self.counters["released"] += 1
+
+
+def _storable_meta(meta: SourceMessage) -> dict[str, Any]:
+    """What ``replay_parked`` needs again of a message's metadata, in wire-safe types."""
+    headers = {str(k): v for k, v in meta.headers.items() if isinstance(v, str | int | float)}
+    return {"subject": meta.subject, "headers": headers, "content_type": meta.content_type}
+
+
+def _meta_from_storage(
+    source: str, body: bytes, msg_id: str | None, stored: Mapping[str, Any] | None
+) -> SourceMessage:
+    stored = stored or {}
+    headers = stored.get("headers")
+    return SourceMessage(
+        source=source,
+        body=body,
+        msg_id=msg_id,
+        subject=_str_or_none(stored.get("subject")),
+        headers=headers if isinstance(headers, dict) else {},
+        content_type=_str_or_none(stored.get("content_type")),
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class _Malformed(Exception):

@@ -66,6 +66,7 @@ class DeadLetter:
     at: float
     raw: bytes | None = None  # the undecodable bytes, when the message could not be read
     source: str | None = None  # the broker source that parked it (see cloister.sources)
+    meta: dict[str, Any] | None = None  # what the source knew besides the body
 
 
 class Inbox:
@@ -197,12 +198,19 @@ class Inbox:
         return letter
 
     async def park_raw(
-        self, body: bytes, reason: str, *, source: str, msg_id: str | None = None
+        self,
+        body: bytes,
+        reason: str,
+        *,
+        source: str,
+        msg_id: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> DeadLetter:
         """Park a broker message that never became an inbox message (see ``cloister.sources``).
 
-        It has no key, so :meth:`replay` leaves it alone; :meth:`dead_letters` lists it with
-        its ``raw`` body and ``source``. Raises what the backend raises when it cannot store.
+        It has no key, so :meth:`replay` leaves it alone (its source can replay it:
+        ``Source.replay_parked``); :meth:`dead_letters` lists it with its ``raw`` body,
+        ``source`` and ``meta``. Raises what the backend raises when it cannot store.
         """
         dead = self._require_dead()
         safe = _UNSAFE_ID.sub("_", source)[:64] or "source"
@@ -216,6 +224,7 @@ class Inbox:
             at=time.time(),
             raw=bytes(body),
             source=source,
+            meta=meta,
         )
         record = {
             "key": None,
@@ -226,9 +235,14 @@ class Inbox:
             "at": letter.at,
             "raw": letter.raw,
             "source": source,
+            "meta": meta,
         }
         await dead.put(letter.id, wire.encode(record))
         return letter
+
+    async def discard(self, letter_id: str) -> None:
+        """Remove one dead letter (it was handled some other way)."""
+        await self._require_dead().delete(letter_id)
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Every parked message, oldest first."""
@@ -250,21 +264,26 @@ class Inbox:
                     at=float(data.get("at", 0.0)),
                     raw=_bytes_or_none(data.get("raw")),
                     source=_str_or_none(data.get("source")),
+                    meta=data["meta"] if isinstance(data.get("meta"), dict) else None,
                 )
             )
         return sorted(letters, key=lambda letter: letter.at)
 
     async def replay(self, ids: list[str] | None = None) -> int:
-        """Put parked messages back into the inbox (all, or those ``ids``); returns how many."""
-        dead = self._require_dead()
+        """Put parked messages back into the inbox (all, or those ``ids``); returns how many.
+
+        Messages a source parked before they had a key are left to that source's
+        ``replay_parked``.
+        """
+        self._require_dead()
         count = 0
         for letter in await self.dead_letters():
             if ids is not None and letter.id not in ids:
                 continue
             if letter.key is None:
-                continue  # undecodable: nothing to replay
+                continue  # no key to put it under (a source's or an undecodable record)
             await self.put(letter.key, letter.message)
-            await dead.delete(letter.id)
+            await self.discard(letter.id)
             count += 1
         return count
 
