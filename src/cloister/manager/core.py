@@ -755,15 +755,18 @@ class DynamicManager:
                 self.counters["calls"] += 1
                 self._run(worker, self.handle_call, message, loop)
             else:
-                self.counters["casts"] += 1
-                if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
-                    self._duplicate(worker, message)  # redelivered after a handoff or crash
-                    return
-                self._run(worker, self.handle_cast, message, loop)
+                self._cast(worker, message, loop)
         elif worker.flags & PERFORM_PENDING:
             worker.flags &= ~PERFORM_PENDING
             self.counters["performs"] += 1
             self._run(worker, self.perform, None, loop)
+
+    def _cast(self, worker: Worker, message: Message, loop: asyncio.AbstractEventLoop) -> None:
+        self.counters["casts"] += 1
+        if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
+            self._duplicate(worker, message)  # redelivered after a handoff or crash
+            return
+        self._run(worker, self.handle_cast, message, loop)
 
     def _run(
         self,
@@ -985,11 +988,7 @@ class DynamicManager:
                 and not self._paused
                 and self._in_flight < self.concurrency
             ):
-                self.counters["casts"] += 1
-                if message.record.sequence <= worker.watermark:
-                    self._duplicate(worker, cast)  # redelivered after a handoff or crash
-                else:
-                    self._run(worker, self.handle_cast, cast, asyncio.get_running_loop())
+                self._cast(worker, cast, asyncio.get_running_loop())
                 return
             self._deliver(message.key, cast)
         except (UnknownWorkerError, TypeError) as exc:  # no such worker, or an unusable key
