@@ -24,7 +24,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +39,7 @@ from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import (
     BackendError,
+    BackendUnavailableError,
     CloisterError,
     ClusterNotReadyError,
     ConfigurationError,
@@ -54,6 +55,18 @@ if TYPE_CHECKING:
     from cloister.store import Table
 
 log = logging.getLogger("cloister.cluster")
+
+
+async def _within(seconds: float, renewal: Awaitable[None]) -> None:
+    """Await ``renewal``; give it up after ``seconds`` as the medium being unavailable."""
+    try:
+        async with asyncio.timeout(seconds):
+            await renewal
+    except TimeoutError:
+        raise BackendUnavailableError(
+            f"renewal unanswered for {seconds:.2f}s; sending it again"
+        ) from None
+
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_=.-]{0,127}$")
 CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -650,25 +663,33 @@ class Cluster:
         return await self._members_kv.create(self.node, record.encode(), ttl=self.failure_timeout)
 
     async def _heartbeat_loop(self) -> None:
+        # A renewal stuck on a medium that lost its leader is given up after this long and
+        # sent again, so that one reaches the new leader soon after it takes over: records
+        # it does not hear of within their TTL from then on expire (measured on R3 NATS).
+        patience = self.failure_timeout / 2 - self.heartbeat / 4
         while True:
-            try:
-                await self._write_record()
-                if self._sentry_revision is not None:
-                    await self._renew_sentry()
-                delay = self.heartbeat
-            except NodeNameTakenError as exc:
-                log.error("%s", exc)
-                self._lease_until = 0.0
-                delay = self.heartbeat
-            except BackendError as exc:
-                self.counters["heartbeat_failures"] += 1
-                log.warning("node %s failed to renew its membership: %s", self.node, exc)
-                delay = self.heartbeat / 4
+            # Membership and sentry lease live in different streams, which fail over
+            # separately: one renewal never waits for the other.
+            renewals = [_within(patience, self._write_record())]
+            if self._sentry_revision is not None:
+                renewals.append(_within(patience, self._renew_sentry()))
+            delay = self.heartbeat
+            for outcome in await asyncio.gather(*renewals, return_exceptions=True):
+                if isinstance(outcome, NodeNameTakenError):
+                    log.error("%s", outcome)
+                    self._lease_until = 0.0
+                elif isinstance(outcome, BackendError):
+                    self.counters["heartbeat_failures"] += 1
+                    log.warning("node %s failed to renew its lease: %s", self.node, outcome)
+                    delay = self.heartbeat / 4
+                elif isinstance(outcome, BaseException):
+                    raise outcome  # a bug of ours: the supervisor reports it
             if time.monotonic() >= self._lease_until:
                 self._wake.set()
             await asyncio.sleep(delay)
 
     async def _renew_sentry(self) -> None:
+        """Renew the sentry lease (compare-and-set on the revision we hold)."""
         assert self._control_kv is not None and self._sentry_revision is not None
         sent = time.monotonic()
         try:
@@ -680,6 +701,14 @@ class Cluster:
             )
             self._sentry_until = sent + self._fence_after
         except RevisionMismatchError:
+            current = await self._control_kv.get(_SENTRY_KEY, consistent=True)
+            if current is not None and current.value == wire.encode({"node": self.node}):
+                # A renewal we gave up on landed after all: the lease is still ours.
+                self._sentry_revision = await self._control_kv.update(
+                    _SENTRY_KEY, current.value, revision=current.revision, ttl=self.failure_timeout
+                )
+                self._sentry_until = sent + self._fence_after
+                return
             log.warning("node %s lost the sentry lease", self.node)
             self._sentry_revision = None
             self._sentry_until = 0.0
