@@ -57,11 +57,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("cloister.cluster")
 
 
-async def _within(seconds: float, renewal: Awaitable[None]) -> None:
-    """Await ``renewal``; give it up after ``seconds`` as the medium being unavailable."""
+async def _within(seconds: float, renewal: Callable[[], Awaitable[None]]) -> None:
+    """Run ``renewal()``; give it up after ``seconds`` as the medium being unavailable.
+
+    Takes the function, not a coroutine: one cancelled before it started then leaves no
+    coroutine behind that was never awaited.
+    """
     try:
         async with asyncio.timeout(seconds):
-            await renewal
+            await renewal()
     except TimeoutError:
         raise BackendUnavailableError(
             f"renewal unanswered for {seconds:.2f}s; sending it again"
@@ -670,9 +674,9 @@ class Cluster:
         while True:
             # Membership and sentry lease live in different streams, which fail over
             # separately: one renewal never waits for the other.
-            renewals = [_within(patience, self._write_record())]
+            renewals = [_within(patience, self._write_record)]
             if self._sentry_revision is not None:
-                renewals.append(_within(patience, self._renew_sentry()))
+                renewals.append(_within(patience, self._renew_sentry))
             delay = self.heartbeat
             for outcome in await asyncio.gather(*renewals, return_exceptions=True):
                 if isinstance(outcome, NodeNameTakenError):
