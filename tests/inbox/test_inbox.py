@@ -12,6 +12,7 @@ import pytest
 from cloister import CloisterError, Cluster, DynamicManager, Replace
 from cloister.backends.memory import world
 from cloister.cluster import State
+from cloister.errors import BackendUnavailableError
 from cloister.store.inbox import BackPressureError, Inbox
 
 from ..cluster.support import eventually
@@ -227,3 +228,28 @@ async def _drained(manager: DynamicManager) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the inbox was not drained")
+
+
+async def test_acks_refused_while_the_medium_is_away_are_sent_again(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    await a.cluster.wait_ready(2)  # type: ignore[union-attr]
+    consumers = a._consumers
+    assert consumers is not None
+    await eventually(lambda: len(consumers.partitions) == a.partitions)
+    refused = []
+    for consumer in consumers._consumers.values():
+        real = consumer.ack_many
+
+        async def flaky(records: Any, real: Any = real) -> None:
+            if len(refused) < 3:  # the medium is away for the first few batches
+                refused.append(len(records))
+                raise BackendUnavailableError("away for a moment")
+            await real(records)
+
+        consumer.ack_many = flaky  # type: ignore[method-assign]
+    for sequence in range(1, 11):
+        await a.cast("k1", sequence)
+    await eventually(lambda: nodes.journal.handled["k1"] == list(range(1, 11)))
+    assert refused
+    await _drained(a)  # acked after all: nothing left pending in the inbox
+    assert consumers.in_flight == 0

@@ -186,6 +186,7 @@ class PartitionConsumers:
                 self._acks_sent.set()
                 continue
             self._acking = True
+            settled = len(batch)  # acks that leave our hands in this round
             try:
                 if self._before_ack is not None:
                     try:
@@ -193,31 +194,42 @@ class PartitionConsumers:
                     except BackendError as exc:
                         # The state these acks vouch for is not stored: hold them back.
                         log.warning("state not stored (%s); %d ack(s) wait", exc, len(batch))
-                        self._to_ack[:0] = batch
-                        batch = []
-                        await asyncio.sleep(0.2)
-                        self._ack_wake.set()
+                        settled = 0
+                        await self._again(batch)
                         continue
                 by_consumer: dict[LogConsumer, list[LogRecord]] = {}
                 for consumer, record, _ in batch:
                     by_consumer.setdefault(consumer, []).append(record)
+                again: list[tuple[LogConsumer, LogRecord, Any]] = []
                 for consumer, records in by_consumer.items():
                     try:
                         await consumer.ack_many(records)
                     except BackendError as exc:
-                        # The partition moved or the medium is away: these records will be
-                        # delivered again to the next consumer, which skips them by sequence.
-                        log.info(
-                            "%d ack(s) of partition %d not sent: %s",
-                            len(records),
-                            consumer.partition,
-                            exc,
-                        )
+                        moved = isinstance(exc, PartitionBusyError)
+                        if moved or self._consumers.get(consumer.partition) is not consumer:
+                            # The next consumer gets these records again, skips them by
+                            # sequence and acks them itself.
+                            n, p = len(records), consumer.partition
+                            log.info("%d ack(s) of partition %d dropped: %s", n, p, exc)
+                            continue
+                        # The medium is away a moment: send them again (a repeated ack is
+                        # harmless; an unsent one would keep its record pending).
+                        log.debug("acks of partition %d wait: %s", consumer.partition, exc)
+                        again += [(consumer, record, None) for record in records]
+                if again:
+                    settled -= len(again)
+                    await self._again(again)
             finally:
                 self._acking = False
-                self._done(len(batch))
+                self._done(settled)
                 if not self._to_ack:
                     self._acks_sent.set()
+
+    async def _again(self, acks: list[tuple[LogConsumer, LogRecord, Any]]) -> None:
+        """Put ``acks`` first in line again and try once more a moment later."""
+        self._to_ack[:0] = acks
+        await asyncio.sleep(0.2)
+        self._ack_wake.set()
 
     async def _fetch_loop(self, consumer: LogConsumer) -> None:
         while True:
