@@ -502,8 +502,6 @@ class NatsKV(KeyValue):
             # The first message starts the batch (an empty reply, or an error); the last
             # commits it and is answered with the pub ack of the whole batch.
             reply = await nc.request(self._prefix + key, value, timeout=timeout, headers=headers)
-            if reply.headers and reply.headers.get("Status") == "503":
-                raise nats.errors.NoRespondersError
             if not reply.data:
                 continue
             answer = json.loads(reply.data)
