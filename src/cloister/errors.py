@@ -51,6 +51,14 @@ class RemoteError(CloisterError):
     """A remote node answered a request with an error."""
 
 
+class NotOwnerError(CloisterError):
+    """The node asked to handle a key does not own it (the topology moved); retry.
+
+    It crosses the wire as itself (error kind ``not_owner``), so a caller tells "ask the
+    new owner" apart from a handler that failed.
+    """
+
+
 class RequestTimeoutError(CloisterError, TimeoutError):
     """A request to another node got no answer in time."""
 

@@ -320,8 +320,12 @@ async def test_bad_configuration_is_a_clear_error(kwargs: dict[str, Any], messag
         await cluster.start()
 
 
-async def test_mine_is_a_plain_ring_lookup(harness: Harness) -> None:
+async def test_mine_is_a_synchronous_placement_lookup(harness: Harness) -> None:
     a = await harness.start("a")
+    b = await harness.start("b")
     assert not asyncio.iscoroutinefunction(a.mine)
-    await a.wait_ready(2)
-    assert a.mine("k") is (a.ring.key_to_node("k") == "a")
+    await eventually(lambda: harness.agreed({"a", "b"}))
+    keys = [f"k{i}" for i in range(500)]
+    assert [a.mine(k) for k in keys] == [a.whois(k) == "a" for k in keys]
+    assert [a.mine(k) for k in keys] == [not b.mine(k) for k in keys]
+    assert {a.whois(k) for k in keys} == {"a", "b"}

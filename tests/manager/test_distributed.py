@@ -294,3 +294,58 @@ async def test_taking_over_many_workers_lets_the_event_loop_run() -> None:
                 assert seen[-1] > seen[0]
     finally:
         ticking.cancel()
+
+
+async def test_whois_and_mine_give_the_node_that_runs_each_worker(nodes: Nodes) -> None:
+    for name in "abc":
+        await nodes.start(name)
+    await eventually(nodes.settled, what="every id live on its owner")
+    for node, cluster in nodes.clusters.items():
+        manager = nodes.managers[node]
+        for worker_id in IDS:
+            runs_on = next(n for n, m in nodes.managers.items() if worker_id in m.ids())
+            assert cluster.whois(worker_id, manager=manager) == runs_on
+            assert cluster.whois(worker_id, manager=type(manager)) == runs_on
+            assert manager.owner_of(worker_id) == runs_on
+            assert cluster.mine(worker_id, manager=manager) is (runs_on == node)
+            # a manager with default partitions and no group of its own: plain whois/mine
+            assert cluster.whois(worker_id) == runs_on
+            assert cluster.mine(worker_id) is (runs_on == node)
+
+
+async def test_whois_follows_a_managers_own_partitions_and_group(nodes: Nodes) -> None:
+    class Wide(DynamicManager):
+        name = "wide"
+        partitions = 7
+
+        def children_specs(self) -> dict[Any, Any]:
+            return {i: {} for i in IDS}
+
+    managers = {}
+    for name in "abc":
+        cluster = Cluster(
+            "mgr",
+            name,
+            backend=nodes.url,
+            heartbeat=HEARTBEAT,
+            failure_timeout=FAILURE_TIMEOUT,
+            groups=[Wide.placement_group()] if name != "c" else [],
+        )
+        await cluster.start()
+        nodes.stack.push_async_callback(cluster.stop)
+        nodes.clusters[name] = cluster
+        managers[name] = await Wide.start(cluster)
+        nodes.stack.push_async_callback(managers[name].stop)
+    await eventually(
+        lambda: (
+            all(c.state is State.READY and len(c.siblings()) == 3 for c in nodes.clusters.values())
+            and sum(len(m.ids()) for m in managers.values()) == len(IDS)
+        )
+    )
+    assert managers["c"].ids() == []  # not in the manager's group: runs none of its workers
+    c = nodes.clusters["c"]
+    for worker_id in IDS:
+        runs_on = next(n for n, m in managers.items() if worker_id in m.ids())
+        assert c.whois(worker_id, manager=Wide) == runs_on
+        assert managers["c"].owner_of(worker_id) == runs_on
+    assert len({c.whois(i, manager=Wide) for i in IDS}) == 2

@@ -226,7 +226,7 @@ async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> Asyn
     cluster.add_hook(report)
     if manager.state == "up":  # settled inside start(): the hook missed it
         events.emit(f"manager up workers={len(manager)} epoch={cluster.epoch}")
-    cluster._handlers.register(MANAGER_STATUS_HANDLER, _status_handler(manager), builtin=True)
+    cluster.register_handler(MANAGER_STATUS_HANDLER, _status_handler(manager), internal=True)
     if node.metrics is not None:
         node.metrics.attach(manager)
     try:

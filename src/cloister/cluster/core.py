@@ -18,7 +18,6 @@ and the heartbeat only feed it facts and wake it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import secrets
@@ -34,6 +33,7 @@ from cloister.backends import Backend, KeyValue, KVEvent, KVOp, check_url, open_
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
+from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
 from cloister.cluster.rpc import CallResult, Handler, Handlers, decode_reply, encode_request, failed
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
@@ -49,7 +49,7 @@ from cloister.errors import (
     RevisionMismatchError,
     WireFormatError,
 )
-from cloister.ring import HashRing, Key
+from cloister.ring import HashRing
 
 if TYPE_CHECKING:
     from cloister.store import Table
@@ -204,10 +204,8 @@ class Cluster:
         # What this node has adopted.
         self._topology: Topology | None = None
         self._ring: HashRing | None = None
-        #: ``mine(key)``: True when this node owns ``key`` in the adopted epoch. It is the
-        #: ring's C-level ``owned_by`` bound to this node — one ring lookup, no Python frame,
-        #: no lock, no await — rebound on every adopted epoch.
-        self.mine: Callable[[Key], bool] = functools.partial(HashRing(()).owned_by, node)
+        # The placement of keys that name no manager, rebuilt on every adopted epoch.
+        self._placement = Placement(HashRing(()), DEFAULT_PARTITIONS, node)
         self._suspended = True
         self._settled_epoch = 0
         self._wake = asyncio.Event()
@@ -380,10 +378,37 @@ class Cluster:
             and time.monotonic() < self._sentry_until
         )
 
-    def whois(self, key: Any, group: str | None = None) -> str:
-        """The node that owns ``key`` (in ``group``'s ring when given)."""
-        topology = self._require_topology()
-        return topology.ring_for(group).key_to_node(key)
+    def whois(self, key: Any, group: str | None = None, *, manager: Placed | None = None) -> str:
+        """The node that owns ``key`` in the adopted epoch.
+
+        With ``manager`` (a :class:`~cloister.DynamicManager` class or instance): the node
+        that runs that manager's worker ``key`` — the same answer as
+        ``manager.owner_of(key)``. Without: the node that owns ``key`` among
+        ``DEFAULT_PARTITIONS`` partitions placed on the main ring (``group``'s ring when
+        given), which is where a manager with default settings runs it.
+        """
+        return self._placement_of(self._require_topology(), group, manager).owner_of(key)
+
+    def mine(self, key: Any, group: str | None = None, *, manager: Placed | None = None) -> bool:
+        """True when this node owns ``key`` in the adopted epoch (see :meth:`whois`).
+
+        Synchronous and cheap (one hash, one index): call it inside ``perform``.
+        """
+        if group is None and manager is None:
+            return self._placement.mine(key)
+        topology = self._topology
+        return topology is not None and self._placement_of(topology, group, manager).mine(key)
+
+    def _placement_of(
+        self, topology: Topology, group: str | None, manager: Placed | None
+    ) -> Placement:
+        if manager is None:
+            return topology.placement(self.node, DEFAULT_PARTITIONS, group)
+        if group is not None:
+            raise ConfigurationError("give a group or a manager, not both: a manager has its own")
+        return topology.placement(
+            self.node, manager.partitions, manager.placement_group(), strict=False
+        )
 
     def siblings(self, group: str | None = None) -> tuple[str, ...]:
         """The members of the adopted epoch (of ``group`` when given), this node included."""
@@ -423,10 +448,18 @@ class Cluster:
         """Register a handler callable by ``multicall``/``multicast``: ``@cluster.handle("x")``."""
 
         def register(fn: Handler) -> Handler:
-            self._handlers.register(name, fn)
+            self.register_handler(name, fn)
             return fn
 
         return register
+
+    def register_handler(self, name: str, fn: Handler, *, internal: bool = False) -> None:
+        """Register ``fn`` as the handler ``name`` on this node.
+
+        Names starting ``cloister.`` are reserved for the library's own components, which
+        pass ``internal=True``; :class:`ConfigurationError` for a name taken already.
+        """
+        self._handlers.register(name, fn, builtin=internal)
 
     async def call(
         self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None
@@ -918,7 +951,7 @@ class Cluster:
         previous = self._topology
         topology = Topology.from_record(record)
         self._topology, self._ring = topology, topology.ring
-        self.mine = functools.partial(topology.ring.owned_by, self.node)
+        self._placement = topology.placement(self.node)
         self.counters["epochs_adopted"] += 1
         if self.state is State.READY:
             self._move(State.REHASHING)

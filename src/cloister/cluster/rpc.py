@@ -4,7 +4,8 @@ Only handlers registered by name (``cluster.handle("name")(fn)``) can be invoked
 another node — never arbitrary code. Requests and replies are msgpack maps:
 
 - request: ``{"h": handler name, "p": payload, "f": sender}``
-- reply: ``{"r": result}`` or ``{"e": error kind, "m": message}``
+- reply: ``{"r": result}`` or ``{"e": error kind, "m": message}``, the kind one of a
+  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``)
 
 A failing or unknown handler becomes an error *reply*; the caller turns it into a
 :class:`CallResult` with ``error`` set, so one bad node never loses the other replies.
@@ -22,6 +23,7 @@ from cloister import wire
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
+    NotOwnerError,
     RemoteError,
     UnknownHandlerError,
     WireFormatError,
@@ -32,11 +34,15 @@ log = logging.getLogger("cloister.cluster.rpc")
 Handler = Callable[[Any], Any]
 """A handler takes the decoded payload and returns a msgpack-able result (may be async)."""
 
+# The error kinds a reply may carry: a closed list, so a reply can never make the caller
+# build an arbitrary exception. Anything else a handler raises is ``handler_failed``.
 _ERRORS: dict[str, type[CloisterError]] = {
     "unknown_handler": UnknownHandlerError,
     "bad_request": WireFormatError,
     "handler_failed": RemoteError,
+    "not_owner": NotOwnerError,
 }
+_KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +112,9 @@ class Handlers:
             return wire.encode({"e": "unknown_handler", "m": str(exc)})
         except CloisterError as exc:  # an expected refusal (not owner, unknown worker...)
             log.debug("handler %r on node %s refused: %r", name, self.node, exc)
+            kind = _KIND_OF.get(type(exc), "handler_failed")
             return wire.encode(
-                {"e": "handler_failed", "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
+                {"e": kind, "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
             )
         except Exception as exc:
             self.errors += 1

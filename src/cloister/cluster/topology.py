@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloister import wire
+from cloister.cluster.placement import DEFAULT_PARTITIONS, Placement
 from cloister.errors import WireFormatError
 from cloister.ring import HashRing
 
@@ -80,6 +81,10 @@ class Topology:
     members: Mapping[str, MemberSpec]
     ring: HashRing
     group_rings: Mapping[str, HashRing] = field(default_factory=dict)
+    # (node, partitions, group, strict) -> Placement: built once per adopted epoch.
+    _placements: dict[tuple[str, int, str | None, bool], Placement] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_record(cls, record: EpochRecord) -> Topology:
@@ -102,6 +107,30 @@ class Topology:
             return self.ring
         found = self.group_rings.get(group)
         return found if found is not None else HashRing(())
+
+    def placement(
+        self,
+        node: str,
+        partitions: int = DEFAULT_PARTITIONS,
+        group: str | None = None,
+        *,
+        strict: bool = True,
+    ) -> Placement:
+        """Where keys live in this epoch, for keys split into ``partitions``, seen from
+        ``node``: the partitions are placed on ``group``'s ring (the main ring for None).
+
+        ``strict=False`` (managers) falls back to the main ring when nobody joined
+        ``group``; ``strict=True`` places nothing then (an empty ring).
+        """
+        cache_key = (node, partitions, group, strict)
+        found = self._placements.get(cache_key)
+        if found is None:
+            if strict or group is None:
+                ring = self.ring_for(group)
+            else:
+                ring = self.group_rings.get(group, self.ring)
+            found = self._placements[cache_key] = Placement(ring, partitions, node)
+        return found
 
 
 def _ring(weights: Mapping[str, float]) -> HashRing:

@@ -8,7 +8,8 @@
 - :mod:`.state` — the replicated table of runtime specs and replaced payloads.
 """
 
-from cloister.manager.core import DynamicManager, NotOwnerError, UnknownWorkerError
+from cloister.errors import NotOwnerError
+from cloister.manager.core import DynamicManager, UnknownWorkerError
 from cloister.manager.responses import Halt, Ok, Replace, Timeout
 from cloister.manager.spec import Spec
 from cloister.manager.worker import WorkerInfo

@@ -32,17 +32,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from cloister import wire
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
+from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
     NoSuchNodeError,
+    NotOwnerError,
     NotRunningError,
     RemoteError,
     RequestTimeoutError,
 )
 from cloister.manager.consumer import PartitionConsumers
-from cloister.manager.placement import Placement
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
 from cloister.manager.spec import Spec, check_id, make_spec
@@ -57,7 +58,7 @@ from cloister.manager.worker import (
     WorkerInfo,
     run_eagerly,
 )
-from cloister.ring import HashRing, key_hash
+from cloister.ring import key_hash
 from cloister.store.inbox import DeadLetter, Inbox, InboxMessage
 
 if TYPE_CHECKING:
@@ -86,10 +87,6 @@ class UnknownWorkerError(CloisterError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown worker"
-
-
-class NotOwnerError(CloisterError):
-    """The node asked to handle an id does not own it (the topology moved); retry."""
 
 
 class DynamicManager:
@@ -196,7 +193,6 @@ class DynamicManager:
         # id -> (payload, casts, watermark) handed over by the previous owner
         self._handed: dict[Any, tuple[Any, list[Any], int]] = {}
         self._table: StateTable | None = None
-        self._placement: Placement | None = None
         self._inbox: Inbox | None = None
         self._consumers: PartitionConsumers | None = None
         self._has_init = type(self).init is not DynamicManager.init
@@ -269,7 +265,7 @@ class DynamicManager:
             ("delete", self._remote_delete),
             ("handoff", self._remote_handoff),
         ):
-            cluster._handlers.register(prefix + verb, fn, builtin=True)
+            cluster.register_handler(prefix + verb, fn, internal=True)
         kv = await cluster.backend.kv(f"mgr-{self.manager_name}")
         self._table = StateTable(kv)
         await self._table.load()
@@ -437,6 +433,12 @@ class DynamicManager:
         partitions = self._consumers.partitions if self._consumers is not None else set()
         return sum([await inbox.log.depth(partition) for partition in sorted(partitions)])
 
+    @property
+    def inbox(self) -> Inbox:
+        """The manager's durable inbox (cluster mode with ``durable=True``): what sources
+        and outside producers append to. :class:`NotRunningError` when there is none."""
+        return self._require_inbox()
+
     def _require_inbox(self) -> Inbox:
         if self._inbox is None:
             raise NotRunningError(
@@ -460,12 +462,11 @@ class DynamicManager:
         """
         return f"manager.{cls.name or cls.__name__}"
 
-    def _ring_of(self, topology: Topology) -> HashRing:
-        return topology.group_rings.get(self.placement_group(), topology.ring)
-
     def _placement_for(self, topology: Topology) -> Placement:
         assert self.cluster is not None
-        return Placement(self._ring_of(topology), self.partitions, self.cluster.node)
+        return topology.placement(
+            self.cluster.node, self.partitions, self.placement_group(), strict=False
+        )
 
     def _placement_now(self) -> Placement:
         cluster = self.cluster
@@ -473,10 +474,7 @@ class DynamicManager:
         topology = cluster.topology
         if topology is None:
             raise NotOwnerError(f"node {cluster.node} has no topology yet")
-        placement = self._placement
-        if placement is None or placement.ring is not self._ring_of(topology):
-            placement = self._placement = self._placement_for(topology)
-        return placement
+        return self._placement_for(topology)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -506,11 +504,9 @@ class DynamicManager:
                     timeout=max(remaining, 0.01),
                 )
                 return result
-            except (NotOwnerError, RemoteError, NoSuchNodeError) as exc:
+            except (NotOwnerError, NoSuchNodeError) as exc:
                 # The owner moved, is leaving, or is gone: our view of the ring is behind.
                 # Retry with the ring we will have adopted by then, until the deadline.
-                if isinstance(exc, RemoteError) and "NotOwnerError" not in str(exc):
-                    raise
                 if loop.time() + delay > deadline:
                     raise RequestTimeoutError(
                         f"worker {worker_id!r}: ownership kept moving; "

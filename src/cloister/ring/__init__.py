@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 from cloister.ring import _pure, _select
 from cloister.ring._hash import SLOTS, Key
+from cloister.ring._partition import PARTITION_KEY, partition_key
 from cloister.ring._ring import RingMethods, UnknownNodeError
 from cloister.ring._select import NATIVE, key_hash
 
@@ -87,4 +88,13 @@ class HashRing(RingMethods, _CoreBase):
     __slots__ = ()
 
 
-__all__ = ["NATIVE", "SLOTS", "HashRing", "Key", "UnknownNodeError", "key_hash"]
+__all__ = [
+    "NATIVE",
+    "PARTITION_KEY",
+    "SLOTS",
+    "HashRing",
+    "Key",
+    "UnknownNodeError",
+    "key_hash",
+    "partition_key",
+]

@@ -35,14 +35,6 @@ class BackPressureError(CloisterError, TimeoutError):
     """Too many messages in flight on this node; the producer waited and gave up."""
 
 
-PARTITION_KEY = "cloister.partition"
-
-
-def partition_key(partition: int) -> tuple[str, int]:
-    """The ring key that places ``partition`` on a node."""
-    return (PARTITION_KEY, partition)
-
-
 @dataclass(slots=True)  # not frozen: built once per delivered message, on the hot path
 class InboxMessage:
     """A decoded inbox record."""

@@ -1,23 +1,40 @@
-"""Where a worker id lives: id -> partition (a hash) -> node (the ring).
+"""Where a key lives: key -> partition (a hash) -> node (the ring). The ONE answer.
 
-In a cluster, workers are placed by *partition*, not one by one: ``hash(id) % partitions``
-picks the partition and the ring places partitions on nodes. The inbox is partitioned the
+Keys are placed by *partition*, not one by one: ``hash(key) % partitions`` picks the
+partition and the ring places partitions on nodes. A manager's inbox is partitioned the
 same way, so the node that consumes a partition's messages is the node that runs the
 workers those messages are for — no forwarding — and a topology change moves whole
 partitions: their workers and their pending messages move together.
+
+``Cluster.whois``/``Cluster.mine`` and ``DynamicManager.owner_of`` all answer from a
+:class:`Placement` built by :meth:`cloister.cluster.Topology.placement`, so they never
+disagree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Protocol
 
-from cloister.ring import HashRing, key_hash
-from cloister.store.inbox import partition_key
+from cloister.errors import EmptyRingError
+from cloister.ring import HashRing, key_hash, partition_key
+
+DEFAULT_PARTITIONS = 128
+"""Partitions of a manager that sets none, and of ``whois(key)`` without a manager."""
+
+
+class Placed(Protocol):
+    """What placement needs to know of a manager: a DynamicManager class or instance."""
+
+    partitions: int
+
+    def placement_group(self) -> str:
+        """The group whose ring places the manager's partitions (if anyone joined it)."""
+        ...
 
 
 class Placement:
-    """Partition owners for one adopted topology (an immutable value)."""
+    """Partition owners for one adopted topology, seen from ``node`` (an immutable value)."""
 
     __slots__ = ("node", "owners", "partitions", "ring")
 
@@ -36,8 +53,11 @@ class Placement:
         return key_hash(worker_id) % self.partitions
 
     def owner_of(self, worker_id: Any) -> str:
-        """The node that runs ``worker_id``."""
-        return self.owners[key_hash(worker_id) % self.partitions]
+        """The node that runs ``worker_id``; :class:`EmptyRingError` if nobody can."""
+        owners = self.owners
+        if not owners:
+            raise EmptyRingError(f"no node to place {worker_id!r} on: the ring is empty")
+        return owners[key_hash(worker_id) % self.partitions]
 
     def mine(self, worker_id: Any) -> bool:
         """True when this node runs ``worker_id``."""
