@@ -2,7 +2,11 @@
 
 Every long-lived task in pycloister belongs to a :class:`Supervisor`. The owner starts
 tasks through it and closes it on shutdown; closing cancels what is still running and
-waits for it. Unlike ``asyncio.TaskGroup``, a failing child does not cancel its siblings
+waits for it. A component started on a node owns a *child* of the node's supervisor: when
+the node dies (:meth:`Supervisor.kill`), its components' tasks die with it, as they would
+in a process that ended; a graceful close stays each owner's own business, in its order.
+
+Unlike ``asyncio.TaskGroup``, a failing child does not cancel its siblings
 (a failing request handler must not stop the heartbeat) — but its exception is never
 swallowed: it is logged with the task name and counted in :attr:`Supervisor.failures`.
 """
@@ -24,7 +28,20 @@ class Supervisor:
         self.name = name
         self.failures = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._children: list[Supervisor] = []
+        self._parent: Supervisor | None = None
         self._closed = False
+        self._killed = False
+
+    def child(self, name: str) -> Supervisor:
+        """A supervisor for a component of this one's owner: killed with it (:meth:`kill`),
+        closed by its own owner."""
+        child = Supervisor(name)
+        child._parent = self
+        if self._killed:
+            child._killed = True
+        self._children.append(child)
+        return child
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Start ``coro`` as a task owned by this supervisor."""
@@ -32,6 +49,8 @@ class Supervisor:
             coro.close()
             raise RuntimeError(f"supervisor {self.name!r} is closed; cannot start {name!r}")
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{name}")
+        if self._killed:  # a dead node runs nothing more: the task never takes a step
+            task.cancel()
         self._tasks.add(task)
         task.add_done_callback(self._reap)
         return task
@@ -46,9 +65,21 @@ class Supervisor:
             log.error("task %s failed", task.get_name(), exc_info=exc)
 
     def cancel_all(self) -> None:
-        """Cancel every task now, without waiting (a killed node; :meth:`close` awaits)."""
+        """Cancel every task now, without waiting (:meth:`close` awaits)."""
         for task in list(self._tasks):
             task.cancel()
+
+    def kill(self) -> None:
+        """The owner died: cancel every task, the children's too, and run nothing more."""
+        self._killed = True
+        self.cancel_all()
+        for child in list(self._children):
+            child.kill()
+
+    @property
+    def killed(self) -> bool:
+        """True once :meth:`kill` ran (here or on an ancestor)."""
+        return self._killed
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -56,6 +87,8 @@ class Supervisor:
     async def close(self) -> None:
         """Cancel every task still running and wait until all have finished."""
         self._closed = True
+        if self._parent is not None and self in self._parent._children:
+            self._parent._children.remove(self)
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:

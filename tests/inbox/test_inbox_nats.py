@@ -120,7 +120,7 @@ async def test_nothing_lost_when_a_node_crashes_mid_stream(nats_server: NatsServ
         producing = asyncio.ensure_future(asyncio.gather(*(nodes.lane(k) for k in KEYS)))
         await asyncio.sleep(0.15)
         victim = nodes.clusters["c"]
-        victim._on_crash()  # stop every callback now, as kill -9 would ...
+        victim._on_closed()  # stop every callback now, as kill -9 would ...
         assert victim._backend is not None
         await victim._backend.close()  # ... and drop the connection, leaving nothing
         crashed = time.monotonic()

@@ -17,8 +17,9 @@ small services, and nothing above this layer talks to the outside any other way:
   a new consumer starts from the oldest unacknowledged record, so nothing is lost and
   order is kept when a partition changes hands. Appends may carry a message id: a
   duplicate within the dedup window is dropped. The durable inbox lives here.
-- **Lifecycle**: :meth:`Backend.connect`, :meth:`Backend.close`, and
-  :meth:`Backend.on_reconnect` so the cluster can reconcile after an outage.
+- **Lifecycle**: :meth:`Backend.connect`, :meth:`Backend.close`,
+  :meth:`Backend.on_reconnect` so the cluster can reconcile after an outage, and
+  :meth:`Backend.on_closed` for a connection lost for good (the node stops).
 
 Two implementations share this contract, as httpx's transports do: ``memory://NAME``
 (:mod:`cloister.backends.memory`, every node in one process, with crash/partition/delay
@@ -296,8 +297,6 @@ class Backend(ABC):
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously, cheap) each time the connection comes back."""
 
-    def on_crash(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
-        """Register what to do when the test double kills this node (memory backend only).
-
-        Real backends never call it: a real crash takes the whole process down.
-        """
+    def on_closed(self, callback: Callable[[], None]) -> None:  # noqa: B027 - default: never
+        """Call ``callback`` (synchronously) if the connection is closed for good, not by
+        :meth:`close`: the node can no longer reach the medium and must stop at once."""

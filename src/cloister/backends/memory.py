@@ -405,7 +405,10 @@ class MemoryWorld:
     # -- failure injection -------------------------------------------------------------
 
     def crash(self, node: str) -> None:
-        """Kill ``node`` as ``kill -9`` would: no leave, its keys expire on their TTL."""
+        """Kill ``node`` as ``kill -9`` would: no leave, its keys expire on their TTL.
+
+        The medium drops the node's connection for good (``on_closed``), and the node, as
+        a process that lost its medium, stops everything at once."""
         for handle in self._find(node):
             handle._crash()
 
@@ -462,7 +465,7 @@ class MemoryBackend(Backend):
         self._world = world(world_name)
         self._supervisor = Supervisor(f"memory-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
-        self._crash_callbacks: list[Callable[[], None]] = []
+        self._closed_callbacks: list[Callable[[], None]] = []
         self.crashed = False
         self.partitioned = False
         self.latency = 0.0
@@ -514,7 +517,7 @@ class MemoryBackend(Backend):
     def _crash(self) -> None:
         self.crashed = True
         self._drop_registrations()
-        for callback in list(self._crash_callbacks):
+        for callback in list(self._closed_callbacks):
             callback()
 
     async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
@@ -587,5 +590,5 @@ class MemoryBackend(Backend):
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._reconnect_callbacks.append(callback)
 
-    def on_crash(self, callback: Callable[[], None]) -> None:
-        self._crash_callbacks.append(callback)
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        self._closed_callbacks.append(callback)

@@ -67,7 +67,7 @@ from cloister.cli.options import (
     redact_url,
     resolve_target,
 )
-from cloister.cluster import Cluster, ClusterInfo, State, Topology
+from cloister.cluster import Cluster, ClusterInfo, State, SuspendReason, Topology
 from cloister.metrics import (
     MetricsUnavailableError,
     NodeMetrics,
@@ -360,11 +360,8 @@ class NodeEvents:
     async def settle(self, topology: Topology) -> None:
         """Nothing to start: a bare node owns keys but runs no work."""
 
-    async def suspend(self, reason: str) -> None:
+    async def suspend(self, reason: SuspendReason) -> None:
         self.emit(f"suspended reason={reason.replace(' ', '_')}")
-
-    def abort(self) -> None:
-        """Nothing to abort."""
 
 
 @dataclass(frozen=True, slots=True)

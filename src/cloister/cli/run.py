@@ -43,7 +43,7 @@ from cloister.cli.options import (
     add_target,
     from_env,
 )
-from cloister.cluster import Cluster, Topology
+from cloister.cluster import Cluster, SuspendReason, Topology
 from cloister.errors import CloisterError
 from cloister.manager import DynamicManager
 from cloister.observer import MANAGER_STATUS_HANDLER, ManagerStatus
@@ -283,8 +283,5 @@ class _WorkersReport:
         if self.manager.state == "up" and not self.closed:
             self.events.emit(f"manager up workers={len(self.manager)} epoch={topology.epoch}")
 
-    async def suspend(self, reason: str) -> None:
+    async def suspend(self, reason: SuspendReason) -> None:
         """Nothing: the node prints ``suspended``."""
-
-    def abort(self) -> None:
-        """Nothing to abort."""

@@ -10,7 +10,7 @@ Start here: :class:`Cluster`. The pieces, one job each:
 - :mod:`.core` — :class:`Cluster`, which ties them together in one control loop.
 """
 
-from cloister.cluster.core import Cluster, TopologyHook
+from cloister.cluster.core import Cluster, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.listener import Listener
 from cloister.cluster.rpc import CallResult
@@ -24,6 +24,7 @@ __all__ = [
     "ClusterInfo",
     "Listener",
     "State",
+    "SuspendReason",
     "Topology",
     "TopologyHook",
 ]

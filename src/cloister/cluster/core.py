@@ -24,6 +24,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -79,22 +80,28 @@ _SENTRY_KEY = "sentry"
 _MULTICAST_TOPIC = "multicast"
 
 
+class SuspendReason(StrEnum):
+    """Why a node stops processing (``TopologyHook.suspend``)."""
+
+    LEASE_LOST = "lease lost"
+    SHORT_OF_CONSENSUS = "short of consensus"
+    STOPPING = "stopping"
+
+
 class TopologyHook(Protocol):
     """How a component (the DynamicManager) follows ownership. Internal contract.
 
     ``release`` runs before the node acknowledges a new epoch: stop what is no longer
     yours. ``settle`` runs once every member acknowledged (the node becomes ready): start
-    what is yours. ``suspend`` runs when the node must stop everything (lease lost, short of
-    consensus, stopping). ``abort`` runs synchronously when the test double kills the node.
+    what is yours. ``suspend`` runs when the node must stop everything. A node that dies
+    calls no hook: its components' tasks die with it (see :attr:`Cluster.supervisor`).
     """
 
     async def release(self, topology: Topology) -> None: ...
 
     async def settle(self, topology: Topology) -> None: ...
 
-    async def suspend(self, reason: str) -> None: ...
-
-    def abort(self) -> None: ...
+    async def suspend(self, reason: SuspendReason) -> None: ...
 
 
 def _default_node_name() -> str:
@@ -245,7 +252,7 @@ class Cluster:
         try:
             await backend.connect()
             backend.on_reconnect(self._on_reconnect)
-            backend.on_crash(self._on_crash)
+            backend.on_closed(self._on_closed)
             self._members_kv = await backend.kv("members", ttl_keys=True)
             self._control_kv = await backend.kv("control", ttl_keys=True)
             self._move(State.ASSEMBLING)
@@ -273,7 +280,7 @@ class Cluster:
         self._ready.clear()
         await self._supervisor.close()  # no more decisions: the control loop is gone
         if not self._crashed:
-            await self._run_hooks("suspend", "stopping")
+            await self._run_hooks("suspend", SuspendReason.STOPPING)
             await self._leave()
         await self._teardown()
         self._move(State.STOPPED)
@@ -320,13 +327,17 @@ class Cluster:
         if self._machine.state is State.DOWN:
             await self._listener.close()
 
-    def _on_crash(self) -> None:
-        """The memory backend killed this node: stop everything now, say goodbye to nobody."""
+    def _on_closed(self) -> None:
+        """The connection is gone for good: this node is dead. Stop everything now (the
+        components' tasks too), say goodbye to nobody; its records expire on their TTL."""
+        log.error(
+            "node %s lost its connection to %s for good; it stops at once",
+            self.node,
+            self.backend_url,
+        )
         self._crashed = True
         self._ready.clear()
-        for hook in self._hooks:
-            hook.abort()
-        self._supervisor.cancel_all()
+        self._supervisor.kill()
 
     def _on_reconnect(self) -> None:
         self._resync.set()
@@ -542,8 +553,15 @@ class Cluster:
 
     @property
     def crashed(self) -> bool:
-        """True once the memory backend's failure injection killed this node."""
+        """True once this node died: its connection to the medium closed for good."""
         return self._crashed
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The owner of this node's tasks. A component started on the node (a manager)
+        takes a child of it (``cluster.supervisor.child(name)``): a dying node takes its
+        components' tasks with it."""
+        return self._supervisor
 
     @property
     def listener_errors(self) -> int:
@@ -998,7 +1016,9 @@ class Cluster:
         quorum = lease_ok and self._quorum(topology)
         if not quorum:
             if not self._suspended:
-                reason = "lease lost" if not lease_ok else "short of consensus"
+                reason = (
+                    SuspendReason.LEASE_LOST if not lease_ok else SuspendReason.SHORT_OF_CONSENSUS
+                )
                 await self._run_hooks("suspend", reason)
                 self._suspended = True
             if self.state is State.READY:

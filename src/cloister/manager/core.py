@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from cloister import wire
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
+from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
 from cloister.errors import (
@@ -181,7 +182,12 @@ class DynamicManager:
         self._runnable: deque[Worker] = deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
-        self._supervisor = Supervisor(f"manager {self.manager_name}")
+        # On a node, the manager's tasks die with the node (see Cluster.supervisor).
+        self._supervisor = (
+            Supervisor(f"manager {self.manager_name}")
+            if cluster is None
+            else cluster.supervisor.child(f"manager {self.manager_name}")
+        )
         self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
         self._continuations: dict[Worker, Continuation] = {}
         self._paused = cluster is not None  # a cluster must say what is ours first
@@ -1159,11 +1165,11 @@ class DynamicManager:
         self._wake.set()
         await self._set_state("up")
 
-    async def suspend(self, reason: str) -> None:
+    async def suspend(self, reason: SuspendReason) -> None:
         """The node may not process now (lease lost, short of consensus, stopping)."""
         if self._leaving or self.state == "down":
             return
-        if reason == "stopping":
+        if reason is SuspendReason.STOPPING:
             await self._hand_everything_over()
             return
         async with self._topology_lock:
@@ -1187,20 +1193,6 @@ class DynamicManager:
                 if not count % _YIELD_EVERY:
                     await asyncio.sleep(0)  # heartbeats go on while a million workers stop
         await self._set_state("rehashing")
-
-    def abort(self) -> None:
-        """The node was killed (test double): stop every callback now."""
-        self._paused = True
-        if self._consumers is not None:
-            self._consumers.stop_fetching(self._consumers.partitions)
-        for task in list(self._running_tasks.values()):
-            task.cancel()
-        for continuation in list(self._continuations.values()):
-            continuation.close()  # its finally blocks run now, as the process would end
-        # A task cancelled before its first step never runs its bookkeeping: do it here.
-        self._running_tasks.clear()
-        self._continuations.clear()
-        self._in_flight = 0
 
     async def _hand_everything_over(self) -> None:
         async with self._topology_lock:
