@@ -66,7 +66,7 @@ def test_doubling_matches_the_hand_written_loops() -> None:
 @given(unit)
 def test_jitter_keeps_the_unjittered_share(draw: float) -> None:
     backoff = Backoff(1.0, 1.0, jitter=0.5, random=lambda: draw)
-    assert 0.5 < backoff.delay(3) <= 1.0
+    assert 0.5 <= backoff.delay(3) <= 1.0  # at least half is kept (rounding: 0.5 itself)
     assert Backoff(1.0, 1.0, jitter=1.0, random=lambda: draw).delay(0) == pytest.approx(1 - draw)
 
 
