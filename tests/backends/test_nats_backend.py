@@ -284,7 +284,7 @@ async def test_put_many_is_one_atomic_batch(nats_server: NatsServer) -> None:
 async def test_put_many_on_a_stream_without_atomic_batches(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cloister.backends.nats._kv import stream_config
+    from cloister.backends.nats._bucket import stream_config
 
     caplog.set_level("INFO", logger="cloister.backends.nats")
 
@@ -616,7 +616,7 @@ async def test_consistent_listing_falls_back_to_walking_the_leader(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No consumer on the leader (never here: no tries): the key-by-key walk agrees."""
-    from cloister.backends.nats import _kv
+    from cloister.backends.nats import _kv_listing
 
     async with connected(nats_server.url) as backend:
         kv = await backend.kv("members", ttl_keys=True)
@@ -626,7 +626,7 @@ async def test_consistent_listing_falls_back_to_walking_the_leader(
         await kv.delete("k7")
         await kv.create("short", b"x", ttl=1)
         expected = await kv.entries(consistent=True)
-        monkeypatch.setattr(_kv, "_PLACEMENT_TRIES", 0)
+        monkeypatch.setattr(_kv_listing, "_PLACEMENT_TRIES", 0)
         assert await kv.entries(consistent=True) == expected
         assert expected["k3"].value == b"new" and "k7" not in expected and "short" in expected
         await asyncio.sleep(2.5)

@@ -14,13 +14,13 @@ import nats
 import pytest
 
 from cloister.backends import Log, LogConsumer, LogRecord
-from cloister.backends.nats._log import (
+from cloister.backends.nats._log_admin import (
     ACK_WAIT,
     MAX_ACK_PENDING,
-    NatsLogConsumer,
     consumer_name,
     parse_consumer_name,
 )
+from cloister.backends.nats._log_consumer import NatsLogConsumer
 from cloister.errors import BackendUnavailableError, ConfigurationError
 from cloister.testing import NatsCluster, NatsServer
 from tests.backends.support import connected, eventually

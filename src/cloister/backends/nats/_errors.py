@@ -6,6 +6,8 @@ the layers above only ever see :mod:`cloister.errors` classes.
 
 from __future__ import annotations
 
+import asyncio
+
 import nats.errors
 import nats.js.errors
 
@@ -53,6 +55,9 @@ NO_RESPONDERS = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+#: Everything a nats-py call may raise: what the backend catches and translates.
+NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
 UNAVAILABLE = (
     nats.errors.TimeoutError,
