@@ -297,6 +297,7 @@ class Backend(ABC):
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously, cheap) each time the connection comes back."""
 
-    def on_closed(self, callback: Callable[[], None]) -> None:  # noqa: B027 - default: never
+    @abstractmethod
+    def on_closed(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously) if the connection is closed for good, not by
         :meth:`close`: the node can no longer reach the medium and must stop at once."""
