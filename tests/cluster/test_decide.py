@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -305,3 +306,6 @@ def test_counters_as_dict() -> None:
         "fenced": 2,
         "heartbeat_failures": 0,
     }
+    assert counters["fenced"] == 2
+    with pytest.raises(KeyError):
+        counters["as_dict"]

@@ -51,6 +51,13 @@ class ClusterCounters:
         """The counters by name."""
         return asdict(self)
 
+    def __getitem__(self, name: str) -> int:
+        """``counters["fenced"]``: read by name, as when the counters were a dict."""
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        value: int = getattr(self, name)
+        return value
+
 
 # -- readers --------------------------------------------------------------------------------
 

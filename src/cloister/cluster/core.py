@@ -12,7 +12,9 @@ renew its own record stops claiming anything before the record can expire on the
 (self-fencing), so ring ownership is never shared.
 
 All of the node's decisions are taken in one control task, so they never race; watches
-and the heartbeat only feed it facts and wake it.
+and the heartbeat only feed it facts and wake it. The task asks the pure
+:func:`~cloister.cluster.control.decide` what to do and carries it out; the leases live in
+:mod:`~cloister.cluster.lease`, the facts and their readers in :mod:`~cloister.cluster.control`.
 """
 
 from __future__ import annotations
