@@ -29,7 +29,6 @@ from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from cloister import wire
 from cloister._tasks import Supervisor, wait_event
 from cloister.backends import Backend, KeyValue, check_url, open_backend
 from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
@@ -39,7 +38,8 @@ from cloister.cluster.lease import Lease
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
-from cloister.cluster.rpc import CallResult, Handler, Handlers, decode_reply, encode_request, failed
+from cloister.cluster.requests import MULTICAST_TOPIC, Requests, infos
+from cloister.cluster.rpc import CallResult, Handler, Handlers
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import (
@@ -48,7 +48,6 @@ from cloister.errors import (
     ClusterNotReadyError,
     ConfigurationError,
     NotRunningError,
-    WireFormatError,
 )
 from cloister.ring import HashRing
 
@@ -61,7 +60,6 @@ log = logging.getLogger("cloister.cluster")
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_=.-]{0,127}$")
 CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_MULTICAST_TOPIC = "multicast"
 
 
 def _default_node_name() -> str:
@@ -151,6 +149,7 @@ class Cluster:
         self._handlers = Handlers(node)
         self._handlers.register("cloister.info", self._info_handler, builtin=True)
         self._handlers.register("cloister.ping", lambda _payload: "pong", builtin=True)
+        self._requests = Requests(node, self._handlers, self._require_backend)
         self._hooks = Hooks(node)
         self._supervisor = Supervisor(f"cluster {name}/{node}")
         self._backend: Backend | None = None
@@ -218,7 +217,7 @@ class Cluster:
             await asyncio.gather(synced[0].wait(), synced[1].wait())
             await self._join(previous)
             await backend.serve(self._handlers.answer)
-            await backend.subscribe(_MULTICAST_TOPIC, self._on_multicast)
+            await backend.subscribe(MULTICAST_TOPIC, self._requests.on_multicast)
             self._supervisor.spawn(self._lease.heartbeat_loop(), "heartbeat")
             self._supervisor.spawn(self._control.resync_loop(), "resync")
             self._supervisor.spawn(self._control_loop(), "control")
@@ -413,39 +412,20 @@ class Cluster:
         this method itself only raises when the cluster is not running.
         """
         targets = list(self.siblings() if nodes is None else nodes)
-        results = await asyncio.gather(
-            *(self._call_one(node, handler, payload, timeout) for node in targets)
-        )
-        return {result.node: result for result in results}
+        timeout = self.request_timeout if timeout is None else timeout
+        return await self._requests.multicall(handler, payload, targets, timeout)
 
     async def multicast(
         self, handler: str, payload: Any = None, *, nodes: Iterable[str] | None = None
     ) -> None:
         """Invoke ``handler`` on every member (or ``nodes``) without waiting for results."""
-        backend = self._require_backend()
-        message = {
-            "h": handler,
-            "p": payload,
-            "f": self.node,
-            "to": None if nodes is None else list(nodes),
-        }
-        await backend.publish(_MULTICAST_TOPIC, wire.encode(message))
+        await self._requests.multicast(handler, payload, nodes)
 
     async def states(
         self, *, timeout: float | None = None
     ) -> dict[str, ClusterInfo | CloisterError]:
         """Every member's :class:`ClusterInfo` (or the error that member produced)."""
-        results = await self.multicall("cloister.info", timeout=timeout)
-        states: dict[str, ClusterInfo | CloisterError] = {}
-        for node, result in results.items():
-            if result.error is not None:
-                states[node] = result.error
-                continue
-            try:
-                states[node] = ClusterInfo.from_wire(result.value)
-            except WireFormatError as exc:
-                states[node] = exc
-        return states
+        return infos(await self.multicall("cloister.info", timeout=timeout))
 
     def add_hook(self, hook: TopologyHook) -> None:
         """Follow ownership changes (used by :class:`~cloister.manager.DynamicManager`)."""
@@ -493,40 +473,8 @@ class Cluster:
     async def _call_one(
         self, node: str, handler: str, payload: Any, timeout: float | None
     ) -> CallResult:
-        backend = self._require_backend()
         timeout = self.request_timeout if timeout is None else timeout
-        if node == self.node:
-            try:
-                async with asyncio.timeout(timeout):
-                    return CallResult(node, value=await self._handlers.invoke(handler, payload))
-            except TimeoutError:
-                return failed(node, ClusterNotReadyError(f"local handler {handler!r} timed out"))
-            except Exception as exc:
-                return failed(node, exc)
-        try:
-            reply = await backend.request(
-                node, encode_request(handler, payload, self.node), timeout=timeout
-            )
-        except Exception as exc:
-            return failed(node, exc)
-        return decode_reply(node, reply)
-
-    async def _on_multicast(self, data: bytes) -> None:
-        try:
-            message = wire.decode_map(data, "multicast", ("h",))
-            name = wire.field(message, "h", str, "multicast")
-        except WireFormatError as exc:
-            self._handlers.errors += 1
-            log.warning("node %s rejected a malformed multicast: %s", self.node, exc)
-            return
-        targets = message.get("to")
-        if targets is not None and self.node not in targets:
-            return
-        try:
-            await self._handlers.invoke(name, message.get("p"))
-        except Exception:
-            self._handlers.errors += 1
-            log.exception("multicast handler %r failed on node %s", name, self.node)
+        return await self._requests.call_one(node, handler, payload, timeout)
 
     def _info_handler(self, _payload: Any) -> dict[str, Any]:
         return self.info.to_wire()
