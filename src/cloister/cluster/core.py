@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cloister._tasks import Supervisor, wait_event
-from cloister.backends import Backend, KeyValue, check_url, open_backend
+from cloister.backends import Backend, check_url, open_backend
 from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
 from cloister.cluster.hooks import Hooks, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
@@ -153,8 +153,6 @@ class Cluster:
         self._hooks = Hooks(node)
         self._supervisor = Supervisor(f"cluster {name}/{node}")
         self._backend: Backend | None = None
-        self._members_kv: KeyValue | None = None
-        self._control_kv: KeyValue | None = None
         self._wake = asyncio.Event()
         self.counters = ClusterCounters()
         # Facts fed by the watches and the heartbeat; decisions are taken in _step().
@@ -205,10 +203,10 @@ class Cluster:
             await backend.connect()
             backend.on_reconnect(self._on_reconnect)
             backend.on_closed(self._on_closed)
-            self._members_kv = await backend.kv("members", ttl_keys=True)
-            self._control_kv = await backend.kv("control", ttl_keys=True)
-            self._control.attach(self._members_kv, self._control_kv)
-            self._lease.attach(self._members_kv, self._control_kv)
+            members = await backend.kv("members", ttl_keys=True)
+            control = await backend.kv("control", ttl_keys=True)
+            self._control.attach(members, control)
+            self._lease.attach(members, control)
             self._move(State.ASSEMBLING)
             previous = await self._lease.check_name_free(backend)
             synced = asyncio.Event(), asyncio.Event()
