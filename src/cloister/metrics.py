@@ -165,7 +165,7 @@ class NodeCollector:
         yield labels.gauge("members", "Members of the adopted epoch.", len(info.members))
         yield labels.gauge("consensus", "Members needed before any node is ready.", info.consensus)
         yield labels.gauge("is_sentry", "1 while this node is the sentry.", info.is_sentry)
-        yield from labels.counters("", cluster.counters, _CLUSTER_COUNTERS)
+        yield from labels.counters("", cluster.counters.as_dict(), _CLUSTER_COUNTERS)
         yield labels.summary(
             "rehash_seconds",
             "Rehashes: from leaving ready (or assembling) to ready again.",

@@ -27,7 +27,7 @@ from typing import Any
 from cloister import wire
 from cloister._tasks import Supervisor
 from cloister.backends import Backend, KeyValue, KVOp, open_backend
-from cloister.cluster.core import _EPOCH_KEY, _SENTRY_KEY
+from cloister.cluster.control import read_control, read_members
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.rpc import decode_reply, encode_request, failed
@@ -382,31 +382,22 @@ class Observer:
 
     async def _read_members(self) -> tuple[dict[str, MemberRecord], list[str]]:
         assert self._members is not None
-        records: dict[str, MemberRecord] = {}
+        records, errors = await read_members(self._members)
         problems: list[str] = []
-        for name, entry in (await self._members.entries()).items():
-            try:
-                records[name] = MemberRecord.decode(entry.value)
-            except WireFormatError as exc:
-                log.warning("ignoring the malformed member record %r: %s", name, exc)
-                problems.append(f"malformed member record {name!r}: {exc}")
+        for name, exc in errors.items():
+            log.warning("ignoring the malformed member record %r: %s", name, exc)
+            problems.append(f"malformed member record {name!r}: {exc}")
         return records, problems
 
     async def _read_control(self) -> tuple[EpochRecord | None, str | None, list[str]]:
         assert self._control is not None
-        entries = await self._control.entries()
-        epoch = holder = None
+        snapshot = await read_control(self._control)
         problems: list[str] = []
-        try:
-            if (entry := entries.get(_EPOCH_KEY)) is not None:
-                epoch = EpochRecord.decode(entry.value)
-            if (entry := entries.get(_SENTRY_KEY)) is not None:
-                lease = wire.decode_map(entry.value, "sentry lease")
-                holder = wire.field(lease, "node", str, "sentry lease")
-        except WireFormatError as exc:
-            log.warning("malformed control record: %s", exc)
-            problems.append(str(exc))
-        return epoch, holder, problems
+        for exc in (snapshot.epoch_error, snapshot.sentry_error):
+            if exc is not None:
+                log.warning("malformed control record: %s", exc)
+                problems.append(str(exc))
+        return snapshot.epoch, snapshot.sentry, problems
 
     async def _watch_heartbeats(self, watching: asyncio.Event) -> None:
         """Note when each member last renewed its record (for ``heartbeat_age``)."""

@@ -7,6 +7,11 @@ Start here: :class:`Cluster`. The pieces, one job each:
 - :mod:`.membership` — member records (self-description + TTL lease + epoch ack).
 - :mod:`.topology` — epoch records and the rings derived from them.
 - :mod:`.rpc` — named handlers, request envelopes, per-node call results.
+- :mod:`.requests` — call, multicall and multicast through the backend.
+- :mod:`.lease` — this node's member record and sentry lease: join, renew, fence, leave.
+- :mod:`.control` — the facts (watches, readers) and :func:`~.control.decide`, the pure
+  function that turns them into what to do.
+- :mod:`.hooks` — the topology hooks components follow ownership with.
 - :mod:`.core` — :class:`Cluster`, which ties them together in one control loop.
 """
 

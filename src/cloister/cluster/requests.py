@@ -1,0 +1,104 @@
+"""Requests between nodes: one call, a multicall, a multicast, and answering multicasts.
+
+The handlers themselves and the wire envelope live in :mod:`~cloister.cluster.rpc`; this
+room sends through the node's backend and turns every failure into a per-node
+:class:`~cloister.cluster.rpc.CallResult`, so one bad node never loses the other replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cloister import wire
+from cloister.backends import Backend
+from cloister.cluster.info import ClusterInfo
+from cloister.cluster.rpc import CallResult, Handlers, decode_reply, encode_request, failed
+from cloister.errors import CloisterError, ClusterNotReadyError, WireFormatError
+
+log = logging.getLogger("cloister.cluster")
+
+MULTICAST_TOPIC = "multicast"
+"""The topic every node subscribes to for ``multicast``."""
+
+
+class Requests:
+    """Sends this node's requests; ``backend()`` raises when the node is not running."""
+
+    def __init__(self, node: str, handlers: Handlers, backend: Callable[[], Backend]) -> None:
+        self.node = node
+        self.handlers = handlers
+        self._backend = backend
+
+    async def call_one(self, node: str, handler: str, payload: Any, timeout: float) -> CallResult:
+        """``handler`` on ``node`` (in process for this node); never raises but NotRunning."""
+        backend = self._backend()
+        if node == self.node:
+            try:
+                async with asyncio.timeout(timeout):
+                    return CallResult(node, value=await self.handlers.invoke(handler, payload))
+            except TimeoutError:
+                return failed(node, ClusterNotReadyError(f"local handler {handler!r} timed out"))
+            except Exception as exc:
+                return failed(node, exc)
+        try:
+            reply = await backend.request(
+                node, encode_request(handler, payload, self.node), timeout=timeout
+            )
+        except Exception as exc:
+            return failed(node, exc)
+        return decode_reply(node, reply)
+
+    async def multicall(
+        self, handler: str, payload: Any, targets: Iterable[str], timeout: float
+    ) -> dict[str, CallResult]:
+        """``call_one`` on every target at once, by node."""
+        results = await asyncio.gather(
+            *(self.call_one(node, handler, payload, timeout) for node in targets)
+        )
+        return {result.node: result for result in results}
+
+    async def multicast(self, handler: str, payload: Any, nodes: Iterable[str] | None) -> None:
+        """Publish ``handler(payload)`` to every node (or ``nodes``)."""
+        backend = self._backend()
+        message = {
+            "h": handler,
+            "p": payload,
+            "f": self.node,
+            "to": None if nodes is None else list(nodes),
+        }
+        await backend.publish(MULTICAST_TOPIC, wire.encode(message))
+
+    async def on_multicast(self, data: bytes) -> None:
+        """Answer one multicast addressed to everyone or to this node."""
+        try:
+            message = wire.decode_map(data, "multicast", ("h",))
+            name = wire.field(message, "h", str, "multicast")
+        except WireFormatError as exc:
+            self.handlers.errors += 1
+            log.warning("node %s rejected a malformed multicast: %s", self.node, exc)
+            return
+        targets = message.get("to")
+        if targets is not None and self.node not in targets:
+            return
+        try:
+            await self.handlers.invoke(name, message.get("p"))
+        except Exception:
+            self.handlers.errors += 1
+            log.exception("multicast handler %r failed on node %s", name, self.node)
+
+
+def infos(results: dict[str, CallResult]) -> dict[str, ClusterInfo | CloisterError]:
+    """``cloister.info`` results as each node's :class:`ClusterInfo`, or its error."""
+    states: dict[str, ClusterInfo | CloisterError] = {}
+    for node, result in results.items():
+        if result.error is not None:
+            states[node] = result.error
+            continue
+        try:
+            states[node] = ClusterInfo.from_wire(result.value)
+        except WireFormatError as exc:
+            states[node] = exc
+    return states

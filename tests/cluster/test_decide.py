@@ -1,0 +1,311 @@
+"""The control plane's rules, without a backend: ``decide(facts, now)`` is pure."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cloister.cluster import State, SuspendReason, Topology
+from cloister.cluster.control import (
+    ClusterCounters,
+    Decision,
+    Facts,
+    acknowledged,
+    decide,
+    quorum,
+)
+from cloister.cluster.membership import MemberRecord
+from cloister.cluster.topology import EpochRecord
+
+NOW = 1000.0
+SETTLE = 0.05
+HEARTBEAT = 1.0
+
+
+def record(node: str, acked: int = 0, incarnation: int = 1) -> MemberRecord:
+    return MemberRecord(node, incarnation, 1.0, (), 0.0, acked=acked)
+
+
+def epoch(number: int, sentry: str, view: dict[str, MemberRecord]) -> EpochRecord:
+    return EpochRecord(number, sentry, {name: r.spec for name, r in view.items()})
+
+
+def topology(number: int, sentry: str, view: dict[str, MemberRecord]) -> Topology:
+    return Topology.from_record(epoch(number, sentry, view))
+
+
+def facts(**changes: Any) -> Facts:
+    """A node ``a`` alone, lease valid, no sentry, nothing published, assembling."""
+    base = Facts(
+        node="a",
+        view={"a": record("a")},
+        view_changed_at=0.0,
+        epoch_record=None,
+        epoch_revision=None,
+        sentry_holder=None,
+        holds_sentry=False,
+        lease_ok=True,
+        sentry_ok=False,
+        acked=0,
+        topology=None,
+        state=State.ASSEMBLING,
+        suspended=True,
+        consensus=1,
+        expected=frozenset(),
+        heartbeat=HEARTBEAT,
+        settle=SETTLE,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def sentry(**changes: Any) -> Facts:
+    """``a`` holding a valid sentry lease, its view quiet."""
+    return facts(**{"sentry_holder": "a", "holds_sentry": True, "sentry_ok": True, **changes})
+
+
+# -- quorum -----------------------------------------------------------------------------------
+
+
+def test_quorum_needs_consensus_members() -> None:
+    view = {n: record(n) for n in "ab"}
+    t = topology(1, "a", view)
+    assert quorum(t, "a", 2, frozenset())
+    assert not quorum(t, "a", 3, frozenset())
+
+
+def test_quorum_needs_every_expected_node() -> None:
+    t = topology(1, "a", {n: record(n) for n in "ab"})
+    assert quorum(t, "a", 1, frozenset({"a", "b"}))
+    assert not quorum(t, "a", 1, frozenset({"c"}))
+
+
+def test_no_quorum_without_a_topology_or_outside_it() -> None:
+    t = topology(1, "b", {"b": record("b")})
+    assert not quorum(None, "a", 1, frozenset())
+    assert not quorum(t, "a", 1, frozenset())
+
+
+# -- the sentry lease and publishing ---------------------------------------------------------
+
+
+def test_a_free_sentry_lease_is_claimed_with_a_valid_member_lease_only() -> None:
+    assert decide(facts(), NOW).claim_sentry
+    assert not decide(facts(lease_ok=False), NOW).claim_sentry
+    assert not decide(facts(sentry_holder="b"), NOW).claim_sentry
+    assert not decide(facts(holds_sentry=True), NOW).claim_sentry
+
+
+def test_the_sentry_publishes_its_view_as_the_next_epoch() -> None:
+    view = {n: record(n) for n in "ab"}
+    published = decide(sentry(view=view, epoch_record=epoch(4, "b", {"b": view["b"]})), NOW)
+    assert published.publish == epoch(5, "a", view)
+    assert decide(sentry(), NOW).publish == epoch(1, "a", {"a": record("a")})
+
+
+def test_only_the_sentry_with_a_valid_lease_publishes() -> None:
+    assert decide(facts(), NOW).publish is None  # not the sentry
+    assert decide(sentry(sentry_ok=False), NOW).publish is None  # its sentry lease ran out
+    assert decide(sentry(lease_ok=False), NOW).publish is None  # its member lease ran out
+
+
+def test_no_publish_before_the_view_is_quiet_for_settle() -> None:
+    decision = decide(sentry(view_changed_at=NOW - 0.01), NOW)
+    assert decision.publish is None
+    assert abs(decision.delay - (SETTLE - 0.01)) < 1e-9
+    assert decide(sentry(view_changed_at=NOW - 2 * SETTLE), NOW).publish is not None
+    assert decide(facts(view_changed_at=NOW), NOW).delay == HEARTBEAT  # not the sentry
+
+
+def test_never_a_topology_without_the_sentry() -> None:
+    assert decide(sentry(view={"b": record("b")}), NOW).publish is None
+
+
+def test_no_republish_of_an_identical_member_set() -> None:
+    view = {n: record(n) for n in "ab"}
+    assert decide(sentry(view=view, epoch_record=epoch(3, "a", view)), NOW).publish is None
+    # ... unless another sentry wrote it: the new sentry names itself.
+    assert decide(sentry(view=view, epoch_record=epoch(3, "b", view)), NOW).publish == epoch(
+        4, "a", view
+    )
+    # ... or a member restarted (same names, another incarnation).
+    restarted = {**view, "b": record("b", incarnation=2)}
+    assert decide(sentry(view=restarted, epoch_record=epoch(3, "a", view)), NOW).publish == (
+        epoch(4, "a", restarted)
+    )
+
+
+# -- adoption and acknowledgement -------------------------------------------------------------
+
+
+def test_only_a_newer_epoch_is_adopted() -> None:
+    view = {"a": record("a")}
+    assert decide(facts(epoch_record=epoch(1, "a", view)), NOW).adopt == epoch(1, "a", view)
+    adopted = topology(2, "a", view)
+    assert decide(facts(epoch_record=epoch(3, "a", view), topology=adopted), NOW).adopt == epoch(
+        3, "a", view
+    )
+    assert decide(facts(epoch_record=epoch(2, "a", view), topology=adopted), NOW).adopt is None
+    assert decide(facts(epoch_record=epoch(1, "a", view), topology=adopted), NOW).adopt is None
+
+
+def test_the_adopted_epoch_is_acknowledged_once() -> None:
+    adopted = topology(2, "a", {"a": record("a")})
+    assert decide(facts(topology=adopted, acked=1), NOW).ack == 2
+    assert decide(facts(topology=adopted, acked=2), NOW).ack is None
+    assert decide(facts(topology=adopted, acked=None), NOW).ack is None  # not joined
+    assert decide(facts(acked=0), NOW).ack is None  # nothing adopted
+
+
+# -- suspend, settle, state moves ------------------------------------------------------------
+
+
+def test_losing_the_lease_fences_and_suspends_once() -> None:
+    view = {"a": record("a", acked=1)}
+    ready = facts(view=view, topology=topology(1, "a", view), state=State.READY, suspended=False)
+    lost = decide(dataclasses.replace(ready, lease_ok=False), NOW)
+    assert lost.fence and lost.suspend is SuspendReason.LEASE_LOST
+    assert lost.move is State.REHASHING and lost.settle is None
+    again = decide(
+        dataclasses.replace(ready, lease_ok=False, suspended=True, state=State.REHASHING), NOW
+    )
+    assert not again.fence and again.suspend is None and again.move is None
+
+
+def test_short_of_consensus_suspends_once() -> None:
+    view = {"a": record("a", acked=1)}
+    ready = facts(
+        view=view, topology=topology(1, "a", view), state=State.READY, suspended=False, consensus=2
+    )
+    short = decide(ready, NOW)
+    assert short.suspend is SuspendReason.SHORT_OF_CONSENSUS and not short.fence
+    assert short.move is State.REHASHING and short.settle is None
+    assert decide(dataclasses.replace(ready, suspended=True), NOW).suspend is None
+
+
+def test_assembling_to_rehashing_to_ready_once_everyone_acked() -> None:
+    view = {n: record(n, acked=1) for n in "ab"}
+    t = topology(1, "a", view)
+    decision = decide(facts(view=view, topology=t, acked=1, consensus=2), NOW)
+    assert decision.move is State.REHASHING
+    assert decision.settle is t and decision.move_after_settle is State.READY
+    assert decision.suspend is None
+
+
+def test_no_settle_until_every_member_acked_in_its_incarnation() -> None:
+    view = {"a": record("a", acked=2), "b": record("b", acked=1)}
+    t = topology(2, "a", view)
+    waiting = decide(facts(view=view, topology=t, state=State.REHASHING, acked=2), NOW)
+    assert waiting.settle is None and waiting.move is None
+    restarted = {**view, "b": record("b", acked=2, incarnation=9)}  # acked, but not the same b
+    assert decide(facts(view=restarted, topology=t, state=State.REHASHING), NOW).settle is None
+    acked = {**view, "b": record("b", acked=2)}
+    done = decide(facts(view=acked, topology=t, state=State.REHASHING), NOW)
+    assert done.settle is t and done.move is None and done.move_after_settle is State.READY
+
+
+def test_ready_settles_again_only_after_a_suspend() -> None:
+    view = {"a": record("a", acked=1)}
+    ready = facts(view=view, topology=topology(1, "a", view), state=State.READY, acked=1)
+    resumed = decide(dataclasses.replace(ready, suspended=True), NOW)
+    assert resumed.settle is not None and resumed.move is None and resumed.move_after_settle is None
+    settled = dataclasses.replace(ready, suspended=False, sentry_holder="a")
+    assert decide(settled, NOW) == Decision(delay=HEARTBEAT)
+
+
+def test_a_new_epoch_while_ready_waits_for_the_acks_again() -> None:
+    old = {"a": record("a", acked=1)}
+    new = {**old, "b": record("b")}
+    ready = facts(view=new, topology=topology(1, "a", old), state=State.READY, suspended=False)
+    assert decide(dataclasses.replace(ready, epoch_record=epoch(2, "a", new)), NOW).adopt
+    # _adopt moves ready -> rehashing; then nothing settles until b acked epoch 2.
+    rehashing = dataclasses.replace(ready, topology=topology(2, "a", new), state=State.REHASHING)
+    assert decide(rehashing, NOW).settle is None
+
+
+# -- properties -------------------------------------------------------------------------------
+
+names = st.sampled_from("abcd")
+records = st.builds(record, names, acked=st.integers(0, 3), incarnation=st.integers(1, 2)).map(
+    lambda r: (r.node, r)
+)
+views = st.lists(records, max_size=4).map(dict)
+
+
+@st.composite
+def any_facts(draw: st.DrawFn) -> Facts:
+    view = draw(views)
+    members = draw(views)
+    adopted = None
+    if draw(st.booleans()):
+        adopted = topology(draw(st.integers(1, 3)), draw(names), members)
+    published = None
+    if draw(st.booleans()):
+        published = epoch(draw(st.integers(1, 4)), draw(names), draw(views))
+    return facts(
+        view=view,
+        view_changed_at=draw(st.floats(NOW - 1, NOW)),
+        epoch_record=published,
+        sentry_holder=draw(st.none() | names),
+        holds_sentry=draw(st.booleans()),
+        lease_ok=draw(st.booleans()),
+        sentry_ok=draw(st.booleans()),
+        acked=draw(st.none() | st.integers(0, 3)),
+        topology=adopted,
+        state=draw(st.sampled_from([State.ASSEMBLING, State.REHASHING, State.READY])),
+        suspended=draw(st.booleans()),
+        consensus=draw(st.integers(1, 4)),
+        expected=frozenset(draw(st.sets(names, max_size=2))),
+    )
+
+
+@given(any_facts())
+def test_never_settle_without_every_ack_and_quorum(f: Facts) -> None:
+    decision = decide(f, NOW)
+    if decision.settle is not None:
+        t = decision.settle
+        assert t is f.topology and f.lease_ok
+        assert quorum(t, f.node, f.consensus, f.expected)
+        for name, spec in t.members.items():
+            assert f.view[name].acked == t.epoch and f.view[name].incarnation == spec.incarnation
+    assert decision.settle is None or decision.suspend is None
+
+
+@given(any_facts())
+def test_never_publish_without_a_valid_sentry_lease(f: Facts) -> None:
+    decision = decide(f, NOW)
+    if decision.publish is not None:
+        assert f.lease_ok and f.sentry_ok
+        assert NOW - f.view_changed_at >= f.settle
+        assert f.node in decision.publish.members and decision.publish.sentry == f.node
+        previous = 0 if f.epoch_record is None else f.epoch_record.epoch
+        assert decision.publish.epoch == previous + 1
+    if decision.claim_sentry:
+        assert f.lease_ok and f.sentry_holder is None and not f.holds_sentry
+
+
+@given(any_facts())
+def test_suspend_only_when_lease_or_quorum_is_lost_and_not_yet_suspended(f: Facts) -> None:
+    decision = decide(f, NOW)
+    lost = not (f.lease_ok and quorum(f.topology, f.node, f.consensus, f.expected))
+    assert (decision.suspend is not None) == (lost and not f.suspended)
+    assert decision.fence == (not f.lease_ok and not f.suspended)
+    if f.topology is not None and decision.settle is not None:
+        assert acknowledged(f.topology, f.view)
+
+
+def test_counters_as_dict() -> None:
+    counters = ClusterCounters()
+    counters.fenced += 2
+    assert counters.as_dict() == {
+        "epochs_adopted": 0,
+        "bad_records": 0,
+        "fenced": 2,
+        "heartbeat_failures": 0,
+    }
+    assert counters["fenced"] == 2
+    with pytest.raises(KeyError):
+        counters["as_dict"]
