@@ -14,6 +14,9 @@ Everything here starts real things on loopback and cleans them up, even when a t
   ``nats_cluster``, ``node_processes``, factories): add
   ``pytest_plugins = ["cloister.testing.pytest_plugin"]`` to your ``conftest.py``.
 
+The servers and processes live in :mod:`cloister.local` (``cloister dev`` runs them too);
+they are re-exported here unchanged.
+
 Example::
 
     from cloister.testing import NatsServer, ProcessGroup
@@ -26,17 +29,17 @@ Example::
 
 from __future__ import annotations
 
-from cloister.testing.errors import (
+from cloister.local.errors import (
     ClusterFormationError,
     HarnessError,
     LineNotFoundError,
     NatsServerNotFoundError,
     ServerStartError,
 )
-from cloister.testing.nats_cluster import NatsCluster
-from cloister.testing.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find_nats_server
-from cloister.testing.ports import free_port
-from cloister.testing.processes import NodeProcess, OutputLine, ProcessGroup
+from cloister.local.nats_cluster import NatsCluster
+from cloister.local.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find_nats_server
+from cloister.local.ports import free_port
+from cloister.local.processes import NodeProcess, OutputLine, ProcessGroup
 
 __all__ = [
     "MIN_NATS_SERVER_VERSION",

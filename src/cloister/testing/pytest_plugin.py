@@ -29,11 +29,11 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
-from cloister.testing._lifecycle import Lifecycle
-from cloister.testing.errors import NatsServerNotFoundError
-from cloister.testing.nats_cluster import NatsCluster
-from cloister.testing.nats_server import NatsServer, find_nats_server
-from cloister.testing.processes import NodeProcess, ProcessGroup
+from cloister.local._lifecycle import Lifecycle
+from cloister.local.errors import NatsServerNotFoundError
+from cloister.local.nats_cluster import NatsCluster
+from cloister.local.nats_server import NatsServer, find_nats_server
+from cloister.local.processes import NodeProcess, ProcessGroup
 
 __all__ = [
     "Factory",
