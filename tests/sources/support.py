@@ -98,13 +98,15 @@ def key_fn(body: Any, meta: SourceMessage) -> tuple[Any, Any]:
 
 
 def flaky_cast(manager: Sink, failures: list[int]) -> None:
-    """Make ``manager.cast`` raise BackendUnavailableError while ``failures[0] > 0``."""
-    real: Callable[..., Any] = manager.cast
+    """Make storing into ``manager``'s inbox (``inbox.put``: what sources and
+    ``manager.cast`` call) raise BackendUnavailableError while ``failures[0] > 0``."""
+    inbox = manager.inbox
+    real: Callable[..., Any] = inbox.put
 
-    async def cast(*args: Any, **kwargs: Any) -> None:
+    async def put(*args: Any, **kwargs: Any) -> Any:
         if failures[0] > 0:
             failures[0] -= 1
             raise BackendUnavailableError("backend down (on purpose)")
-        await real(*args, **kwargs)
+        return await real(*args, **kwargs)
 
-    manager.cast = cast  # type: ignore[method-assign]
+    inbox.put = put  # type: ignore[method-assign]
