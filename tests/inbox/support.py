@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ class Journal:
     def __init__(self) -> None:
         self.handled: dict[Any, list[int]] = defaultdict(list)
         self.by_node: dict[Any, list[str]] = defaultdict(list)
+        self.log: list[tuple[str, Any, float]] = []  # (node, key, monotonic) per handling
         self.active: dict[Any, str] = {}
         self.overlaps = 0
         self.fail: dict[Any, int] = {}  # key -> how many times handle_cast raises first
@@ -55,6 +57,7 @@ class Sink(DynamicManager):
             journal.active.pop(id, None)
         journal.handled[id].append(message)
         journal.by_node[id].append(node)
+        journal.log.append((node, id, time.monotonic()))
         return Replace(message)
 
 

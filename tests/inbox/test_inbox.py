@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -83,12 +84,16 @@ async def test_nothing_lost_and_order_kept_through_leave_join_and_crash(nodes: N
     await nodes.clusters["b"].stop()
     await asyncio.sleep(0.03)
     world(nodes.url.removeprefix("memory://")).crash("c")  # kill -9 in the middle of the stream
+    crashed_at = time.monotonic()  # no await since the crash: c can have handled nothing since
     await producing
     await eventually(lambda: all_handled(nodes, per_key), timeout=10)
     nodes.assert_in_order_and_complete(per_key)
     assert nodes.journal.overlaps == 0
     # keys really moved between nodes, and nothing was handled by c after it died
     assert any(len(set(n)) > 1 for n in nodes.journal.by_node.values())
+    assert any(node == "c" for node, _, _ in nodes.journal.log)  # c did handle, before
+    late = [entry for entry in nodes.journal.log if entry[0] == "c" and entry[2] >= crashed_at]
+    assert not late, (crashed_at, late)
 
 
 async def test_msg_id_drops_duplicates(nodes: Nodes) -> None:
