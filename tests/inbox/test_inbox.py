@@ -15,8 +15,8 @@ from cloister.backends.memory import world
 from cloister.cluster import State
 from cloister.errors import BackendUnavailableError
 from cloister.store.inbox import BackPressureError, Inbox
+from cloister.testing import eventually
 
-from ..cluster.support import eventually
 from .support import Nodes
 
 HEARTBEAT = 0.05

@@ -13,8 +13,7 @@ import pytest
 from cloister import Cluster, DynamicManager, Ok, Replace
 from cloister.backends.memory import world
 from cloister.cluster import State
-
-from ..cluster.support import eventually
+from cloister.testing import eventually
 
 HEARTBEAT = 0.05
 FAILURE_TIMEOUT = 0.25

@@ -15,8 +15,8 @@ import pytest
 from cloister.errors import ConfigurationError
 from cloister.sources import MissingDependencyError, RabbitMQSource, Source, SourceMessage
 from cloister.sources.base import Delivery
+from cloister.testing import eventually
 
-from ..cluster.support import eventually
 from .support import Nodes, body, flaky_cast, key_fn
 
 
