@@ -16,11 +16,10 @@ from cloister.cluster import State
 from cloister.errors import BackendUnavailableError
 from cloister.store.inbox import BackPressureError, Inbox
 from cloister.testing import eventually
+from tests._support.timing import MEMORY
 
 from .support import Nodes
 
-HEARTBEAT = 0.05
-FAILURE_TIMEOUT = 0.25
 KEYS = [f"k{i}" for i in range(50)]
 
 
@@ -28,7 +27,7 @@ KEYS = [f"k{i}" for i in range(50)]
 async def nodes(request: pytest.FixtureRequest) -> Any:
     async with AsyncExitStack() as stack:
         url = f"memory://inbox-{request.node.name}"
-        yield Nodes(stack, url, KEYS, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT)
+        yield Nodes(stack, url, KEYS, timing=MEMORY)
 
 
 async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bool = False) -> int:
@@ -38,7 +37,7 @@ async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bo
         for sequence in range(1, per_key + 1):
             msg_id = f"{key}-{sequence}" if msg_ids else None
             while True:  # a sender going down refuses the put (not acknowledged): try another
-                sender = nodes.managers[random.choice(nodes.live())]
+                sender = nodes.managers[random.choice(nodes.live_names())]
                 try:
                     await sender.cast(key, sequence, msg_id=msg_id)
                     break
@@ -187,9 +186,7 @@ async def test_only_new_payloads_are_stored_and_a_crash_keeps_them() -> None:
     async with AsyncExitStack() as stack:
         managers = {}
         for node in ("a", "b"):
-            cluster = Cluster(
-                "counting", node, backend=url, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT
-            )
+            cluster = Cluster("counting", node, backend=url, **MEMORY.options())
             await cluster.start()
             stack.push_async_callback(cluster.stop)
             managers[node] = await Counter.start(cluster)
