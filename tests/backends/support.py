@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cloister.backends import KeyValue, KVEvent
 from cloister.backends.nats import NatsBackend
-
-
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait until ``check()`` holds; return how long it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 class Events:

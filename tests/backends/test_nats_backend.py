@@ -36,10 +36,10 @@ from cloister.errors import (
     NoSuchNodeError,
     RevisionMismatchError,
 )
-from cloister.testing import NatsCluster, NatsServer
+from cloister.testing import NatsCluster, NatsServer, eventually
 from cloister.testing.ports import free_port
 from cloister.testing.pytest_plugin import Factory
-from tests.backends.support import connected, eventually, watching
+from tests.backends.support import connected, watching
 
 ServerFactory = Factory[NatsServer]
 

@@ -9,11 +9,9 @@ import asyncio
 import time
 
 from cloister import Cluster, State
-from cloister.testing import NatsServer
-from tests.backends.support import eventually
-
-HEARTBEAT = 0.5
-FAILURE_TIMEOUT = 2.0
+from cloister.testing import NatsServer, eventually
+from tests._support.timing import NATS_FAILURE_TIMEOUT as FAILURE_TIMEOUT
+from tests._support.timing import NATS_HEARTBEAT as HEARTBEAT
 
 
 def agreed(nodes: list[Cluster]) -> bool:

@@ -22,8 +22,8 @@ from cloister.backends.nats._log_admin import (
 )
 from cloister.backends.nats._log_consumer import NatsLogConsumer
 from cloister.errors import BackendUnavailableError, ConfigurationError
-from cloister.testing import NatsCluster, NatsServer
-from tests.backends.support import connected, eventually
+from cloister.testing import NatsCluster, NatsServer, eventually
+from tests.backends.support import connected
 
 
 async def drain(consumer: LogConsumer, expected: int, timeout: float = 20.0) -> list[LogRecord]:

@@ -12,7 +12,8 @@ import pytest
 from cloister import wire
 from cloister.backends.memory import world
 from cloister.observer import OBSERVER_PREFIX, Observer
-from tests.cluster.support import Harness, eventually
+from cloister.testing import eventually
+from tests._support import Harness
 
 _worlds = itertools.count()
 

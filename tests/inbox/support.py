@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar
 
-from cloister import Cluster, DynamicManager, Replace
-from cloister.cluster import State
+from cloister import DynamicManager, Replace
+from tests._support.nodes import ClusterNodes
+from tests._support.timing import Timing
 
 
 class Journal:
@@ -17,6 +19,7 @@ class Journal:
     def __init__(self) -> None:
         self.handled: dict[Any, list[int]] = defaultdict(list)
         self.by_node: dict[Any, list[str]] = defaultdict(list)
+        self.log: list[tuple[str, Any, float]] = []  # (node, key, monotonic) per handling
         self.active: dict[Any, str] = {}
         self.overlaps = 0
         self.fail: dict[Any, int] = {}  # key -> how many times handle_cast raises first
@@ -55,10 +58,11 @@ class Sink(DynamicManager):
             journal.active.pop(id, None)
         journal.handled[id].append(message)
         journal.by_node[id].append(node)
+        journal.log.append((node, id, time.monotonic()))
         return Replace(message)
 
 
-class Nodes:
+class Nodes(ClusterNodes):
     """The nodes of cluster ``inbox`` on one backend, each running a :class:`Sink`."""
 
     def __init__(
@@ -67,45 +71,19 @@ class Nodes:
         url: str,
         keys: list[str],
         *,
-        heartbeat: float,
-        failure_timeout: float,
+        timing: Timing,
         hold: float = 0.0,
     ) -> None:
-        self.stack = stack
-        self.url = url
+        super().__init__(stack, url, cluster="inbox", timing=timing)
         self.keys = keys
-        self.heartbeat = heartbeat
-        self.failure_timeout = failure_timeout
         self.journal = Journal()
         attrs = {"journal": self.journal, "name": "sink", "keys": keys, "hold": hold}
         self.sink: type[Sink] = type("TestSink", (Sink,), attrs)
-        self.clusters: dict[str, Cluster] = {}
         self.managers: dict[str, Sink] = {}
 
     async def start(self, node: str, **kwargs: Any) -> Sink:
         """Start ``node`` (stopped again when the test ends)."""
-        cluster = Cluster(
-            "inbox",
-            node,
-            backend=self.url,
-            heartbeat=self.heartbeat,
-            failure_timeout=self.failure_timeout,
-            **kwargs,
-        )
-        await cluster.start()
-        self.stack.push_async_callback(cluster.stop)
-        manager = await self.sink.start(cluster)
-        self.stack.push_async_callback(manager.stop)
-        self.clusters[node], self.managers[node] = cluster, manager
-        return manager
-
-    def live(self) -> list[str]:
-        """The nodes neither stopped nor crashed."""
-        return [
-            node
-            for node, cluster in self.clusters.items()
-            if not cluster.crashed and cluster.state not in (State.STOPPING, State.STOPPED)
-        ]
+        return await self.start_manager(node, self.sink, **kwargs)
 
     def assert_in_order_and_complete(self, per_key: int) -> None:
         """Every key saw 1..per_key in order (repeats allowed), and never two nodes at once."""

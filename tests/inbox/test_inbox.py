@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -14,12 +15,11 @@ from cloister.backends.memory import world
 from cloister.cluster import State
 from cloister.errors import BackendUnavailableError
 from cloister.store.inbox import BackPressureError, Inbox
+from cloister.testing import eventually
+from tests._support.timing import MEMORY
 
-from ..cluster.support import eventually
 from .support import Nodes
 
-HEARTBEAT = 0.05
-FAILURE_TIMEOUT = 0.25
 KEYS = [f"k{i}" for i in range(50)]
 
 
@@ -27,7 +27,7 @@ KEYS = [f"k{i}" for i in range(50)]
 async def nodes(request: pytest.FixtureRequest) -> Any:
     async with AsyncExitStack() as stack:
         url = f"memory://inbox-{request.node.name}"
-        yield Nodes(stack, url, KEYS, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT)
+        yield Nodes(stack, url, KEYS, timing=MEMORY)
 
 
 async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bool = False) -> int:
@@ -37,7 +37,7 @@ async def produce(nodes: Nodes, per_key: int, *, pause: float = 0.0, msg_ids: bo
         for sequence in range(1, per_key + 1):
             msg_id = f"{key}-{sequence}" if msg_ids else None
             while True:  # a sender going down refuses the put (not acknowledged): try another
-                sender = nodes.managers[random.choice(nodes.live())]
+                sender = nodes.managers[random.choice(nodes.live_names())]
                 try:
                     await sender.cast(key, sequence, msg_id=msg_id)
                     break
@@ -83,12 +83,16 @@ async def test_nothing_lost_and_order_kept_through_leave_join_and_crash(nodes: N
     await nodes.clusters["b"].stop()
     await asyncio.sleep(0.03)
     world(nodes.url.removeprefix("memory://")).crash("c")  # kill -9 in the middle of the stream
+    crashed_at = time.monotonic()  # no await since the crash: c can have handled nothing since
     await producing
     await eventually(lambda: all_handled(nodes, per_key), timeout=10)
     nodes.assert_in_order_and_complete(per_key)
     assert nodes.journal.overlaps == 0
     # keys really moved between nodes, and nothing was handled by c after it died
     assert any(len(set(n)) > 1 for n in nodes.journal.by_node.values())
+    assert any(node == "c" for node, _, _ in nodes.journal.log)  # c did handle, before
+    late = [entry for entry in nodes.journal.log if entry[0] == "c" and entry[2] >= crashed_at]
+    assert not late, (crashed_at, late)
 
 
 async def test_msg_id_drops_duplicates(nodes: Nodes) -> None:
@@ -182,9 +186,7 @@ async def test_only_new_payloads_are_stored_and_a_crash_keeps_them() -> None:
     async with AsyncExitStack() as stack:
         managers = {}
         for node in ("a", "b"):
-            cluster = Cluster(
-                "counting", node, backend=url, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT
-            )
+            cluster = Cluster("counting", node, backend=url, **MEMORY.options())
             await cluster.start()
             stack.push_async_callback(cluster.stop)
             managers[node] = await Counter.start(cluster)

@@ -10,40 +10,29 @@ import asyncio
 import random
 import time
 from contextlib import AsyncExitStack
-from typing import Any
 
 from cloister import CloisterError
 from cloister.cluster import State
-from cloister.testing import NatsServer
+from cloister.testing import NatsServer, eventually
+from tests._support.timing import NATS
 
 from .support import Nodes
 
-HEARTBEAT = 0.5
-FAILURE_TIMEOUT = 2.0
 KEYS = [f"k{i}" for i in range(30)]
 PER_KEY = 20
-
-
-async def until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        await asyncio.sleep(0.05)
 
 
 class NatsNodes(Nodes):
     """Three nodes of cluster ``inbox`` on one NATS server, and producers for them."""
 
     def __init__(self, url: str, stack: AsyncExitStack) -> None:
-        super().__init__(
-            stack, url, KEYS, heartbeat=HEARTBEAT, failure_timeout=FAILURE_TIMEOUT, hold=0.001
-        )
+        super().__init__(stack, url, KEYS, timing=NATS, hold=0.001)
         self.sent: list[float] = []
 
     async def start_together(self, names: str) -> None:
         for node in names:
             await self.start(node)
-        await until(
+        await eventually(
             lambda: all(
                 c.state is State.READY and c.siblings() == tuple(sorted(names))
                 for c in self.clusters.values()
@@ -56,7 +45,7 @@ class NatsNodes(Nodes):
         """Cast 1..PER_KEY to ``key`` from random live nodes, in order, with message ids."""
         for sequence in range(1, PER_KEY + 1):
             while True:  # a node going down refuses the put (not acknowledged): retry
-                sender = self.managers[random.choice(self.live())]
+                sender = self.managers[random.choice(self.live_names())]
                 try:
                     await sender.cast(key, sequence, msg_id=f"{key}-{sequence}")
                     break
@@ -67,7 +56,7 @@ class NatsNodes(Nodes):
 
     async def all_handled(self, timeout: float) -> None:
         handled = self.journal.handled
-        await until(
+        await eventually(
             lambda: all(len(set(handled[k])) >= PER_KEY for k in KEYS),
             timeout,
             "every message handled",
@@ -125,7 +114,7 @@ async def test_nothing_lost_when_a_node_crashes_mid_stream(nats_server: NatsServ
         await victim._backend.close()  # ... and drop the connection, leaving nothing
         crashed = time.monotonic()
         await producing
-        await nodes.all_handled(FAILURE_TIMEOUT + 20)
+        await nodes.all_handled(NATS.failure_timeout + 20)
         journal = nodes.journal
         duplicates = sum(len(journal.handled[k]) - PER_KEY for k in KEYS)
         print(

@@ -1,25 +1,19 @@
-"""Helpers for the standalone DynamicManager tests: polling and a recording manager."""
+"""Helpers for the standalone DynamicManager tests: recording managers (and ``until``,
+which is :func:`cloister.testing.eventually`)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from cloister import DynamicManager, Ok
+from cloister.testing import eventually as until  # the shared poller, named as these tests call it
+
+__all__ = ["FLAVOURS", "Recorder", "Scripted", "running", "until", "with_specs"]
 
 M = TypeVar("M", bound=DynamicManager)
-
-
-async def until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.005)
 
 
 @asynccontextmanager

@@ -4,106 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 
-from cloister import Cluster, DynamicManager, Ok, Replace
-from cloister.backends.memory import world
+from cloister import Cluster, DynamicManager
 from cloister.cluster import State
+from cloister.testing import eventually
 
-from ..cluster.support import eventually
-
-HEARTBEAT = 0.05
-FAILURE_TIMEOUT = 0.25
-IDS = [f"key_{i}" for i in range(120)]
-
-
-class Ledger:
-    """Shared by every node of a test: who is performing what, right now and ever."""
-
-    def __init__(self) -> None:
-        self.active: dict[Any, set[str]] = defaultdict(set)
-        self.overlaps: list[tuple[Any, set[str]]] = []
-        self.performs: list[tuple[str, Any, float]] = []
-        self.terminated: dict[Any, tuple[str, str, Any]] = {}
-
-
-class Counter(DynamicManager):
-    """Each perform holds the key for a moment and counts up its payload."""
-
-    ledger: Ledger
-
-    def children_specs(self) -> dict[Any, Any]:
-        return {i: {"timeout": 0.02, "payload": 0} for i in IDS}
-
-    async def perform(self, id: Any, payload: Any) -> Any:
-        node = self.cluster.node  # type: ignore[union-attr]
-        holders = self.ledger.active[id]
-        if holders:
-            self.ledger.overlaps.append((id, {*holders, node}))
-        holders.add(node)
-        self.ledger.performs.append((node, id, time.monotonic()))
-        try:
-            await asyncio.sleep(0.004)
-        finally:
-            holders.discard(node)
-        return Replace(payload + 1)
-
-    def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
-        return Ok({"node": self.cluster.node, "id": id, "payload": payload, "m": message})  # type: ignore[union-attr]
-
-    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
-        return Replace(payload + message)
-
-    def terminate(self, reason: str, id: Any, payload: Any) -> None:
-        self.ledger.terminated[id] = (self.cluster.node, reason, payload)  # type: ignore[union-attr]
-
-
-class Nodes:
-    def __init__(self, stack: AsyncExitStack, name: str, ledger: Ledger) -> None:
-        self.stack = stack
-        self.url = f"memory://{name}"
-        self.world = world(name)
-        self.ledger = ledger
-        self.clusters: dict[str, Cluster] = {}
-        self.managers: dict[str, Counter] = {}
-
-    async def start(self, node: str, **kwargs: Any) -> Counter:
-        kwargs.setdefault("heartbeat", HEARTBEAT)
-        kwargs.setdefault("failure_timeout", FAILURE_TIMEOUT)
-        cluster = Cluster("mgr", node, backend=self.url, **kwargs)
-        await cluster.start()
-        self.stack.push_async_callback(cluster.stop)
-        manager_cls = type("C", (Counter,), {"ledger": self.ledger, "name": "counter"})
-        manager = await manager_cls.start(cluster)
-        self.stack.push_async_callback(manager.stop)
-        self.clusters[node], self.managers[node] = cluster, manager
-        return manager
-
-    def live(self) -> dict[str, Counter]:
-        return {
-            n: m
-            for n, m in self.managers.items()
-            if self.clusters[n].state not in (State.STOPPING, State.STOPPED)
-            and not self.clusters[n]._crashed
-        }
-
-    def settled(self) -> bool:
-        """Every id is live on exactly one live node, its owner, and every node is ready."""
-        live = self.live()
-        if not all(self.clusters[n].state is State.READY for n in live):
-            return False
-        owners: dict[Any, list[str]] = defaultdict(list)
-        for node, manager in live.items():
-            for worker_id in manager.ids():
-                owners[worker_id].append(node)
-        some = next(iter(live))
-        return set(owners) == set(IDS) and all(
-            nodes == [live[some].owner_of(i)] for i, nodes in owners.items()
-        )
+from ._distributed import FAILURE_TIMEOUT, HEARTBEAT, IDS, Ledger, Nodes
 
 
 @pytest.fixture
@@ -145,16 +55,19 @@ async def test_handoff_on_join_leave_and_crash_never_runs_a_key_twice(nodes: Nod
     await nodes.start("d")
     await eventually(nodes.settled, what="after join")
     await nodes.clusters["b"].stop()
+    left_at = time.monotonic()  # b has left: stop() returned
     await eventually(nodes.settled, what="after graceful leave")
     nodes.world.crash("c")
+    crashed_at = time.monotonic()  # no await since the crash: c can have started nothing since
     await eventually(nodes.settled, what="after crash", timeout=5)
     await asyncio.sleep(0.1)
     assert nodes.ledger.overlaps == []
     performed_by = {node for node, _, _ in nodes.ledger.performs}
     assert performed_by == {"a", "b", "c", "d"}
     # after b left and c died, nothing performed there any more
-    stop_time = time.monotonic() - 0.05
-    assert not [p for p in nodes.ledger.performs if p[0] in "bc" and p[2] > stop_time]
+    after = {"b": left_at, "c": crashed_at}
+    late = [p for p in nodes.ledger.performs if p[0] in after and p[2] >= after[p[0]]]
+    assert not late, (after, late)
 
 
 async def test_graceful_leave_hands_over_replaced_payloads(nodes: Nodes) -> None:

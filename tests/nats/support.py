@@ -10,32 +10,24 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cloister.cli.node import NodeEvent, parse_event
-from cloister.testing import NodeProcess, ProcessGroup
+from cloister.testing import NodeProcess, ProcessGroup, wait_for
+from tests._support.timing import NATS_FAILURE_TIMEOUT as FAILURE_TIMEOUT
+from tests._support.timing import NATS_HEARTBEAT as HEARTBEAT
+from tests._support.timing import NATS_TTL_SLACK as TTL_SLACK
 from tests.cli.support import cli_env, cloister
 
-T = TypeVar("T")
-
-HEARTBEAT = 0.5
-FAILURE_TIMEOUT = 2.0
-# NATS TTLs are whole seconds and expiries are noticed by the server's timer and then
-# pushed to watchers: allow this much on top of the failure timeout + 1 heartbeat bound.
-TTL_SLACK = 0.5
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``check`` until it returns something other than None; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.1f}s: {what}")
-        time.sleep(0.05)
+__all__ = [
+    "FAILURE_TIMEOUT",
+    "HEARTBEAT",
+    "TTL_SLACK",
+    "Nodes",
+    "assert_one_sentry_at_a_time",
+    "wait_for",
+]
 
 
 class Nodes:

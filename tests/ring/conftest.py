@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from ring_impls import NativeRing, PureRing
+
+from cloister.testing import unavailable
 
 
 @pytest.fixture(scope="session", params=["native", "pure"])
@@ -14,9 +14,7 @@ def ring_cls(request: pytest.FixtureRequest) -> type:
     if request.param == "pure":
         return PureRing
     if NativeRing is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the C accelerator cloister.ring._native is not built")
-        pytest.skip("the C accelerator cloister.ring._native is not built")
+        unavailable("the C accelerator cloister.ring._native is not built")
     return NativeRing
 
 
@@ -24,7 +22,5 @@ def ring_cls(request: pytest.FixtureRequest) -> type:
 def native_cls() -> type:
     """The C-backed ring class (fails under CI=true when the extension is missing)."""
     if NativeRing is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the C accelerator cloister.ring._native is not built")
-        pytest.skip("the C accelerator cloister.ring._native is not built")
+        unavailable("the C accelerator cloister.ring._native is not built")
     return NativeRing

@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
-import pytest
-
 from cloister import DynamicManager, Replace
 from cloister.errors import BackendUnavailableError
 from cloister.sources import SourceMessage
+from cloister.testing import eventually
+from tests._support.nodes import ClusterNodes
+from tests._support.timing import MEMORY
 
-from ..cluster.support import Harness, eventually
-
-FAILURE_TIMEOUT = 0.25
 KEYS = [f"k{i}" for i in range(50)]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def unavailable(reason: str) -> None:
-    """Skip the test for a missing service; under ``CI=true`` fail it instead."""
-    if in_ci():
-        pytest.fail(f"CI=true, so this is a failure: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 class Journal:
@@ -56,24 +42,18 @@ class Sink(DynamicManager):
         return Replace(message)
 
 
-class Nodes:
+class Nodes(ClusterNodes):
     """Cluster nodes on one memory world, each with a Sink manager; all stopped at the end."""
 
     def __init__(self, stack: AsyncExitStack, name: str) -> None:
-        self.stack = stack
-        self.harness = Harness(stack, name)
+        super().__init__(stack, f"memory://{name}", timing=MEMORY, record=True)
         self.journal = Journal()
-        self.managers: dict[str, Sink] = {}
         self.cls: type[Sink] = type("S", (Sink,), {"journal": self.journal, "name": "sink"})
 
     async def start(self, *names: str, **cluster_options: Any) -> list[Sink]:
-        cluster_options.setdefault("failure_timeout", FAILURE_TIMEOUT)
         for node in names:
-            cluster = await self.harness.start(node, **cluster_options)
-            manager = await self.cls.start(cluster)
-            self.stack.push_async_callback(manager.stop)
-            self.managers[node] = manager
-        await eventually(lambda: self.harness.agreed(set(self.managers)), what="cluster ready")
+            await self.start_manager(node, self.cls, **cluster_options)
+        await eventually(lambda: self.agreed(set(self.managers)), what="cluster ready")
         return [self.managers[n] for n in names]
 
     def in_order(self, per_key: int) -> bool:
@@ -98,13 +78,15 @@ def key_fn(body: Any, meta: SourceMessage) -> tuple[Any, Any]:
 
 
 def flaky_cast(manager: Sink, failures: list[int]) -> None:
-    """Make ``manager.cast`` raise BackendUnavailableError while ``failures[0] > 0``."""
-    real: Callable[..., Any] = manager.cast
+    """Make storing into ``manager``'s inbox (``inbox.put``: what sources and
+    ``manager.cast`` call) raise BackendUnavailableError while ``failures[0] > 0``."""
+    inbox = manager.inbox
+    real: Callable[..., Any] = inbox.put
 
-    async def cast(*args: Any, **kwargs: Any) -> None:
+    async def put(*args: Any, **kwargs: Any) -> Any:
         if failures[0] > 0:
             failures[0] -= 1
             raise BackendUnavailableError("backend down (on purpose)")
-        await real(*args, **kwargs)
+        return await real(*args, **kwargs)
 
-    manager.cast = cast  # type: ignore[method-assign]
+    inbox.put = put  # type: ignore[method-assign]

@@ -15,8 +15,8 @@ import pytest
 from cloister.errors import ConfigurationError
 from cloister.sources import MissingDependencyError, RabbitMQSource, Source, SourceMessage
 from cloister.sources.base import Delivery
+from cloister.testing import eventually
 
-from ..cluster.support import eventually
 from .support import Nodes, body, flaky_cast, key_fn
 
 
@@ -205,3 +205,13 @@ async def test_parked_messages_can_be_replayed_once_the_key_function_is_fixed(
     assert left.raw == b"not json" and left.source == "fake"
     assert await source.replay_parked() == 0
     assert source.counters["stored"] == 1  # counters speak of the broker's deliveries
+
+
+async def test_a_source_may_be_given_the_inbox_itself(nodes: Nodes) -> None:
+    # Sources need an Inbox, not a manager: the manager is just one thing that has one.
+    (a,) = await nodes.start("a")
+    async with FakeSource(a.inbox, key=key_fn) as source:
+        delivery = source.deliver(body("k1", 1))
+        await settled(source)
+    assert delivery.outcome == "acked" and source.counters["stored"] == 1
+    await eventually(lambda: nodes.journal.handled["k1"] == [1], what="k1 handled")

@@ -15,9 +15,8 @@ import nats
 import pytest
 
 from cloister.sources import JetStreamSource, SourceError, SourceMessage
-from cloister.testing import NatsServer
+from cloister.testing import NatsServer, eventually
 
-from ..cluster.support import eventually
 from .support import Nodes, body, flaky_cast, key_fn, messages
 
 STREAM = "ORDERS"

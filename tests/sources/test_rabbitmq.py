@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from cloister.sources import RabbitMQSource, SourceError, SourceMessage
+from cloister.testing import eventually, unavailable
 
-from ..cluster.support import eventually
-from .support import Nodes, body, flaky_cast, key_fn, messages, unavailable
+from .support import Nodes, body, flaky_cast, key_fn, messages
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 

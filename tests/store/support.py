@@ -9,43 +9,31 @@ from types import TracebackType
 from typing import Any
 
 from cloister import Cluster
-from cloister.backends.memory import MemoryWorld, world
 from cloister.store import Table, TableEvent
+from tests._support.nodes import ClusterNodes
 
 
-class Nodes:
-    """Starts nodes of the cluster ``test`` on one backend URL; stops them all on exit."""
+class Nodes(ClusterNodes):
+    """Starts nodes of the cluster ``test`` on one backend URL; stops them all on exit.
+
+    Timings: :data:`~tests._support.timing.NATS` on NATS (TTLs are whole seconds),
+    :data:`~tests._support.timing.FAST` on memory.
+    """
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.nats = url.startswith("nats://")
-        # NATS TTLs are whole seconds: keep membership timings the server can honour.
-        self.heartbeat, self.failure_timeout = (0.5, 2.0) if self.nats else (0.05, 0.2)
-        self.clusters: dict[str, Cluster] = {}
-        self._stack = AsyncExitStack()
-
-    @property
-    def world(self) -> MemoryWorld:
-        assert not self.nats, "failure injection needs the memory backend"
-        return world(self.url.removeprefix("memory://"))
+        super().__init__(AsyncExitStack(), url)
 
     async def __aenter__(self) -> Nodes:
-        await self._stack.__aenter__()
+        await self.stack.__aenter__()
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._stack.__aexit__(kind, exc, tb)
+        await self.stack.__aexit__(kind, exc, tb)
 
     async def start(self, name: str, **kwargs: Any) -> Cluster:
-        kwargs.setdefault("heartbeat", self.heartbeat)
-        kwargs.setdefault("failure_timeout", self.failure_timeout)
-        cluster = Cluster("test", name, backend=self.url, **kwargs)
-        await cluster.start()
-        self._stack.push_async_callback(cluster.stop)
-        self.clusters[name] = cluster
-        return cluster
+        return await self.start_cluster(name, **kwargs)
 
     async def tables(self, table: str, *names: str) -> list[Table]:
         """Start nodes ``names`` (those not started yet) and open ``table`` on each."""

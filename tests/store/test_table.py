@@ -27,8 +27,7 @@ from cloister.errors import (
 )
 from cloister.store import Table, TableOp, UpdateConflictError, open_table
 from cloister.store.keys import encode_key
-from cloister.testing import NatsCluster, NatsServer
-from tests.cluster.support import eventually
+from cloister.testing import NatsCluster, NatsServer, eventually
 
 from .support import Events, Nodes
 

@@ -46,7 +46,7 @@ from cloister.cli.options import (
 from cloister.cli.run import add_app_argument, app_spec, load_app
 
 if TYPE_CHECKING:  # imported when dev runs: other commands start faster without it
-    from cloister.testing import NatsServer, NodeProcess
+    from cloister.local import NatsServer, NodeProcess
 
 _TICK = 0.05
 _COLORS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "orange3")
@@ -124,7 +124,7 @@ class DevCluster:
     """One ``cloister dev`` session: the server, the nodes, the keyboard, the output."""
 
     def __init__(self, args: argparse.Namespace, app: str) -> None:
-        from cloister.testing import ProcessGroup
+        from cloister.local import ProcessGroup
 
         self.args = args
         self.app = app
@@ -165,7 +165,7 @@ class DevCluster:
         return EXIT_OK
 
     async def _start(self) -> None:
-        from cloister.testing import NatsServer
+        from cloister.local import NatsServer
 
         server = NatsServer(port=self.args.nats_port)
         self.server = server

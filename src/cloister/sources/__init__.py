@@ -13,12 +13,16 @@ the worker that owns its key (the broker in ``seed/zero-cost-distribution.md``):
 
 - :class:`RabbitMQSource`: a RabbitMQ queue (aio-pika; ``pip install pycloister[rabbitmq]``).
 - :class:`JetStreamSource`: a NATS JetStream stream, through a durable pull consumer.
+- A source takes the manager (anything with an ``inbox``: :class:`HasInbox`) or the
+  :class:`~cloister.store.inbox.Inbox` itself.
 - :class:`Source`: what they share (see :mod:`cloister.sources.base` for the guarantees).
 """
 
 from __future__ import annotations
 
 from cloister.sources.base import (
+    HasInbox,
+    InboxTarget,
     KeyFunction,
     MissingDependencyError,
     Source,
@@ -31,6 +35,8 @@ from cloister.sources.rabbitmq import RabbitMQSource
 
 __all__ = [
     "Decoder",
+    "HasInbox",
+    "InboxTarget",
     "JetStreamSource",
     "KeyFunction",
     "MissingDependencyError",

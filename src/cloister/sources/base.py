@@ -1,10 +1,13 @@
 """What every source does: decode, key, store durably, and only then acknowledge.
 
 A source takes messages from a broker queue, turns each into ``(key, message, msg_id)``
-with your key function, puts it into the manager's durable inbox with
-``manager.cast(key, message, msg_id=msg_id)`` and acknowledges the broker only once the
-inbox has stored it. Run one on every node: the broker spreads its messages over them,
-and the inbox brings each message to the node that owns its key.
+with your key function, puts it into a durable inbox with
+``inbox.put(key, message, msg_id=msg_id)`` and acknowledges the broker only once the
+inbox has stored it. A source is given the :class:`~cloister.store.inbox.Inbox`, or
+anything with an ``inbox`` attribute (:class:`HasInbox`, e.g. a started
+:class:`~cloister.DynamicManager`), read at each put. Run one on every node: the broker
+spreads its messages over them, and the inbox brings each message to the node that owns
+its key.
 
 The key function::
 
@@ -26,7 +29,7 @@ What happens to a message:
 - Stored: acknowledged (``counters["stored"]``).
 - Malformed (the body does not decode, the key function raises or returns something that
   is not a key and a message, the inbox cannot encode the message): parked in the inbox's
-  dead letters with the reason and the raw body (``manager.dead_letters()``), then
+  dead letters with the reason and the raw body (``inbox.dead_letters()``), then
   acknowledged (``counters["parked"]``). It never stops the source or blocks the queue.
   Once the decoder or the key function is fixed, ``source.replay_parked()`` runs them
   again and stores those that now make a message.
@@ -61,7 +64,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypedDict
+from typing import Any, ClassVar, Protocol, Self, TypedDict
 
 from cloister._tasks import Supervisor, wait_event
 from cloister.errors import (
@@ -72,10 +75,20 @@ from cloister.errors import (
 )
 from cloister.ring import key_hash
 from cloister.sources.decoding import Decoder, resolve_decoder
+from cloister.store.inbox import Inbox
 
-if TYPE_CHECKING:
-    from cloister.manager import DynamicManager
-    from cloister.store.inbox import Inbox
+
+class HasInbox(Protocol):
+    """What owns an inbox (a started :class:`~cloister.DynamicManager`): a source reads
+    ``inbox`` at each put, so it follows the owner's inbox and gets its
+    :class:`NotRunningError` when there is none."""
+
+    @property
+    def inbox(self) -> Inbox: ...
+
+
+InboxTarget = Inbox | HasInbox
+"""Where a source stores its messages: an inbox, or what has one."""
 
 
 class SourceError(CloisterError):
@@ -199,7 +212,7 @@ class Source(ABC):
 
     def __init__(
         self,
-        manager: DynamicManager,
+        target: InboxTarget,
         *,
         key: KeyFunction,
         name: str,
@@ -224,7 +237,7 @@ class Source(ABC):
         ):
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigurationError(f"{option} must be a number >= 0, got {value!r}")
-        self.manager = manager
+        self.target = target
         self.name = name
         self.log = logging.getLogger(f"cloister.sources.{name}")
         self.put_timeout = put_timeout
@@ -253,9 +266,9 @@ class Source(ABC):
     # -- lifecycle --------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, manager: DynamicManager, /, *args: Any, **options: Any) -> Self:
+    async def start(cls, target: InboxTarget, /, *args: Any, **options: Any) -> Self:
         """Create the source (the class's arguments) and start consuming."""
-        source = cls(manager, *args, **options)
+        source = cls(target, *args, **options)
         await source.open()
         return source
 
@@ -263,11 +276,13 @@ class Source(ABC):
         """Connect to the broker and start consuming (what :meth:`start` and ``async with`` do)."""
         if self.state != "new":
             raise NotRunningError(f"source {self.name!r} is {self.state}; it can start only once")
-        if getattr(self.manager, "_inbox", None) is None:
+        try:
+            self._inbox()
+        except NotRunningError:
             raise ConfigurationError(
                 f"source {self.name!r}: the manager has no durable inbox; start it in a "
                 "cluster (DynamicManager.start(cluster)) with durable=True"
-            )
+            ) from None
         self.state = "running"
         try:
             await self._connect()
@@ -338,7 +353,7 @@ class Source(ABC):
         and the key function again — after you fixed either — and store those that now
         make an inbox message; returns how many were stored. The others stay parked.
 
-        Needs the manager's inbox, not the broker: it works on a source that was never
+        Needs the inbox, not the broker: it works on a source that was never
         opened too. The key function sees the parked message's subject, headers and
         content type; not the redelivery flag, sequence or client object.
         """
@@ -356,7 +371,7 @@ class Source(ABC):
                 self.log.info("source %s: %s stays parked: %s", self.name, letter.id, exc)
                 continue
             try:
-                await self.manager.cast(key, message, msg_id=msg_id, timeout=self.put_timeout)
+                await inbox.put(key, message, msg_id=msg_id, timeout=self.put_timeout)
             except _REFUSED as exc:  # the inbox refuses the message itself
                 self.log.info("source %s: %s stays parked: %s", self.name, letter.id, exc)
                 continue
@@ -454,10 +469,8 @@ class Source(ABC):
         """A message left our hands (hook for sources that pace their intake)."""
 
     def _inbox(self) -> Inbox:
-        inbox = self.manager._inbox
-        if inbox is None:
-            raise NotRunningError(f"manager {self.manager.manager_name} has no inbox right now")
-        return inbox
+        """The inbox now (an owner's may come and go; it raises NotRunningError without)."""
+        return self.target if isinstance(self.target, Inbox) else self.target.inbox
 
     async def _process(self, job: _Job) -> None:
         delivery = job.delivery
@@ -469,7 +482,7 @@ class Source(ABC):
                 return
             try:
                 if job.reason is None:
-                    await self.manager.cast(
+                    await self._inbox().put(
                         job.key, job.message, msg_id=job.msg_id, timeout=self.put_timeout
                     )
                 else:

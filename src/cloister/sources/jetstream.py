@@ -22,7 +22,7 @@ twice (its ack lost) is dropped by the inbox the second time.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 import nats
 from nats.js import api
@@ -32,6 +32,7 @@ from cloister._tasks import wait_event
 from cloister.errors import ConfigurationError
 from cloister.sources.base import (
     Delivery,
+    InboxTarget,
     KeyFunction,
     Source,
     SourceError,
@@ -39,9 +40,6 @@ from cloister.sources.base import (
     SourceOptions,
     describe,
 )
-
-if TYPE_CHECKING:
-    from cloister.manager import DynamicManager
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 
@@ -64,7 +62,7 @@ class _JetStreamDelivery(Delivery):
 
 
 class JetStreamSource(Source):
-    """Messages from a JetStream stream into the manager's inbox, through a durable consumer.
+    """Messages from a JetStream stream into an inbox, through a durable consumer.
 
     - ``servers``: NATS URL(s) (default ``nats://127.0.0.1:4222``), or ``nc``: a connected
       ``nats.aio.client.Client`` of yours (then it is not closed on stop).
@@ -82,7 +80,7 @@ class JetStreamSource(Source):
 
     def __init__(
         self,
-        manager: DynamicManager,
+        target: InboxTarget,
         servers: str | list[str] = "nats://127.0.0.1:4222",
         *,
         stream: str,
@@ -110,7 +108,7 @@ class JetStreamSource(Source):
         if not ack_wait > 0 or not fetch_timeout > 0:
             raise ConfigurationError("ack_wait and fetch_timeout must be > 0 seconds")
         options.setdefault("name", f"jetstream.{stream}.{durable}")
-        super().__init__(manager, key=key, **options)
+        super().__init__(target, key=key, **options)
         self.servers = servers
         self.stream = stream
         self.subject = subject

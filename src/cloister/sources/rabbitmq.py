@@ -23,11 +23,12 @@ the queue's order exactly; the inbox still spreads the work over every node.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 from cloister.errors import ConfigurationError
 from cloister.sources.base import (
     Delivery,
+    InboxTarget,
     KeyFunction,
     MissingDependencyError,
     Source,
@@ -37,9 +38,6 @@ from cloister.sources.base import (
     describe,
     mask_url,
 )
-
-if TYPE_CHECKING:
-    from cloister.manager import DynamicManager
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -73,7 +71,7 @@ class _AmqpDelivery(Delivery):
 
 
 class RabbitMQSource(Source):
-    """Messages from a RabbitMQ queue into the manager's inbox.
+    """Messages from a RabbitMQ queue into an inbox (a manager's).
 
     - ``url``: the broker (default ``amqp://guest:guest@127.0.0.1:5672/``), or
       ``connection``: an aio-pika connection of yours (then it is not closed on stop).
@@ -89,7 +87,7 @@ class RabbitMQSource(Source):
 
     def __init__(
         self,
-        manager: DynamicManager,
+        target: InboxTarget,
         url: str = DEFAULT_URL,
         *,
         queue: str,
@@ -106,7 +104,7 @@ class RabbitMQSource(Source):
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ConfigurationError(f"prefetch must be an int >= 1, got {prefetch!r}")
         options.setdefault("name", f"rabbitmq.{queue}")
-        super().__init__(manager, key=key, **options)
+        super().__init__(target, key=key, **options)
         self.url = url
         self.queue_name = queue
         self.prefetch = prefetch

@@ -14,6 +14,13 @@ Everything here starts real things on loopback and cleans them up, even when a t
   ``nats_cluster``, ``node_processes``, factories): add
   ``pytest_plugins = ["cloister.testing.pytest_plugin"]`` to your ``conftest.py``.
 
+- :func:`eventually` (async) / :func:`wait_for` (sync): wait for a condition, fail with
+  what was awaited; :func:`in_ci` / :func:`unavailable`: under ``CI=true`` a missing
+  service fails the test instead of skipping it.
+
+The servers and processes live in :mod:`cloister.local` (``cloister dev`` runs them too);
+they are re-exported here unchanged.
+
 Example::
 
     from cloister.testing import NatsServer, ProcessGroup
@@ -26,17 +33,19 @@ Example::
 
 from __future__ import annotations
 
-from cloister.testing.errors import (
+from cloister.local.errors import (
     ClusterFormationError,
     HarnessError,
     LineNotFoundError,
     NatsServerNotFoundError,
     ServerStartError,
 )
-from cloister.testing.nats_cluster import NatsCluster
-from cloister.testing.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find_nats_server
-from cloister.testing.ports import free_port
-from cloister.testing.processes import NodeProcess, OutputLine, ProcessGroup
+from cloister.local.nats_cluster import NatsCluster
+from cloister.local.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find_nats_server
+from cloister.local.ports import free_port
+from cloister.local.processes import NodeProcess, OutputLine, ProcessGroup
+from cloister.testing.ci import in_ci, unavailable
+from cloister.testing.waiting import eventually, wait_for
 
 __all__ = [
     "MIN_NATS_SERVER_VERSION",
@@ -50,6 +59,10 @@ __all__ = [
     "OutputLine",
     "ProcessGroup",
     "ServerStartError",
+    "eventually",
     "find_nats_server",
     "free_port",
+    "in_ci",
+    "unavailable",
+    "wait_for",
 ]

@@ -22,18 +22,18 @@ says ``CI=true``: then it fails.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
 
-from cloister.testing._lifecycle import Lifecycle
-from cloister.testing.errors import NatsServerNotFoundError
-from cloister.testing.nats_cluster import NatsCluster
-from cloister.testing.nats_server import NatsServer, find_nats_server
-from cloister.testing.processes import NodeProcess, ProcessGroup
+from cloister.local._lifecycle import Lifecycle
+from cloister.local.errors import NatsServerNotFoundError
+from cloister.local.nats_cluster import NatsCluster
+from cloister.local.nats_server import NatsServer, find_nats_server
+from cloister.local.processes import NodeProcess, ProcessGroup
+from cloister.testing.ci import unavailable
 
 __all__ = [
     "Factory",
@@ -48,18 +48,12 @@ __all__ = [
 R = TypeVar("R", bound=Lifecycle)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
 def require_nats_server() -> Path:
     """Return the ``nats-server`` binary; skip the test without one (fail under ``CI=true``)."""
     try:
         return find_nats_server()
     except NatsServerNotFoundError as exc:
-        if _in_ci():
-            pytest.fail(f"CI=true, so a missing nats-server is a failure: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+        unavailable(f"a missing nats-server: {exc}")
 
 
 class Factory(Generic[R]):

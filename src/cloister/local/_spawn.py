@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-log = logging.getLogger("cloister.testing")
+log = logging.getLogger("cloister.local")
 
 _LAUNCHER = """\
 import ctypes, os, sys
