@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
-import socket
 import time
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cloister._tasks import Supervisor, wait_event
-from cloister.backends import Backend, check_url, open_backend
+from cloister.backends import Backend, open_backend
 from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
 from cloister.cluster.hooks import Hooks, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
@@ -40,6 +38,7 @@ from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
 from cloister.cluster.requests import MULTICAST_TOPIC, Requests, infos
 from cloister.cluster.rpc import CallResult, Handler, Handlers
+from cloister.cluster.settings import ClusterSettings
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import (
@@ -50,21 +49,11 @@ from cloister.errors import (
     NotRunningError,
 )
 from cloister.ring import HashRing
-
-if TYPE_CHECKING:
-    from cloister.store import Table
+from cloister.store import Table, open_table
 
 __all__ = ["Cluster", "SuspendReason", "TopologyHook"]
 
 log = logging.getLogger("cloister.cluster")
-
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_=.-]{0,127}$")
-CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def _default_node_name() -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40].strip("-") or "node"
-    return f"{host}-{secrets.token_hex(3)}"
 
 
 class Cluster:
@@ -104,44 +93,30 @@ class Cluster:
         request_timeout: float = 5.0,
         backend_options: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not CLUSTER_NAME.match(name):
-            raise ConfigurationError(
-                f"invalid cluster name {name!r}: use 1-64 characters of [A-Za-z0-9_-]"
-            )
-        node = _default_node_name() if node is None else node
-        for what, value in [("node name", node), *(("group", g) for g in groups)]:
-            if not isinstance(value, str) or not NAME.match(value):
-                raise ConfigurationError(
-                    f"invalid {what} {value!r}: use 1-128 characters of [A-Za-z0-9_=.-], "
-                    "starting with a letter, digit or underscore"
-                )
-        if isinstance(consensus, bool) or not isinstance(consensus, int) or consensus < 1:
-            raise ConfigurationError(
-                f"consensus must be a whole number >= 1 (members needed before ready), "
-                f"got {consensus!r}"
-            )
-        if not heartbeat > 0:
-            raise ConfigurationError(f"heartbeat must be > 0 seconds, got {heartbeat!r}")
-        failure_timeout = 3 * heartbeat if failure_timeout is None else failure_timeout
-        if not failure_timeout >= 2 * heartbeat:
-            raise ConfigurationError(
-                f"failure_timeout ({failure_timeout!r}s) must be at least 2 heartbeats "
-                f"({2 * heartbeat:g}s), or live nodes would be declared dead"
-            )
-        if not (isinstance(weight, int | float) and weight > 0):
-            raise ConfigurationError(f"weight must be a positive number, got {weight!r}")
-        check_url(backend)
-        HashRing({node: weight})  # the ring's own validation of the name and weight
+        settings = ClusterSettings.check(
+            name,
+            node,
+            backend=backend,
+            consensus=consensus,
+            groups=groups,
+            weight=weight,
+            heartbeat=heartbeat,
+            failure_timeout=failure_timeout,
+            expected=expected,
+            request_timeout=request_timeout,
+        )
+        self.settings = settings
+        name, node = settings.name, settings.node
         self.name = name
         self.node = node
-        self.backend_url = backend
-        self.consensus = consensus
-        self.groups = tuple(dict.fromkeys(groups))
-        self.weight = float(weight)
-        self.heartbeat = float(heartbeat)
-        self.failure_timeout = float(failure_timeout)
-        self.expected = frozenset(expected)
-        self.request_timeout = request_timeout
+        self.backend_url = settings.backend_url
+        self.consensus = settings.consensus
+        self.groups = settings.groups
+        self.weight = settings.weight
+        self.heartbeat = settings.heartbeat
+        self.failure_timeout = settings.failure_timeout
+        self.expected = settings.expected
+        self.request_timeout = settings.request_timeout
         self.started_at = 0.0
         self._backend_options = dict(backend_options or {})
         self._listener = ListenerDispatcher(listener)
@@ -445,8 +420,6 @@ class Cluster:
         The same table from every node: see :class:`cloister.store.Table`. ``replicas``
         asks the backend for that many copies where it supports it per table.
         """
-        from cloister.store import open_table  # the layer above: imported on use
-
         return await open_table(self.backend, name, replicas=replicas)
 
     @property
