@@ -19,11 +19,11 @@ from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
-from cloister.errors import RemoteError
 from cloister.manager.ports import Callback, Callbacks, Options, Ports, UnknownWorkerError
+from cloister.manager.recovery import failed, halt, rekey
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
-from cloister.manager.spec import Spec, check_id, make_spec
+from cloister.manager.spec import Spec
 from cloister.manager.state import Stored
 from cloister.manager.types import Key, ManagerCounters, Reason
 from cloister.manager.worker import (
@@ -335,7 +335,7 @@ class Engine:
             else:
                 value, rest = run_eagerly(callback(message.body, worker.id, worker.payload))
         except Exception as exc:
-            self._failed(worker, exc, message, started)
+            failed(self, worker, exc, message, started)
             return
         if rest is None:
             self._apply(worker, value, message, started)
@@ -362,7 +362,7 @@ class Engine:
         try:
             value = await rest
         except Exception as exc:
-            self._failed(worker, exc, message, started)
+            failed(self, worker, exc, message, started)
         else:
             self._apply(worker, value, message, started)
         finally:
@@ -402,12 +402,12 @@ class Engine:
         if isinstance(response, Replace):
             worker.payload = response.payload
             if response.rekeys and response.id != worker.id:
-                self.supervisor.spawn(self._rekey(worker, response.id), f"rekey {worker.id!r}")
+                self.supervisor.spawn(rekey(self, worker, response.id), f"rekey {worker.id!r}")
                 return
         elif isinstance(response, Halt):
             self.specs.pop(worker.id, None)
             worker.flags |= GONE
-            self.supervisor.spawn(self._halt(worker, response.reason), f"halt {worker.id!r}")
+            self.supervisor.spawn(halt(self, worker, response.reason), f"halt {worker.id!r}")
             return
         elif isinstance(response, Timeout):
             worker.last = response.result
@@ -424,14 +424,15 @@ class Engine:
         if mark is not None and isinstance(response, Replace):
             mark(Stored(worker.id, None, worker.payload, True, watermark=worker.watermark))
         if message is None:
-            self._reschedule(worker, started, next_timeout)
+            self.reschedule(worker, started, next_timeout)
             return
         if next_timeout is not None:  # Timeout(s) from a call or cast: next perform in s
             self.timers.schedule(worker, asyncio.get_running_loop().time() + next_timeout)
         if worker.mailbox or worker.flags & PERFORM_PENDING:
             self.enqueue(worker)
 
-    def _reschedule(self, worker: Worker, started: float, override: float | None) -> None:
+    def reschedule(self, worker: Worker, started: float, override: float | None) -> None:
+        """Schedule the worker's next perform (``override``: in that many seconds)."""
         timeout = worker.spec.timeout if override is None else override
         if not timeout and override is None:
             if worker.mailbox:
@@ -453,69 +454,6 @@ class Engine:
         if worker.mailbox:
             self.enqueue(worker)
 
-    def _failed(
-        self, worker: Worker, exc: Exception, message: Message | None, started: float
-    ) -> None:
-        self.counters.errors += 1
-        worker.failures += 1
-        what = "perform" if message is None else f"handle_{message.kind}"
-        log.error("%s: %s of worker %r raised %r", self.name, what, worker.id, exc, exc_info=exc)
-        if message is not None and message.reply is not None and not message.reply.done():
-            message.reply.set_exception(
-                RemoteError(f"{what} of worker {worker.id!r} raised {exc!r}")
-            )
-        if message is not None and message.inbox is not None and self._retry(worker, message, exc):
-            return
-        on_error = self.options.on_error
-        if on_error == "remove":
-            self.specs.pop(worker.id, None)
-            worker.flags |= GONE
-            self.supervisor.spawn(self._halt(worker, Reason.ERROR), f"remove {worker.id!r}")
-        elif on_error == "restart":
-            low, high = self.options.restart_backoff
-            backoff = min(high, low * 2 ** (worker.failures - 1))
-            worker.payload = worker.spec.payload
-            loop = asyncio.get_running_loop()
-            if worker.spec.timeout:
-                self.timers.schedule(worker, loop.time() + backoff)
-            else:  # never periodic: no perform, its messages wait for the backoff
-                worker.busy_since = loop.time()
-                loop.call_later(backoff, self._retry_due, worker)
-            if self._init is not None:
-                self.supervisor.spawn(self._reinit(worker), f"reinit {worker.id!r}")
-        elif message is None:
-            self._reschedule(worker, started, None)
-        elif worker.mailbox:
-            self.enqueue(worker)
-
-    def _retry(self, worker: Worker, message: Message, exc: Exception) -> bool:
-        """A durable cast failed: retry it in place (the key waits) or park it."""
-        message.attempts += 1
-        if message.attempts >= self.options.max_attempts:
-            park = self.ports.park
-            assert park is not None
-            self.counters.dead_letters += 1
-            reason = f"handle_cast raised {exc!r} {message.attempts} times"
-            self.supervisor.spawn(
-                park(message.consumer, message.inbox, reason, message.attempts),
-                f"park {worker.id!r}",
-            )
-            return False
-        self.counters.retries += 1
-        if worker.mailbox is None:
-            worker.mailbox = deque()
-        worker.mailbox.appendleft(message)  # first again: later messages keep their order
-        low, high = self.options.retry_backoff
-        loop = asyncio.get_running_loop()
-        worker.busy_since = loop.time()  # holds the key during the backoff
-        loop.call_later(min(high, low * 2 ** (message.attempts - 1)), self._retry_due, worker)
-        return True
-
-    def _retry_due(self, worker: Worker) -> None:
-        worker.busy_since = 0.0
-        if not worker.flags & GONE:
-            self.enqueue(worker)
-
     def _duplicate(self, worker: Worker, message: Message) -> None:
         ack = self.ports.ack
         assert ack is not None
@@ -523,40 +461,3 @@ class Engine:
         ack(message.consumer, message.inbox.record, None)
         if worker.has_work():
             self.enqueue(worker)
-
-    async def _reinit(self, worker: Worker) -> None:
-        assert self._init is not None
-        worker.payload = await self.invoke_quietly(self._init, worker.id, worker.payload)
-
-    async def _halt(self, worker: Worker, reason: str) -> None:
-        # Only if still ours: a delete, put or stop in between already terminated it.
-        # remove() also fails the calls still queued behind the halt.
-        if self.workers.get(worker.id) is worker:
-            await self.remove(worker.id, reason)
-        write = self.ports.write
-        if write is not None:
-            await write(Stored(worker.id, None, None, False, deleted=True))
-
-    async def _rekey(self, worker: Worker, new_id: Any) -> None:
-        old_id = worker.id
-        try:
-            check_id(new_id)
-        except TypeError as exc:  # the worker carries on under its old id
-            self.counters.errors += 1
-            log.error("%s: cannot re-key worker %r: %s", self.name, old_id, exc)
-            self._reschedule(worker, asyncio.get_running_loop().time(), None)
-            self.wake.set()
-            return
-        spec = self.specs.pop(old_id, worker.spec)
-        if self.workers.get(old_id) is worker:
-            await self.remove(old_id, Reason.REKEY)
-        write = self.ports.write
-        if write is not None:
-            await write(Stored(old_id, None, None, False, deleted=True))
-        fields = spec.to_wire()
-        fields["payload"] = worker.payload
-        put = self.ports.put
-        if put is not None:
-            await put(new_id, fields)
-        else:  # standalone: the new id lives here too
-            await self.put(new_id, make_spec(new_id, fields), known=False)
