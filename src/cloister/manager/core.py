@@ -258,8 +258,9 @@ class DynamicManager:
         if not lifecycle.leaving:
             lifecycle.move(Phase.STOPPING)
         await engine.drain()
+        remove, reason = engine.remove, Reason.SHUTDOWN  # a million of them, maybe
         for worker_id in list(engine.workers):
-            await engine.remove(worker_id, Reason.SHUTDOWN)
+            await remove(worker_id, reason)
         if region is not None and region.table is not None and region.reachable():
             try:
                 await region.table.flush()
