@@ -12,6 +12,11 @@ Subclass it, implement ``children_specs()`` and the callbacks you need, and star
     manager = await Processor.start()          # standalone
     manager = await Processor.start(cluster)   # distributed: only owned ids run here
 
+The class is a facade over rooms that own their state: the :class:`~.engine.Engine`
+(workers, timers, dispatcher), the :class:`~.routing.Router` (who gets a request), the
+:class:`~.ownership.ShardRegion` (topology hooks, handoff, inbox partitions, state table)
+and the :class:`~.lifecycle.Lifecycle` (one phase enum).
+
 How it runs: one dispatcher task per manager pops due workers from a timer wheel and runs
 their callbacks eagerly (see :mod:`.worker`); a worker runs one callback at a time, and
 messages wait in its mailbox, in order. In a cluster the manager follows ownership through
