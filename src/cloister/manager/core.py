@@ -300,18 +300,18 @@ class DynamicManager:
 
     # -- runtime management ------------------------------------------------------------------
 
-    def ids(self) -> list[Any]:
+    def ids(self) -> list[Key]:
         """The ids of the workers live on this node."""
         return list(self._engine.workers)
 
-    def get(self, worker_id: Any) -> WorkerInfo | None:
+    def get(self, worker_id: Key) -> WorkerInfo | None:
         """A snapshot of a live worker, or None."""
         return self._engine.info(worker_id)
 
     def __len__(self) -> int:
         return len(self._engine.workers)
 
-    async def put(self, worker_id: Any, **spec: Any) -> None:
+    async def put(self, worker_id: Key, **spec: Any) -> None:
         """Add a worker, or replace it (terminated, then started from the new spec)."""
         check_id(worker_id)
         fields = make_spec(worker_id, spec)
@@ -322,7 +322,7 @@ class DynamicManager:
     async def _put_fields(self, worker_id: Key, fields: dict[str, Any]) -> None:
         await self.put(worker_id, **fields)  # a re-key: the new id may live elsewhere
 
-    async def put_new(self, worker_id: Any, **spec: Any) -> bool:
+    async def put_new(self, worker_id: Key, **spec: Any) -> bool:
         """Add a worker unless the id exists; True when added."""
         check_id(worker_id)
         if self._engine.spec_of(worker_id) is not None:
@@ -330,14 +330,14 @@ class DynamicManager:
         await self.put(worker_id, **spec)
         return True
 
-    async def delete(self, worker_id: Any) -> bool:
+    async def delete(self, worker_id: Key) -> bool:
         """Remove a worker (``terminate("delete")``); True when it existed."""
         check_id(worker_id)
         existed = self._engine.spec_of(worker_id) is not None
         await self._router.route(worker_id, "delete", {"id": worker_id}, None)
         return existed
 
-    async def call(self, worker_id: Any, message: Any, *, timeout: float = 5.0) -> Any:
+    async def call(self, worker_id: Key | None, message: Any, *, timeout: float = 5.0) -> Any:
         """Ask worker ``worker_id`` (anywhere in the cluster) and wait for its reply.
 
         ``worker_id`` None = pool mode: a free local worker chosen by ``pickup``.
@@ -349,7 +349,12 @@ class DynamicManager:
         return await router.route(worker_id, "call", {"id": worker_id, "m": message}, timeout)
 
     async def cast(
-        self, worker_id: Any, message: Any, *, msg_id: str | None = None, timeout: float = 30.0
+        self,
+        worker_id: Key | None,
+        message: Any,
+        *,
+        msg_id: str | None = None,
+        timeout: float = 30.0,
     ) -> None:
         """Send ``message`` to worker ``worker_id`` (anywhere in the cluster).
 
@@ -401,7 +406,7 @@ class DynamicManager:
             )
         return inbox
 
-    def owner_of(self, worker_id: Any) -> str:
+    def owner_of(self, worker_id: Key) -> str:
         """The node that runs ``worker_id`` (this node's current view)."""
         if self._region is None:
             return "local"
