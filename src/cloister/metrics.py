@@ -188,7 +188,7 @@ class NodeCollector:
                 "Inbox messages stored and not yet handled, whole cluster (sampled).",
                 self.inbox_depth,
             )
-        yield from labels.counters("manager_", manager.counters, _MANAGER_COUNTERS)
+        yield from labels.counters("manager_", manager.counters.as_dict(), _MANAGER_COUNTERS)
 
 
 class _Labels:

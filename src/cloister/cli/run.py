@@ -244,9 +244,9 @@ async def _stop_manager(manager: DynamicManager, cluster: Cluster, report: _Work
     """Hand every worker over and stop; how many workers were handed over now."""
     report.closed = True  # a settle under way must not print "manager up" any more
     cluster.remove_hook(report)
-    before = manager.counters.get("handed_off", 0)
+    before = manager.counters.handed_off
     await manager.stop()
-    return manager.counters.get("handed_off", 0) - before
+    return manager.counters.handed_off - before
 
 
 def _status_handler(manager: DynamicManager) -> Any:
@@ -259,9 +259,9 @@ def _status_handler(manager: DynamicManager) -> Any:
             depth = None  # no inbox (standalone, durable=False), or the backend is slow
         return ManagerStatus(
             manager=manager.manager_name,
-            state=manager.state,
+            state=str(manager.state),
             workers=len(manager),
-            counters=dict(manager.counters),
+            counters=manager.counters.as_dict(),
             inbox_depth=depth,
         ).to_wire()
 

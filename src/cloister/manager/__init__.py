@@ -1,6 +1,13 @@
 """The manager layer: ``DynamicManager`` and the responses its callbacks return.
 
-- :mod:`.core` — :class:`DynamicManager` (lifecycle, routing, distribution).
+- :mod:`.core` — :class:`DynamicManager`: the facade (user callbacks, public API).
+- :mod:`.routing` — :class:`~.routing.Router`: calls, casts, puts and deletes to the owner.
+- :mod:`.ownership` — :class:`~.ownership.ShardRegion`: topology hooks, handoff, partitions.
+- :mod:`.engine` — :class:`~.engine.Engine`: worker table, timers, dispatcher, responses;
+  :mod:`.recovery` its cold paths, :mod:`.ports` its seams.
+- :mod:`.lifecycle` — the manager's phases and ``ManagerState``.
+- :mod:`.types` — ``Key``, ``Reason``, ``ManagerCounters``, option literals.
+- :mod:`.consumer` — partition consumers of the durable inbox.
 - :mod:`.worker` — compact worker records and the eager callback runner.
 - :mod:`.scheduler` — the timer wheel behind periodic performs.
 - :mod:`.spec` — child spec validation.

@@ -1,0 +1,463 @@
+"""The engine: the worker table, the timer wheel, the run queue and the dispatcher.
+
+It runs user callbacks and carries out their responses, and knows nothing of a cluster:
+what a cluster adds (acking an inbox record, parking a dead letter, storing a replaced
+payload, re-keying through the router) comes in as :class:`Ports`, all optional, so an
+engine runs standalone with none of them.
+
+The worker table hides ``Worker | Spec``: an idle worker that still has its spec's payload
+is stored as its (shared) Spec — a dict entry and nothing else; it becomes a Worker once it
+has something to do or to remember (:meth:`Engine.materialize`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from cloister._tasks import Supervisor
+from cloister.backends import LogConsumer
+from cloister.manager.ports import Callback, Callbacks, Options, Ports, UnknownWorkerError
+from cloister.manager.recovery import failed, halt, rekey
+from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
+from cloister.manager.scheduler import TimerWheel
+from cloister.manager.spec import Spec
+from cloister.manager.state import Stored
+from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.worker import (
+    GONE,
+    PERFORM_PENDING,
+    QUEUED,
+    Continuation,
+    Message,
+    Worker,
+    WorkerInfo,
+    run_eagerly,
+)
+from cloister.store.inbox import InboxMessage
+
+__all__ = ["Callbacks", "Engine", "Options", "Ports", "UnknownWorkerError"]
+
+log = logging.getLogger("cloister.manager")
+
+
+class Engine:
+    """Runs keyed workers: their table, timers, run queue, dispatcher and responses."""
+
+    def __init__(
+        self,
+        callbacks: Callbacks,
+        options: Options,
+        supervisor: Supervisor,
+        ports: Ports | None = None,
+        counters: ManagerCounters | None = None,
+    ) -> None:
+        self.callbacks = callbacks
+        self.options = options
+        self.supervisor = supervisor
+        self.ports = ports if ports is not None else Ports()
+        self.counters = counters if counters is not None else ManagerCounters()
+        self.name = options.name
+        self.concurrency = options.concurrency
+        # Live workers (see the module's docstring: Worker, or an idle worker's Spec).
+        self.workers: dict[Key, Worker | Spec] = {}
+        # Every id this node may run and does not run yet (a cluster's catalogue; empty
+        # standalone, where every id is live).
+        self.specs: dict[Key, Spec] = {}
+        # Messages for ids about to start here (owned, waiting for the handoff barrier).
+        self.parked: dict[Key, list[Message]] = {}
+        self.timers = TimerWheel()
+        self.runnable: deque[Worker] = deque()
+        self.in_flight = 0
+        self.paused = False  # the dispatcher's gate (see Lifecycle)
+        self.wake = asyncio.Event()
+        self._running_tasks: dict[Worker, asyncio.Task[Any]] = {}
+        self._continuations: dict[Worker, Continuation] = {}
+        self._init = callbacks.init
+        self._terminate = callbacks.terminate
+
+    def set_paused(self, paused: bool) -> None:
+        """Hold (True) or free the dispatcher."""
+        self.paused = paused
+        if not paused:
+            self.wake.set()
+
+    def start(self) -> None:
+        """Start the dispatcher task."""
+        self.supervisor.spawn(self._dispatch_loop(), "dispatcher")
+
+    # -- the table ----------------------------------------------------------------------------
+
+    def spec_of(self, worker_id: Key) -> Spec | None:
+        """The spec of a live or known id, or None."""
+        entry = self.workers.get(worker_id)
+        if entry is not None:
+            return entry.spec if isinstance(entry, Worker) else entry
+        return self.specs.get(worker_id)
+
+    def info(self, worker_id: Key) -> WorkerInfo | None:
+        """A snapshot of a live worker, or None."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return None
+        if not isinstance(worker, Worker):
+            return WorkerInfo(worker_id, worker, worker.payload, None, None)
+        return WorkerInfo(
+            id=worker.id,
+            spec=worker.spec,
+            payload=worker.payload,
+            last_result=worker.last,
+            busy_since=worker.busy_since or None,
+        )
+
+    def materialize(self, worker_id: Key) -> Worker | None:
+        """The worker as a full :class:`Worker` (turning a bare Spec entry into one)."""
+        entry = self.workers.get(worker_id)
+        if entry is None or isinstance(entry, Worker):
+            return entry
+        worker = self.workers[worker_id] = Worker(worker_id, entry, entry.payload)
+        return worker
+
+    async def spawn(
+        self, worker_id: Key, spec: Spec, payload: Any, now: float, *, fresh: bool = True
+    ) -> None:
+        """Start one worker (``init`` first, for a fresh one)."""
+        if payload is None:
+            payload = spec.payload
+        init = self._init
+        if init is not None and fresh:
+            value, rest = run_eagerly(init(worker_id, payload))
+            payload = await rest if rest is not None else value
+        self.spawn_now(worker_id, spec, payload, now)
+
+    def spawn_now(self, worker_id: Key, spec: Spec, payload: Any, now: float) -> None:
+        """Start one worker without ``init`` (the hot path of a million idle ones)."""
+        parked = self.parked.pop(worker_id, None) if self.parked else None
+        if payload is spec.payload and not spec.timeout and not spec.instant_perform and not parked:
+            self.workers[worker_id] = spec  # idle: nothing but a dict entry
+            return
+        worker = Worker(worker_id, spec, payload)
+        self.workers[worker_id] = worker
+        if spec.instant_perform:
+            worker.flags |= PERFORM_PENDING
+            self.enqueue(worker)
+        elif spec.timeout:
+            self.timers.schedule(worker, now + spec.timeout)
+            self.wake.set()  # the dispatcher may be asleep until a later due time
+        if parked:
+            worker.mailbox = deque(parked)
+            self.enqueue(worker)
+
+    async def put(self, worker_id: Key, spec: Spec, *, known: bool) -> None:
+        """Add or replace a worker. ``known`` (a cluster's): its spec joins the catalogue,
+        and while the dispatcher is held it starts only when its id is settled here."""
+        if known:
+            self.specs[worker_id] = spec
+        if worker_id in self.workers:
+            await self.remove(worker_id, Reason.REPLACE)
+        if not known or not self.paused:
+            await self.spawn(worker_id, spec, None, asyncio.get_running_loop().time())
+
+    async def delete(self, worker_id: Key) -> bool:
+        """Forget ``worker_id`` (``terminate("delete")``); True when it existed."""
+        existed = self.specs.pop(worker_id, None) is not None or worker_id in self.workers
+        if worker_id in self.workers:
+            await self.remove(worker_id, Reason.DELETE)
+        return existed
+
+    async def remove(self, worker_id: Key, reason: str) -> None:
+        """Stop one live worker (after its running callback) and call ``terminate``."""
+        entry = self.workers.pop(worker_id, None)
+        if entry is None:
+            return
+        terminate = self._terminate
+        if not isinstance(entry, Worker):
+            if terminate is not None:
+                await self.invoke_quietly(terminate, reason, worker_id, entry.payload)
+            return
+        worker: Worker = entry
+        worker.flags |= GONE
+        await self.wait_idle(worker)
+        if worker.mailbox:
+            for message in worker.mailbox:
+                if message.reply is not None and not message.reply.done():
+                    message.reply.set_exception(
+                        UnknownWorkerError(f"worker {worker.id!r} stopped ({reason})")
+                    )
+            worker.mailbox = None
+        if terminate is not None:
+            await self.invoke_quietly(terminate, reason, worker.id, worker.payload)
+
+    async def wait_idle(self, worker: Worker) -> None:
+        """Wait for the worker's running callback, if any."""
+        task = self._running_tasks.get(worker)
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def drain(self) -> None:
+        """Wait until no callback is running."""
+        while pending := [t for t in self._running_tasks.values() if not t.done()]:
+            await asyncio.wait(pending)
+
+    async def invoke_quietly(self, fn: Callback, *args: Any) -> Any:
+        """Run a callback; an exception is counted and logged, never raised."""
+        try:
+            value, rest = run_eagerly(fn(*args))
+            return await rest if rest is not None else value
+        except Exception:
+            self.counters.errors += 1
+            log.exception("%s.%s%r raised", self.name, getattr(fn, "__name__", fn), args[:2])
+            return None
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def deliver(self, worker_id: Key, message: Message) -> None:
+        """Queue ``message`` in the worker's mailbox (or park it for an id to come)."""
+        worker = self.materialize(worker_id)
+        if worker is None:
+            if worker_id in self.specs:
+                # owned but not started yet (waiting for the handoff barrier): keep in order
+                self.parked.setdefault(worker_id, []).append(message)
+                return
+            raise UnknownWorkerError(f"no worker with id {worker_id!r}; add it with put()")
+        if worker.mailbox is None:
+            worker.mailbox = deque()
+        worker.mailbox.append(message)
+        self.enqueue(worker)
+
+    def deliver_record(self, message: InboxMessage, consumer: LogConsumer) -> None:
+        """An inbox record arrived for one of our partitions: run it or queue it.
+
+        A worker with nothing queued and nothing running handles it at once, here — the
+        fetch loop is never inside a callback, and nothing can be ahead of the record in
+        that worker's order. Otherwise it joins the worker's mailbox behind the rest.
+        """
+        cast = Message("cast", message.message, inbox=message, consumer=consumer)
+        try:
+            worker = self.materialize(message.key)
+            if (
+                worker is not None
+                and not worker.mailbox
+                and not worker.busy_since
+                and not worker.flags  # not queued, no perform pending, not gone
+                and not self.paused
+                and self.in_flight < self.concurrency
+            ):
+                self._cast(worker, cast, asyncio.get_running_loop())
+                return
+            self.deliver(message.key, cast)
+        except (UnknownWorkerError, TypeError) as exc:  # no such worker, or an unusable key
+            park = self.ports.park
+            assert park is not None
+            self.counters.dead_letters += 1
+            self.supervisor.spawn(park(consumer, message, str(exc), 0), "park")
+
+    def enqueue(self, worker: Worker) -> None:
+        """Put the worker in the run queue (unless queued or busy)."""
+        if not worker.flags & QUEUED and not worker.busy_since:
+            worker.flags |= QUEUED
+            self.runnable.append(worker)
+            self.wake.set()
+
+    # -- the dispatcher -----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        timers, runnable = self.timers, self.runnable
+        budget = 2048  # callbacks between yields to the event loop
+        while True:
+            if not self.paused:
+                now = loop.time()
+                for worker in timers.pop_due(now):
+                    worker.flags |= PERFORM_PENDING
+                    if not worker.flags & QUEUED and not worker.busy_since:
+                        worker.flags |= QUEUED
+                        runnable.append(worker)
+                done = 0
+                while runnable and self.in_flight < self.concurrency and not self.paused:
+                    worker = runnable.popleft()
+                    worker.flags &= ~QUEUED
+                    if worker.flags & GONE or worker.busy_since:
+                        continue
+                    self._step(worker, loop)
+                    done += 1
+                    if done >= budget:
+                        break
+                if done >= budget:
+                    await asyncio.sleep(0)
+                    continue
+            self.wake.clear()
+            next_due = None if self.paused else timers.next_due()
+            delay = None if next_due is None else max(0.0, next_due - loop.time())
+            if runnable and not self.paused and self.in_flight < self.concurrency:
+                delay = 0.0
+            try:
+                async with asyncio.timeout(delay):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+
+    def _step(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the worker's next piece of work: a message first, else a due perform."""
+        mailbox = worker.mailbox
+        if mailbox:
+            message = mailbox.popleft()
+            if message.kind == "call":
+                self.counters.calls += 1
+                self._run(worker, self.callbacks.handle_call, message, loop)
+            else:
+                self._cast(worker, message, loop)
+        elif worker.flags & PERFORM_PENDING:
+            worker.flags &= ~PERFORM_PENDING
+            self.counters.performs += 1
+            self._run(worker, self.callbacks.perform, None, loop)
+
+    def _cast(self, worker: Worker, message: Message, loop: asyncio.AbstractEventLoop) -> None:
+        self.counters.casts += 1
+        if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
+            self._duplicate(worker, message)  # redelivered after a handoff or crash
+            return
+        self._run(worker, self.callbacks.handle_cast, message, loop)
+
+    def _run(
+        self,
+        worker: Worker,
+        callback: Callback,
+        message: Message | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        started = loop.time()
+        try:
+            if message is None:
+                value, rest = run_eagerly(callback(worker.id, worker.payload))
+            else:
+                value, rest = run_eagerly(callback(message.body, worker.id, worker.payload))
+        except Exception as exc:
+            failed(self, worker, exc, message, started)
+            return
+        if rest is None:
+            self._apply(worker, value, message, started)
+            return
+        worker.busy_since = started
+        self.in_flight += 1
+        task = self.supervisor.spawn(
+            self._finish(worker, rest, message, started), f"worker {worker.id!r}"
+        )
+        self._running_tasks[worker] = task
+        self._continuations[worker] = rest
+        if message is None and worker.spec.timeout:
+            threshold = worker.spec.lull * worker.spec.timeout
+            handle = loop.call_later(threshold, self._slow, worker, started)
+            task.add_done_callback(lambda _t: handle.cancel())
+
+    async def _finish(
+        self,
+        worker: Worker,
+        rest: Continuation,
+        message: Message | None,
+        started: float,
+    ) -> None:
+        try:
+            value = await rest
+        except Exception as exc:
+            failed(self, worker, exc, message, started)
+        else:
+            self._apply(worker, value, message, started)
+        finally:
+            self._running_tasks.pop(worker, None)
+            self._continuations.pop(worker, None)
+            if worker.busy_since == started:  # else _failed holds it for a backoff
+                worker.busy_since = 0.0
+            self.in_flight -= 1
+            if worker.has_work() and not worker.flags & GONE:
+                self.enqueue(worker)
+            self.wake.set()
+
+    def _slow(self, worker: Worker, started: float) -> None:
+        if worker.busy_since == started:
+            self.counters.timeouts += 1
+            info = self.info(worker.id)
+            if info is not None:
+                self.supervisor.spawn(
+                    self.invoke_quietly(self.callbacks.handle_timeout, info), "handle_timeout"
+                )
+
+    def _apply(
+        self, worker: Worker, response: Any, message: Message | None, started: float
+    ) -> None:
+        """Carry out a callback's response."""
+        worker.failures = 0
+        if message is not None and message.inbox is not None:
+            worker.watermark = message.inbox.record.sequence
+            ack = self.ports.ack
+            assert ack is not None
+            # Ack only once payload and watermark are stored (see BeforeAck): a crash
+            # then never loses the state a message produced, nor replays the message.
+            ack(message.consumer, message.inbox.record, worker.id)
+        if message is not None and message.reply is not None and not message.reply.done():
+            message.reply.set_result(reply_of(response))
+        next_timeout: float | None = None
+        if isinstance(response, Replace):
+            worker.payload = response.payload
+            if response.rekeys and response.id != worker.id:
+                self.supervisor.spawn(rekey(self, worker, response.id), f"rekey {worker.id!r}")
+                return
+        elif isinstance(response, Halt):
+            self.specs.pop(worker.id, None)
+            worker.flags |= GONE
+            self.supervisor.spawn(halt(self, worker, response.reason), f"halt {worker.id!r}")
+            return
+        elif isinstance(response, Timeout):
+            worker.last = response.result
+            next_timeout = response.seconds
+        elif isinstance(response, Ok):
+            worker.last = response.result
+        else:
+            worker.last = response
+        # Only a new payload is stored. A message that left the payload as it was needs no
+        # write before its ack: were its ack lost, running it again changes nothing stored
+        # (at-least-once, as for any side effect), and the payload stored last still
+        # matches the watermark stored with it.
+        mark = self.ports.mark
+        if mark is not None and isinstance(response, Replace):
+            mark(Stored(worker.id, None, worker.payload, True, watermark=worker.watermark))
+        if message is None:
+            self.reschedule(worker, started, next_timeout)
+            return
+        if next_timeout is not None:  # Timeout(s) from a call or cast: next perform in s
+            self.timers.schedule(worker, asyncio.get_running_loop().time() + next_timeout)
+        if worker.mailbox or worker.flags & PERFORM_PENDING:
+            self.enqueue(worker)
+
+    def reschedule(self, worker: Worker, started: float, override: float | None) -> None:
+        """Schedule the worker's next perform (``override``: in that many seconds)."""
+        timeout = worker.spec.timeout if override is None else override
+        if not timeout and override is None:
+            if worker.mailbox:
+                self.enqueue(worker)
+            return
+        if override is None:
+            # Periodic performs keep to their grid (due, due + timeout, ...): a late perform
+            # does not shift the ones after it, so a pause leaves no clump of workers due
+            # together behind. Missed ticks coalesce: the ticks that passed before this
+            # perform started are covered by it, and a tick that passed while it ran makes
+            # the next one due at once — never a burst of catch-up performs.
+            when = (worker.fired or started) + timeout
+            if when <= started:
+                when += timeout * ((started - when) // timeout + 1)
+        else:
+            when = asyncio.get_running_loop().time() + timeout
+        worker.fired = 0.0
+        self.timers.schedule(worker, when)
+        if worker.mailbox:
+            self.enqueue(worker)
+
+    def _duplicate(self, worker: Worker, message: Message) -> None:
+        ack = self.ports.ack
+        assert ack is not None
+        self.counters.duplicates += 1
+        ack(message.consumer, message.inbox.record, None)
+        if worker.has_work():
+            self.enqueue(worker)

@@ -1,0 +1,440 @@
+"""Following ownership in a cluster: the manager's shard region.
+
+:class:`ShardRegion` implements the cluster's topology hooks (release / settle / suspend)
+for one manager: it starts the workers a settled epoch gives this node, stops and hands
+over (:class:`Handoff`) those that moved away *before* the node acknowledges the epoch,
+consumes the inbox partitions the node owns and keeps the replicated state table.
+
+A topology change reaches the partitions as a :class:`Rebalance` — a pure value computed
+by :func:`rebalance` from what this node held and what the new placement gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Collection, Set
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cloister.cluster.core import SuspendReason
+from cloister.cluster.placement import Placement
+from cloister.cluster.states import State
+from cloister.errors import CloisterError, NotOwnerError
+from cloister.manager.consumer import PartitionConsumers
+from cloister.manager.engine import Engine
+from cloister.manager.lifecycle import Lifecycle, Phase
+from cloister.manager.spec import make_spec
+from cloister.manager.state import StateTable, Stored
+from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.worker import GONE, Message, Worker
+from cloister.store.inbox import Inbox
+
+if TYPE_CHECKING:
+    from cloister.cluster import Cluster, Topology
+    from cloister.cluster.core import TopologyHook
+
+log = logging.getLogger("cloister.manager")
+
+YIELD_EVERY = 10_000  # ids started or stopped between yields to the event loop
+HANDOFF_CHUNK = 5000  # workers per handoff request
+
+
+@dataclass(frozen=True, slots=True)
+class Rebalance:
+    """How one epoch moves this node's partitions (faust's on_rebalance sets)."""
+
+    epoch: int
+    assigned: frozenset[int]  # newly ours
+    revoked: frozenset[int]  # ours (held or being claimed) no longer
+    owned: frozenset[int]  # everything ours in this epoch
+
+
+def rebalance(epoch: int, previous: Set[int], new: Set[int]) -> Rebalance:
+    """The partitions ``epoch`` assigns and revokes, given the ones this node held (or
+    was claiming) before and the ones the new placement gives it."""
+    return Rebalance(epoch, frozenset(new - previous), frozenset(previous - new), frozenset(new))
+
+
+class Handoff(Protocol):
+    """Moving live workers between nodes: this node ships, the new owner receives."""
+
+    async def hand_over(self, leaving: list[Key], owner_of: Callable[[Key], str | None]) -> None:
+        """Stop ``leaving`` and ship payloads and queued casts (None: store them)."""
+        ...
+
+    async def receive_handoff(self, batch: Any) -> int:
+        """Keep what a previous owner shipped, until the ids start here."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegionOptions:
+    """The shard region's share of a manager's options."""
+
+    name: str
+    group: str
+    partitions: int
+    durable: bool
+    max_in_flight: int
+    flush_interval: float
+
+
+class ShardRegion:
+    """A manager's ownership in a cluster: topology hooks, handoff, partition consumers
+    and the state table."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        engine: Engine,
+        lifecycle: Lifecycle,
+        options: RegionOptions,
+        counters: ManagerCounters,
+    ) -> None:
+        self.cluster = cluster
+        self.engine = engine
+        self.lifecycle = lifecycle
+        self.options = options
+        self.counters = counters
+        self.table: StateTable | None = None
+        self.inbox: Inbox | None = None
+        self.consumers: PartitionConsumers | None = None
+        # id -> (payload, casts, watermark) handed over by the previous owner
+        self.handed: dict[Key, tuple[Any, list[Any], int]] = {}
+        # release/settle/suspend/handover run one at a time, whoever calls them (the
+        # cluster's hooks, start(), stop()): they move the same workers and partitions.
+        self.lock = asyncio.Lock()
+
+    # -- placement -----------------------------------------------------------------------------
+
+    def placement_for(self, topology: Topology) -> Placement:
+        """Where this manager's keys live in ``topology``, seen from this node."""
+        return topology.placement(
+            self.cluster.node, self.options.partitions, self.options.group, strict=False
+        )
+
+    def placement_now(self) -> Placement:
+        """The placement of the adopted topology; :class:`NotOwnerError` before one."""
+        topology = self.cluster.topology
+        if topology is None:
+            raise NotOwnerError(f"node {self.cluster.node} has no topology yet")
+        return self.placement_for(topology)
+
+    def _rebalance(self, topology: Topology, placement: Placement) -> Rebalance:
+        held = self.consumers.held_or_wanted if self.consumers is not None else set()
+        return rebalance(topology.epoch, held, placement.owned())
+
+    # -- joining -------------------------------------------------------------------------------
+
+    async def join(self, hook: TopologyHook) -> None:
+        """Open the state table and the inbox, then follow the cluster through ``hook``."""
+        cluster, options, engine = self.cluster, self.options, self.engine
+        kv = await cluster.backend.kv(f"mgr-{options.name}")
+        self.table = StateTable(kv)
+        await self.table.load()
+        self.merge_table()
+        engine.ports.mark = self.table.mark
+        engine.ports.write = self.table.write
+        engine.supervisor.spawn(self._flush_loop(), "payload flusher")
+        if options.durable:
+            self.inbox = Inbox(
+                cluster.backend,
+                options.name,
+                partitions=options.partitions,
+                max_in_flight=options.max_in_flight,
+            )
+            await self.inbox.open()
+            self.consumers = PartitionConsumers(
+                self.inbox,
+                cluster.node,
+                engine.deliver_record,
+                engine.supervisor,
+                max_in_flight=options.max_in_flight,
+                before_ack=self.table.flush,
+            )
+            engine.ports.ack = self.consumers.ack
+            engine.ports.park = self.consumers.park
+        cluster.add_hook(hook)
+        if cluster.state is State.READY and cluster.topology is not None:
+            await self.settle(cluster.topology)
+        else:
+            await self.lifecycle.enter(Phase.WAITING)
+
+    def merge_table(self) -> None:
+        """Fold runtime puts and deletes from the state table into the catalogue."""
+        assert self.table is not None
+        specs = self.engine.specs
+        for worker_id, stored in self.table.mirror.items():
+            if stored.deleted:
+                specs.pop(worker_id, None)
+            elif stored.spec is not None:
+                specs[worker_id] = make_spec(worker_id, stored.spec)
+
+    def reachable(self) -> bool:
+        """The cluster can still write (not crashed, not stopping)."""
+        cluster = self.cluster
+        return not cluster.crashed and cluster.state not in (State.STOPPING, State.STOPPED)
+
+    # -- the hooks -----------------------------------------------------------------------------
+
+    async def release(self, topology: Topology) -> None:
+        """Before this node acknowledges ``topology``: stop and hand over what moved away."""
+        async with self.lock:
+            await self._release(topology)
+
+    async def settle(self, topology: Topology) -> None:
+        """Every member acknowledged ``topology``: start what is ours, resume."""
+        async with self.lock:
+            latest = self.cluster.topology
+            if latest is not None and latest.epoch > topology.epoch:
+                return  # a newer epoch was adopted meanwhile; its settle comes next
+            try:
+                await self._settle(topology)
+            except CloisterError as exc:
+                # Taking workers over needs the latest stored state; without it, starting
+                # them would resume from stale payloads. Nothing was started: try again.
+                log.warning(
+                    "manager %s: settling epoch %d postponed (%s); retrying",
+                    self.options.name,
+                    topology.epoch,
+                    exc,
+                )
+                self.engine.supervisor.spawn(self._settle_later(topology), "settle retry")
+
+    async def _settle_later(self, topology: Topology) -> None:
+        await asyncio.sleep(1.0)
+        if not self.lifecycle.leaving and not self.lifecycle.down:
+            await self.settle(topology)
+
+    async def _release(self, topology: Topology) -> None:
+        lifecycle, engine = self.lifecycle, self.engine
+        if lifecycle.leaving or lifecycle.down:
+            return  # stop() handed everything over already
+        # The dispatcher's gate stays as it was: held (not settled yet) or running.
+        await lifecycle.enter(Phase.WAITING if engine.paused else Phase.REHASHING)
+        placement = self.placement_for(topology)
+        mine = placement.mine
+        leaving = [i for i in engine.workers if not mine(i)]
+        moves = self._rebalance(topology, placement)
+        if self.consumers is not None:
+            self.consumers.stop_fetching(set(moves.revoked))
+        lost = [i for i in engine.parked if not mine(i)]
+        self.forget_inbox_messages(lost)
+        for worker_id in lost:
+            engine.parked.pop(worker_id)  # their senders will retry with the new owner
+        for worker_id in [i for i in self.handed if not mine(i)]:
+            self.handed.pop(worker_id)
+        if leaving:
+            await self.hand_over(leaving, placement.owner_of)
+        if self.consumers is not None and moves.revoked:
+            await self.consumers.release(set(moves.revoked))
+
+    async def _settle(self, topology: Topology) -> None:
+        lifecycle, engine = self.lifecycle, self.engine
+        if lifecycle.leaving or lifecycle.down:
+            return  # a hook call already under way when stop() began: take nothing
+        placement = self.placement_for(topology)
+        now = asyncio.get_running_loop().time()
+        if self.table is not None:
+            # The latest stored payloads and runtime specs (crash takeover, put/delete);
+            # a failure propagates: settle() retries rather than resume from stale state.
+            await self.table.load()
+        mirror = self.table.mirror if self.table is not None else {}
+        self.merge_table()
+        specs, workers, parked = engine.specs, engine.workers, engine.parked
+        # A snapshot, with a yield every few thousand ids: a million specs take seconds,
+        # and heartbeats (and the workers already running) must not wait for them.
+        for count, (worker_id, spec) in enumerate(list(specs.items()), 1):
+            if not count % YIELD_EVERY:
+                await asyncio.sleep(0)
+                if lifecycle.down:
+                    return  # killed meanwhile: start nothing more
+            if (
+                worker_id in workers
+                or specs.get(worker_id) is not spec  # deleted or replaced meanwhile
+                or not placement.mine(worker_id)
+            ):
+                continue
+            payload, fresh = None, True
+            handed = self.handed.pop(worker_id, None)
+            watermark = 0
+            if handed is not None:
+                payload, fresh, watermark = handed[0], False, handed[2]
+                parked[worker_id] = [Message("cast", m) for m in handed[1]] + parked.get(
+                    worker_id, []
+                )
+            else:
+                stored = mirror.get(worker_id)
+                if stored is not None and stored.has_payload:
+                    payload, fresh, watermark = stored.payload, False, stored.watermark
+            self.counters.taken_over += 0 if fresh else 1
+            await engine.spawn(worker_id, spec, payload, now, fresh=fresh)
+            if watermark:
+                worker = engine.materialize(worker_id)
+                if worker is not None:
+                    worker.watermark = watermark
+        if self.consumers is not None:
+            moves = self._rebalance(topology, placement)
+            await self.consumers.release(set(moves.revoked))
+            await self.consumers.take(set(moves.owned))
+        await lifecycle.enter(Phase.UP)
+
+    async def suspend(self, reason: SuspendReason) -> None:
+        """The node may not process now (lease lost, short of consensus, stopping)."""
+        if self.lifecycle.leaving or self.lifecycle.down:
+            return
+        if reason is SuspendReason.STOPPING:
+            await self.hand_everything_over()
+            return
+        async with self.lock:
+            await self._suspend()
+
+    async def _suspend(self) -> None:
+        engine = self.engine
+        await self.lifecycle.enter(Phase.SUSPENDING)
+        await engine.drain()
+        if self.consumers is not None:
+            # Give the partitions up; whoever consumes them next (us again, or the node
+            # that takes over) starts from the oldest unhandled message.
+            self.forget_inbox_messages()
+            await self.consumers.release(self.consumers.held_or_wanted)
+            # While we were away the topology may change and our workers move and come
+            # back: never resume them from what is in memory here. Unacknowledged state is
+            # dropped (its messages are delivered again); the rest is in the state table.
+            assert self.table is not None
+            self.table.dirty.clear()
+            for count, worker_id in enumerate(list(engine.workers), 1):
+                await engine.remove(worker_id, Reason.SUSPEND)
+                if not count % YIELD_EVERY:
+                    await asyncio.sleep(0)  # heartbeats go on while a million workers stop
+        await self.lifecycle.enter(Phase.WAITING)
+
+    # -- handoff -------------------------------------------------------------------------------
+
+    async def hand_everything_over(self) -> None:
+        """Leave: hand every worker to its next owner and give every partition up."""
+        async with self.lock:
+            await self._hand_all_over()
+
+    async def _hand_all_over(self) -> None:
+        cluster, engine = self.cluster, self.engine
+        if self.lifecycle.down or cluster.topology is None:
+            return
+        placement = self.placement_now()
+        self.lifecycle.move(Phase.LEAVING)
+        if self.consumers is not None:
+            self.consumers.stop_fetching(self.consumers.partitions)
+        # Hand over to the next preferred node that is still there: in a rolling stop the
+        # ring may still name a node that left a moment ago (no epoch without it yet).
+        if len(placement.ring) > 1:
+            gone = [n for n in placement.ring.nodes if n not in cluster.members_seen]
+            if all(n == cluster.node or n in gone for n in placement.ring.nodes):
+                # The last one out: nobody to ship to, the stored payloads carry on.
+                await self.hand_over(list(engine.workers), lambda worker_id: None)
+            else:
+                await self.hand_over(
+                    list(engine.workers), lambda worker_id: placement.successor_of(worker_id, gone)
+                )
+        if self.consumers is not None:
+            self.forget_inbox_messages()
+            await self.consumers.release(self.consumers.held_or_wanted)
+        self.lifecycle.move(Phase.LEFT)
+
+    async def hand_over(self, leaving: list[Key], owner_of: Callable[[Key], str | None]) -> None:
+        """Stop ``leaving`` workers and ship their payloads and queued casts to their owners
+        (``owner_of`` None: nobody to ship to, store the payloads)."""
+        engine, table = self.engine, self.table
+        entries = [(i, engine.workers.get(i)) for i in leaving]
+        for _, entry in entries:
+            if isinstance(entry, Worker):
+                entry.flags |= GONE  # no new callbacks; the running ones finish first
+        batches: dict[str, list[list[Any]]] = {}
+        for worker_id, entry in entries:
+            if entry is None:
+                continue
+            casts: list[Any] = []
+            watermark = 0
+            if isinstance(entry, Worker):
+                await engine.wait_idle(entry)
+                for m in entry.mailbox or ():
+                    if m.reply is not None and not m.reply.done():
+                        m.reply.set_exception(NotOwnerError(f"worker {worker_id!r} moved; retry"))
+                    elif m.inbox is not None:
+                        self.consumers.forget()  # type: ignore[union-attr]  # redelivered there
+                    elif m.kind == "cast":
+                        casts.append(m.body)
+                entry.mailbox = None
+                watermark = entry.watermark
+            stateful = isinstance(entry, Worker) and (
+                entry.payload is not entry.spec.payload or watermark
+            )
+            payload = entry.payload
+            await engine.remove(worker_id, Reason.HANDOFF)
+            if not (stateful or casts):  # the others restart from their spec: nothing to ship
+                continue
+            owner = owner_of(worker_id)
+            if owner is not None:
+                batches.setdefault(owner, []).append([worker_id, payload, casts, watermark])
+            elif table is not None and stateful:
+                table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
+        self.counters.handed_off += len(leaving)
+        for owner, batch in batches.items():
+            for start in range(0, len(batch), HANDOFF_CHUNK):
+                await self._ship(owner, batch[start : start + HANDOFF_CHUNK])
+        if table is not None:
+            await table.flush(leaving)
+
+    async def _ship(self, owner: str, chunk: list[list[Any]]) -> None:
+        try:
+            await self.cluster.call(
+                owner, f"cloister.manager.{self.options.name}.handoff", chunk, timeout=10
+            )
+        except CloisterError as exc:
+            log.warning(
+                "handoff of %d worker(s) to %s failed (%s); storing payloads instead",
+                len(chunk),
+                owner,
+                exc,
+            )
+            if self.table is not None:
+                for worker_id, payload, _casts, watermark in chunk:
+                    self.table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
+
+    async def receive_handoff(self, batch: Any) -> int:
+        """Keep what a previous owner shipped (the RPC handler ``handoff``)."""
+        for worker_id, payload, casts, watermark in batch:
+            self.handed[worker_id] = (payload, list(casts), int(watermark))
+        return len(batch)
+
+    # -- inbox and table -----------------------------------------------------------------------
+
+    def forget_inbox_messages(self, worker_ids: Collection[Key] | None = None) -> None:
+        """Drop delivered, unhandled inbox messages: their next consumer gets them again."""
+        consumers, engine = self.consumers, self.engine
+        if consumers is None:
+            return
+        workers, parked = engine.workers, engine.parked
+        for worker_id in list(workers if worker_ids is None else worker_ids):
+            worker = workers.get(worker_id)
+            if isinstance(worker, Worker) and worker.mailbox:
+                kept = deque(m for m in worker.mailbox if m.inbox is None)
+                consumers.forget(len(worker.mailbox) - len(kept))
+                worker.mailbox = kept
+        for worker_id in list(parked) if worker_ids is None else list(worker_ids):
+            waiting = parked.get(worker_id)
+            if waiting:
+                kept_parked = [m for m in waiting if m.inbox is None]
+                consumers.forget(len(waiting) - len(kept_parked))
+                parked[worker_id] = kept_parked
+
+    async def _flush_loop(self) -> None:
+        assert self.table is not None
+        while True:
+            await asyncio.sleep(self.options.flush_interval)
+            if self.table.dirty:
+                try:
+                    await self.table.flush()
+                except CloisterError as exc:
+                    log.warning("manager %s: payload flush postponed (%s)", self.options.name, exc)

@@ -1,0 +1,62 @@
+"""Small typed values the manager's rooms share: ids, options, reasons, counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Literal, TypeAlias, get_args
+
+from cloister.ring import Key
+
+__all__ = ["ON_ERROR", "PICKUP", "Key", "ManagerCounters", "OnError", "Pickup", "Reason"]
+
+OnError: TypeAlias = Literal["continue", "restart", "remove"]
+"""What a raising callback does to its worker."""
+Pickup: TypeAlias = Literal["random", "first_free", "hash"]
+"""How pool mode (``call(None, msg)``) picks a worker."""
+ON_ERROR: tuple[OnError, ...] = get_args(OnError)
+PICKUP: tuple[Pickup, ...] = get_args(Pickup)
+
+
+class Reason(StrEnum):
+    """Why a worker stops: the ``reason`` its ``terminate`` callback receives.
+
+    A ``StrEnum``: callbacks written against the plain strings keep working.
+    """
+
+    SHUTDOWN = "shutdown"
+    HANDOFF = "handoff"
+    HALT = "halt"
+    DELETE = "delete"
+    RESTART = "restart"
+    ERROR = "error"
+    REKEY = "rekey"
+    SUSPEND = "suspend"  # the node lost its lease or quorum
+    REPLACE = "replace"
+
+
+@dataclass(slots=True)
+class ManagerCounters:
+    """What a manager counted since it started (``manager.counters``)."""
+
+    performs: int = 0
+    calls: int = 0
+    casts: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    handed_off: int = 0
+    taken_over: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    dead_letters: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (status, metrics)."""
+        return asdict(self)
+
+    def __getitem__(self, name: str) -> int:
+        # Read access by name, as when the counters were a dict.
+        if name not in self.__slots__:
+            raise KeyError(name)
+        value: int = getattr(self, name)
+        return value
