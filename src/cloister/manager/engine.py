@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 from cloister._tasks import Supervisor
@@ -347,6 +348,10 @@ class Engine:
         )
         self._running_tasks[worker] = task
         self._continuations[worker] = rest
+        # A task cancelled before its first step (the node died at once) never resumes
+        # ``rest``: close it then, so its ``finally`` blocks run now, as in a process that
+        # ended, rather than whenever it is collected.
+        task.add_done_callback(partial(_close_if_cancelled, rest))
         if message is None and worker.spec.timeout:
             threshold = worker.spec.lull * worker.spec.timeout
             handle = loop.call_later(threshold, self._slow, worker, started)
@@ -461,3 +466,8 @@ class Engine:
         ack(message.consumer, message.inbox.record, None)
         if worker.has_work():
             self.enqueue(worker)
+
+
+def _close_if_cancelled(rest: Continuation, task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        rest.close()
