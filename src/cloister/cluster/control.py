@@ -335,9 +335,10 @@ class Decision:
     adopt: EpochRecord | None = None
     ack: int | None = None
     """Write this epoch into our member record as acknowledged."""
-    suspend: SuspendReason | None = None
     move: State | None = None
-    """Move here before settling (leaving ``ready``, or ``assembling``)."""
+    """Move here first (leaving ``ready``, or ``assembling``): before suspending, so that
+    the state says at once what the node can do, and before settling."""
+    suspend: SuspendReason | None = None
     settle: Topology | None = None
     move_after_settle: State | None = None
     delay: float = 0.0

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -36,8 +36,8 @@ from cloister.cluster.lease import Lease
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
-from cloister.cluster.requests import MULTICAST_TOPIC, Requests, infos
-from cloister.cluster.rpc import CallResult, Handler, Handlers
+from cloister.cluster.requests import MULTICAST_TOPIC, RemoteCalls, Requests
+from cloister.cluster.rpc import Handlers
 from cloister.cluster.settings import ClusterSettings
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
@@ -56,7 +56,7 @@ __all__ = ["Cluster", "SuspendReason", "TopologyHook"]
 log = logging.getLogger("cloister.cluster")
 
 
-class Cluster:
+class Cluster(RemoteCalls):
     """One node of a cluster. Use ``async with Cluster(...) as cluster:``.
 
     Args:
@@ -348,58 +348,6 @@ class Cluster:
                 + (f", expecting {sorted(self.expected)}" if self.expected else "")
             )
 
-    def handle(self, name: str) -> Callable[[Handler], Handler]:
-        """Register a handler callable by ``multicall``/``multicast``: ``@cluster.handle("x")``."""
-
-        def register(fn: Handler) -> Handler:
-            self.register_handler(name, fn)
-            return fn
-
-        return register
-
-    def register_handler(self, name: str, fn: Handler, *, internal: bool = False) -> None:
-        """Register ``fn`` as the handler ``name`` on this node.
-
-        Names starting ``cloister.`` are reserved for the library's own components, which
-        pass ``internal=True``; :class:`ConfigurationError` for a name taken already.
-        """
-        self._handlers.register(name, fn, builtin=internal)
-
-    async def call(
-        self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None
-    ) -> Any:
-        """Invoke ``handler`` on one ``node`` and return its result (raises its error)."""
-        return (await self._call_one(node, handler, payload, timeout)).unwrap()
-
-    async def multicall(
-        self,
-        handler: str,
-        payload: Any = None,
-        *,
-        nodes: Iterable[str] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, CallResult]:
-        """Invoke ``handler`` on every member (or ``nodes``); one result per node.
-
-        Errors (unknown handler, handler failure, timeout, dead node) are per-node results;
-        this method itself only raises when the cluster is not running.
-        """
-        targets = list(self.siblings() if nodes is None else nodes)
-        timeout = self.request_timeout if timeout is None else timeout
-        return await self._requests.multicall(handler, payload, targets, timeout)
-
-    async def multicast(
-        self, handler: str, payload: Any = None, *, nodes: Iterable[str] | None = None
-    ) -> None:
-        """Invoke ``handler`` on every member (or ``nodes``) without waiting for results."""
-        await self._requests.multicast(handler, payload, nodes)
-
-    async def states(
-        self, *, timeout: float | None = None
-    ) -> dict[str, ClusterInfo | CloisterError]:
-        """Every member's :class:`ClusterInfo` (or the error that member produced)."""
-        return infos(await self.multicall("cloister.info", timeout=timeout))
-
     def add_hook(self, hook: TopologyHook) -> None:
         """Follow ownership changes (used by :class:`~cloister.manager.DynamicManager`)."""
         self._hooks.add(hook)
@@ -439,13 +387,7 @@ class Cluster:
         """How many times the listener raised."""
         return self._listener.errors
 
-    # -- internals: requests ----------------------------------------------------------------
-
-    async def _call_one(
-        self, node: str, handler: str, payload: Any, timeout: float | None
-    ) -> CallResult:
-        timeout = self.request_timeout if timeout is None else timeout
-        return await self._requests.call_one(node, handler, payload, timeout)
+    # -- internals ----------------------------------------------------------------------------
 
     def _info_handler(self, _payload: Any) -> dict[str, Any]:
         return self.info.to_wire()
@@ -554,32 +496,23 @@ class Cluster:
             self._listener.sentry_changed(
                 None if previous is None else previous.sentry, topology.sentry, self.info
             )
-        self._log_topology(previous, topology)
+        log.info("node %s adopted %s", self.node, topology.describe(previous))
         await self._hooks.release(topology)
 
-    def _log_topology(self, previous: Topology | None, topology: Topology) -> None:
-        before = set() if previous is None else set(previous.members)
-        after = set(topology.members)
-        log.info(
-            "node %s adopted epoch %d: %d member(s)%s%s, sentry %s",
-            self.node,
-            topology.epoch,
-            len(after),
-            "".join(f" +{n}" for n in sorted(after - before)),
-            "".join(f" -{n}" for n in sorted(before - after)),
-            topology.sentry,
-        )
-
     async def _enact_state(self, decision: Decision) -> None:
-        """Suspend, move, settle: the state part of a decision, in that order."""
-        if decision.suspend is not None:
-            await self._hooks.suspend(decision.suspend)
-            self._suspended = True
+        """Move, suspend, settle: the state part of a decision, in that order.
+
+        The state (listener events, readiness, metrics) moves first: a fenced node says so
+        at once, and then gives up its partitions, which may take timeouts on a medium it
+        cannot reach."""
         if decision.move is not None:
             leaving_ready = self.state is State.READY
             self._move(decision.move)
             if leaving_ready:
                 self._ready.clear()
+        if decision.suspend is not None:
+            await self._hooks.suspend(decision.suspend)
+            self._suspended = True
         if decision.settle is not None:
             await self._hooks.settle(decision.settle)
             self._suspended = False

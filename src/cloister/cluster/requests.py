@@ -15,7 +15,14 @@ from typing import Any
 from cloister import wire
 from cloister.backends import Backend
 from cloister.cluster.info import ClusterInfo
-from cloister.cluster.rpc import CallResult, Handlers, decode_reply, encode_request, failed
+from cloister.cluster.rpc import (
+    CallResult,
+    Handler,
+    Handlers,
+    decode_reply,
+    encode_request,
+    failed,
+)
 from cloister.errors import CloisterError, ClusterNotReadyError, WireFormatError
 
 log = logging.getLogger("cloister.cluster")
@@ -102,3 +109,74 @@ def infos(results: dict[str, CallResult]) -> dict[str, ClusterInfo | CloisterErr
         except WireFormatError as exc:
             states[node] = exc
     return states
+
+
+class RemoteCalls:
+    """The request half of :class:`~cloister.cluster.Cluster`'s API: register handlers,
+    call one node, every node, or publish to them all."""
+
+    node: str
+    request_timeout: float
+    _handlers: Handlers
+    _requests: Requests
+
+    def siblings(self, group: str | None = None) -> tuple[str, ...]:
+        raise NotImplementedError  # the cluster's members (Cluster.siblings)
+
+    def handle(self, name: str) -> Callable[[Handler], Handler]:
+        """Register a handler callable by ``multicall``/``multicast``: ``@cluster.handle("x")``."""
+
+        def register(fn: Handler) -> Handler:
+            self.register_handler(name, fn)
+            return fn
+
+        return register
+
+    def register_handler(self, name: str, fn: Handler, *, internal: bool = False) -> None:
+        """Register ``fn`` as the handler ``name`` on this node.
+
+        Names starting ``cloister.`` are reserved for the library's own components, which
+        pass ``internal=True``; :class:`ConfigurationError` for a name taken already.
+        """
+        self._handlers.register(name, fn, builtin=internal)
+
+    async def call(
+        self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Invoke ``handler`` on one ``node`` and return its result (raises its error)."""
+        return (await self._call_one(node, handler, payload, timeout)).unwrap()
+
+    async def multicall(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        nodes: Iterable[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, CallResult]:
+        """Invoke ``handler`` on every member (or ``nodes``); one result per node.
+
+        Errors (unknown handler, handler failure, timeout, dead node) are per-node results;
+        this method itself only raises when the cluster is not running.
+        """
+        targets = list(self.siblings() if nodes is None else nodes)
+        timeout = self.request_timeout if timeout is None else timeout
+        return await self._requests.multicall(handler, payload, targets, timeout)
+
+    async def multicast(
+        self, handler: str, payload: Any = None, *, nodes: Iterable[str] | None = None
+    ) -> None:
+        """Invoke ``handler`` on every member (or ``nodes``) without waiting for results."""
+        await self._requests.multicast(handler, payload, nodes)
+
+    async def states(
+        self, *, timeout: float | None = None
+    ) -> dict[str, ClusterInfo | CloisterError]:
+        """Every member's :class:`ClusterInfo` (or the error that member produced)."""
+        return infos(await self.multicall("cloister.info", timeout=timeout))
+
+    async def _call_one(
+        self, node: str, handler: str, payload: Any, timeout: float | None
+    ) -> CallResult:
+        timeout = self.request_timeout if timeout is None else timeout
+        return await self._requests.call_one(node, handler, payload, timeout)

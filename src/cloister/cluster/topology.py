@@ -108,6 +108,14 @@ class Topology:
         found = self.group_rings.get(group)
         return found if found is not None else HashRing(())
 
+    def describe(self, previous: Topology | None) -> str:
+        """``epoch 7: 3 member(s) +c -d, sentry a``: this epoch, as a change from ``previous``."""
+        before = set() if previous is None else set(previous.members)
+        after = set(self.members)
+        joined = "".join(f" +{n}" for n in sorted(after - before))
+        left = "".join(f" -{n}" for n in sorted(before - after))
+        return f"epoch {self.epoch}: {len(after)} member(s){joined}{left}, sentry {self.sentry}"
+
     def placement(
         self,
         node: str,

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, WireFormatError
@@ -114,13 +115,12 @@ class PartitionConsumers:
         return True
 
     async def _claim_later(self) -> None:
-        delay = 0.2
+        delays = Backoff(0.2, 2.0).delays()
         try:
             while missing := self._wanted - set(self._consumers):
-                await asyncio.sleep(delay)
+                await asyncio.sleep(next(delays))
                 for partition in sorted(missing):
                     await self._claim(partition)
-                delay = min(delay * 2, 2.0)
         finally:
             self._claimer = None
 
@@ -173,9 +173,22 @@ class PartitionConsumers:
             log.warning("%d ack(s) not sent before giving the partitions up", len(self._to_ack))
 
     def _done(self, count: int) -> None:
-        self.in_flight -= count
+        # Never below zero: acks of a batch taken before reset() may settle after it.
+        self.in_flight = max(0, self.in_flight - count)
         if self.in_flight < self.max_in_flight:
             self._room.set()
+
+    def reset(self) -> None:
+        """Nothing is delivered any more (every partition given up, every worker stopped):
+        re-derive the in-flight count as zero, whatever was lost on the way (a park that
+        failed, a record dropped by a crash of the medium), so the next partitions this
+        node takes are fetched at once instead of waiting for room that never comes."""
+        if self._consumers or self._wanted:
+            raise RuntimeError("reset() while partitions are still held or wanted")
+        if self.in_flight:
+            log.info("%d record(s) were still counted in flight; starting afresh", self.in_flight)
+        self.in_flight = 0
+        self._room.set()
 
     async def _ack_loop(self) -> None:
         while True:

@@ -309,6 +309,8 @@ class ShardRegion:
                 await engine.remove(worker_id, Reason.SUSPEND)
                 if not count % YIELD_EVERY:
                     await asyncio.sleep(0)  # heartbeats go on while a million workers stop
+            if not self.consumers.held_or_wanted:  # (a settle may have raced in meanwhile)
+                self.consumers.reset()
         await self.lifecycle.enter(Phase.WAITING)
 
     # -- handoff -------------------------------------------------------------------------------

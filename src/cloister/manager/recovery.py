@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.errors import RemoteError
 from cloister.manager.ports import Callbacks, Options, Ports
@@ -69,8 +70,7 @@ def failed(
         worker.flags |= GONE
         engine.supervisor.spawn(halt(engine, worker, Reason.ERROR), f"remove {worker.id!r}")
     elif on_error == "restart":
-        low, high = engine.options.restart_backoff
-        backoff = min(high, low * 2 ** (worker.failures - 1))
+        backoff = Backoff(*engine.options.restart_backoff).delay(worker.failures - 1)
         worker.payload = worker.spec.payload
         loop = asyncio.get_running_loop()
         if worker.spec.timeout:
@@ -103,10 +103,10 @@ def _retry(engine: EngineView, worker: Worker, message: Message, exc: Exception)
     if worker.mailbox is None:
         worker.mailbox = deque()
     worker.mailbox.appendleft(message)  # first again: later messages keep their order
-    low, high = engine.options.retry_backoff
     loop = asyncio.get_running_loop()
     worker.busy_since = loop.time()  # holds the key during the backoff
-    loop.call_later(min(high, low * 2 ** (message.attempts - 1)), _retry_due, engine, worker)
+    delay = Backoff(*engine.options.retry_backoff).delay(message.attempts - 1)
+    loop.call_later(delay, _retry_due, engine, worker)
     return True
 
 

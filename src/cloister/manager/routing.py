@@ -13,6 +13,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from cloister import wire
+from cloister._backoff import Backoff
 from cloister.errors import NoSuchNodeError, NotOwnerError, RequestTimeoutError
 from cloister.manager.engine import Engine, UnknownWorkerError
 from cloister.manager.lifecycle import Lifecycle
@@ -73,7 +74,8 @@ class Router:
             return await self.local(verb, body, timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else 10.0)
-        delay = 0.01
+        delays = Backoff(0.01, 0.2).delays()
+        delay = next(delays)
         if verb in ("put", "delete") and region.table is not None:
             await self._record_spec(region, verb, body)
         if cluster.topology is None:
@@ -99,7 +101,7 @@ class Router:
                         f"no owner accepted the {verb} in time"
                     ) from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.2)
+                delay = next(delays)
 
     @staticmethod
     async def _record_spec(region: ShardRegion, verb: str, body: dict[str, Any]) -> None:

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypedDict
 
+from cloister._backoff import Backoff
 from cloister._tasks import Supervisor, wait_event
 from cloister.errors import (
     CloisterError,
@@ -474,7 +475,7 @@ class Source(ABC):
 
     async def _process(self, job: _Job) -> None:
         delivery = job.delivery
-        pause, longest = self.retry_backoff
+        pauses = Backoff(*self.retry_backoff).delays()
         first_failure: float | None = None
         while True:
             if delivery.stale():
@@ -514,10 +515,9 @@ class Source(ABC):
                 if not give_back:
                     await self._touch(delivery)
                 # back off before giving it back too: the broker may hand it to us at once
-                if await wait_event(self._stopping, pause) or give_back:
+                if await wait_event(self._stopping, next(pauses)) or give_back:
                     await self._release(job)
                     return
-                pause = min(pause * 2, longest)
         if first_failure is not None:
             self.log.info("source %s: stored %s after retrying", self.name, _label(job))
         if job.reason is None:

@@ -28,6 +28,7 @@ import nats
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from cloister._backoff import Backoff
 from cloister._tasks import wait_event
 from cloister.errors import ConfigurationError
 from cloister.sources.base import (
@@ -183,7 +184,7 @@ class JetStreamSource(Source):
             )
 
     async def _pull_loop(self) -> None:
-        pause, longest = self.retry_backoff
+        backoff = Backoff(*self.retry_backoff)
         while self.state == "running":
             room = self.max_in_flight - self.in_flight
             if room < self.batch:
@@ -196,10 +197,9 @@ class JetStreamSource(Source):
                 continue
             except Exception as exc:
                 self.log.warning("source %s: fetch failed: %s", self.name, describe(exc))
-                await wait_event(self._stopping, pause)
-                pause = min(pause * 2, longest)
+                await wait_event(self._stopping, backoff.next())
                 continue
-            pause = self.retry_backoff[0]
+            backoff.reset()
             for msg in msgs:
                 self._accept(self._delivery(msg))
 
