@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from cloister import Cluster, DynamicManager, Ok
+from cloister.backends import open_backend
 from cloister.backends.memory import MemoryWorld, world
 from cloister.cluster import ClusterInfo, State
 from cloister.manager.consumer import PartitionConsumers
@@ -121,3 +122,24 @@ async def test_a_suspension_rederives_the_in_flight_count() -> None:
             lambda: keeper.counters.casts >= len(KEYS), timeout=5, what="casts handled"
         )
         assert consumers.in_flight <= consumers.max_in_flight
+
+
+async def test_a_node_whose_record_expired_suspends_before_it_works_again() -> None:
+    url = "memory://fence-expired"
+    stamps = Stamps()
+    manager = type("K", (Keeper,), {"stamps": stamps, "name": "keeper"})
+    async with AsyncExitStack() as stack:
+        a, keeper = await _node(stack, url, "a", stamps, manager)
+        await eventually(lambda: a.state is State.READY and bool(keeper.ids()))
+        intruder = open_backend(url, "fence", "intruder")
+        await intruder.connect()
+        stack.push_async_callback(intruder.close)
+        members = await intruder.kv("members", ttl_keys=True)
+        await members.delete("a")  # as if it expired while a was paused
+        await eventually(lambda: bool(stamps.suspended), timeout=5, what="a suspended")
+        assert a.counters.fenced >= 1
+        await eventually(
+            lambda: a.state is State.READY and len(keeper.ids()) == len(KEYS),
+            timeout=5,
+            what="a settled afresh",
+        )

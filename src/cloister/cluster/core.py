@@ -458,7 +458,8 @@ class Cluster(RemoteCalls):
         again. Facts move while an effect is awaited (watches, heartbeat), so the step
         decides again after each one; the lease counts as it stood when the step began."""
         now = time.monotonic()
-        lease_ok = now < self._lease.lease_until
+        # A rejoin after our record expired counts as a lost lease for one step: suspend.
+        lease_ok = not self._lease.take_expiry() and now < self._lease.lease_until
         decision = decide(self._facts(now, lease_ok, settle), now)
         if decision.fence:
             self.counters.fenced += 1

@@ -72,6 +72,7 @@ class Lease:
         self.record: MemberRecord | None = None
         self.record_revision: int | None = None
         self.lease_until = 0.0
+        self._expired = False  # our record expired and we wrote it anew: a fence all the same
         self.sentry_revision: int | None = None
         self.sentry_until = 0.0
         self._record_lock = asyncio.Lock()
@@ -170,8 +171,19 @@ class Lease:
             return await self._members_kv.update(
                 self.node, record.encode(), revision=current.revision, ttl=self.failure_timeout
             )
-        log.warning("node %s lost its membership (expired); rejoining", self.node)
+        log.warning("node %s lost its membership (expired); fencing, then rejoining", self.node)
+        # The others dropped us and may have given our keys away meanwhile: whatever we
+        # hold in memory is stale even though the new record makes the lease valid again.
+        self._expired = True
+        self._wake()
         return await self._members_kv.create(self.node, record.encode(), ttl=self.failure_timeout)
+
+    def take_expiry(self) -> bool:
+        """True once after our record expired and was written anew (see :meth:`write_record`):
+        the control loop treats the step as a lost lease, so the node suspends and settles
+        afresh from stored state."""
+        expired, self._expired = self._expired, False
+        return expired
 
     async def heartbeat_loop(self) -> None:
         """Renew the leases every heartbeat (sooner again after a failed renewal)."""
