@@ -51,6 +51,11 @@ class RemoteError(CloisterError):
     """A remote node answered a request with an error."""
 
 
+class FencedError(CloisterError):
+    """This node lost its right to work (its lease ran out): the write or result was
+    refused, and the key's new owner does the work instead. Never retried blindly."""
+
+
 class NotOwnerError(CloisterError):
     """The node asked to handle a key does not own it (the topology moved); retry.
 

@@ -95,6 +95,7 @@ _MANAGER_COUNTERS = {
     "duplicates": "Inbox messages delivered again and skipped (already handled).",
     "retries": "Inbox messages retried after a failing handle_cast.",
     "dead_letters": "Inbox messages parked after max_attempts failures.",
+    "late_results": "Callback results discarded: they came back after the lease ran out.",
 }
 
 

@@ -376,6 +376,13 @@ class Cluster(RemoteCalls):
         return self._crashed
 
     @property
+    def lease(self) -> Lease:
+        """This node's member lease; ``lease.lease_until`` (``time.monotonic()``) is when
+        its right to work runs out unless renewed. Read it, never write it: components
+        check it before work starts and when a result comes back."""
+        return self._lease
+
+    @property
     def supervisor(self) -> Supervisor:
         """The owner of this node's tasks. A component started on the node (a manager)
         takes a child of it (``cluster.supervisor.child(name)``): a dying node takes its

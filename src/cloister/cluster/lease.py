@@ -152,7 +152,8 @@ class Lease:
             except RevisionMismatchError:
                 revision = await self._rejoin(record)
             self.record, self.record_revision = record, revision
-            self.lease_until = sent + self.fence_after
+            if not self._expired:  # after an expiry the node fences first (take_expiry)
+                self.lease_until = sent + self.fence_after
 
     async def _rejoin(self, record: MemberRecord) -> int:
         """Our record vanished (we were expired) or was taken over by another process."""

@@ -19,7 +19,7 @@ from typing import Any
 from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
-from cloister.errors import BackendError, WireFormatError
+from cloister.errors import BackendError, FencedError, WireFormatError
 from cloister.store.inbox import Inbox, InboxMessage
 
 log = logging.getLogger("cloister.manager.consumer")
@@ -204,6 +204,10 @@ class PartitionConsumers:
                 if self._before_ack is not None:
                     try:
                         await self._before_ack([key for _, _, key in batch if key is not None])
+                    except FencedError as exc:
+                        # Never retried blindly: the records go to the key's next owner.
+                        log.warning("%s; %d ack(s) dropped, redelivered elsewhere", exc, settled)
+                        continue
                     except BackendError as exc:
                         # The state these acks vouch for is not stored: hold them back.
                         log.warning("state not stored (%s); %d ack(s) wait", exc, len(batch))

@@ -406,6 +406,15 @@ class DynamicManager:
             )
         return inbox
 
+    @property
+    def fence(self) -> int:
+        """The fencing token of this node's work: the epoch it last settled on (0 before,
+        and standalone). Every owner of a key settles on a later epoch than the owner
+        before it, so an outside store that keeps the highest token it saw per key
+        (``UPDATE ... SET fence = $token WHERE key = $k AND fence <= $token``) refuses the
+        writes of a node that lost the key and does not know it yet (a paused process)."""
+        return 0 if self._region is None else self._region.fence
+
     def owner_of(self, worker_id: Key) -> str:
         """The node that runs ``worker_id`` (this node's current view)."""
         if self._region is None:

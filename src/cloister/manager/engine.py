@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from functools import partial
 from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
-from cloister.manager.ports import Callback, Callbacks, Options, Ports, UnknownWorkerError
+from cloister.errors import NotOwnerError
+from cloister.manager.ports import (
+    UNBOUNDED,
+    Callback,
+    Callbacks,
+    Options,
+    Permit,
+    Ports,
+    UnknownWorkerError,
+)
 from cloister.manager.recovery import failed, halt, rekey
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
@@ -43,6 +53,8 @@ __all__ = ["Callbacks", "Engine", "Options", "Ports", "UnknownWorkerError"]
 
 log = logging.getLogger("cloister.manager")
 
+_HOLD = 0.05  # seconds the dispatcher waits for a lease renewal before it looks again
+
 
 class Engine:
     """Runs keyed workers: their table, timers, run queue, dispatcher and responses."""
@@ -60,6 +72,10 @@ class Engine:
         self.supervisor = supervisor
         self.ports = ports if ports is not None else Ports()
         self.counters = counters if counters is not None else ManagerCounters()
+        # The right to work; a cluster gives its member lease (see ports.Permit).
+        self.permit: Permit = UNBOUNDED
+        self.held = False  # a callback waited for the permit: the dispatcher backs off
+        self._late_logged = 0.0  # the lease whose late results were logged already
         self.name = options.name
         self.concurrency = options.concurrency
         # Live workers (see the module's docstring: Worker, or an idle worker's Spec).
@@ -283,9 +299,22 @@ class Engine:
                     if worker.flags & GONE or worker.busy_since:
                         continue
                     self._step(worker, loop)
+                    if self.held:
+                        break
                     done += 1
                     if done >= budget:
                         break
+                if self.held:
+                    # The lease ran out: nothing starts until it is renewed (a moment) or
+                    # the node suspends and gives the workers up.
+                    self.held = False
+                    self.wake.clear()
+                    try:
+                        async with asyncio.timeout(_HOLD):
+                            await self.wake.wait()
+                    except TimeoutError:
+                        pass
+                    continue
                 if done >= budget:
                     await asyncio.sleep(0)
                     continue
@@ -329,7 +358,11 @@ class Engine:
         message: Message | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        started = loop.time()
+        started = loop.time()  # the event loop's clock is time.monotonic(), as the lease's
+        permit = self.permit
+        if started >= permit.lease_until:
+            self._hold(worker, message)
+            return
         try:
             if message is None:
                 value, rest = run_eagerly(callback(worker.id, worker.payload))
@@ -339,6 +372,9 @@ class Engine:
             failed(self, worker, exc, message, started)
             return
         if rest is None:
+            if loop.time() >= permit.lease_until:  # it ran past the lease (it blocked)
+                self._discard(worker, message, started)
+                return
             self._apply(worker, value, message, started)
             return
         worker.busy_since = started
@@ -369,7 +405,10 @@ class Engine:
         except Exception as exc:
             failed(self, worker, exc, message, started)
         else:
-            self._apply(worker, value, message, started)
+            if time.monotonic() >= self.permit.lease_until:
+                self._discard(worker, message, started)
+            else:
+                self._apply(worker, value, message, started)
         finally:
             self._running_tasks.pop(worker, None)
             self._continuations.pop(worker, None)
@@ -379,6 +418,49 @@ class Engine:
             if worker.has_work() and not worker.flags & GONE:
                 self.enqueue(worker)
             self.wake.set()
+
+    def _hold(self, worker: Worker, message: Message | None) -> None:
+        """The lease ran out before ``worker``'s callback could start: keep the work, in
+        order, for when the lease is renewed (or the node gives the worker up)."""
+        if message is None:
+            worker.flags |= PERFORM_PENDING
+            self.counters.performs -= 1  # counted by _step; it did not run
+        else:
+            if worker.mailbox is None:
+                worker.mailbox = deque()
+            worker.mailbox.appendleft(message)
+            if message.kind == "call":
+                self.counters.calls -= 1
+            else:
+                self.counters.casts -= 1
+        worker.flags |= QUEUED
+        self.runnable.appendleft(worker)
+        self.held = True
+        self.wake.set()
+
+    def _discard(self, worker: Worker, message: Message | None, started: float) -> None:
+        """A result that came back after the lease ran out: another node may own the key
+        by now, so nothing of it is applied, acked or stored; the message is redelivered
+        to whoever owns the key next."""
+        self.counters.late_results += 1
+        if self._late_logged != self.permit.lease_until:
+            self._late_logged = self.permit.lease_until
+            log.warning(
+                "%s: a result of worker %r came back %.2fs after the lease ran out; "
+                "discarded (the key's next owner handles its message again)",
+                self.name,
+                worker.id,
+                time.monotonic() - self.permit.lease_until,
+            )
+        if message is not None:
+            if message.reply is not None and not message.reply.done():
+                message.reply.set_exception(
+                    NotOwnerError(f"worker {worker.id!r}: this node lost its lease; retry")
+                )
+            if message.inbox is not None and self.ports.forget is not None:
+                self.ports.forget(1)
+        elif worker.spec.timeout:
+            self.reschedule(worker, started, None)
 
     def _slow(self, worker: Worker, started: float) -> None:
         if worker.busy_since == started:

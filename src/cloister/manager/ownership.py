@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Set
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
-from cloister.errors import CloisterError, NotOwnerError
+from cloister.errors import CloisterError, FencedError, NotOwnerError
 from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
@@ -103,6 +104,8 @@ class ShardRegion:
         self.consumers: PartitionConsumers | None = None
         # id -> (payload, casts, watermark) handed over by the previous owner
         self.handed: dict[Key, tuple[Any, list[Any], int]] = {}
+        # The epoch this node last settled on: its fencing token (DynamicManager.fence).
+        self.fence = 0
         # release/settle/suspend/handover run one at a time, whoever calls them (the
         # cluster's hooks, start(), stop()): they move the same workers and partitions.
         self.lock = asyncio.Lock()
@@ -152,10 +155,12 @@ class ShardRegion:
                 engine.deliver_record,
                 engine.supervisor,
                 max_in_flight=options.max_in_flight,
-                before_ack=self.table.flush,
+                before_ack=self._store_before_ack,
             )
             engine.ports.ack = self.consumers.ack
             engine.ports.park = self.consumers.park
+            engine.ports.forget = self.consumers.forget
+        engine.permit = cluster.lease
         cluster.add_hook(hook)
         if cluster.state is State.READY and cluster.topology is not None:
             await self.settle(cluster.topology)
@@ -279,6 +284,7 @@ class ShardRegion:
             moves = self._rebalance(topology, placement)
             await self.consumers.release(set(moves.revoked))
             await self.consumers.take(set(moves.owned))
+        self.fence = topology.epoch
         await lifecycle.enter(Phase.UP)
 
     async def suspend(self, reason: SuspendReason) -> None:
@@ -431,11 +437,24 @@ class ShardRegion:
                 consumers.forget(len(waiting) - len(kept_parked))
                 parked[worker_id] = kept_parked
 
+    def _lease_valid(self) -> bool:
+        return time.monotonic() < self.cluster.lease.lease_until
+
+    async def _store_before_ack(self, keys: list[Any]) -> None:
+        """Store the payloads a batch of acks vouches for — only while the lease is valid:
+        a node past its lease may have lost these keys, and its payloads are stale."""
+        if not self._lease_valid():
+            raise FencedError(
+                f"node {self.cluster.node}: lease ran out; {len(keys)} payload(s) not stored"
+            )
+        assert self.table is not None
+        await self.table.flush(keys)
+
     async def _flush_loop(self) -> None:
         assert self.table is not None
         while True:
             await asyncio.sleep(self.options.flush_interval)
-            if self.table.dirty:
+            if self.table.dirty and self._lease_valid():
                 try:
                     await self.table.flush()
                 except CloisterError as exc:

@@ -3,9 +3,10 @@ through (each optional: a standalone engine has no inbox and no state table)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cloister.backends import LogConsumer, LogRecord
 from cloister.errors import CloisterError
@@ -24,6 +25,28 @@ Write = Callable[[Stored], Awaitable[None]]
 """Write one state-table record now (a halted or re-keyed worker's deletion)."""
 Put = Callable[[Key, dict[str, Any]], Awaitable[None]]
 """Start a worker under a new id (a re-key), wherever that id lives."""
+Forget = Callable[[int], None]
+"""That many delivered inbox records will not be acked here (redelivered elsewhere)."""
+
+
+class Permit(Protocol):
+    """The node's right to work: valid until ``lease_until`` (``time.monotonic()``).
+
+    A cluster node's member lease is one (:attr:`cloister.cluster.Cluster.lease`): a
+    callback starts only while it is valid, and a result that comes back after it ran out
+    is discarded — a process paused past its lease wakes up to find its work refused.
+    """
+
+    lease_until: float
+
+
+class Unbounded:
+    """The permit of a standalone engine: nobody else can take its workers."""
+
+    lease_until = math.inf
+
+
+UNBOUNDED = Unbounded()
 
 
 class UnknownWorkerError(CloisterError, KeyError):
@@ -67,3 +90,4 @@ class Ports:
     mark: Mark | None = None
     write: Write | None = None
     put: Put | None = None
+    forget: Forget | None = None

@@ -49,6 +49,8 @@ class ManagerCounters:
     duplicates: int = 0
     retries: int = 0
     dead_letters: int = 0
+    late_results: int = 0
+    """Callbacks whose result came back after the node's lease ran out (discarded)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""
