@@ -372,9 +372,10 @@ class Engine:
             failed(self, worker, exc, message, started)
             return
         if rest is None:
-            if loop.time() >= permit.lease_until:  # it ran past the lease (it blocked)
-                self._discard(worker, message, started)
-                return
+            # No second clock read on this hot path: a sync callback that blocked past the
+            # lease has its result applied in memory only — its ack and payload are refused
+            # by the lease checks where they are written (ownership), and the suspension
+            # that follows drops the memory.
             self._apply(worker, value, message, started)
             return
         worker.busy_since = started
