@@ -104,7 +104,7 @@ async def test_a_suspension_rederives_the_in_flight_count() -> None:
     async with AsyncExitStack() as stack:
         a, keeper = await _node(stack, url, "a", stamps, manager)
         await eventually(lambda: a.state is State.READY)
-        consumers = keeper._consumers
+        consumers = keeper._region.consumers if keeper._region else None
         assert isinstance(consumers, PartitionConsumers)
         # Records counted in flight that nobody will ever ack or forget (a park that failed,
         # say): the fetch loops would wait for room that never comes.

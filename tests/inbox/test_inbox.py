@@ -134,7 +134,7 @@ async def test_unknown_key_and_malformed_records_are_parked_not_fatal(nodes: Nod
     a = await nodes.start("a")
     await a.cluster.wait_ready(2)  # type: ignore[union-attr]
     await a.cast("nobody", 1)
-    inbox = a._inbox
+    inbox = a.inbox
     assert inbox is not None and inbox.log is not None
     await inbox.log.append(3, b"\xc1 not msgpack")
     await a.cast("k4", 7)
@@ -235,7 +235,7 @@ async def _drained(manager: DynamicManager) -> None:
 async def test_acks_refused_while_the_medium_is_away_are_sent_again(nodes: Nodes) -> None:
     a = await nodes.start("a")
     await a.cluster.wait_ready(2)  # type: ignore[union-attr]
-    consumers = a._consumers
+    consumers = a._region.consumers if a._region else None
     assert consumers is not None
     await eventually(lambda: len(consumers.partitions) == a.partitions)
     refused = []

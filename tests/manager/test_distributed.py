@@ -49,7 +49,14 @@ async def test_handoff_on_join_leave_and_crash_never_runs_a_key_twice(nodes: Nod
     await eventually(nodes.settled)
     await asyncio.sleep(0.1)
     assert {node for node, _, _ in nodes.ledger.performs} == {"a", "b", "c"}, {
-        k: (len(m.ids()), m.state, m._paused, len(m._timers), m._in_flight, len(m._runnable))
+        k: (
+            len(m.ids()),
+            m.state,
+            m._engine.paused,
+            len(m._engine.timers),
+            m._engine.in_flight,
+            len(m._engine.runnable),
+        )
         for k, m in nodes.managers.items()
     }
     await nodes.start("d")

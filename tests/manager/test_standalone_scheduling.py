@@ -258,7 +258,7 @@ async def test_concurrency_limit_bounds_suspended_callbacks() -> None:
         assert await manager.call(3, "also limited", timeout=5) is None
         await asyncio.sleep(0.1)
         assert manager.peak == 2
-        assert manager._in_flight <= 2
+        assert manager._engine.in_flight <= 2
     assert min(manager.done.values()) >= 1
 
 

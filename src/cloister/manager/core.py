@@ -41,15 +41,12 @@ from cloister.manager.lifecycle import Lifecycle, ManagerState, Phase
 from cloister.manager.ownership import YIELD_EVERY, RegionOptions, ShardRegion
 from cloister.manager.responses import Ok
 from cloister.manager.routing import Router
-from cloister.manager.scheduler import TimerWheel
-from cloister.manager.spec import Spec, check_id, make_spec
+from cloister.manager.spec import check_id, make_spec
 from cloister.manager.types import ON_ERROR, PICKUP, Key, ManagerCounters, OnError, Pickup, Reason
-from cloister.manager.worker import Worker, WorkerInfo
+from cloister.manager.worker import WorkerInfo
 from cloister.store.inbox import DeadLetter, Inbox
 
 if TYPE_CHECKING:
-    from collections import deque
-
     from cloister.cluster import Cluster, Topology
 
 __all__ = ["DynamicManager", "UnknownWorkerError"]
@@ -448,7 +445,7 @@ class DynamicManager:
         if self._region is not None:
             await self._region.suspend(reason)
 
-    # -- read-only views of the rooms (status, sources, tests) ------------------------------
+    # -- the rooms' parts the facade reads ----------------------------------------------------
 
     @property
     def _inbox(self) -> Inbox | None:
@@ -457,23 +454,3 @@ class DynamicManager:
     @property
     def _consumers(self) -> PartitionConsumers | None:
         return self._region.consumers if self._region is not None else None
-
-    @property
-    def _workers(self) -> dict[Key, Worker | Spec]:
-        return self._engine.workers
-
-    @property
-    def _paused(self) -> bool:
-        return self._engine.paused
-
-    @property
-    def _timers(self) -> TimerWheel:
-        return self._engine.timers
-
-    @property
-    def _in_flight(self) -> int:
-        return self._engine.in_flight
-
-    @property
-    def _runnable(self) -> deque[Worker]:
-        return self._engine.runnable

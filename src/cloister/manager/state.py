@@ -28,6 +28,9 @@ from cloister.store.keys import encode_key
 log = logging.getLogger("cloister.manager.state")
 
 
+_LOAD_YIELD_EVERY = 2_000  # records decoded between yields to the event loop
+
+
 def storage_key(worker_id: Any) -> str:
     """A bucket key for any worker id (exact and reversible, no hashing collisions)."""
     return encode_key(worker_id, "w")
@@ -85,12 +88,21 @@ class StateTable:
         self._writing = asyncio.Lock()
 
     async def load(self) -> None:
-        """Re-list the bucket into the mirror."""
+        """Re-list the bucket into the mirror.
+
+        Every settle reloads, and a manager has many thousands of records: the loop yields
+        now and then, so a node's heartbeat never waits for a reload. Records are decoded
+        afresh each time: a worker may have changed a payload object in place, and a
+        takeover must start from what is stored, never from what is in memory.
+        """
         mirror: dict[Any, Stored] = {}
-        for entry in (await self.kv.entries(consistent=True)).values():
+        entries = await self.kv.entries(consistent=True)
+        for count, entry in enumerate(entries.values(), 1):
             stored = self._decode(entry.value)
             if stored is not None:
                 mirror[stored.id] = stored
+            if not count % _LOAD_YIELD_EVERY:
+                await asyncio.sleep(0)
         self.mirror = mirror
 
     def _decode(self, data: bytes) -> Stored | None:
