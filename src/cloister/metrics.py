@@ -27,6 +27,10 @@ metric                                            type     meaning
 ``cloister_fenced_total``                         counter  self-fencings (renewal failed)
 ``cloister_heartbeat_failures_total``             counter  failed membership renewals
 ``cloister_bad_records_total``                    counter  malformed records ignored
+``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
+                                                           tick (a callback held it)
+``cloister_event_loop_stalls_total``              counter  loop held longer than 0.25 s (each
+                                                           logged once, naming the code)
 ``cloister_rehash_seconds``                       summary  time from leaving ``ready`` (or
                                                            ``assembling``) to ``ready`` again:
                                                            the longest a moved key can pause
@@ -40,7 +44,8 @@ metric                                            type     meaning
                                                            (callbacks that raised),
                                                            timeouts, handed_off,
                                                            taken_over, duplicates,
-                                                           retries, dead_letters
+                                                           retries, dead_letters,
+                                                           late_results
 ================================================  =======  =================================
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
@@ -167,6 +172,17 @@ class NodeCollector:
         yield labels.gauge("consensus", "Members needed before any node is ready.", info.consensus)
         yield labels.gauge("is_sentry", "1 while this node is the sentry.", info.is_sentry)
         yield from labels.counters("", cluster.counters.as_dict(), _CLUSTER_COUNTERS)
+        if (loop_watch := cluster.loop_watch) is not None:
+            yield labels.gauge(
+                "event_loop_lag_seconds",
+                "How late the node's event loop ran its last tick (blocked by a callback).",
+                loop_watch.lag,
+            )
+            yield from labels.counters(
+                "event_loop_",
+                {"stalls": loop_watch.stalls},
+                {"stalls": "Times the event loop was held longer than 0.25 s."},
+            )
         yield labels.summary(
             "rehash_seconds",
             "Rehashes: from leaving ready (or assembling) to ready again.",

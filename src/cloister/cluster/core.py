@@ -27,6 +27,7 @@ from collections.abc import Collection, Iterable
 from types import TracebackType
 from typing import Any
 
+from cloister._loopwatch import LoopWatch, watch
 from cloister._tasks import Supervisor, wait_event
 from cloister.backends import Backend, open_backend
 from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
@@ -150,6 +151,7 @@ class Cluster(RemoteCalls):
         self._settled_epoch = 0
         self._ready = asyncio.Event()
         self._crashed = False
+        self._loop_watch: LoopWatch | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class Cluster(RemoteCalls):
             self.backend_url, self.name, self.node, **self._backend_options
         )
         self._listener.start()
+        self._loop_watch = watch()
+        self._loop_watch.start()
         try:
             await backend.connect()
             backend.on_reconnect(self._on_reconnect)
@@ -214,6 +218,9 @@ class Cluster(RemoteCalls):
         await self._listener.close()
 
     async def _teardown(self) -> None:
+        if self._loop_watch is not None:
+            self._loop_watch.stop()
+            self._loop_watch = None
         await self._supervisor.close()
         if self._backend is not None:
             await self._backend.close()
@@ -374,6 +381,12 @@ class Cluster(RemoteCalls):
     def crashed(self) -> bool:
         """True once this node died: its connection to the medium closed for good."""
         return self._crashed
+
+    @property
+    def loop_watch(self) -> LoopWatch | None:
+        """The lag of this node's event loop (``lag``, ``max_lag``, ``stalls``, and
+        ``last_culprit``: the code that held it last); None when not started."""
+        return self._loop_watch
 
     @property
     def lease(self) -> Lease:
