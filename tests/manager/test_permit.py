@@ -8,6 +8,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from cloister.manager.responses import Replace
 
 from ._standalone import until
@@ -109,3 +111,45 @@ async def test_the_fencing_token_grows_from_one_owner_to_the_next() -> None:
         assert [f for _, f in seen] == sorted(f for _, f in seen), key
         assert min(f for n, f in seen if n == "b") > max(f for n, f in seen if n == "a"), key
         assert all(f > 0 for _, f in seen)
+
+
+async def test_a_handoff_from_an_older_epoch_is_refused() -> None:
+    from contextlib import AsyncExitStack
+
+    from cloister import Cluster, DynamicManager
+    from cloister.cluster import State
+    from cloister.errors import FencedError, RemoteError
+
+    class Held(DynamicManager):
+        name = "held"
+
+        def children_specs(self) -> dict[Any, Any]:
+            return {f"k{i}": {} for i in range(10)}
+
+    async with AsyncExitStack() as stack:
+        clusters = []
+        for name in "ab":
+            cluster = Cluster(
+                "handoff-epoch",
+                name,
+                backend="memory://handoff-epoch",
+                heartbeat=0.05,
+                failure_timeout=0.2,
+            )
+            await cluster.start()
+            stack.push_async_callback(cluster.stop)
+            manager = await Held.start(cluster)
+            stack.push_async_callback(manager.stop)
+            clusters.append(cluster)
+        a, b = clusters
+        await until(
+            lambda: all(c.state is State.READY and len(c.siblings()) == 2 for c in clusters)
+        )
+        handler = "cloister.manager.held.handoff"
+        stale = {"epoch": b.epoch - 1, "workers": [["k1", 99, [], 7]]}
+        with pytest.raises(FencedError, match="refused"):
+            await a.call("b", handler, stale)
+        with pytest.raises(RemoteError, match="handoff"):
+            await a.call("b", handler, [["k1", 99, [], 7]])  # the old, unversioned shape
+        current = {"epoch": b.epoch, "workers": [["k1", 99, [], 7]]}
+        assert await a.call("b", handler, current) == 1

@@ -5,7 +5,7 @@ another node — never arbitrary code. Requests and replies are msgpack maps:
 
 - request: ``{"h": handler name, "p": payload, "f": sender}``
 - reply: ``{"r": result}`` or ``{"e": error kind, "m": message}``, the kind one of a
-  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``)
+  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``, ``fenced``)
 
 A failing or unknown handler becomes an error *reply*; the caller turns it into a
 :class:`CallResult` with ``error`` set, so one bad node never loses the other replies.
@@ -23,6 +23,7 @@ from cloister import wire
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
+    FencedError,
     NotOwnerError,
     RemoteError,
     UnknownHandlerError,
@@ -41,8 +42,9 @@ _ERRORS: dict[str, type[CloisterError]] = {
     "bad_request": WireFormatError,
     "handler_failed": RemoteError,
     "not_owner": NotOwnerError,
+    "fenced": FencedError,
 }
-_KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner"}
+_KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner", FencedError: "fenced"}
 
 
 @dataclass(frozen=True, slots=True)

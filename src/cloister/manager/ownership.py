@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
-from cloister.errors import CloisterError, FencedError, NotOwnerError
+from cloister.errors import CloisterError, FencedError, NotOwnerError, WireFormatError
 from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
@@ -391,15 +391,28 @@ class ShardRegion:
         for owner, batch in batches.items():
             for start in range(0, len(batch), HANDOFF_CHUNK):
                 await self._ship(owner, batch[start : start + HANDOFF_CHUNK])
-        if table is not None:
+        if table is not None and self._lease_valid():  # past it, the stored state stands
             await table.flush(leaving)
 
     async def _ship(self, owner: str, chunk: list[list[Any]]) -> None:
+        # The batch names the epoch it moves under: a node that moved on refuses it.
+        batch = {"epoch": self.cluster.epoch, "workers": chunk}
         try:
             await self.cluster.call(
-                owner, f"cloister.manager.{self.options.name}.handoff", chunk, timeout=10
+                owner, f"cloister.manager.{self.options.name}.handoff", batch, timeout=10
             )
         except CloisterError as exc:
+            if not self._lease_valid():
+                # Past our lease these payloads may be stale: another node may own the
+                # keys by now. Storing them could undo its work; the stored ones stand.
+                log.warning(
+                    "handoff of %d worker(s) to %s failed (%s) after the lease ran out; "
+                    "nothing stored",
+                    len(chunk),
+                    owner,
+                    exc,
+                )
+                return
             log.warning(
                 "handoff of %d worker(s) to %s failed (%s); storing payloads instead",
                 len(chunk),
@@ -411,10 +424,20 @@ class ShardRegion:
                     self.table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
 
     async def receive_handoff(self, batch: Any) -> int:
-        """Keep what a previous owner shipped (the RPC handler ``handoff``)."""
-        for worker_id, payload, casts, watermark in batch:
-            self.handed[worker_id] = (payload, list(casts), int(watermark))
-        return len(batch)
+        """Keep what a previous owner shipped (the RPC handler ``handoff``).
+
+        :class:`FencedError` for a batch from an epoch older than ours (its sender lost
+        touch: the stored state stands); :class:`WireFormatError` for a malformed one.
+        """
+        epoch, workers = _handoff_batch(batch)
+        if epoch < self.cluster.epoch:
+            raise FencedError(
+                f"handoff of {len(workers)} worker(s) from epoch {epoch} refused: "
+                f"node {self.cluster.node} is at epoch {self.cluster.epoch}"
+            )
+        for worker_id, payload, casts, watermark in workers:
+            self.handed[worker_id] = (payload, list(casts), watermark)
+        return len(workers)
 
     # -- inbox and table -----------------------------------------------------------------------
 
@@ -459,3 +482,24 @@ class ShardRegion:
                     await self.table.flush()
                 except CloisterError as exc:
                     log.warning("manager %s: payload flush postponed (%s)", self.options.name, exc)
+
+
+def _handoff_batch(batch: Any) -> tuple[int, list[tuple[Any, Any, list[Any], int]]]:
+    """The epoch and the workers of a handoff batch, checked."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("epoch"), int):
+        raise WireFormatError("handoff: expected {'epoch': int, 'workers': [...]}")
+    workers = batch.get("workers")
+    if not isinstance(workers, list):
+        raise WireFormatError("handoff: 'workers' must be a list")
+    checked = []
+    for entry in workers:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 4
+            or not isinstance(entry[2], list)
+            or not isinstance(entry[3], int)
+            or isinstance(entry[3], bool)
+        ):
+            raise WireFormatError("handoff: each worker is [id, payload, casts, watermark]")
+        checked.append((entry[0], entry[1], entry[2], entry[3]))
+    return batch["epoch"], checked
