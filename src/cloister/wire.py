@@ -19,12 +19,22 @@ _MAX_BYTES = 64 * 1024 * 1024
 # Tuples travel as an extension type so that they come back as tuples, not lists: worker
 # ids such as ("tenant", 7) must keep their type to keep their place on the ring.
 _TUPLE = 1
+# Each tuple level is a nested unpack in C: a few hundred levels overflow the C stack and
+# kill the process (a 1.9 KB message did). Tuples deeper than this are refused both ways.
+MAX_TUPLE_DEPTH = 32
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, tuple):
-        # A fresh packer: this thread's own one is busy with the enclosing value.
-        return msgpack.ExtType(_TUPLE, _encode_with(_new_packer(), list(value)))
+        depth = _thread.depth
+        if depth >= MAX_TUPLE_DEPTH:
+            raise ValueError(f"tuples nested more than {MAX_TUPLE_DEPTH} deep")
+        _thread.depth = depth + 1
+        try:
+            # A fresh packer: this thread's own one is busy with the enclosing value.
+            return msgpack.ExtType(_TUPLE, _encode_with(_new_packer(), list(value)))
+        finally:
+            _thread.depth = depth
     # strict_types sends subclasses here: pass them on as their base type.
     for base in (bool, int, float, str, bytes, dict, list):
         if isinstance(value, base):
@@ -34,7 +44,14 @@ def _default(value: Any) -> Any:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _TUPLE:
-        return tuple(decode(data))
+        depth = _thread.depth
+        if depth >= MAX_TUPLE_DEPTH:
+            raise WireFormatError(f"tuples nested more than {MAX_TUPLE_DEPTH} deep")
+        _thread.depth = depth + 1
+        try:
+            return tuple(decode(data))
+        finally:
+            _thread.depth = depth
     raise WireFormatError(f"unknown msgpack extension type {code}")
 
 
@@ -47,6 +64,7 @@ class _ThreadPacker(threading.local):
 
     def __init__(self) -> None:
         self.packer = _new_packer()
+        self.depth = 0  # tuples being encoded or decoded around the current one
 
 
 _thread = _ThreadPacker()
@@ -60,6 +78,8 @@ def encode(value: Any) -> bytes:
 def _encode_with(packer: msgpack.Packer, value: Any) -> bytes:
     try:
         return packer.pack(value)  # type: ignore[no-any-return]
+    except WireFormatError:
+        raise  # from a nested tuple: already says what was wrong
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireFormatError(
             f"cannot encode {type(value).__name__} for the wire ({exc}); use None, bool, "
