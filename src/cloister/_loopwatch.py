@@ -92,10 +92,10 @@ class LoopWatch:
         while not self._stop.wait(self.interval):
             stalled = time.monotonic() - self._stamp - self.interval
             if stalled > self.threshold and not self._reported:
-                self._reported = True
+                # The culprit first: the ticker logs it as soon as it sees the flag.
+                self.last_culprit = culprit(sys._current_frames().get(self._loop_thread))
                 self.stalls += 1
-                frame = sys._current_frames().get(self._loop_thread)
-                self.last_culprit = culprit(frame)
+                self._reported = True
 
     @property
     def running(self) -> bool:
