@@ -124,8 +124,18 @@ class Demo:
         self.events.append(f"{time.monotonic() - self.started:6.2f}s  {text}")
 
     async def start_node(self, name: str) -> None:
-        heartbeat = 0.2 if self.memory else 1.0
-        cluster = Cluster(CLUSTER, name, backend=self.backend, heartbeat=heartbeat)
+        # In memory all three nodes share one event loop with the producer, which keeps it
+        # saturated: a short heartbeat keeps epochs quick, and the failure timeout leaves
+        # renewals room (0.8 s) so that no node fences itself under that load. Nothing
+        # crashes in the demo, so the failure timeout costs it no time.
+        heartbeat, failure_timeout = (0.2, 1.0) if self.memory else (1.0, 3.0)
+        cluster = Cluster(
+            CLUSTER,
+            name,
+            backend=self.backend,
+            heartbeat=heartbeat,
+            failure_timeout=failure_timeout,
+        )
         await cluster.start()
         self.clusters[name] = cluster
         self.managers[name] = await self.manager_cls.start(cluster)
