@@ -21,7 +21,6 @@ from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
-from cloister.errors import NotOwnerError
 from cloister.manager.ports import (
     UNBOUNDED,
     Callback,
@@ -31,7 +30,7 @@ from cloister.manager.ports import (
     Ports,
     UnknownWorkerError,
 )
-from cloister.manager.recovery import failed, halt, rekey
+from cloister.manager.recovery import discard, failed, halt, hold, rekey
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
 from cloister.manager.spec import Spec
@@ -75,7 +74,7 @@ class Engine:
         # The right to work; a cluster gives its member lease (see ports.Permit).
         self.permit: Permit = UNBOUNDED
         self.held = False  # a callback waited for the permit: the dispatcher backs off
-        self._late_logged = 0.0  # the lease whose late results were logged already
+        self.late_logged = 0.0  # the lease whose late results were logged already
         self.name = options.name
         self.concurrency = options.concurrency
         # Live workers (see the module's docstring: Worker, or an idle worker's Spec).
@@ -361,7 +360,7 @@ class Engine:
         started = loop.time()  # the event loop's clock is time.monotonic(), as the lease's
         permit = self.permit
         if started >= permit.lease_until:
-            self._hold(worker, message)
+            hold(self, worker, message)
             return
         try:
             if message is None:
@@ -407,7 +406,7 @@ class Engine:
             failed(self, worker, exc, message, started)
         else:
             if time.monotonic() >= self.permit.lease_until:
-                self._discard(worker, message, started)
+                discard(self, worker, message, started)
             else:
                 self._apply(worker, value, message, started)
         finally:
@@ -419,49 +418,6 @@ class Engine:
             if worker.has_work() and not worker.flags & GONE:
                 self.enqueue(worker)
             self.wake.set()
-
-    def _hold(self, worker: Worker, message: Message | None) -> None:
-        """The lease ran out before ``worker``'s callback could start: keep the work, in
-        order, for when the lease is renewed (or the node gives the worker up)."""
-        if message is None:
-            worker.flags |= PERFORM_PENDING
-            self.counters.performs -= 1  # counted by _step; it did not run
-        else:
-            if worker.mailbox is None:
-                worker.mailbox = deque()
-            worker.mailbox.appendleft(message)
-            if message.kind == "call":
-                self.counters.calls -= 1
-            else:
-                self.counters.casts -= 1
-        worker.flags |= QUEUED
-        self.runnable.appendleft(worker)
-        self.held = True
-        self.wake.set()
-
-    def _discard(self, worker: Worker, message: Message | None, started: float) -> None:
-        """A result that came back after the lease ran out: another node may own the key
-        by now, so nothing of it is applied, acked or stored; the message is redelivered
-        to whoever owns the key next."""
-        self.counters.late_results += 1
-        if self._late_logged != self.permit.lease_until:
-            self._late_logged = self.permit.lease_until
-            log.warning(
-                "%s: a result of worker %r came back %.2fs after the lease ran out; "
-                "discarded (the key's next owner handles its message again)",
-                self.name,
-                worker.id,
-                time.monotonic() - self.permit.lease_until,
-            )
-        if message is not None:
-            if message.reply is not None and not message.reply.done():
-                message.reply.set_exception(
-                    NotOwnerError(f"worker {worker.id!r}: this node lost its lease; retry")
-                )
-            if message.inbox is not None and self.ports.forget is not None:
-                self.ports.forget(1)
-        elif worker.spec.timeout:
-            self.reschedule(worker, started, None)
 
     def _slow(self, worker: Worker, started: float) -> None:
         if worker.busy_since == started:

@@ -1,5 +1,6 @@
-"""What the engine does when a worker's callback fails, and when a response takes the
-worker out of its table (``Halt``, a re-key): the cold paths, apart from the dispatcher.
+"""What the engine does when a worker's callback fails, when a response takes the worker
+out of its table (``Halt``, a re-key), and when the lease ran out around a callback
+(hold, discard): the cold paths, apart from the dispatcher.
 
 Functions of the engine (typed by :class:`EngineView`) rather than methods: the engine
 calls them only on these paths, so the hot loop pays nothing for them.
@@ -9,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
-from cloister.errors import RemoteError
-from cloister.manager.ports import Callbacks, Options, Ports
+from cloister.errors import NotOwnerError, RemoteError
+from cloister.manager.ports import Callbacks, Options, Permit, Ports
 from cloister.manager.scheduler import TimerWheel
 from cloister.manager.spec import Spec, check_id, make_spec
 from cloister.manager.state import Stored
 from cloister.manager.types import Key, ManagerCounters, Reason
-from cloister.manager.worker import GONE, Message, Worker
+from cloister.manager.worker import GONE, PERFORM_PENDING, QUEUED, Message, Worker
 
 log = logging.getLogger("cloister.manager")
 
@@ -39,6 +41,10 @@ class EngineView(Protocol):
     workers: dict[Key, Worker | Spec]
     specs: dict[Key, Spec]
     wake: asyncio.Event
+    runnable: deque[Worker]
+    permit: Permit
+    held: bool
+    late_logged: float
 
     def enqueue(self, worker: Worker) -> None: ...
 
@@ -156,3 +162,48 @@ async def rekey(engine: EngineView, worker: Worker, new_id: Any) -> None:
         await put(new_id, fields)
     else:  # standalone: the new id lives here too
         await engine.put(new_id, make_spec(new_id, fields), known=False)
+
+
+def hold(engine: EngineView, worker: Worker, message: Message | None) -> None:
+    """The lease ran out before ``worker``'s callback could start: keep the work, in
+    order, for when the lease is renewed (or the node gives the worker up)."""
+    if message is None:
+        worker.flags |= PERFORM_PENDING
+        engine.counters.performs -= 1  # counted by _step; it did not run
+    else:
+        if worker.mailbox is None:
+            worker.mailbox = deque()
+        worker.mailbox.appendleft(message)
+        if message.kind == "call":
+            engine.counters.calls -= 1
+        else:
+            engine.counters.casts -= 1
+    worker.flags |= QUEUED
+    engine.runnable.appendleft(worker)
+    engine.held = True
+    engine.wake.set()
+
+
+def discard(engine: EngineView, worker: Worker, message: Message | None, started: float) -> None:
+    """A result that came back after the lease ran out: another node may own the key
+    by now, so nothing of it is applied, acked or stored; the message is redelivered
+    to whoever owns the key next."""
+    engine.counters.late_results += 1
+    if engine.late_logged != engine.permit.lease_until:
+        engine.late_logged = engine.permit.lease_until
+        log.warning(
+            "%s: a result of worker %r came back %.2fs after the lease ran out; "
+            "discarded (the key's next owner handles its message again)",
+            engine.name,
+            worker.id,
+            time.monotonic() - engine.permit.lease_until,
+        )
+    if message is not None:
+        if message.reply is not None and not message.reply.done():
+            message.reply.set_exception(
+                NotOwnerError(f"worker {worker.id!r}: this node lost its lease; retry")
+            )
+        if message.inbox is not None and engine.ports.forget is not None:
+            engine.ports.forget(1)
+    elif worker.spec.timeout:
+        engine.reschedule(worker, started, None)
