@@ -68,7 +68,9 @@ class LoopWatch:
         self._ticker.cancel()
         self._ticker = None
         self._stop.set()
-        self._thread = None
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # it wakes every interval: at once, in practice
+            self._thread = None
 
     async def _tick(self) -> None:
         interval = self.interval

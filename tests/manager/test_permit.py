@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 
+from cloister import DynamicManager, Ok
+from cloister.cluster import State
+from cloister.errors import FencedError, RemoteError
 from cloister.manager.responses import Replace
+from tests._support.nodes import ClusterNodes
+from tests._support.timing import FAST
 
 from ._standalone import until
 from .test_engine import FakeInbox, add, callbacks, engine, record
@@ -70,11 +76,6 @@ async def test_a_result_that_comes_back_after_the_lease_is_discarded() -> None:
 
 
 async def test_the_fencing_token_grows_from_one_owner_to_the_next() -> None:
-    from contextlib import AsyncExitStack
-
-    from cloister import Cluster, DynamicManager, Ok
-    from cloister.cluster import State
-
     tokens: dict[str, list[tuple[str, int]]] = {}
 
     class Writer(DynamicManager):
@@ -86,21 +87,10 @@ async def test_the_fencing_token_grows_from_one_owner_to_the_next() -> None:
             return Ok(None)
 
     async with AsyncExitStack() as stack:
-        clusters = []
+        nodes = ClusterNodes(stack, "memory://fence-token", cluster="fence-token", timing=FAST)
         for name in "ab":
-            cluster = Cluster(
-                "fence-token",
-                name,
-                backend="memory://fence-token",
-                heartbeat=0.05,
-                failure_timeout=0.2,
-            )
-            await cluster.start()
-            stack.push_async_callback(cluster.stop)
-            manager = await Writer.start(cluster)
-            stack.push_async_callback(manager.stop)
-            clusters.append(cluster)
-            await until(lambda c=cluster: c.state is State.READY)
+            await nodes.start_manager(name, Writer)
+            await until(lambda n=name: nodes.clusters[n].state is State.READY)
             await asyncio.sleep(0.1)
         await until(lambda: len(tokens) == 40)
         await asyncio.sleep(0.2)
@@ -114,12 +104,6 @@ async def test_the_fencing_token_grows_from_one_owner_to_the_next() -> None:
 
 
 async def test_a_handoff_from_an_older_epoch_is_refused() -> None:
-    from contextlib import AsyncExitStack
-
-    from cloister import Cluster, DynamicManager
-    from cloister.cluster import State
-    from cloister.errors import FencedError, RemoteError
-
     class Held(DynamicManager):
         name = "held"
 
@@ -127,20 +111,10 @@ async def test_a_handoff_from_an_older_epoch_is_refused() -> None:
             return {f"k{i}": {} for i in range(10)}
 
     async with AsyncExitStack() as stack:
-        clusters = []
+        nodes = ClusterNodes(stack, "memory://handoff-epoch", cluster="handoff-epoch", timing=FAST)
         for name in "ab":
-            cluster = Cluster(
-                "handoff-epoch",
-                name,
-                backend="memory://handoff-epoch",
-                heartbeat=0.05,
-                failure_timeout=0.2,
-            )
-            await cluster.start()
-            stack.push_async_callback(cluster.stop)
-            manager = await Held.start(cluster)
-            stack.push_async_callback(manager.stop)
-            clusters.append(cluster)
+            await nodes.start_manager(name, Held)
+        clusters = [nodes.clusters["a"], nodes.clusters["b"]]
         a, b = clusters
         await until(
             lambda: all(c.state is State.READY and len(c.siblings()) == 2 for c in clusters)

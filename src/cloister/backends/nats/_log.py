@@ -22,18 +22,8 @@ Mapping of the contract:
 - the consumer acknowledges explicitly with a one-hour ``ack_wait``: a record delivered
   to a consumer is not delivered to it again; it goes to the next consumer when the
   claim is released or evicted (the durable deleted).
-- ``fetch`` keeps at most one pull request outstanding and collects what arrives in a
-  buffer owned by the consumer, so a cancelled fetch loses nothing. Deliveries lost on
-  the wire (a reconnect, a gap in the consumer sequence) would otherwise stay pending
-  for an hour: the consumer then re-creates its durable and takes every unacknowledged
-  record again, in order, except those it already handed out (their acks still count).
-- ``ack`` is a plain (fire-and-forget) JetStream ack. The consumer remembers recent acks
-  until the server's ack floor passes them, checks every few seconds, after any sign of
-  trouble (a reconnect, a leader change) and before ``release`` that the server applied
-  them, and sends the missing ones again; ``release`` deletes the durable only then (or
-  after ``op_timeout``), so a graceful handoff does not hand acknowledged records on.
-- the durables are managed by :mod:`._log_admin`, a claim's deliveries and acks by
-  :mod:`._log_consumer`.
+- the durables are managed by :mod:`._log_admin`; a claim's ``fetch`` and ``ack`` (its
+  delivery buffer, and how its acks are made sure of) are :mod:`._log_consumer`'s.
 - ``LogRecord.deliveries`` counts deliveries by the current durable only: a record
   handed to the next consumer starts again at 1.
 """
