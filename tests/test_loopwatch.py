@@ -16,6 +16,8 @@ from cloister.testing import eventually
 
 
 class Sleepy(DynamicManager):
+    executor = "loop"  # the opt-in for tiny callbacks; this one is not tiny
+
     def children_specs(self) -> dict[Any, Any]:
         return {"k": {}}
 
@@ -47,3 +49,20 @@ async def test_a_blocking_handler_is_measured_and_named(caplog: pytest.LogCaptur
         await manager.stop()
         await cluster.stop()
     assert cluster.loop_watch is None
+
+
+async def test_with_the_default_executor_a_blocking_sync_handler_leaves_the_loop_alone() -> None:
+    cluster = Cluster("loopwatch-pool", "a", backend="memory://loopwatch-pool", heartbeat=0.5)
+    await cluster.start()
+    manager = await Sleepy.start(cluster, executor="thread")
+    try:
+        await eventually(lambda: cluster.state is State.READY)
+        watch = cluster.loop_watch
+        assert watch is not None
+        await manager.cast("k", 0.6)
+        await eventually(lambda: manager.counters.casts == 1)
+        await asyncio.sleep(0.8)  # the handler sleeps in its thread meanwhile
+        assert watch.stalls == 0 and watch.max_lag < 0.25
+    finally:
+        await manager.stop()
+        await cluster.stop()

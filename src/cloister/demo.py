@@ -49,7 +49,9 @@ class Orders(DynamicManager):
     def children_specs(self) -> dict[str, Any]:
         return {f"key-{i}": {"payload": 0, "timeout": 0} for i in range(self.key_count)}
 
-    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+        # async def: it runs on the event loop (it never awaits, so at the cost of a call),
+        # where the producers' flow-control semaphore lives.
         ledger = self.ledger
         sequence = int(message)
         ledger.room.release()

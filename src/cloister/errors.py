@@ -56,6 +56,12 @@ class FencedError(CloisterError):
     refused, and the key's new owner does the work instead. Never retried blindly."""
 
 
+class HandlerTimeoutError(CloisterError):
+    """A callback ran longer than the manager's ``handler_timeout`` and was abandoned
+    (``on_handler_timeout="abandon"``): its message is retried, then parked after
+    ``max_attempts``; whatever the callback returns later is discarded."""
+
+
 class NotOwnerError(CloisterError):
     """The node asked to handle a key does not own it (the topology moved); retry.
 

@@ -101,6 +101,9 @@ _MANAGER_COUNTERS = {
     "retries": "Inbox messages retried after a failing handle_cast.",
     "dead_letters": "Inbox messages parked after max_attempts failures.",
     "late_results": "Callback results discarded: they came back after the lease ran out.",
+    "handler_timeouts": "Callbacks that ran longer than handler_timeout.",
+    "abandoned": "Callbacks abandoned at handler_timeout (their message retried).",
+    "stalls": "Stalls found (up, records waiting, nothing in flight or handled) and healed.",
 }
 
 
@@ -199,6 +202,11 @@ class NodeCollector:
             "manager_state", "The state the manager is in.", MANAGER_STATES, manager.state
         )
         yield labels.gauge("manager_workers", "Live workers on this node (it owns).", len(manager))
+        yield labels.gauge(
+            "manager_stalled",
+            "1 while the manager is up with records waiting and nothing in flight or handled.",
+            manager.stalled,
+        )
         if self.inbox_depth is not None:
             yield labels.gauge(
                 "manager_inbox_depth",

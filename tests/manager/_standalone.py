@@ -4,6 +4,7 @@ which is :func:`cloister.testing.eventually`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -66,7 +67,7 @@ class Scripted(Recorder):
 
     def _perform(self, id: Any, payload: Any) -> Any:
         self.events.append(("perform", id, payload))
-        self.perform_times.append(asyncio.get_running_loop().time())
+        self.perform_times.append(time.monotonic())  # the loop's clock, from any thread
         return self.script.pop(0) if self.script else Ok(None)
 
     def _message(self, kind: str, message: Any, id: Any, payload: Any) -> Any:

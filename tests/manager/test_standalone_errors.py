@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ class Flaky(Recorder):
         self.seen: list[tuple[Any, Any, float]] = []
 
     def perform(self, id: Any, payload: Any) -> Any:
-        self.seen.append((id, payload, asyncio.get_running_loop().time()))
+        self.seen.append((id, payload, time.monotonic()))
         if payload in self.FAIL_AT:
             raise Boom(f"perform failed at {payload}")
         return Replace(payload + 1)
@@ -182,7 +183,7 @@ async def test_on_error_restart_of_an_idle_worker_holds_its_messages_for_the_bac
         restart_backoff = (0.1, 0.1)
 
         def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
-            self.events.append(("at", message, asyncio.get_running_loop().time()))
+            self.events.append(("at", message, time.monotonic()))
             if isinstance(message, Replace):
                 return message
             return super().handle_cast(message, id, payload)

@@ -22,7 +22,7 @@ class Ticker(Recorder):
         self.ticks: list[tuple[Any, float]] = []
 
     def perform(self, id: Any, payload: Any) -> Any:
-        self.ticks.append((id, asyncio.get_running_loop().time()))
+        self.ticks.append((id, time.monotonic()))
         return Ok(None)
 
     def count(self, worker_id: Any = None, since: float = 0.0) -> int:
@@ -353,7 +353,8 @@ async def test_ten_thousand_periodic_workers_all_perform() -> None:
 
     async with running(P) as manager:
         await until(lambda: len(manager.seen) == n and min(manager.seen.values()) >= 3, timeout=10)
-        assert manager.counters["performs"] == sum(manager.seen.values())
+    # Once stopped (performs on the thread pool have all come back): every one counted.
+    assert manager.counters["performs"] == sum(manager.seen.values())
 
 
 async def test_a_worker_put_at_runtime_performs_even_if_the_next_timer_is_far_away() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from cloister.errors import BackendError, FencedError, WireFormatError
 from cloister.store.inbox import Inbox, InboxMessage
 
 log = logging.getLogger("cloister.manager.consumer")
+
+_YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
 BeforeAck = Callable[[list[Any]], Awaitable[None]]
@@ -62,6 +65,7 @@ class PartitionConsumers:
         # Acks are batched: the hot path appends, one task sends them.
         self._to_ack: list[tuple[LogConsumer, LogRecord, Any]] = []
         self._acking = False
+        self._sending = 0  # acks of the batch the acker is sending
         self._ack_wake = asyncio.Event()
         self._acks_sent = asyncio.Event()
         self._acks_sent.set()
@@ -190,6 +194,24 @@ class PartitionConsumers:
         self.in_flight = 0
         self._room.set()
 
+    @property
+    def acks_pending(self) -> int:
+        """Records handled here whose acks are queued or being sent."""
+        return len(self._to_ack) + self._sending
+
+    def resync(self, really_in_flight: int) -> None:
+        """Take ``really_in_flight`` as the in-flight count (the stall watchdog counted
+        what is delivered and unsettled) and wake the fetch loops if there is room."""
+        if self.in_flight != really_in_flight:
+            log.warning(
+                "%d record(s) counted in flight, %d really: re-derived",
+                self.in_flight,
+                really_in_flight,
+            )
+        self.in_flight = really_in_flight
+        if self.in_flight < self.max_in_flight:
+            self._room.set()
+
     async def _ack_loop(self) -> None:
         while True:
             await self._ack_wake.wait()
@@ -199,6 +221,7 @@ class PartitionConsumers:
                 self._acks_sent.set()
                 continue
             self._acking = True
+            self._sending = len(batch)
             settled = len(batch)  # acks that leave our hands in this round
             try:
                 if self._before_ack is not None:
@@ -238,6 +261,7 @@ class PartitionConsumers:
                     await self._again(again)
             finally:
                 self._acking = False
+                self._sending = 0
                 self._done(settled)
                 if not self._to_ack:
                     self._acks_sent.set()
@@ -268,8 +292,18 @@ class PartitionConsumers:
             self.in_flight += len(records)
             if self.in_flight >= self.max_in_flight:
                 self._room.clear()
-            decode, deliver = self.inbox.decode, self._deliver
+            await self._deliver_all(consumer, records)
+
+    async def _deliver_all(self, consumer: LogConsumer, records: list[LogRecord]) -> None:
+        """Deliver a fetched batch, yielding to the event loop every few milliseconds: on
+        ``executor="loop"`` callbacks run inside ``deliver``, and renewals must not wait
+        for a whole batch of them."""
+        decode, deliver = self.inbox.decode, self._deliver
+        delivered = 0
+        began = time.monotonic()
+        try:
             for record in records:
+                delivered += 1
                 try:
                     message = decode(record)
                 except WireFormatError as exc:
@@ -278,6 +312,14 @@ class PartitionConsumers:
                     )
                     continue
                 deliver(message, consumer)
+                if not delivered % 16 and time.monotonic() - began > _YIELD_AFTER:
+                    await asyncio.sleep(0)
+                    began = time.monotonic()
+        except asyncio.CancelledError:
+            # The partition was given up mid-batch: the records not delivered are not in
+            # flight here (their next consumer gets them).
+            self._done(len(records) - delivered)
+            raise
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from cloister._tasks import Supervisor
 from cloister.cluster.core import SuspendReason
@@ -42,7 +42,19 @@ from cloister.manager.ownership import YIELD_EVERY, RegionOptions, ShardRegion
 from cloister.manager.responses import Ok
 from cloister.manager.routing import Router
 from cloister.manager.spec import check_id, make_spec
-from cloister.manager.types import ON_ERROR, PICKUP, Key, ManagerCounters, OnError, Pickup, Reason
+from cloister.manager.types import (
+    EXECUTORS,
+    ON_ERROR,
+    ON_HANDLER_TIMEOUT,
+    PICKUP,
+    Executor,
+    Key,
+    ManagerCounters,
+    OnError,
+    OnHandlerTimeout,
+    Pickup,
+    Reason,
+)
 from cloister.manager.worker import WorkerInfo
 from cloister.store.inbox import DeadLetter, Inbox
 
@@ -52,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = ["DynamicManager", "UnknownWorkerError"]
 
 log = logging.getLogger("cloister.manager")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS = (
     "name",
@@ -63,7 +77,17 @@ _OPTIONS = (
     "partitions",
     "max_attempts",
     "max_in_flight",
+    "executor",
+    "threads",
+    "handler_timeout",
+    "on_handler_timeout",
 )
+
+
+def _inline(callback: F) -> F:
+    """Mark a default callback that does nothing: it runs on the loop, never a thread."""
+    callback.__cloister_inline__ = True  # type: ignore[attr-defined]
+    return callback
 
 
 class DynamicManager:
@@ -82,6 +106,15 @@ class DynamicManager:
     - ``partitions``: inbox partitions; workers are placed on nodes by partition.
     - ``max_attempts``: tries of a failing inbox message before it is parked.
     - ``max_in_flight``: inbox messages delivered and not yet handled, per node.
+    - ``executor``: where sync callbacks run — ``"thread"`` (default: a pool of
+      ``threads`` threads, so a callback that blocks never holds the node's lease
+      renewals) or ``"loop"`` (on the event loop: for tiny callbacks that never block).
+      Either way a worker runs one callback at a time, in order. ``async def`` callbacks
+      always run on the loop (they must not block it); so do ``init`` and ``terminate``.
+    - ``handler_timeout``: seconds after which a running callback is reported to
+      ``handle_timeout`` (None: never). With ``on_handler_timeout="abandon"`` the attempt
+      is also given up: an inbox message is retried and parked after ``max_attempts``, a
+      call fails, a perform is rescheduled; a late result is discarded.
     """
 
     name: ClassVar[str | None] = None
@@ -95,6 +128,10 @@ class DynamicManager:
     max_attempts: ClassVar[int] = 5
     retry_backoff: ClassVar[tuple[float, float]] = (0.05, 2.0)
     max_in_flight: ClassVar[int] = 4096
+    executor: ClassVar[Executor] = "thread"
+    threads: ClassVar[int] = 8
+    handler_timeout: ClassVar[float | None] = None
+    on_handler_timeout: ClassVar[OnHandlerTimeout] = "report"
 
     # -- callbacks to override ---------------------------------------------------------------
 
@@ -107,14 +144,17 @@ class DynamicManager:
         """Build a worker's payload lazily when it starts (default: the spec's payload)."""
         return payload
 
+    @_inline
     def perform(self, id: Any, payload: Any) -> Any:
         """The periodic work of one worker. Return a response (see :mod:`.responses`)."""
         return Ok(None)
 
+    @_inline
     def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
         """Answer ``manager.call(id, message)``; the response's result is the reply."""
         return Ok(None)
 
+    @_inline
     def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
         """Handle ``manager.cast(id, message)``."""
         return Ok(None)
@@ -145,6 +185,22 @@ class DynamicManager:
             raise ConfigurationError(f"pickup must be one of {PICKUP}, got {self.pickup!r}")
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigurationError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise ConfigurationError(f"threads must be an int >= 1, got {self.threads!r}")
+        timeout = self.handler_timeout
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+        ):
+            raise ConfigurationError(
+                f"handler_timeout must be a number of seconds > 0 or None, got {timeout!r}"
+            )
+        if self.on_handler_timeout not in ON_HANDLER_TIMEOUT:
+            raise ConfigurationError(
+                f"on_handler_timeout must be one of {ON_HANDLER_TIMEOUT}, "
+                f"got {self.on_handler_timeout!r}"
+            )
         self.manager_name = self.name or type(self).__name__
         self.cluster = cluster
         self.counters = ManagerCounters()
@@ -171,6 +227,10 @@ class DynamicManager:
                 restart_backoff=self.restart_backoff,
                 max_attempts=self.max_attempts,
                 retry_backoff=self.retry_backoff,
+                executor=self.executor,
+                threads=self.threads,
+                handler_timeout=self.handler_timeout,
+                on_handler_timeout=self.on_handler_timeout,
             ),
             self._supervisor,
             Ports(put=self._put_fields if cluster is not None else None),
@@ -209,6 +269,7 @@ class DynamicManager:
             if cluster is not None:
                 cluster.remove_hook(manager)
             await manager._supervisor.close()
+            manager._engine.close()
             await manager._lifecycle.enter(Phase.DOWN)
             raise
         return manager
@@ -271,6 +332,7 @@ class DynamicManager:
                     "manager %s could not flush payloads on stop: %s", self.manager_name, exc
                 )
         await self._supervisor.close()
+        engine.close()
         await lifecycle.enter(Phase.DOWN)
 
     async def restart(self) -> None:
@@ -411,6 +473,14 @@ class DynamicManager:
         (``UPDATE ... SET fence = $token WHERE key = $k AND fence <= $token``) refuses the
         writes of a node that lost the key and does not know it yet (a paused process)."""
         return 0 if self._region is None else self._region.fence
+
+    @property
+    def stalled(self) -> bool:
+        """True while the stall watchdog finds this manager up, with records waiting in
+        its partitions, and nothing in flight or handled (it heals, and logs the stall
+        once; ``counters.stalls`` counts the looks that found one)."""
+        region = self._region
+        return region is not None and region.watchdog is not None and region.watchdog.stalled
 
     def owner_of(self, worker_id: Key) -> str:
         """The node that runs ``worker_id`` (this node's current view)."""

@@ -13,14 +13,18 @@ has something to do or to remember (:meth:`Engine.materialize`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
+import types
 from collections import deque
 from functools import partial
 from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
+from cloister.errors import HandlerTimeoutError
+from cloister.manager.executor import Item, Raised, Result, ThreadRunner
 from cloister.manager.ports import (
     UNBOUNDED,
     Callback,
@@ -39,6 +43,7 @@ from cloister.manager.types import Key, ManagerCounters, Reason
 from cloister.manager.worker import (
     GONE,
     PERFORM_PENDING,
+    POOLED,
     QUEUED,
     Continuation,
     Message,
@@ -93,6 +98,33 @@ class Engine:
         self._continuations: dict[Worker, Continuation] = {}
         self._init = callbacks.init
         self._terminate = callbacks.terminate
+        # Sync callbacks run on a thread pool unless the manager asked for the loop: a
+        # blocking handler must not hold lease renewals (see executor).
+        self.threads: ThreadRunner | None = None
+        if options.executor == "thread":
+            self.threads = ThreadRunner(
+                f"cloister-{options.name}",
+                options.threads,
+                self._jobs_done,
+                self._job_overdue,
+                options.handler_timeout,
+            )
+        # Jobs appended here during a pass go to the pool as one batch (see executor).
+        self._pooled: list[Item] = self.threads.pending if self.threads is not None else []
+        self._jobs_settled = asyncio.Event()
+        self._abandoning: set[Worker] = set()
+        self._offload_perform = self._offloads(callbacks.perform)
+        self._offload_call = self._offloads(callbacks.handle_call)
+        self._offload_cast = self._offloads(callbacks.handle_cast)
+
+    def _offloads(self, callback: Callback) -> bool:
+        """Whether ``callback`` runs on the thread pool: a sync function the user wrote
+        (a coroutine function, or a default that does nothing, stays on the loop)."""
+        return (
+            self.threads is not None
+            and not inspect.iscoroutinefunction(callback)
+            and not getattr(callback, "__cloister_inline__", False)
+        )
 
     def set_paused(self, paused: bool) -> None:
         """Hold (True) or free the dispatcher."""
@@ -103,6 +135,11 @@ class Engine:
     def start(self) -> None:
         """Start the dispatcher task."""
         self.supervisor.spawn(self._dispatch_loop(), "dispatcher")
+
+    def close(self) -> None:
+        """Stop the thread pool (a callback still inside a thread finishes on its own)."""
+        if self.threads is not None:
+            self.threads.close()
 
     # -- the table ----------------------------------------------------------------------------
 
@@ -211,11 +248,21 @@ class Engine:
         task = self._running_tasks.get(worker)
         if task is not None:
             await asyncio.wait([task])
+        while worker.flags & POOLED:
+            await self._jobs_settled.wait()
+        task = self._running_tasks.get(worker)  # a sync callback that returned a coroutine
+        if task is not None:
+            await asyncio.wait([task])
 
     async def drain(self) -> None:
         """Wait until no callback is running."""
-        while pending := [t for t in self._running_tasks.values() if not t.done()]:
-            await asyncio.wait(pending)
+        while True:
+            if pending := [t for t in self._running_tasks.values() if not t.done()]:
+                await asyncio.wait(pending)
+            elif self.threads is not None and len(self.threads):
+                await self._jobs_settled.wait()
+            else:
+                return
 
     async def invoke_quietly(self, fn: Callback, *args: Any) -> Any:
         """Run a callback; an exception is counted and logged, never raised."""
@@ -262,6 +309,8 @@ class Engine:
                 and self.in_flight < self.concurrency
             ):
                 self._cast(worker, cast, asyncio.get_running_loop())
+                if self._pooled:
+                    self.threads.kick_soon()  # type: ignore[union-attr]  # pooled: a pool
                 return
             self.deliver(message.key, cast)
         except (UnknownWorkerError, TypeError) as exc:  # no such worker, or an unusable key
@@ -303,6 +352,8 @@ class Engine:
                     done += 1
                     if done >= budget:
                         break
+                if self._pooled:
+                    self.threads.kick()  # type: ignore[union-attr]  # pooled: a pool
                 if self.held:
                     # The lease ran out: nothing starts until it is renewed (a moment) or
                     # the node suspends and gives the workers up.
@@ -335,20 +386,20 @@ class Engine:
             message = mailbox.popleft()
             if message.kind == "call":
                 self.counters.calls += 1
-                self._run(worker, self.callbacks.handle_call, message, loop)
+                self._run(worker, self.callbacks.handle_call, message, loop, self._offload_call)
             else:
                 self._cast(worker, message, loop)
         elif worker.flags & PERFORM_PENDING:
             worker.flags &= ~PERFORM_PENDING
             self.counters.performs += 1
-            self._run(worker, self.callbacks.perform, None, loop)
+            self._run(worker, self.callbacks.perform, None, loop, self._offload_perform)
 
     def _cast(self, worker: Worker, message: Message, loop: asyncio.AbstractEventLoop) -> None:
         self.counters.casts += 1
         if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
             self._duplicate(worker, message)  # redelivered after a handoff or crash
             return
-        self._run(worker, self.callbacks.handle_cast, message, loop)
+        self._run(worker, self.callbacks.handle_cast, message, loop, self._offload_cast)
 
     def _run(
         self,
@@ -356,11 +407,18 @@ class Engine:
         callback: Callback,
         message: Message | None,
         loop: asyncio.AbstractEventLoop,
+        offload: bool,
     ) -> None:
         started = loop.time()  # the event loop's clock is time.monotonic(), as the lease's
         permit = self.permit
         if started >= permit.lease_until:
             hold(self, worker, message)
+            return
+        if offload:
+            worker.busy_since = started
+            worker.flags |= POOLED
+            self.in_flight += 1
+            self._pooled.append((callback, worker, message, started))
             return
         try:
             if message is None:
@@ -379,6 +437,18 @@ class Engine:
             return
         worker.busy_since = started
         self.in_flight += 1
+        self._start_task(worker, rest, message, started, loop)
+
+    def _start_task(
+        self,
+        worker: Worker,
+        rest: Continuation,
+        message: Message | None,
+        started: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Go on with a callback that suspended, as a task (the worker is busy until it
+        ends)."""
         task = self.supervisor.spawn(
             self._finish(worker, rest, message, started), f"worker {worker.id!r}"
         )
@@ -392,6 +462,10 @@ class Engine:
             threshold = worker.spec.lull * worker.spec.timeout
             handle = loop.call_later(threshold, self._slow, worker, started)
             task.add_done_callback(lambda _t: handle.cancel())
+        limit = self.options.handler_timeout
+        if limit is not None:
+            overdue = loop.call_later(limit, self._task_overdue, worker, started, task)
+            task.add_done_callback(lambda _t: overdue.cancel())
 
     async def _finish(
         self,
@@ -402,6 +476,11 @@ class Engine:
     ) -> None:
         try:
             value = await rest
+        except asyncio.CancelledError:
+            if worker not in self._abandoning:
+                raise
+            self._abandoning.discard(worker)
+            failed(self, worker, self._timeout_error(worker, message), message, started)
         except Exception as exc:
             failed(self, worker, exc, message, started)
         else:
@@ -412,21 +491,115 @@ class Engine:
         finally:
             self._running_tasks.pop(worker, None)
             self._continuations.pop(worker, None)
-            if worker.busy_since == started:  # else _failed holds it for a backoff
-                worker.busy_since = 0.0
-            self.in_flight -= 1
-            if worker.has_work() and not worker.flags & GONE:
-                self.enqueue(worker)
+            self._release(worker, started)
             self.wake.set()
+
+    def _release(self, worker: Worker, started: float) -> None:
+        """A callback of ``worker`` is over: free the worker and queue its next work."""
+        if worker.busy_since == started:  # else failed() holds it for a backoff
+            worker.busy_since = 0.0
+        self.in_flight -= 1
+        if worker.has_work() and not worker.flags & GONE:
+            self.enqueue(worker)
 
     def _slow(self, worker: Worker, started: float) -> None:
         if worker.busy_since == started:
             self.counters.timeouts += 1
-            info = self.info(worker.id)
-            if info is not None:
-                self.supervisor.spawn(
-                    self.invoke_quietly(self.callbacks.handle_timeout, info), "handle_timeout"
-                )
+            self._report_timeout(worker)
+
+    def _report_timeout(self, worker: Worker) -> None:
+        info = self.info(worker.id)
+        if info is not None:
+            self.supervisor.spawn(
+                self.invoke_quietly(self.callbacks.handle_timeout, info), "handle_timeout"
+            )
+
+    # -- callbacks on the thread pool ---------------------------------------------------------
+
+    def _jobs_done(self, results: list[Result]) -> None:
+        """Results from the thread pool (on the loop): applied as :meth:`_finish` does.
+
+        The hot path of sync callbacks: a plain return value, in time, is applied with the
+        worker freed first (so that ``_apply`` queues its next work itself)."""
+        late = time.monotonic() >= self.permit.lease_until
+        apply = self._apply
+        for job, value in results:
+            _, worker, message, started = job
+            worker.flags &= ~POOLED
+            kind = type(value)
+            if late or kind is Raised or kind is types.CoroutineType:
+                self._job_cold(job, value, late)
+                continue
+            worker.busy_since = 0.0
+            apply(worker, value, message, started)
+            if worker.flags & PERFORM_PENDING and not worker.flags & GONE:
+                self.enqueue(worker)
+        self.in_flight -= len(results)
+        settled, self._jobs_settled = self._jobs_settled, asyncio.Event()
+        settled.set()
+        self.wake.set()
+
+    def _job_cold(self, job: Item, value: Any, late: bool) -> None:
+        """A pool result that failed, came back late, or is a coroutine to go on with."""
+        _, worker, message, started = job
+        if type(value) is Raised:
+            error = value.exception
+            if not isinstance(error, Exception):  # SystemExit & co., raised in a thread
+                error = RuntimeError(f"callback raised {error!r}")
+            failed(self, worker, error, message, started)
+        elif late:
+            discard(self, worker, message, started)
+        else:  # a sync function that returned a coroutine: it goes on, on the loop
+            value, rest = run_eagerly(value)
+            if rest is not None:
+                self.in_flight += 1  # still running: _finish frees it
+                self._start_task(worker, rest, message, started, asyncio.get_running_loop())
+                return
+            self._apply(worker, value, message, started)
+        if worker.busy_since == started:  # else failed() holds it for a backoff
+            worker.busy_since = 0.0
+        if worker.has_work() and not worker.flags & GONE:
+            self.enqueue(worker)
+
+    def _job_overdue(self, job: Item) -> None:
+        """A pool job has run past ``handler_timeout`` (called once, on the loop)."""
+        _, worker, message, started = job
+        self.counters.handler_timeouts += 1
+        self._report_timeout(worker)
+        if (
+            self.options.on_handler_timeout != "abandon"
+            or not worker.flags & POOLED
+            or worker.busy_since != started
+        ):
+            return
+        assert self.threads is not None
+        self.threads.abandon(job)
+        worker.flags &= ~POOLED
+        self.counters.abandoned += 1
+        self.counters.late_results += 1  # its result, whenever it comes, is discarded
+        failed(self, worker, self._timeout_error(worker, message), message, started)
+        self._release(worker, started)
+        settled, self._jobs_settled = self._jobs_settled, asyncio.Event()
+        settled.set()
+        self.wake.set()
+
+    def _task_overdue(self, worker: Worker, started: float, task: asyncio.Task[Any]) -> None:
+        """An async callback has run past ``handler_timeout``."""
+        if task.done() or worker.busy_since != started:
+            return
+        self.counters.handler_timeouts += 1
+        self._report_timeout(worker)
+        if self.options.on_handler_timeout == "abandon":
+            self.counters.abandoned += 1
+            self._abandoning.add(worker)
+            task.cancel("handler timeout")
+
+    def _timeout_error(self, worker: Worker, message: Message | None) -> HandlerTimeoutError:
+        what = "perform" if message is None else f"handle_{message.kind}"
+        return HandlerTimeoutError(
+            f"{what} of worker {worker.id!r} ran longer than handler_timeout="
+            f"{self.options.handler_timeout}s and was abandoned"
+        )
 
     def _apply(
         self, worker: Worker, response: Any, message: Message | None, started: float

@@ -29,6 +29,7 @@ from cloister.manager.lifecycle import Lifecycle, Phase
 from cloister.manager.spec import make_spec
 from cloister.manager.state import StateTable, Stored
 from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.watchdog import Watchdog
 from cloister.manager.worker import GONE, Message, Worker
 from cloister.store.inbox import Inbox
 
@@ -102,6 +103,7 @@ class ShardRegion:
         self.table: StateTable | None = None
         self.inbox: Inbox | None = None
         self.consumers: PartitionConsumers | None = None
+        self.watchdog: Watchdog | None = None
         # id -> (payload, casts, watermark) handed over by the previous owner
         self.handed: dict[Key, tuple[Any, list[Any], int]] = {}
         # The epoch this node last settled on: its fencing token (DynamicManager.fence).
@@ -160,6 +162,8 @@ class ShardRegion:
             engine.ports.ack = self.consumers.ack
             engine.ports.park = self.consumers.park
             engine.ports.forget = self.consumers.forget
+            self.watchdog = Watchdog(engine, self.consumers, self.lifecycle)
+            engine.supervisor.spawn(self.watchdog.run(), "stall watchdog")
         engine.permit = cluster.lease
         cluster.add_hook(hook)
         if cluster.state is State.READY and cluster.topology is not None:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from cloister.backends import LogConsumer, LogRecord
 from cloister.errors import CloisterError
 from cloister.manager.state import Stored
-from cloister.manager.types import Key, OnError
+from cloister.manager.types import Executor, Key, OnError, OnHandlerTimeout
 from cloister.store.inbox import InboxMessage
 
 Callback = Callable[..., Any]
@@ -78,6 +78,10 @@ class Options:
     restart_backoff: tuple[float, float] = (0.05, 5.0)
     max_attempts: int = 5
     retry_backoff: tuple[float, float] = (0.05, 2.0)
+    executor: Executor = "thread"
+    threads: int = 8
+    handler_timeout: float | None = None
+    on_handler_timeout: OnHandlerTimeout = "report"
 
 
 @dataclass(slots=True)

@@ -8,14 +8,32 @@ from typing import Literal, TypeAlias, get_args
 
 from cloister.ring import Key
 
-__all__ = ["ON_ERROR", "PICKUP", "Key", "ManagerCounters", "OnError", "Pickup", "Reason"]
+__all__ = [
+    "EXECUTORS",
+    "ON_ERROR",
+    "ON_HANDLER_TIMEOUT",
+    "PICKUP",
+    "Executor",
+    "Key",
+    "ManagerCounters",
+    "OnError",
+    "OnHandlerTimeout",
+    "Pickup",
+    "Reason",
+]
 
 OnError: TypeAlias = Literal["continue", "restart", "remove"]
 """What a raising callback does to its worker."""
 Pickup: TypeAlias = Literal["random", "first_free", "hash"]
 """How pool mode (``call(None, msg)``) picks a worker."""
+Executor: TypeAlias = Literal["thread", "loop"]
+"""Where sync callbacks run: a thread pool (default), or the event loop itself."""
+OnHandlerTimeout: TypeAlias = Literal["report", "abandon"]
+"""What a callback running past ``handler_timeout`` gets: reported, or also abandoned."""
 ON_ERROR: tuple[OnError, ...] = get_args(OnError)
 PICKUP: tuple[Pickup, ...] = get_args(Pickup)
+EXECUTORS: tuple[Executor, ...] = get_args(Executor)
+ON_HANDLER_TIMEOUT: tuple[OnHandlerTimeout, ...] = get_args(OnHandlerTimeout)
 
 
 class Reason(StrEnum):
@@ -50,7 +68,15 @@ class ManagerCounters:
     retries: int = 0
     dead_letters: int = 0
     late_results: int = 0
-    """Callbacks whose result came back after the node's lease ran out (discarded)."""
+    """Callbacks whose result came back after the node's lease ran out, or after they
+    were abandoned (discarded)."""
+    handler_timeouts: int = 0
+    """Callbacks that ran longer than ``handler_timeout``."""
+    abandoned: int = 0
+    """Callbacks abandoned at ``handler_timeout`` (``on_handler_timeout="abandon"``)."""
+    stalls: int = 0
+    """Looks of the stall watchdog that found the manager up, records waiting and
+    nothing in flight or handled (each one healed)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""

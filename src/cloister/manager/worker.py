@@ -21,6 +21,7 @@ from cloister.manager.spec import Spec
 PERFORM_PENDING = 1  # a perform is due and waits for the worker to be free
 QUEUED = 2  # the worker sits in the run queue
 GONE = 4  # the worker was removed; drop whatever is left for it
+POOLED = 8  # its callback is out on the thread pool
 
 
 class Worker:
