@@ -257,8 +257,8 @@ async def test_an_abandoned_call_fails_its_caller_and_its_late_result_is_discard
     ("option", "value"),
     [
         ("executor", "process-pool"),
-        ("threads", 0),
-        ("threads", True),
+        ("pool_size", 0),
+        ("pool_size", True),
         ("handler_timeout", 0),
         ("handler_timeout", "5"),
         ("on_handler_timeout", "kill"),

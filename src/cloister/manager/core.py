@@ -28,6 +28,7 @@ that moved here start only once every member acknowledged it — never on two no
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
@@ -39,6 +40,7 @@ from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Callbacks, Engine, Options, Ports, UnknownWorkerError
 from cloister.manager.lifecycle import Lifecycle, ManagerState, Phase
 from cloister.manager.ownership import YIELD_EVERY, RegionOptions, ShardRegion
+from cloister.manager.processes import ProcessCalls, class_path
 from cloister.manager.responses import Ok
 from cloister.manager.routing import Router
 from cloister.manager.spec import check_id, make_spec
@@ -78,7 +80,7 @@ _OPTIONS = (
     "max_attempts",
     "max_in_flight",
     "executor",
-    "threads",
+    "pool_size",
     "handler_timeout",
     "on_handler_timeout",
 )
@@ -107,10 +109,13 @@ class DynamicManager:
     - ``max_attempts``: tries of a failing inbox message before it is parked.
     - ``max_in_flight``: inbox messages delivered and not yet handled, per node.
     - ``executor``: where sync callbacks run — ``"thread"`` (default: a pool of
-      ``threads`` threads, so a callback that blocks never holds the node's lease
-      renewals) or ``"loop"`` (on the event loop: for tiny callbacks that never block).
-      Either way a worker runs one callback at a time, in order. ``async def`` callbacks
-      always run on the loop (they must not block it); so do ``init`` and ``terminate``.
+      ``pool_size`` threads, so a callback that blocks never holds the node's lease
+      renewals), ``"process"`` (``pool_size`` child processes, for CPU-bound callbacks:
+      the class must be importable, arguments and responses are wire values, and a child
+      has its own instance — see :mod:`cloister.manager.processes`) or ``"loop"`` (on the
+      event loop: for tiny callbacks that never block). Either way a worker runs one
+      callback at a time, in order. ``async def`` callbacks always run on the loop (they
+      must not block it); so do ``init`` and ``terminate``.
     - ``handler_timeout``: seconds after which a running callback is reported to
       ``handle_timeout`` (None: never). With ``on_handler_timeout="abandon"`` the attempt
       is also given up: an inbox message is retried and parked after ``max_attempts``, a
@@ -129,7 +134,7 @@ class DynamicManager:
     retry_backoff: ClassVar[tuple[float, float]] = (0.05, 2.0)
     max_in_flight: ClassVar[int] = 4096
     executor: ClassVar[Executor] = "thread"
-    threads: ClassVar[int] = 8
+    pool_size: ClassVar[int] = 8
     handler_timeout: ClassVar[float | None] = None
     on_handler_timeout: ClassVar[OnHandlerTimeout] = "report"
 
@@ -187,8 +192,9 @@ class DynamicManager:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
         if self.executor not in EXECUTORS:
             raise ConfigurationError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
-        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
-            raise ConfigurationError(f"threads must be an int >= 1, got {self.threads!r}")
+        size = self.pool_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigurationError(f"pool_size must be an int >= 1, got {size!r}")
         timeout = self.handler_timeout
         if timeout is not None and (
             not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
@@ -211,11 +217,13 @@ class DynamicManager:
             else cluster.supervisor.child(f"manager {self.manager_name}")
         )
         cls = type(self)
+        # executor="process": the sync callbacks the class defines run in child processes.
+        self._processes = ProcessCalls(class_path(cls)) if self.executor == "process" else None
         self._engine = Engine(
             Callbacks(
-                perform=self.perform,
-                handle_call=self.handle_call,
-                handle_cast=self.handle_cast,
+                perform=self._in_child(self.perform),
+                handle_call=self._in_child(self.handle_call),
+                handle_cast=self._in_child(self.handle_cast),
                 handle_timeout=self.handle_timeout,
                 init=self.init if cls.init is not DynamicManager.init else None,
                 terminate=self.terminate if cls.terminate is not DynamicManager.terminate else None,
@@ -228,7 +236,7 @@ class DynamicManager:
                 max_attempts=self.max_attempts,
                 retry_backoff=self.retry_backoff,
                 executor=self.executor,
-                threads=self.threads,
+                pool_size=self.pool_size,
                 handler_timeout=self.handler_timeout,
                 on_handler_timeout=self.on_handler_timeout,
             ),
@@ -236,6 +244,8 @@ class DynamicManager:
             Ports(put=self._put_fields if cluster is not None else None),
             self.counters,
         )
+        if self._processes is not None:
+            self._engine.on_abandon = self._processes.kill_overdue
         self._lifecycle = Lifecycle(Phase.DOWN, self._engine.set_paused, self._notify_state)
         self._region = (
             None
@@ -259,6 +269,18 @@ class DynamicManager:
             self._engine, self._lifecycle, self.manager_name, self.pickup, cluster, self._region
         )
 
+    def _in_child(self, callback: Callable[..., Any]) -> Callable[..., Any]:
+        """``callback``, or (``executor="process"``) its stand-in that runs it in a child
+        process — for a sync callback the class defines; the others stay as they are."""
+        processes = self._processes
+        if (
+            processes is None
+            or inspect.iscoroutinefunction(callback)
+            or getattr(callback, "__cloister_inline__", False)
+        ):
+            return callback
+        return processes.callback(callback.__name__)
+
     @classmethod
     async def start(cls, cluster: Cluster | None = None, **options: Any) -> Self:
         """Create the manager, start its workers (the owned ones, given a cluster)."""
@@ -270,6 +292,8 @@ class DynamicManager:
                 cluster.remove_hook(manager)
             await manager._supervisor.close()
             manager._engine.close()
+            if manager._processes is not None:
+                manager._processes.close()
             await manager._lifecycle.enter(Phase.DOWN)
             raise
         return manager
@@ -333,6 +357,8 @@ class DynamicManager:
                 )
         await self._supervisor.close()
         engine.close()
+        if self._processes is not None:
+            self._processes.close()
         await lifecycle.enter(Phase.DOWN)
 
     async def restart(self) -> None:

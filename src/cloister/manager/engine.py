@@ -18,6 +18,7 @@ import logging
 import time
 import types
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -101,10 +102,10 @@ class Engine:
         # Sync callbacks run on a thread pool unless the manager asked for the loop: a
         # blocking handler must not hold lease renewals (see executor).
         self.threads: ThreadRunner | None = None
-        if options.executor == "thread":
+        if options.executor in ("thread", "process"):  # (process: threads that wait on children)
             self.threads = ThreadRunner(
                 f"cloister-{options.name}",
-                options.threads,
+                options.pool_size,
                 self._jobs_done,
                 self._job_overdue,
                 options.handler_timeout,
@@ -112,6 +113,9 @@ class Engine:
         # Jobs appended here during a pass go to the pool as one batch (see executor).
         self._pooled: list[Item] = self.threads.pending if self.threads is not None else []
         self._jobs_settled = asyncio.Event()
+        # Called with the handler timeout when a pool job is abandoned (process pools kill
+        # the children inside a callback that long).
+        self.on_abandon: Callable[[float | None], Any] | None = None
         self._abandoning: set[Worker] = set()
         self._offload_perform = self._offloads(callbacks.perform)
         self._offload_call = self._offloads(callbacks.handle_call)
@@ -574,6 +578,8 @@ class Engine:
             return
         assert self.threads is not None
         self.threads.abandon(job)
+        if self.on_abandon is not None:
+            self.on_abandon(self.options.handler_timeout)
         worker.flags &= ~POOLED
         self.counters.abandoned += 1
         self.counters.late_results += 1  # its result, whenever it comes, is discarded

@@ -79,7 +79,7 @@ class Options:
     max_attempts: int = 5
     retry_backoff: tuple[float, float] = (0.05, 2.0)
     executor: Executor = "thread"
-    threads: int = 8
+    pool_size: int = 8
     handler_timeout: float | None = None
     on_handler_timeout: OnHandlerTimeout = "report"
 

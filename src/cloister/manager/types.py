@@ -26,8 +26,8 @@ OnError: TypeAlias = Literal["continue", "restart", "remove"]
 """What a raising callback does to its worker."""
 Pickup: TypeAlias = Literal["random", "first_free", "hash"]
 """How pool mode (``call(None, msg)``) picks a worker."""
-Executor: TypeAlias = Literal["thread", "loop"]
-"""Where sync callbacks run: a thread pool (default), or the event loop itself."""
+Executor: TypeAlias = Literal["thread", "process", "loop"]
+"""Where sync callbacks run: a thread pool (default), child processes, or the loop."""
 OnHandlerTimeout: TypeAlias = Literal["report", "abandon"]
 """What a callback running past ``handler_timeout`` gets: reported, or also abandoned."""
 ON_ERROR: tuple[OnError, ...] = get_args(OnError)
