@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from cloister import DynamicManager, Ok
 from cloister.testing import eventually as until  # the shared poller, named as these tests call it
 
-__all__ = ["FLAVOURS", "Recorder", "Scripted", "running", "until", "with_specs"]
+__all__ = ["FLAVOURS", "Recorder", "Scripted", "loop_lags", "running", "until", "with_specs"]
 
 M = TypeVar("M", bound=DynamicManager)
 
@@ -25,6 +25,24 @@ async def running(cls: type[M], **options: Any) -> AsyncIterator[M]:
         yield manager
     finally:
         await manager.stop()
+
+
+@asynccontextmanager
+async def loop_lags(tick: float = 0.01) -> AsyncIterator[list[float]]:
+    """How late each ``tick`` of a ticker on this event loop came, while the block runs."""
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            lags.append(time.monotonic() - before - tick)
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield lags
+    finally:
+        task.cancel()
 
 
 class Recorder(DynamicManager):
