@@ -104,6 +104,7 @@ class FaultRun:
         self.frozen: dict[str, list[tuple[float, float]]] = {}
         self.ready_at = 0.0
         self.restarts = 0  # nodes started again after a start-up failure
+        self.producer_stopped_at: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -319,6 +320,7 @@ class FaultRun:
     def stop_producer(self, timeout: float = 60.0) -> None:
         """Stop casting; returns once every cast in flight was acknowledged."""
         assert self.producer is not None
+        self.producer_stopped_at = time.monotonic()
         self.producer.send_signal(signal.SIGTERM)
         self.producer.wait_for_line("^producer done", timeout=timeout)
 
@@ -428,11 +430,14 @@ def _outcome(
     faulted: str | None,
     may_leave: Iterable[str],
     fence_first: Iterable[str] = (),
+    faulted_key: str | None = None,
 ) -> Outcome:
     report = run.check(may_leave=may_leave, fence_first=fence_first)
     casts = run.handlings()
-    until = max((h.start for h in casts), default=at)
-    return Outcome(scenario, report, checker.pauses(casts, at, until, faulted), at)
+    # Stalls are measured while the producer cast (a drain's last handlings end early).
+    until = run.producer_stopped_at or max((h.start for h in casts), default=at)
+    found = checker.pauses(casts, at, until, faulted, faulted_key)
+    return Outcome(scenario, report, found, at, notes={"restarts": run.restarts})
 
 
 def sigstop_node(run: FaultRun) -> Outcome:
@@ -463,7 +468,7 @@ def blocking_handler(run: FaultRun) -> Outcome:
         return _acked_at(run, key, SPECIAL_SEQ) or time.monotonic(), run.owner_of(key)
 
     at, faulted = _casting(run, fault)
-    return _outcome(run, "blocking-handler", at, faulted, may_leave=[])
+    return _outcome(run, "blocking-handler", at, faulted, may_leave=[], faulted_key=key)
 
 
 SPECIAL_SEQ = 5  # cast ~1.2 s after the producer started, well inside the warm-up
@@ -510,6 +515,7 @@ def kill_stream_leader(run: FaultRun) -> Outcome:
     at, _ = _casting(run, fault)
     outcome = _outcome(run, "kill-stream-leader", at, None, may_leave=[])
     outcome.notes.update(notes)
+    outcome.notes["leader_after"] = run.stream_leaders()
     return outcome
 
 

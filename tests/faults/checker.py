@@ -445,37 +445,53 @@ class Pauses:
     moved_pause_median: float | None
     moved_pause_max: float | None
     stall_elsewhere: float | None  # longest gap across keys not on the faulted node
+    stall_faulted_others: float | None  # ... across the faulted node's other keys
 
 
-def pauses(casts: Sequence[Handling], at: float, until: float, faulted: str | None) -> Pauses:
-    """The pause of moved keys and the cluster-wide stall around a fault at ``at``.
+def pauses(
+    casts: Sequence[Handling],
+    at: float,
+    until: float,
+    faulted: str | None,
+    faulted_key: str | None = None,
+) -> Pauses:
+    """The pause of moved keys and the processing stalls around a fault at ``at``.
 
     A key moved if its first handling after ``at`` ran on another node than its last one
-    before; its pause is from ``at`` to that first handling on the new owner. The stall is
-    the longest gap between handling starts in ``[at, until]`` over the keys whose last
-    handling before ``at`` was not on ``faulted`` (every key if ``faulted`` is None).
+    before; its pause is from ``at`` to that first handling on the new owner. A stall is
+    the longest gap between handling starts in ``[at, until]`` over a set of keys: those
+    whose last handling before ``at`` was not on ``faulted`` (every key if ``faulted`` is
+    None), and those that were on ``faulted`` except ``faulted_key`` (the key of a
+    blocked handler: a blocked handler should stall its own key only).
     """
     moved: list[float] = []
     elsewhere: list[float] = []
-    for handlings in by_key(h for h in casts if h.kind == "cast").values():
+    others: list[float] = []
+    for key, handlings in by_key(h for h in casts if h.kind == "cast").items():
         before = [h for h in handlings if h.start < at]
-        after = [h for h in handlings if h.start >= at]
+        later = [h for h in handlings if h.start >= at]
+        after = [h for h in later if h.start <= until]
         if not before:
             continue
         owner = before[-1].node
-        new = [h for h in after if h.node != owner]
-        if new and (not after or after[0].node != owner):
+        new = [h for h in later if h.node != owner]
+        if new and later[0].node != owner:
             moved.append(new[0].start - at)
         if owner != faulted:
-            elsewhere += [h.start for h in after if h.start <= until]
-    stall = None
-    if elsewhere or faulted is not None:
-        marks = [at, *sorted(elsewhere), until]
-        stall = max(b - a for a, b in itertools.pairwise(marks))
+            elsewhere += [h.start for h in after]
+        elif key != faulted_key:
+            others += [h.start for h in after]
     moved.sort()
     return Pauses(
         moved_keys=len(moved),
         moved_pause_median=moved[len(moved) // 2] if moved else None,
         moved_pause_max=moved[-1] if moved else None,
-        stall_elsewhere=stall,
+        stall_elsewhere=longest_gap(at, elsewhere, until) if elsewhere or not faulted else None,
+        stall_faulted_others=longest_gap(at, others, until) if faulted else None,
     )
+
+
+def longest_gap(at: float, starts: Iterable[float], until: float) -> float:
+    """The longest time in ``[at, until]`` with no start (``until - at`` with none)."""
+    marks = [at, *sorted(starts), until]
+    return max(b - a for a, b in itertools.pairwise(marks))
