@@ -47,6 +47,7 @@ HEARTBEAT = 0.5
 FAILURE_TIMEOUT = 2.0  # NATS TTLs are whole seconds
 FREEZE = 3 * FAILURE_TIMEOUT  # how long SIGSTOP and the partition last
 SLEEP = 2 * FAILURE_TIMEOUT  # how long the blocking handler sleeps
+SPECIAL_SEQ = 5  # the sleeping message: cast ~1.2 s after the producer started (warm-up)
 SERVER_DOWN = 10.0  # how long the killed NATS server stays down
 WARMUP = 3.0  # casting before the fault, so every key has an owner and a payload
 AFTER = 5.0  # casting after the fault is over, so moved keys show their new owner
@@ -469,9 +470,6 @@ def blocking_handler(run: FaultRun) -> Outcome:
 
     at, faulted = _casting(run, fault)
     return _outcome(run, "blocking-handler", at, faulted, may_leave=[], faulted_key=key)
-
-
-SPECIAL_SEQ = 5  # cast ~1.2 s after the producer started, well inside the warm-up
 
 
 def _acked_at(run: FaultRun, key: str, seq: int) -> float | None:
