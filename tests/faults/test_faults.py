@@ -29,6 +29,14 @@ TOKEN_REASON = (
     "issue 12: a new owner's first handlings run under the previous owner's fence "
     "(ShardRegion.settle sets fence only after the partition consumers were taken)"
 )
+BLOCKING_REASON = (
+    "issue 12: sync callbacks run on the event loop: a 2x failure timeout sleep fences its "
+    "node, the message cascades from owner to owner, stale payloads land"
+)
+ELECTION_REASON = (
+    "issue 12: a stream-leader election (4.5-8 s) outlasts the fence margin: every node "
+    "loses its lease and suspends, the cluster stalls ~12 s"
+)
 PARTITION_REASON = (
     f"{TOKEN_REASON}; and writes are not fenced at the medium: a payload put that timed "
     "out during the cut can land after the heal over the new owner's (stale_writes=1 in "
@@ -58,11 +66,7 @@ def test_sigstop_the_sentry(tmp_path: Path) -> None:
     run_and_check("sigstop-sentry", tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: sync callbacks run on the event loop: a 2x failure timeout sleep "
-    "fences its node, the message cascades from owner to owner, stale payloads land",
-)
+@pytest.mark.xfail(strict=True, reason=BLOCKING_REASON)
 def test_blocking_sync_handler(tmp_path: Path) -> None:
     run_and_check("blocking-handler", tmp_path)
 
@@ -71,11 +75,7 @@ def test_cpu_bound_perform(tmp_path: Path) -> None:
     run_and_check("cpu-bound-perform", tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: a stream-leader election (4.5-8 s) outlasts the fence margin: every "
-    "node loses its lease and suspends, the cluster stalls ~12 s",
-)
+@pytest.mark.xfail(strict=True, reason=ELECTION_REASON)
 def test_kill_the_stream_leader(tmp_path: Path) -> None:
     run_and_check("kill-stream-leader", tmp_path)
 
