@@ -17,6 +17,7 @@ from cloister.cluster.control import (
     acknowledged,
     decide,
     quorum,
+    waits_out_the_lapse,
 )
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.topology import EpochRecord
@@ -175,6 +176,71 @@ def test_losing_the_lease_fences_and_suspends_once() -> None:
     assert not again.fence and again.suspend is None and again.move is None
 
 
+def test_a_lapse_shorter_than_the_medium_s_failover_pauses_and_keeps_the_keys() -> None:
+    view = {"a": record("a", acked=1)}
+    ready = facts(
+        view=view,
+        topology=topology(1, "a", view),
+        state=State.READY,
+        suspended=False,
+        settled_epoch=1,
+        failover_time=9.0,
+    )
+    lapsed = dataclasses.replace(ready, lease_ok=False, lapsed_for=0.1)
+    first = decide(lapsed, NOW)
+    assert first.fence and first.pause and first.suspend is None
+    assert first.move is State.REHASHING  # not ready: readiness and listeners say so at once
+    paused = dataclasses.replace(lapsed, paused=True, state=State.REHASHING, lapsed_for=5.0)
+    meanwhile = decide(paused, NOW)
+    assert not meanwhile.fence and not meanwhile.pause and meanwhile.suspend is None
+    renewed = decide(dataclasses.replace(paused, lease_ok=True, lapsed_for=0.0), NOW)
+    assert renewed.resume and renewed.move is State.READY
+    assert renewed.settle is None and renewed.suspend is None  # nothing to settle again
+
+
+def test_a_lapse_that_outlasts_the_failover_or_a_lost_record_suspends() -> None:
+    view = {"a": record("a", acked=1)}
+    paused = facts(
+        view=view,
+        topology=topology(1, "a", view),
+        state=State.REHASHING,
+        suspended=False,
+        settled_epoch=1,
+        failover_time=9.0,
+        lease_ok=False,
+        paused=True,
+    )
+    too_long = decide(dataclasses.replace(paused, lapsed_for=9.0), NOW)
+    assert too_long.suspend is SuspendReason.LEASE_LOST and not too_long.fence  # counted once
+    gone = decide(dataclasses.replace(paused, lapsed_for=1.0, record_lost=True), NOW)
+    assert gone.suspend is SuspendReason.LEASE_LOST
+    fresh = dataclasses.replace(paused, paused=False, state=State.READY, record_lost=True)
+    at_once = decide(fresh, NOW)  # a rejoin after an expiry never waits
+    assert at_once.fence and not at_once.pause and at_once.suspend is SuspendReason.LEASE_LOST
+
+
+def test_a_medium_that_never_elects_suspends_at_once() -> None:
+    view = {"a": record("a", acked=1)}
+    ready = facts(view=view, topology=topology(1, "a", view), state=State.READY, suspended=False)
+    lost = decide(dataclasses.replace(ready, lease_ok=False, lapsed_for=0.0), NOW)
+    assert lost.suspend is SuspendReason.LEASE_LOST and not lost.pause
+
+
+def test_a_newer_epoch_adopted_during_a_pause_is_settled_as_usual() -> None:
+    view = {"a": record("a", acked=2), "b": record("b", acked=2)}
+    paused = facts(
+        view=view,
+        topology=topology(2, "a", view),
+        state=State.REHASHING,
+        suspended=False,
+        settled_epoch=1,
+        paused=True,
+        failover_time=9.0,
+    )
+    decision = decide(paused, NOW)
+    assert decision.resume and decision.settle is not None and decision.settle.epoch == 2
+
+
 def test_short_of_consensus_suspends_once() -> None:
     view = {"a": record("a", acked=1)}
     ready = facts(
@@ -259,6 +325,11 @@ def any_facts(draw: st.DrawFn) -> Facts:
         suspended=draw(st.booleans()),
         consensus=draw(st.integers(1, 4)),
         expected=frozenset(draw(st.sets(names, max_size=2))),
+        record_lost=draw(st.booleans()),
+        lapsed_for=draw(st.floats(0, 20)),
+        paused=draw(st.booleans()),
+        settled_epoch=draw(st.integers(0, 3)),
+        failover_time=draw(st.sampled_from([0.0, 9.0])),
     )
 
 
@@ -291,8 +362,10 @@ def test_never_publish_without_a_valid_sentry_lease(f: Facts) -> None:
 def test_suspend_only_when_lease_or_quorum_is_lost_and_not_yet_suspended(f: Facts) -> None:
     decision = decide(f, NOW)
     lost = not (f.lease_ok and quorum(f.topology, f.node, f.consensus, f.expected))
-    assert (decision.suspend is not None) == (lost and not f.suspended)
-    assert decision.fence == (not f.lease_ok and not f.suspended)
+    assert (decision.suspend is not None) == (
+        lost and not f.suspended and not waits_out_the_lapse(f)
+    )
+    assert decision.fence == (not f.lease_ok and not f.suspended and not f.paused)
     if f.topology is not None and decision.settle is not None:
         assert acknowledged(f.topology, f.view)
 

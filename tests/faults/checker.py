@@ -323,7 +323,8 @@ def lost_at(node: str, fence: int, epochs: Sequence[Epoch]) -> float | None:
 
 
 def suspended_at(node: str, t: float, events: Sequence[NodeEvent]) -> bool:
-    """Whether ``node``'s last word before ``t`` was ``suspended`` (not up again since).
+    """Whether ``node``'s last word before ``t`` was ``suspended`` or ``paused`` (not up,
+    ready or resumed again since).
 
     Only a ``suspended`` line of this node itself counts, so nothing here depends on
     the clocks of two processes agreeing closely.
@@ -332,8 +333,12 @@ def suspended_at(node: str, t: float, events: Sequence[NodeEvent]) -> bool:
     for event in events:
         if event.t >= t:
             break
-        if event.kind == "suspended" and event.fields.get("reason") != "stopping":
+        if event.kind == "paused" or (
+            event.kind == "suspended" and event.fields.get("reason") != "stopping"
+        ):
             suspended = True
+        elif event.kind == "resumed":
+            suspended = False
         elif event.kind == "manager" and "up" in event.words:
             suspended = False  # settled again: it may work what it owns now
         elif event.kind == "state" and event.change[1] == "ready":
@@ -410,8 +415,9 @@ def check_membership(
 def check_fenced_first(
     report: Report, events: Mapping[str, Sequence[NodeEvent]], nodes: Iterable[str], since: float
 ) -> None:
-    """A node cut off (still running) must stop working — say ``suspended`` — before
-    any node adopts an epoch that gives its keys away (an order, not a duration)."""
+    """A node cut off (still running) must stop working — say ``suspended`` or ``paused``
+    — before any node adopts an epoch that gives its keys away (an order, not a
+    duration)."""
     epochs = epochs_of(events)
     for node in nodes:
         given_away = next(
@@ -423,13 +429,17 @@ def check_fenced_first(
         fenced = [
             e.t
             for e in events.get(node, ())
-            if e.kind == "suspended" and since < e.t and e.fields.get("reason") != "stopping"
+            if since < e.t
+            and (
+                e.kind == "paused"
+                or (e.kind == "suspended" and e.fields.get("reason") != "stopping")
+            )
         ]
         if not fenced or fenced[0] > given_away:
             report.fenced_late += 1
             report.note(
                 "fenced_late",
-                f"{node}: keys given away at {given_away:.3f}, suspended at "
+                f"{node}: keys given away at {given_away:.3f}, stopped at "
                 f"{fenced[0] if fenced else None}",
             )
 

@@ -250,6 +250,14 @@ class Backend(ABC):
     #: This node's name.
     node: str
 
+    @property
+    def failover_time(self) -> float:
+        """Seconds the medium may be without a leader (writes failing) before it recovers
+        on its own — a stream-leader election — with every TTL counted afresh from then.
+        A node whose renewals fail for up to this long pauses its work but keeps its keys
+        (see ``Cluster``); 0 for a medium that does not elect."""
+        return 0.0
+
     @abstractmethod
     async def connect(self) -> None:
         """Connect to the medium; raises :class:`BackendError` with a clear reason."""

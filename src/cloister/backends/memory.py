@@ -13,6 +13,8 @@ failures real deployments see:
   and fires their reconnect callbacks.
 - :meth:`MemoryWorld.delay` — every operation of a node takes that much longer
   (slow heartbeats, slow replies).
+- :meth:`MemoryWorld.elect` — the medium loses its leader for a while: bucket and log
+  operations fail for every node, and TTLs start afresh once a new leader is elected.
 
 Nodes opened with the same ``memory://NAME`` share one world; different names are
 different worlds. Payloads cross as bytes only, as on a real wire.
@@ -78,6 +80,7 @@ class _Item:
     value: bytes
     revision: int
     expiry: asyncio.TimerHandle | None = None
+    ttl: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -93,14 +96,31 @@ class _Bucket:
         self.items: dict[str, _Item] = {}
         self.revisions = itertools.count(1)
         self.watchers: list[_Watcher] = []
+        self.electing = False  # no leader: nothing expires (see MemoryWorld.elect)
+
+    def hold_expiries(self) -> None:
+        """The leader is gone: no TTL runs out until a new one counts them afresh."""
+        self.electing = True
+        for item in self.items.values():
+            if item.expiry is not None:
+                item.expiry.cancel()
+                item.expiry = None
+
+    def restart_expiries(self) -> None:
+        """A new leader took over: it counts every TTL from now (as NATS's does)."""
+        self.electing = False
+        loop = asyncio.get_running_loop()
+        for key, item in self.items.items():
+            if item.ttl is not None and item.expiry is None:
+                item.expiry = loop.call_later(item.ttl, self._expire, key, item.revision)
 
     def write(self, key: str, value: bytes, ttl: float | None) -> int:
         old = self.items.get(key)
         if old is not None and old.expiry is not None:
             old.expiry.cancel()
         revision = next(self.revisions)
-        item = self.items[key] = _Item(value, revision)
-        if ttl is not None:
+        item = self.items[key] = _Item(value, revision, ttl=ttl)
+        if ttl is not None and not self.electing:
             loop = asyncio.get_running_loop()
             item.expiry = loop.call_later(ttl, self._expire, key, revision)
         self._notify(KVEvent(KVOp.PUT, key, value, revision))
@@ -401,8 +421,27 @@ class MemoryWorld:
         self._servers: dict[tuple[str, str], tuple[MemoryBackend, RequestHandler]] = {}
         self._topics: dict[tuple[str, str], list[_MemorySubscription]] = {}
         self._handles: list[MemoryBackend] = []
+        self.electing = False
+        #: What the world's backends report as :attr:`Backend.failover_time` (0: this
+        #: medium never elects; a test that calls :meth:`elect` sets it as a server would).
+        self.failover_time = 0.0
 
     # -- failure injection -------------------------------------------------------------
+
+    def elect(self, seconds: float) -> None:
+        """The medium loses its leader for ``seconds``: every bucket and log operation of
+        every node fails as unavailable, nothing expires meanwhile, and the new leader
+        counts each TTL afresh from its takeover — what an R3 stream-leader election on
+        NATS does. Requests between nodes keep working (they need no stream)."""
+        self.electing = True
+        for bucket in self._buckets.values():
+            bucket.hold_expiries()
+        asyncio.get_running_loop().call_later(seconds, self._elected)
+
+    def _elected(self) -> None:
+        self.electing = False
+        for bucket in self._buckets.values():
+            bucket.restart_expiries()
 
     def crash(self, node: str) -> None:
         """Kill ``node`` as ``kill -9`` would: no leave, its keys expire on their TTL.
@@ -481,19 +520,29 @@ class MemoryBackend(Backend):
         """True while this node can talk to the medium."""
         return self._connected and not self.crashed and not self.partitioned
 
-    async def _io(self) -> None:
+    @property
+    def failover_time(self) -> float:
+        """See :attr:`MemoryWorld.failover_time`."""
+        return self._world.failover_time
+
+    async def _io(self, *, streams: bool = True) -> None:
         """Every operation passes here: fault injection happens in one place."""
         if self.latency:
             await asyncio.sleep(self.latency)
-        self._check()
+        self._check(streams=streams)
 
-    def _check(self) -> None:
-        """Raise as the network would for a node that cannot reach the medium now."""
+    def _check(self, *, streams: bool = True) -> None:
+        """Raise as the network would for a node that cannot reach the medium now
+        (``streams``: the operation needs the medium's leader, which may be away)."""
         if not self._connected or self.crashed:
             raise BackendUnavailableError(f"node {self.node} is not connected to {self.url}")
         if self.partitioned:
             raise BackendUnavailableError(
                 f"node {self.node} cannot reach {self.url} (partitioned); retrying may help"
+            )
+        if streams and self._world.electing:
+            raise BackendUnavailableError(
+                f"{self.url} is electing a leader; retrying in a moment will succeed"
             )
 
     async def connect(self) -> None:
@@ -540,11 +589,11 @@ class MemoryBackend(Backend):
         return MemoryLog(self, name, self._world.log(self.cluster, name, partitions, dedup_window))
 
     async def serve(self, handler: RequestHandler) -> None:
-        await self._io()
+        await self._io(streams=False)
         self._world._servers[(self.cluster, self.node)] = (self, handler)
 
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
-        await self._io()
+        await self._io(streams=False)
         target = self._world._servers.get((self.cluster, node))
         if target is None:
             raise NoSuchNodeError(f"no responders for node {node!r} in cluster {self.cluster!r}")
@@ -575,13 +624,13 @@ class MemoryBackend(Backend):
             reply.cancel()
 
     async def publish(self, topic: str, payload: bytes) -> None:
-        await self._io()
+        await self._io(streams=False)
         for subscription in self._world._topics.get((self.cluster, topic), []):
             if subscription.owner.reachable:
                 subscription.queue.put_nowait(bytes(payload))
 
     async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
-        await self._io()
+        await self._io(streams=False)
         key = (self.cluster, topic)
         subscription = _MemorySubscription(self, key, handler)
         self._world._topics.setdefault(key, []).append(subscription)

@@ -25,6 +25,10 @@ for "none"; member lists are comma-separated. The kinds:
     this node starts / stops being the sentry holding the lease (checked every 50 ms).
 ``suspended reason=<why>``
     this node stopped claiming keys (``lease_lost``, ``short_of_consensus``, ``stopping``).
+``paused reason=lease_lapsed epoch=<n>`` / ``resumed epoch=<n>``
+    renewals fail for less than the medium's failover time: this node starts no work
+    but keeps its keys, until a renewal lands (``resumed``) or it suspends (checked every
+    50 ms).
 ``manager <name> started class=<module:Class>`` (``cloister run`` only)
     the application's manager started (its workers start once the node is ready).
 ``manager up workers=<n> epoch=<e>`` (``cloister run`` only)
@@ -79,7 +83,8 @@ log = logging.getLogger("cloister.cli")
 
 _LEASE_POLL = 0.05
 _EVENT = re.compile(
-    r"^(node|state|sentry|epoch|lease|suspended|manager|metrics) (.*) t=(\d+(?:\.\d+)?)$"
+    r"^(node|state|sentry|epoch|lease|suspended|paused|resumed|manager|metrics) (.*) "
+    r"t=(\d+(?:\.\d+)?)$"
 )
 
 
@@ -299,15 +304,22 @@ async def _leave_quietly(cluster: Cluster) -> None:
 
 @contextlib.asynccontextmanager
 async def _lease_watch(cluster: Cluster, events: NodeEvents) -> AsyncIterator[None]:
-    """Print ``lease acquired/lost`` whenever ``cluster.is_sentry`` flips, while inside."""
+    """Print ``lease acquired/lost`` whenever ``cluster.is_sentry`` flips, and
+    ``paused``/``resumed`` whenever ``cluster.paused`` does, while inside."""
 
     async def watch() -> None:
-        held = False
+        held = paused = False
         while True:
             now = cluster.is_sentry
             if now != held:
                 held = now
                 events.emit(f"lease {'acquired' if held else 'lost'} epoch={cluster.epoch}")
+            if cluster.paused != paused:
+                paused = cluster.paused
+                if paused:
+                    events.emit(f"paused reason=lease_lapsed epoch={cluster.epoch}")
+                else:
+                    events.emit(f"resumed epoch={cluster.epoch}")
             await asyncio.sleep(_LEASE_POLL)
 
     task = asyncio.get_running_loop().create_task(watch(), name="cloister node lease watch")

@@ -321,6 +321,17 @@ class Facts:
     heartbeat: float
     settle: float
     """How long the view must stay quiet before the sentry publishes it."""
+    record_lost: bool = False
+    """Our member record was found gone (expired) and written anew: the others may have
+    given our keys away."""
+    lapsed_for: float = 0.0
+    """How long ago the member lease ran out (0 while it is valid)."""
+    paused: bool = False
+    """The node paused its work for a lapse it may wait out (see :attr:`Decision.pause`)."""
+    settled_epoch: int = 0
+    """The epoch this node last settled on."""
+    failover_time: float = 0.0
+    """How long the medium may be without a leader (``Backend.failover_time``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +340,15 @@ class Decision:
     the facts as they were; a step that carries one out decides again before the next."""
 
     fence: bool = False
-    """The member lease just ran out: count it and say so (the suspend below follows)."""
+    """The member lease just ran out: count it and say so (a pause or a suspend follows)."""
+    pause: bool = False
+    """The lease ran out, but our record may still stand: renewals fail for less than the
+    medium's failover time, and a medium without a leader expires nobody (its new leader
+    counts TTLs afresh). Stop starting work — the engine's permit has run out — and keep
+    every key and partition: nobody can be given them unless our record expires, and a
+    renewal that then succeeds on our old revision proves it did not."""
+    resume: bool = False
+    """The lease is valid again after a pause, our record intact: work goes on as it was."""
     claim_sentry: bool = False
     publish: EpochRecord | None = None
     adopt: EpochRecord | None = None
@@ -399,8 +418,11 @@ def decide(facts: Facts, now: float) -> Decision:
         else None
     )
     suspend, move, settle, after = _state_decision(facts)
+    held = waits_out_the_lapse(facts)
     return Decision(
-        fence=not lease_ok and not facts.suspended,
+        fence=not lease_ok and not facts.suspended and not facts.paused,
+        pause=held and not facts.paused and not facts.suspended,
+        resume=lease_ok and facts.paused,
         claim_sentry=lease_ok and facts.sentry_holder is None and not facts.holds_sentry,
         publish=publish,
         adopt=adopt,
@@ -413,6 +435,12 @@ def decide(facts: Facts, now: float) -> Decision:
     )
 
 
+def waits_out_the_lapse(facts: Facts) -> bool:
+    """True when a lapsed lease pauses the node rather than suspending it: our record was
+    not found gone, and renewals have failed for less than the medium's failover time."""
+    return not facts.lease_ok and not facts.record_lost and facts.lapsed_for < facts.failover_time
+
+
 def _state_decision(
     facts: Facts,
 ) -> tuple[SuspendReason | None, State | None, Topology | None, State | None]:
@@ -420,12 +448,19 @@ def _state_decision(
     topology, state = facts.topology, facts.state
     if not (facts.lease_ok and quorum(topology, facts.node, facts.consensus, facts.expected)):
         reason = None
-        if not facts.suspended:
+        if not facts.suspended and not waits_out_the_lapse(facts):
             reason = (
                 SuspendReason.LEASE_LOST if not facts.lease_ok else SuspendReason.SHORT_OF_CONSENSUS
             )
         return reason, State.REHASHING if state is State.READY else None, None, None
     assert topology is not None
+    if (
+        facts.paused
+        and not facts.suspended
+        and topology.epoch == facts.settled_epoch
+        and state is State.REHASHING
+    ):
+        return None, State.READY, None, None  # back from a pause: nothing moved meanwhile
     move = State.REHASHING if state is State.ASSEMBLING else None
     state = move or state
     if acknowledged(topology, facts.view) and (state is not State.READY or facts.suspended):

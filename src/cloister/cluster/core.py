@@ -149,6 +149,10 @@ class Cluster(RemoteCalls):
         self._placement = Placement(HashRing(()), DEFAULT_PARTITIONS, node)
         self._suspended = True
         self._settled_epoch = 0
+        # A lapse the node waits out (renewals failing while the medium elects a leader):
+        # its work stops, its keys stay (see control.Decision.pause).
+        self._paused = False
+        self._paused_at = 0.0
         self._ready = asyncio.Event()
         self._crashed = False
         self._loop_watch: LoopWatch | None = None
@@ -389,6 +393,13 @@ class Cluster(RemoteCalls):
         return self._loop_watch
 
     @property
+    def paused(self) -> bool:
+        """True while this node waits out a lapse of its lease: its renewals fail (the
+        medium may be electing a leader), so no work starts, but its keys stay here until
+        a renewal lands or ``backend.failover_time`` has passed (then it suspends)."""
+        return self._paused
+
+    @property
     def lease(self) -> Lease:
         """This node's member lease; ``lease.lease_until`` (``time.monotonic()``) is when
         its right to work runs out unless renewed. Read it, never write it: components
@@ -451,7 +462,7 @@ class Cluster(RemoteCalls):
                 delay = self.heartbeat / 4
             await wait_event(self._wake, delay)
 
-    def _facts(self, now: float, lease_ok: bool, settle: float) -> Facts:
+    def _facts(self, now: float, lease_ok: bool, settle: float, record_lost: bool = False) -> Facts:
         control, lease = self._control, self._lease
         return Facts(
             node=self.node,
@@ -471,6 +482,11 @@ class Cluster(RemoteCalls):
             expected=self.expected,
             heartbeat=self.heartbeat,
             settle=settle,
+            record_lost=record_lost,
+            lapsed_for=0.0 if lease_ok else max(0.0, now - lease.lease_until),
+            paused=self._paused,
+            settled_epoch=self._settled_epoch,
+            failover_time=self.backend.failover_time,
         )
 
     async def _step(self, settle: float) -> float:
@@ -479,28 +495,42 @@ class Cluster(RemoteCalls):
         decides again after each one; the lease counts as it stood when the step began."""
         now = time.monotonic()
         # A rejoin after our record expired counts as a lost lease for one step: suspend.
-        lease_ok = not self._lease.take_expiry() and now < self._lease.lease_until
-        decision = decide(self._facts(now, lease_ok, settle), now)
+        record_lost = self._lease.take_expiry()
+        lease_ok = not record_lost and now < self._lease.lease_until
+
+        def facts() -> Facts:
+            return self._facts(now, lease_ok, settle, record_lost)
+
+        decision = decide(facts(), now)
         if decision.fence:
             self.counters.fenced += 1
-            log.warning(
-                "node %s cannot renew its membership: fencing (stops claiming keys)", self.node
-            )
+            if decision.pause:
+                log.warning(
+                    "node %s cannot renew its membership: pausing its work and keeping its "
+                    "keys for up to %.1f s while the medium may be electing a leader",
+                    self.node,
+                    self.backend.failover_time,
+                )
+            else:
+                log.warning(
+                    "node %s cannot renew its membership: fencing (stops claiming keys)",
+                    self.node,
+                )
         if decision.claim_sentry:
             if await self._lease.claim_sentry(now):
                 self._control.sentry_holder = self.node
                 self._control.view_changed_at = 0.0  # publish at once: the sentry names itself
-            decision = decide(self._facts(now, lease_ok, settle), now)
+            decision = decide(facts(), now)
         delay = decision.delay
         if decision.publish is not None:
             await self._control.publish(decision.publish)
-            decision = decide(self._facts(now, lease_ok, settle), now)
+            decision = decide(facts(), now)
         if decision.adopt is not None:
             await self._adopt(decision.adopt)
-            decision = decide(self._facts(now, lease_ok, settle), now)
+            decision = decide(facts(), now)
         if decision.ack is not None:
             await self._lease.write_record(acked=decision.ack)
-            decision = decide(self._facts(now, lease_ok, settle), now)
+            decision = decide(facts(), now)
         await self._enact_state(decision)
         return delay
 
@@ -526,12 +556,25 @@ class Cluster(RemoteCalls):
         The state (listener events, readiness, metrics) moves first: a fenced node says so
         at once, and then gives up its partitions, which may take timeouts on a medium it
         cannot reach."""
+        if decision.pause:
+            self._paused = True
+            self._paused_at = time.monotonic()
+        if decision.resume:
+            self._paused = False
+            log.info(
+                "node %s renewed its membership after %.1f s; its keys were never released",
+                self.node,
+                time.monotonic() - self._paused_at,
+            )
         if decision.move is not None:
             leaving_ready = self.state is State.READY
             self._move(decision.move)
             if leaving_ready:
                 self._ready.clear()
+            elif decision.move is State.READY:
+                self._ready.set()  # back from a pause, on the epoch it had settled
         if decision.suspend is not None:
+            self._paused = False
             await self._hooks.suspend(decision.suspend)
             self._suspended = True
         if decision.settle is not None:

@@ -246,6 +246,9 @@ class ShardRegion:
             return  # a hook call already under way when stop() began: take nothing
         placement = self.placement_for(topology)
         now = asyncio.get_running_loop().time()
+        # The token first: a worker started below, or a record of a partition taken below,
+        # may run a callback before this settle ends, and it works under this epoch.
+        self.fence = topology.epoch
         if self.table is not None:
             # The latest stored payloads and runtime specs (crash takeover, put/delete);
             # a failure propagates: settle() retries rather than resume from stale state.
@@ -288,7 +291,6 @@ class ShardRegion:
             moves = self._rebalance(topology, placement)
             await self.consumers.release(set(moves.revoked))
             await self.consumers.take(set(moves.owned))
-        self.fence = topology.epoch
         await lifecycle.enter(Phase.UP)
 
     async def suspend(self, reason: SuspendReason) -> None:
