@@ -56,6 +56,34 @@ class FencedError(CloisterError):
     refused, and the key's new owner does the work instead. Never retried blindly."""
 
 
+class FencedWriteError(FencedError):
+    """The medium refused a guarded write: the guard key is no longer at the revision the
+    writer holds (another node claimed it since). Nothing of the write was stored.
+
+    Not a :class:`BackendError`: retrying cannot succeed, the writer lost the right to
+    write. ``key`` and ``revision`` name the guard; ``actual`` is the revision the medium
+    has (None when it did not say).
+    """
+
+    def __init__(self, bucket: str, key: str, revision: int, actual: int | None, what: str) -> None:
+        now = (
+            "absent"
+            if actual == 0
+            else f"at revision {actual}"
+            if actual
+            else "at another revision"
+        )
+        super().__init__(
+            f"{what}: refused by the medium, guard {key!r} of bucket {bucket!r} is {now}, "
+            f"not at revision {revision}: another node claimed it since, and this node may "
+            "no longer write what it guards; nothing was stored, do not retry"
+        )
+        self.bucket = bucket
+        self.key = key
+        self.revision = revision
+        self.actual = actual
+
+
 class NotOwnerError(CloisterError):
     """The node asked to handle a key does not own it (the topology moved); retry.
 

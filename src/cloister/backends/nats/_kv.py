@@ -14,6 +14,12 @@ Mapping of the contract:
   starts, the rest are plain publishes, the last one commits and gets the pub ack. All
   keys of a batch are stored or none; one round trip per batch instead of one per key.
   Older servers get pipelined single puts;
+- a :class:`~cloister.backends.Guard` = headers ``Nats-Expected-Last-Subject-Sequence:
+  <revision>`` and ``Nats-Expected-Last-Subject-Sequence-Subject: $KV.<bucket>.<guard
+  key>`` on every message written (each message of a batch: the server refuses the whole
+  batch when one fails, error 10071), so the server checks the guard key's last sequence
+  atomically with the write. A refusal is :class:`~cloister.errors.FencedWriteError`,
+  never retried;
 - ``entries`` = a batched direct get of every message of the stream (history 1 means
   the stream holds exactly the last message of each key), markers and tombstones
   dropped; with ``consistent=True`` an ephemeral ``LAST_PER_SUBJECT`` pull consumer
@@ -37,9 +43,10 @@ from typing import Any
 import nats.js.errors
 from nats.js import api
 
-from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
+from cloister.backends.base import Entry, Guard, KeyValue, KVEvent, KVOp
 from cloister.backends.nats._bucket import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
+    EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
     KV_OPERATION,
     MSG_TTL,
     check_key,
@@ -58,7 +65,12 @@ from cloister.backends.nats._errors import (
 )
 from cloister.backends.nats._kv_listing import BucketLister
 from cloister.backends.nats._streams import NO_RESPONDERS_RETRY, retry_while_unavailable
-from cloister.errors import BackendError, KeyExistsError, RevisionMismatchError
+from cloister.errors import (
+    BackendError,
+    FencedWriteError,
+    KeyExistsError,
+    RevisionMismatchError,
+)
 
 log = logging.getLogger("cloister.backends.nats")
 
@@ -159,13 +171,34 @@ class NatsKV(KeyValue):
 
     # -- writes -----------------------------------------------------------------------
 
-    async def put(self, key: str, value: bytes) -> int:
-        check_key(key)
-        return await self._publish(key, value, {}, f"put {key!r}")
+    def _guard_headers(self, guard: Guard | None) -> dict[str, str]:
+        if guard is None:
+            return {}
+        check_key(guard.key)
+        return {
+            EXPECTED_LAST_SUBJECT_SEQUENCE: str(guard.revision),
+            EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: self._prefix + guard.key,
+        }
 
-    async def put_many(self, items: Mapping[str, bytes]) -> None:
+    def _fenced(self, guard: Guard, description: str, what: str) -> FencedWriteError:
+        # The server says "wrong last sequence: <the guard key's last sequence>".
+        tail = description.rsplit(":", 1)[-1].strip()
+        actual = int(tail) if tail.isdigit() else None
+        return FencedWriteError(self.name, guard.key, guard.revision, actual, what)
+
+    async def put(self, key: str, value: bytes, *, guard: Guard | None = None) -> int:
+        check_key(key)
+        what = f"put {key!r}"
+        try:
+            return await self._publish(key, value, self._guard_headers(guard), what)
+        except WrongLastSequence as exc:
+            assert guard is not None  # only a guard sets an expected sequence here
+            raise self._fenced(guard, str(exc), f"{what} in bucket {self.name!r}") from None
+
+    async def put_many(self, items: Mapping[str, bytes], *, guard: Guard | None = None) -> None:
         for key in items:
             check_key(key)
+        guarding = self._guard_headers(guard)
         pairs = [(key, bytes(value)) for key, value in items.items()]
         for start in range(0, len(pairs), ATOMIC_BATCH_LIMIT):
             chunk = pairs[start : start + ATOMIC_BATCH_LIMIT]
@@ -173,7 +206,7 @@ class NatsKV(KeyValue):
                 what = f"put {len(chunk)} keys in bucket {self.name!r}"
                 try:
                     await retry_while_unavailable(
-                        functools.partial(self._publish_batch, chunk), self._retry_budget
+                        functools.partial(self._publish_batch, chunk, guarding), self._retry_budget
                     )
                     continue
                 except AtomicBatchRefused as refused:
@@ -185,19 +218,25 @@ class NatsKV(KeyValue):
                         self._atomic = False
                     else:  # this batch one by one; the next ones atomic again
                         log.debug("stream %s: %s; putting keys one by one", self.stream, refused)
+                except WrongLastSequence as exc:
+                    assert guard is not None  # only a guard sets an expected sequence here
+                    raise self._fenced(guard, str(exc), what) from None
                 except NATS_ERRORS as exc:
                     raise translate(exc, what, self._conn.url) from exc
-            await super().put_many(dict(chunk))
+            await super().put_many(dict(chunk), guard=guard)  # each put carries the guard
 
-    async def _publish_batch(self, chunk: list[tuple[str, bytes]]) -> None:
-        """Store ``chunk`` as one atomic batch (a fresh batch id on every attempt)."""
+    async def _publish_batch(
+        self, chunk: list[tuple[str, bytes]], guarding: Mapping[str, str]
+    ) -> None:
+        """Store ``chunk`` as one atomic batch (a fresh batch id on every attempt), each
+        message carrying the ``guarding`` headers: one failed check refuses the batch."""
         what = f"put {len(chunk)} keys in bucket {self.name!r}"
         nc = self._conn.client(what)
         timeout = self._conn.options.op_timeout
         batch = uuid.uuid4().hex
         last = len(chunk)
         for number, (key, value) in enumerate(chunk, 1):
-            headers = {BATCH_ID: batch, BATCH_SEQUENCE: str(number)}
+            headers = {**guarding, BATCH_ID: batch, BATCH_SEQUENCE: str(number)}
             if number == last:
                 headers[BATCH_COMMIT] = "1"
             if 1 < number < last:
@@ -212,6 +251,8 @@ class NatsKV(KeyValue):
             error = answer.get("error") if isinstance(answer, dict) else None
             if error:
                 code = error.get("err_code")
+                if code in WRONG_LAST_SEQUENCE:  # a guard failed: nothing was stored
+                    raise WrongLastSequence(str(error.get("description", code)))
                 if code == ATOMIC_PUBLISH_DISABLED or code in ATOMIC_PUBLISH_NOT_NOW:
                     raise AtomicBatchRefused(
                         str(error.get("description", code)),
