@@ -45,7 +45,7 @@ metric                                            type     meaning
                                                            timeouts, handed_off,
                                                            taken_over, duplicates,
                                                            retries, dead_letters,
-                                                           late_results
+                                                           late_results, fenced_writes
 ================================================  =======  =================================
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
@@ -101,6 +101,7 @@ _MANAGER_COUNTERS = {
     "retries": "Inbox messages retried after a failing handle_cast.",
     "dead_letters": "Inbox messages parked after max_attempts failures.",
     "late_results": "Callback results discarded: they came back after the lease ran out.",
+    "fenced_writes": "State records the medium refused: another node claimed their partition.",
 }
 
 

@@ -11,6 +11,12 @@ by the inbox, the payload and the *watermark* (the log sequence of the last mess
 includes) are written before that message is acknowledged: after a crash the new owner
 resumes from a payload that matches the log, and skips redelivered messages it already
 contains — effectively once. A graceful handoff ships both directly.
+
+Writes that depend on owning a worker are *fenced at the medium*: with a :class:`Fencing`
+(the shard region), each write carries the guard of its worker's partition claim (see
+:mod:`cloister.manager.claims`), a flush is one guarded ``put_many`` per partition (all
+of them concurrently), and a write the medium refuses is dropped — never queued again —
+and reported to the fencing, which gives the partition up.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cloister import wire
-from cloister.backends import KeyValue
-from cloister.errors import WireFormatError
+from cloister.backends import Guard, KeyValue
+from cloister.errors import FencedError, FencedWriteError, WireFormatError
+from cloister.manager.claims import PartitionsFencedError, is_claim_key
 from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
@@ -75,11 +82,30 @@ class Stored:
         )
 
 
+class Fencing(Protocol):
+    """Where the state table gets its guards, and tells of writes the medium refused."""
+
+    def guard_of(self, worker_id: Any) -> tuple[int, Guard | None]:
+        """The partition of ``worker_id`` and its guard (None: no claim held on it)."""
+        ...
+
+    def refused(self, partition: int, guard: Guard, records: int) -> None:
+        """The medium refused ``records`` writes guarded by ``guard`` (called at once,
+        before the writer goes on: nothing else may be acked or written for it)."""
+        ...
+
+
+class UnclaimedError(FencedError):
+    """A write of a worker whose partition this node holds no claim on (it moved, or the
+    node was fenced): refused here, before it reaches the medium."""
+
+
 class StateTable:
     """Mirror of the bucket plus a write-behind queue of replaced payloads."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, fencing: Fencing | None = None) -> None:
         self.kv = kv
+        self.fencing = fencing
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
@@ -98,6 +124,8 @@ class StateTable:
         mirror: dict[Any, Stored] = {}
         entries = await self.kv.entries(consistent=True)
         for count, entry in enumerate(entries.values(), 1):
+            if is_claim_key(entry.key):
+                continue  # a partition claim (same bucket, for the medium's guard check)
             stored = self._decode(entry.value)
             if stored is not None:
                 mirror[stored.id] = stored
@@ -113,11 +141,29 @@ class StateTable:
             log.warning("ignoring a malformed stored worker: %s", exc)
             return None
 
-    async def write(self, stored: Stored) -> None:
-        """Write one record now (runtime put/delete, handoff)."""
+    async def write(self, stored: Stored, *, guarded: bool = True) -> None:
+        """Write one record now (runtime put/delete, halt, re-key).
+
+        ``guarded`` (with a fencing): only as the claimant of its partition, else
+        :class:`FencedError`. Unguarded writes are for records any node may write (the
+        spec record of a ``put``/``delete``, written by its caller).
+        """
         async with self._writing:
             self.dirty.pop(stored.id, None)
-            await self.kv.put(storage_key(stored.id), stored.encode())
+            partition, guard = -1, None
+            if guarded and self.fencing is not None:
+                partition, guard = self.fencing.guard_of(stored.id)
+                if guard is None:
+                    raise UnclaimedError(
+                        f"worker {stored.id!r}: this node holds no claim on partition "
+                        f"{partition}; its record was not written (the owner writes it)"
+                    )
+            try:
+                await self.kv.put(storage_key(stored.id), stored.encode(), guard=guard)
+            except FencedWriteError:
+                assert guard is not None and self.fencing is not None
+                self.fencing.refused(partition, guard, 1)
+                raise
             self.mirror[stored.id] = stored
 
     def mark(self, stored: Stored) -> None:
@@ -136,12 +182,56 @@ class StateTable:
             batch = {i: self.dirty.pop(i) for i in ids if i in self.dirty}
         if not batch:
             return
+        if self.fencing is None:
+            await self._put_batch(batch, None)
+            return
+        groups: dict[int, tuple[Guard | None, dict[Any, Stored]]] = {}
+        guard_of = self.fencing.guard_of
+        for worker_id, stored in batch.items():
+            partition, guard = guard_of(worker_id)
+            groups.setdefault(partition, (guard, {}))[1][worker_id] = stored
+        partitions = list(groups)
+        results = await asyncio.gather(
+            *(self._put_group(p, *groups[p]) for p in partitions), return_exceptions=True
+        )
+        fenced: dict[int, FencedError] = {}
+        unavailable: Exception | None = None
+        for partition, result in zip(partitions, results, strict=True):
+            if isinstance(result, FencedError):
+                fenced[partition] = result
+            elif isinstance(result, Exception):
+                unavailable = unavailable or result
+            elif isinstance(result, BaseException):
+                raise result  # cancelled: the unwritten groups were queued again
+        if fenced:
+            raise PartitionsFencedError(fenced, next(iter(fenced.values())), unavailable)
+        if unavailable is not None:
+            raise unavailable
+
+    async def _put_group(
+        self, partition: int, guard: Guard | None, group: dict[Any, Stored]
+    ) -> None:
+        """Write one partition's records under its guard; refused ones are dropped."""
+        if guard is None:
+            log.debug("%d record(s) of unclaimed partition %d dropped", len(group), partition)
+            raise UnclaimedError(f"partition {partition}: no claim held, records not written")
+        try:
+            await self._put_batch(group, guard)
+        except FencedWriteError:  # the records are dropped: never written again
+            assert self.fencing is not None
+            self.fencing.refused(partition, guard, len(group))
+            raise
+
+    async def _put_batch(self, batch: dict[Any, Stored], guard: Guard | None) -> None:
         try:
             # One batch (atomic where the backend can): a round trip, not one per worker.
             await self.kv.put_many(
-                {storage_key(stored.id): stored.encode() for stored in batch.values()}
+                {storage_key(stored.id): stored.encode() for stored in batch.values()},
+                guard=guard,
             )
             self.mirror.update(batch)
+        except FencedError:
+            raise  # refused: the caller drops them
         except BaseException:
             for worker_id, stored in batch.items():  # keep what was not written
                 self.dirty.setdefault(worker_id, stored)

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     REKEY = "rekey"
     SUSPEND = "suspend"  # the node lost its lease or quorum
     REPLACE = "replace"
+    FENCED = "fenced"  # the medium refused its state: another node claimed its partition
 
 
 @dataclass(slots=True)
@@ -51,6 +52,8 @@ class ManagerCounters:
     dead_letters: int = 0
     late_results: int = 0
     """Callbacks whose result came back after the node's lease ran out (discarded)."""
+    fenced_writes: int = 0
+    """State records the medium refused: another node had claimed their partition."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""
