@@ -503,7 +503,14 @@ class ShardRegion:
                 f"node {self.cluster.node}: lease ran out; {len(keys)} payload(s) not stored"
             )
         assert self.table is not None
-        await self.table.flush(keys)
+        try:
+            await self.table.flush(keys)
+        except PartitionsFencedError as exc:
+            # Refused at the medium (abandoned already) or never claimed here: either way
+            # no ack of theirs may vouch for state that was not stored.
+            if self.consumers is not None:
+                self.consumers.abandon(set(exc.partitions) & self.consumers.held_or_wanted)
+            raise
 
     async def _flush_loop(self) -> None:
         assert self.table is not None
