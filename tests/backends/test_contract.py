@@ -151,8 +151,7 @@ async def test_a_valid_guard_stores_and_a_stale_one_stores_nothing(connect: Conn
     before = await kv.entries(consistent=True)
     with pytest.raises(FencedWriteError) as refused:
         await kv.put("w1", b"stale", guard=guard)
-    assert refused.value.key == "c.1" and refused.value.revision == claim
-    assert refused.value.actual == reclaim
+    assert refused.value.failed == {"c.1": (claim, reclaim)}
     assert "c.1" in str(refused.value) and "do not retry" in str(refused.value)
     with pytest.raises(FencedError):
         await kv.put_many({"w1": b"stale", "w2": b"stale", "fresh": b"x"}, guard=guard)
@@ -198,6 +197,27 @@ async def test_a_guarded_write_is_an_ordinary_write_of_its_own_key(connect: Conn
     # Writing the guarded keys never moves the guard: it holds for the next write too.
     await kv.put_many({"w": b"v4", "x": b"1"}, guard=Guard("c.2", claim))
     assert (await kv.get("c.2")).revision == claim  # type: ignore[union-attr]
+
+
+async def test_keys_of_one_batch_may_carry_different_guards(connect: Connect) -> None:
+    kv = await (await connect()).kv("mgr-guard")
+    claims = {p: await kv.create(f"c.{p}", b"a") for p in range(3)}
+    guards = {f"w{i}": Guard(f"c.{i % 3}", claims[i % 3]) for i in range(30)}
+    items = {key: b"a" for key in guards}
+    await kv.put_many(items, guards=guards)
+    await kv.update("c.1", b"b", revision=claims[1])  # one of the three is claimed again
+    before = await kv.entries(consistent=True)
+    with pytest.raises(FencedWriteError) as refused:
+        await kv.put_many({key: b"stale" for key in guards}, guards=guards)
+    assert set(refused.value.failed) == {"c.1"}  # which guard failed, precisely
+    for size in (2, 1200):  # one atomic batch, more than one
+        mixed = {f"x{i}": b"x" for i in range(size)}
+        with pytest.raises(FencedWriteError):
+            await kv.put_many(mixed, guard=Guard("c.0", claims[0]), guards={"x1": guards["w1"]})
+    assert await kv.entries(consistent=True) == before  # nothing of any of them stored
+    held = {k: g for k, g in guards.items() if g.key != "c.1"}
+    await kv.put_many({key: b"fresh" for key in held}, guards=held)
+    assert (await kv.get("w0", consistent=True)).value == b"fresh"  # type: ignore[union-attr]
 
 
 async def test_a_guard_must_name_a_revision() -> None:

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from cloister import DynamicManager, Replace
-from cloister.backends import KeyValue, open_backend
+from cloister.backends import Guard, KeyValue, open_backend
 from cloister.cluster import State
 from cloister.errors import FencedError
-from cloister.manager.claims import Claims
+from cloister.manager.claims import Claims, claim_key
 from cloister.manager.ownership import ShardRegion
 from cloister.manager.state import Stored, storage_key
 from tests._support.nodes import ClusterNodes
@@ -89,7 +89,7 @@ async def test_a_zombie_flush_is_refused_and_the_new_owner_payload_stays_exact(
 
     # a wakes up as a zombie: it still believes it holds the partition and flushes the
     # payload it had (what a process paused past its lease does before it notices).
-    zombie.claims._tokens[partition] = token  # type: ignore[union-attr]
+    zombie.claims._tokens[partition] = Guard(claim_key(partition), token)  # type: ignore[union-attr]
     nodes.world.heal(["a"])
     zombie.table.mark(Stored(key, None, [1, 2, 3, "stale"], True, watermark=3))  # type: ignore[union-attr]
     with pytest.raises(FencedError, match="refused"):

@@ -47,7 +47,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloister.errors import BackendError, ConfigurationError, FencedError
+from cloister.errors import BackendError, ConfigurationError, FencedWriteError
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 """Answers one request addressed to this node: payload in, reply out."""
@@ -70,11 +70,11 @@ class Guard:
     """A fencing condition on a write: ``key`` (in the same bucket) is still at ``revision``.
 
     The medium checks it atomically with the write it guards and refuses the write with
-    :class:`~cloister.errors.FencedWriteError` otherwise. ``revision`` is a revision read
-    from (or returned by a write of) the guard key; ``0`` holds only while the guard key
-    was never written. A key that was deleted or expired since is at a newer revision (its
-    tombstone's), so a guard naming its last value fails, as it should. Guard keys are meant
-    to be overwritten (a claim changes hands), not deleted.
+    :class:`~cloister.errors.FencedWriteError` otherwise (never retry that). ``revision``
+    is a revision read from (or returned by a write of) the guard key; ``0`` holds only
+    while the guard key was never written. A key deleted or expired since is at a newer
+    revision (its tombstone's), so a guard naming its last value fails, as it should.
+    Guard keys are meant to be overwritten (a claim changes hands), not deleted.
     """
 
     key: str
@@ -130,29 +130,44 @@ class KeyValue(ABC):
         nothing; never retry it.
         """
 
-    async def put_many(self, items: Mapping[str, bytes], *, guard: Guard | None = None) -> None:
-        """Write several keys (only while ``guard`` holds); returns once all are stored.
+    async def put_many(
+        self,
+        items: Mapping[str, bytes],
+        *,
+        guard: Guard | None = None,
+        guards: Mapping[str, Guard] | None = None,
+    ) -> None:
+        """Write several keys, each only while its guard holds; returns once all are stored.
 
-        Backends that can store them all or none do (memory; NATS 2.12+ in atomic batches
-        of up to 1,000 keys, each batch checked against ``guard`` as a whole). This default
-        pipelines single puts, each carrying ``guard``: on an error some of the keys may be
-        written (only while the guard held), and writing them all again is the way to
-        recover — unless the error is :class:`~cloister.errors.FencedWriteError`, which
-        means the writer lost the right to write them.
+        ``guard`` guards every key; ``guards`` gives keys their own guard instead (one
+        write may span several claims: the manager flushes the workers of many partitions
+        at once). Backends that can store them all or none do (memory; NATS 2.12+ in
+        atomic batches of up to 1,000 keys, each batch refused as a whole when one of its
+        guards fails). This default pipelines single puts, each carrying its guard: on an
+        error some of the keys may be written (only while their guards held), and writing
+        them all again is the way to recover — unless the error is
+        :class:`~cloister.errors.FencedWriteError`, which names the guards that failed:
+        the writer lost the right to write what they cover.
         """
         pairs = list(items.items())
+        chosen = guards or {}
         for start in range(0, len(pairs), 256):  # pipelined, not one round trip each
             chunk = pairs[start : start + 256]
             results = await asyncio.gather(
-                *(self.put(key, value, guard=guard) for key, value in chunk),
+                *(self.put(key, value, guard=chosen.get(key, guard)) for key, value in chunk),
                 return_exceptions=True,
             )
-            # Every put of the chunk has finished: raise the first failure (a fence first,
-            # so that callers never mistake a refusal for an outage and retry it).
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                fenced = [e for e in errors if isinstance(e, FencedError)]
-                raise (fenced or errors)[0]
+            # Every put of the chunk has finished: raise the failures as one (a fence
+            # first, so that callers never mistake a refusal for an outage and retry it).
+            failed: dict[str, tuple[int, int | None]] = {}
+            for result in results:
+                if isinstance(result, FencedWriteError):
+                    failed.update(result.failed)
+            if failed:
+                raise FencedWriteError(self.name, failed, f"put {len(items)} keys")
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     @abstractmethod
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:

@@ -103,12 +103,16 @@ class _Bucket:
         # keeps as the subject's last sequence): guards are checked against it.
         self.last: dict[str, int] = {}
 
-    def check(self, guard: Guard | None, name: str, what: str) -> None:
-        """Raise :class:`FencedWriteError` unless ``guard`` holds now."""
-        if guard is not None:
-            actual = self.last.get(guard.key, 0)
-            if actual != guard.revision:
-                raise FencedWriteError(name, guard.key, guard.revision, actual, what)
+    def check(self, guards: Iterable[Guard | None], name: str, what: str) -> None:
+        """Raise :class:`FencedWriteError` unless every one of ``guards`` holds now."""
+        failed: dict[str, tuple[int, int | None]] = {}
+        for guard in guards:
+            if guard is not None:
+                actual = self.last.get(guard.key, 0)
+                if actual != guard.revision:
+                    failed[guard.key] = (guard.revision, actual)
+        if failed:
+            raise FencedWriteError(name, failed, what)
 
     def write(self, key: str, value: bytes, ttl: float | None) -> int:
         old = self.items.get(key)
@@ -157,15 +161,22 @@ class MemoryKV(KeyValue):
     async def put(self, key: str, value: bytes, *, guard: Guard | None = None) -> int:
         _check_key(key)
         await self._owner._io()
-        self._bucket.check(guard, self.name, f"put {key!r}")
+        self._bucket.check((guard,), self.name, f"put {key!r}")
         return self._bucket.write(key, bytes(value), None)
 
-    async def put_many(self, items: Mapping[str, bytes], *, guard: Guard | None = None) -> None:
+    async def put_many(
+        self,
+        items: Mapping[str, bytes],
+        *,
+        guard: Guard | None = None,
+        guards: Mapping[str, Guard] | None = None,
+    ) -> None:
         for key in items:
             _check_key(key)
         await self._owner._io()  # then every write, or none if the medium is away
         # Checked and written with no await in between: atomic, as one NATS batch.
-        self._bucket.check(guard, self.name, f"put {len(items)} keys")
+        used = {guards.get(key, guard) for key in items} if guards else (guard,)
+        self._bucket.check(used, self.name, f"put {len(items)} keys")
         for key, value in items.items():
             self._bucket.write(key, bytes(value), None)
 

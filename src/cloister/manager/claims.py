@@ -118,18 +118,17 @@ class Claims:
     def __init__(self, kv: KeyValue, node: str) -> None:
         self.kv = kv
         self.node = node
-        self._tokens: dict[int, int] = {}  # partition -> revision of our claim
+        self._tokens: dict[int, Guard] = {}  # partition -> the guard of our claim
         self._warned: set[str] = set()  # malformed records logged already
 
     @property
     def tokens(self) -> dict[int, int]:
-        """Partition -> fencing token (a copy)."""
-        return dict(self._tokens)
+        """Partition -> fencing token (the revision of our claim)."""
+        return {partition: guard.revision for partition, guard in self._tokens.items()}
 
     def guard(self, partition: int) -> Guard | None:
         """The guard of a write in ``partition``; None when we hold no claim on it."""
-        token = self._tokens.get(partition)
-        return None if token is None else Guard(claim_key(partition), token)
+        return self._tokens.get(partition)  # one object per claim: no allocation per write
 
     def keep_only(self, partitions: Collection[int]) -> None:
         """Forget the tokens of every partition not in ``partitions`` (they moved away)."""
@@ -143,7 +142,8 @@ class Claims:
     def drop(self, partition: int, token: int) -> bool:
         """Forget ``partition``'s token if it is still ``token`` (it was refused);
         False when it is gone or newer already (claimed again meanwhile)."""
-        if self._tokens.get(partition) != token:
+        held = self._tokens.get(partition)
+        if held is None or held.revision != token:
             return False
         del self._tokens[partition]
         return True
@@ -186,12 +186,11 @@ class Claims:
                     )
                     return False
                 if verdict is Verdict.CREATE:
-                    self._tokens[partition] = await self.kv.create(key, record)
+                    revision = await self.kv.create(key, record)
                 else:
                     assert entry is not None
-                    self._tokens[partition] = await self.kv.update(
-                        key, record, revision=entry.revision
-                    )
+                    revision = await self.kv.update(key, record, revision=entry.revision)
+                self._tokens[partition] = Guard(key, revision)
                 return True
             except (KeyExistsError, RevisionMismatchError):
                 continue  # somebody claimed it meanwhile: read again, decide again

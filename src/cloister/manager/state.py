@@ -15,8 +15,8 @@ contains — effectively once. A graceful handoff ships both directly.
 Writes that depend on owning a worker are *fenced at the medium*: with a :class:`Fencing`
 (the shard region), each write carries the guard of its worker's partition claim (see
 :mod:`cloister.manager.claims`), a flush is one guarded ``put_many`` per partition (all
-of them concurrently), and a write the medium refuses is dropped — never queued again —
-and reported to the fencing, which gives the partition up.
+one ``put_many`` whatever the partitions), and a write the medium refuses is dropped —
+never queued again — and reported to the fencing, which gives the partition up.
 """
 
 from __future__ import annotations
@@ -183,55 +183,69 @@ class StateTable:
         if not batch:
             return
         if self.fencing is None:
-            await self._put_batch(batch, None)
+            await self._put_batch(batch)
             return
-        groups: dict[int, tuple[Guard | None, dict[Any, Stored]]] = {}
-        guard_of = self.fencing.guard_of
+        await self._flush_fenced(batch, self.fencing)
+
+    async def _flush_fenced(self, batch: dict[Any, Stored], fencing: Fencing) -> None:
+        """Write ``batch`` in one ``put_many``, each record guarded by its partition's
+        claim: the cost of a flush stays one round trip, however many partitions it spans.
+        A refusal names the guards that failed: their records are dropped (reported to
+        the fencing) and the rest, whose claims hold, are written again."""
+        items: dict[str, bytes] = {}
+        guards: dict[str, Guard] = {}
+        pending: dict[str, Stored] = {}  # storage key -> record
+        covered: dict[str, tuple[int, Guard, list[str]]] = {}  # guard key -> its records
+        unclaimed: set[int] = set()
         for worker_id, stored in batch.items():
-            partition, guard = guard_of(worker_id)
-            groups.setdefault(partition, (guard, {}))[1][worker_id] = stored
-        partitions = list(groups)
-        results = await asyncio.gather(
-            *(self._put_group(p, *groups[p]) for p in partitions), return_exceptions=True
-        )
-        fenced: dict[int, FencedError] = {}
+            partition, guard = fencing.guard_of(worker_id)
+            if guard is None:
+                unclaimed.add(partition)  # not ours (any more): dropped, never written
+                continue
+            key = storage_key(worker_id)
+            items[key], guards[key], pending[key] = stored.encode(), guard, stored
+            covered.setdefault(guard.key, (partition, guard, []))[2].append(key)
+        fenced: set[int] = set()
+        cause: FencedError | None = None
         unavailable: Exception | None = None
-        for partition, result in zip(partitions, results, strict=True):
-            if isinstance(result, FencedError):
-                fenced[partition] = result
-            elif isinstance(result, Exception):
-                unavailable = unavailable or result
-            elif isinstance(result, BaseException):
-                raise result  # cancelled: the unwritten groups were queued again
-        if fenced:
-            raise PartitionsFencedError(fenced, next(iter(fenced.values())), unavailable)
+        while items:
+            try:
+                await self.kv.put_many(items, guards=guards)
+            except FencedWriteError as exc:
+                cause = exc
+                for guard_key in exc.failed:
+                    partition, guard, keys = covered.pop(guard_key)
+                    for key in keys:
+                        del items[key], guards[key], pending[key]
+                    fenced.add(partition)
+                    fencing.refused(partition, guard, len(keys))
+                continue  # the others' claims held: they are written, not lost with them
+            except BaseException as exc:
+                for stored in pending.values():  # keep what was not written
+                    self.dirty.setdefault(stored.id, stored)
+                if not isinstance(exc, Exception):
+                    raise
+                unavailable = exc
+                break
+            self.mirror.update({stored.id: stored for stored in pending.values()})
+            break
+        if unclaimed:
+            log.debug("records of unclaimed partition(s) %s dropped", sorted(unclaimed))
+            cause = cause or UnclaimedError(
+                f"partition(s) {sorted(unclaimed)}: no claim held, records not written"
+            )
+        if cause is not None:
+            raise PartitionsFencedError(fenced | unclaimed, cause, unavailable)
         if unavailable is not None:
             raise unavailable
 
-    async def _put_group(
-        self, partition: int, guard: Guard | None, group: dict[Any, Stored]
-    ) -> None:
-        """Write one partition's records under its guard; refused ones are dropped."""
-        if guard is None:
-            log.debug("%d record(s) of unclaimed partition %d dropped", len(group), partition)
-            raise UnclaimedError(f"partition {partition}: no claim held, records not written")
-        try:
-            await self._put_batch(group, guard)
-        except FencedWriteError:  # the records are dropped: never written again
-            assert self.fencing is not None
-            self.fencing.refused(partition, guard, len(group))
-            raise
-
-    async def _put_batch(self, batch: dict[Any, Stored], guard: Guard | None) -> None:
+    async def _put_batch(self, batch: dict[Any, Stored]) -> None:
         try:
             # One batch (atomic where the backend can): a round trip, not one per worker.
             await self.kv.put_many(
-                {storage_key(stored.id): stored.encode() for stored in batch.values()},
-                guard=guard,
+                {storage_key(stored.id): stored.encode() for stored in batch.values()}
             )
             self.mirror.update(batch)
-        except FencedError:
-            raise  # refused: the caller drops them
         except BaseException:
             for worker_id, stored in batch.items():  # keep what was not written
                 self.dirty.setdefault(worker_id, stored)
