@@ -7,17 +7,19 @@ import asyncio
 import itertools
 import logging
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloister.backends import KeyValue, open_backend
+from cloister.backends import Guard, KeyValue, open_backend
 from cloister.errors import FencedWriteError, WireFormatError
 from cloister.manager.claims import (
     Claim,
     Claims,
     Malformed,
+    PartitionsFencedError,
     Verdict,
     claim_key,
     decide,
@@ -145,3 +147,35 @@ async def test_the_state_table_does_not_load_claims_as_workers() -> None:
     table = StateTable(kv)
     await table.load()
     assert list(table.mirror) == ["w1"] and table.bad_records == 0
+
+
+class ByPartition:
+    """A fencing over ``claims`` with worker ``kN`` in partition ``N % 4``."""
+
+    def __init__(self, claims: Claims) -> None:
+        self.claims = claims
+        self.refusals: list[tuple[int, int]] = []
+
+    def guard_of(self, worker_id: Any) -> tuple[int, Guard | None]:
+        partition = int(worker_id[1:]) % 4
+        return partition, self.claims.guard(partition)
+
+    def refused(self, partition: int, guard: Guard, records: int) -> None:
+        self.refusals.append((partition, records))
+
+
+async def test_a_flush_over_many_partitions_drops_only_the_refused_ones() -> None:
+    kv = await _bucket()
+    mine = ByPartition(Claims(kv, "a"))
+    await mine.claims.claim(range(3), epoch=1)  # partition 3 is not claimed here at all
+    assert await Claims(kv, "b").claim({1}, epoch=2) == set()  # b took partition 1 over
+    table = StateTable(kv, mine)
+    for i in range(12):
+        table.mark(Stored(f"k{i}", None, i, True))
+    with pytest.raises(PartitionsFencedError) as refused:
+        await table.flush()
+    assert refused.value.partitions == {1, 3} and refused.value.unavailable is None
+    assert mine.refusals == [(1, 3)]  # refused by the medium: reported once, 3 records
+    await table.load()
+    assert sorted(table.mirror) == sorted(f"k{i}" for i in range(12) if i % 4 in (0, 2))
+    assert not table.dirty  # nothing queued again: refused and unclaimed are dropped
