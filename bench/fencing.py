@@ -10,6 +10,11 @@ on the embedded backend, alternating in every round:
   workers: unfenced (as before fencing) vs fenced (the same one batch, each record
   guarded by the claim of its partition, looked up per record).
 
+- inbox: what the issue's target is about — stateful inbox throughput (3 nodes, a
+  handler that ``Replace``s its payload, so every ack waits for a guarded flush), run by
+  ``bench/inbox.py``'s children on this tree and on the tree before fencing (``--base``,
+  a commit exported with ``git archive``), alternating, each on a fresh nats-server.
+
 Records/s are medians over ``--rounds``; the cost is ``1 - fenced/unfenced``. Run:
 ``python bench/fencing.py`` (``--quick`` for a smaller run); JSON to
 ``bench/results/fencing.json``.
@@ -19,10 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from _common import print_table, write_json
@@ -32,6 +43,7 @@ from cloister.manager.state import StateTable, Stored, storage_key
 from cloister.ring import key_hash
 
 PARTITIONS = 128
+INBOX_CASES = ("nats-inbox-stateful", "memory-inbox-stateful")
 KEYS = [f"order-{i}" for i in range(2000)]
 
 
@@ -117,6 +129,47 @@ async def run_backend(
     return results
 
 
+def inbox_rounds(args: argparse.Namespace) -> dict[str, Any]:
+    """Stateful inbox throughput, fenced (this tree) vs before fencing, side by side."""
+    from cloister.local import NatsServer
+
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="cloister-base-") as base:
+        archive = subprocess.run(
+            ["git", "archive", args.base, "src"], cwd=here.parent, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+        trees = {"before": str(Path(base) / "src"), "fenced": str(here.parent / "src")}
+        figures: dict[str, dict[str, list[float]]] = {
+            case: {tree: [] for tree in trees} for case in INBOX_CASES
+        }
+        for _ in range(args.inbox_rounds):
+            for case in INBOX_CASES:
+                for tree, path in trees.items():
+                    command = [sys.executable, str(here / "inbox.py"), "--child", case]
+                    command += ["--messages", str(args.messages)]
+                    env = {**os.environ, "PYTHONPATH": path}
+                    with NatsServer() as server:
+                        if case.startswith("nats"):
+                            command += ["--url", server.url]
+                        done = subprocess.run(
+                            command, env=env, capture_output=True, text=True, timeout=600
+                        )
+                    if done.returncode != 0:
+                        raise RuntimeError(f"{case} on {tree} failed:\n{done.stderr[-2000:]}")
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    figures[case][tree].append(result["per_s"])
+    out: dict[str, Any] = {"base": args.base, "messages": args.messages}
+    for case, by_tree in figures.items():
+        medians = {tree: statistics.median(v) for tree, v in by_tree.items()}
+        out[case] = {
+            **{f"{tree}_per_s": round(v) for tree, v in medians.items()},
+            "cost": round(1 - medians["fenced"] / medians["before"], 3),
+            "rounds": by_tree,
+        }
+    return out
+
+
 async def main(args: argparse.Namespace) -> None:
     from cloister.local import NatsServer
 
@@ -152,6 +205,22 @@ async def main(args: argparse.Namespace) -> None:
         ["backend", "batch", "put_many", "guarded", "cost", "flush", "fenced flush", "cost"],
         rows,
     )
+    if args.inbox_rounds:
+        out["inbox"] = inbox = inbox_rounds(args)
+        print_table(
+            f"Stateful inbox throughput, msg/s, medians of {args.inbox_rounds} rounds "
+            f"(before = {args.base})",
+            ["case", "before fencing", "fenced", "cost"],
+            [
+                [
+                    case,
+                    f"{inbox[case]['before_per_s']:,}",
+                    f"{inbox[case]['fenced_per_s']:,}",
+                    f"{inbox[case]['cost']:+.1%}",
+                ]
+                for case in INBOX_CASES
+            ],
+        )
     path = write_json("fencing", out)
     print(f"\nwritten to {path}")
 
@@ -161,8 +230,12 @@ if __name__ == "__main__":
     parser.add_argument("--total", type=int, default=20_000, help="records per NATS run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--inbox-rounds", type=int, default=3, help="0: skip the inbox part")
+    parser.add_argument("--messages", type=int, default=20_000, help="casts per inbox run")
+    parser.add_argument("--base", default="cc9a833", help="the commit before fencing")
     parser.add_argument("--quick", action="store_true")
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.total, arguments.rounds = 4_000, 3
+        arguments.inbox_rounds, arguments.messages = 1, 5_000
     asyncio.run(main(arguments))
