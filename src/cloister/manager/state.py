@@ -213,8 +213,10 @@ class StateTable:
                 await self.kv.put_many(items, guards=guards)
             except FencedWriteError as exc:
                 cause = exc
-                for guard_key in exc.failed:
-                    partition, guard, keys = covered.pop(guard_key)
+                named = [covered.pop(k) for k in exc.failed if k in covered]
+                if not named:  # names none of our guards (no backend does): drop, never loop
+                    raise
+                for partition, guard, keys in named:
                     for key in keys:
                         del items[key], guards[key], pending[key]
                     fenced.add(partition)
