@@ -16,6 +16,8 @@ Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout
 
 - nats-inbox-stateful: nats-inbox with a handler that returns ``Replace`` (a new payload,
   stored before the message is acked) — informational, the reference keeps no state.
+  ``memory-inbox-stateful`` is the same on the embedded backend (``bench/fencing.py``
+  runs both against the code before fencing).
 
 Throughput cases run in ``--rounds`` rounds (each round: every case once, side by side);
 the table shows medians. Run: ``python bench/inbox.py`` (or ``cloister bench inbox``);
@@ -279,6 +281,8 @@ def child(args: argparse.Namespace) -> None:
         out = asyncio.run(throughput(args.url, args.messages, stateful=True))
     elif case == "memory-inbox":
         out = asyncio.run(throughput("memory://bench-inbox", args.messages))
+    elif case == "memory-inbox-stateful":
+        out = asyncio.run(throughput("memory://bench-inbox", args.messages, stateful=True))
     elif case == "latency-memory":
         out = asyncio.run(latency("memory://bench-latency", args.rate, args.seconds))
     elif case == "latency-nats":

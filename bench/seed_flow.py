@@ -97,6 +97,7 @@ async def final_state(url: str, per_key: dict[str, int]) -> dict[str, Any]:
     stored payloads are the cluster's state, whatever happened to the nodes.
     """
     from cloister.backends import open_backend
+    from cloister.manager.claims import is_claim_key
     from cloister.manager.state import Stored
 
     backend = open_backend(url, "seed", "_seed-bench", replicas=3)
@@ -107,6 +108,8 @@ async def final_state(url: str, per_key: dict[str, int]) -> dict[str, Any]:
         while True:
             payloads = {}
             for entry in (await kv.entries()).values():
+                if is_claim_key(entry.key):
+                    continue  # a partition claim (the fencing token), not a worker
                 stored = Stored.decode(entry.value)
                 payloads[stored.id] = tuple(stored.payload or ())
             complete = all(len(set(payloads.get(k, ()))) == n for k, n in per_key.items())

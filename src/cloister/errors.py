@@ -6,6 +6,8 @@ application can catch them all in one place. Messages say what was wrong and wha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class CloisterError(Exception):
     """Root of every error raised by pycloister."""
@@ -60,6 +62,34 @@ class HandlerTimeoutError(CloisterError):
     """A callback ran longer than the manager's ``handler_timeout`` and was abandoned
     (``on_handler_timeout="abandon"``): its message is retried, then parked after
     ``max_attempts``; whatever the callback returns later is discarded."""
+
+
+class FencedWriteError(FencedError):
+    """The medium refused a guarded write: a guard key is no longer at the revision the
+    writer holds (another node claimed it since). Nothing of the write was stored.
+
+    Not a :class:`BackendError`: retrying cannot succeed, the writer lost the right to
+    write what those guards cover. ``failed`` maps each guard key that failed to the
+    revision the writer held and the one the medium has (None when it did not say).
+    """
+
+    def __init__(
+        self, bucket: str, failed: Mapping[str, tuple[int, int | None]], what: str
+    ) -> None:
+        def state(actual: int | None) -> str:
+            return "absent" if actual == 0 else "moved on" if actual is None else f"at {actual}"
+
+        named = "; ".join(
+            f"guard {key!r} is {state(actual)}, not at {held}"
+            for key, (held, actual) in sorted(failed.items())
+        )
+        super().__init__(
+            f"{what}: refused by the medium ({named} in bucket {bucket!r}): another node "
+            "claimed it since, and this node may no longer write what it guards; nothing "
+            "was stored, do not retry"
+        )
+        self.bucket = bucket
+        self.failed = dict(failed)
 
 
 class NotOwnerError(CloisterError):

@@ -45,7 +45,7 @@ metric                                            type     meaning
                                                            timeouts, handed_off,
                                                            taken_over, duplicates,
                                                            retries, dead_letters,
-                                                           late_results
+                                                           late_results, fenced_writes
 ================================================  =======  =================================
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
@@ -104,6 +104,7 @@ _MANAGER_COUNTERS = {
     "handler_timeouts": "Callbacks that ran longer than handler_timeout.",
     "abandoned": "Callbacks abandoned at handler_timeout (their message retried).",
     "stalls": "Stalls found (up, records waiting, nothing in flight or handled) and healed.",
+    "fenced_writes": "State records the medium refused: another node claimed their partition.",
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from cloister.backends import (
     Backend,
+    Guard,
     KVOp,
     Log,
     LogConsumer,
@@ -26,6 +27,8 @@ from cloister.backends import (
 from cloister.errors import (
     BackendUnavailableError,
     ConfigurationError,
+    FencedError,
+    FencedWriteError,
     KeyExistsError,
     NoSuchNodeError,
     RemoteError,
@@ -128,6 +131,100 @@ async def test_put_many_refuses_a_bad_key_before_writing_anything(connect: Conne
     with pytest.raises(ConfigurationError):
         await kv.put_many({"good": b"1", "bad key": b"2"})
     assert await kv.entries() == {}
+
+
+# -- guarded writes (fencing at the medium) -------------------------------------------------
+
+
+async def test_a_valid_guard_stores_and_a_stale_one_stores_nothing(connect: Connect) -> None:
+    kv = await (await connect()).kv("mgr-guard")
+    claim = await kv.create("c.1", b"node a, epoch 1")
+    guard = Guard("c.1", claim)
+    first = await kv.put("w1", b"by a", guard=guard)
+    batch = {f"w{i}": f"a{i}".encode() for i in range(2, 40)}
+    await kv.put_many(batch, guard=guard)
+    await kv.put_many({"w40": b"one key, one put"}, guard=guard)
+    assert (await kv.get("w1")).value == b"by a"  # type: ignore[union-attr]
+    # Another node claims the partition: a's guard no longer holds, for a write of one key,
+    # of a few, or of more than one NATS atomic batch.
+    reclaim = await kv.update("c.1", b"node b, epoch 2", revision=claim)
+    before = await kv.entries(consistent=True)
+    with pytest.raises(FencedWriteError) as refused:
+        await kv.put("w1", b"stale", guard=guard)
+    assert refused.value.failed == {"c.1": (claim, reclaim)}
+    assert "c.1" in str(refused.value) and "do not retry" in str(refused.value)
+    with pytest.raises(FencedError):
+        await kv.put_many({"w1": b"stale", "w2": b"stale", "fresh": b"x"}, guard=guard)
+    with pytest.raises(FencedError):
+        await kv.put_many({f"w{i}": b"stale" for i in range(1200)}, guard=guard)
+    assert await kv.entries(consistent=True) == before  # nothing at all was stored
+    # The new holder's guard holds.
+    await kv.put_many({"w1": b"by b", "w2": b"by b"}, guard=Guard("c.1", reclaim))
+    assert (await kv.get("w1", consistent=True)).value == b"by b"  # type: ignore[union-attr]
+    assert first < reclaim
+
+
+async def test_a_guard_at_revision_0_holds_only_while_the_key_was_never_written(
+    connect: Connect,
+) -> None:
+    kv = await (await connect()).kv("mgr-guard")
+    await kv.put("w1", b"unclaimed", guard=Guard("c.7", 0))
+    await kv.put_many({"w2": b"x", "w3": b"y"}, guard=Guard("c.7", 0))
+    claim = await kv.create("c.7", b"claimed")
+    with pytest.raises(FencedWriteError):
+        await kv.put("w1", b"too late", guard=Guard("c.7", 0))
+    # A guard key deleted since is at its tombstone's revision: the old guard fails too.
+    await kv.delete("c.7")
+    for revision in (0, claim):
+        with pytest.raises(FencedWriteError):
+            await kv.put_many({"w1": b"a", "w2": b"b"}, guard=Guard("c.7", revision))
+    assert (await kv.get("w1")).value == b"unclaimed"  # type: ignore[union-attr]
+
+
+async def test_a_guarded_write_is_an_ordinary_write_of_its_own_key(connect: Connect) -> None:
+    kv = await (await connect()).kv("mgr-guard")
+    claim = await kv.create("c.2", b"claim")
+    revision = await kv.create("w", b"v1")
+    # The guard replaces the check on the written key, it does not add one: the write
+    # does not depend on w's own revision, and it bumps it as any put does.
+    newer = await kv.put("w", b"v2", guard=Guard("c.2", claim))
+    assert newer > revision
+    with pytest.raises(RevisionMismatchError):
+        await kv.update("w", b"lost", revision=revision)
+    assert await kv.update("w", b"v3", revision=newer) > newer
+    with pytest.raises(KeyExistsError):
+        await kv.create("w", b"again")
+    # Writing the guarded keys never moves the guard: it holds for the next write too.
+    await kv.put_many({"w": b"v4", "x": b"1"}, guard=Guard("c.2", claim))
+    assert (await kv.get("c.2")).revision == claim  # type: ignore[union-attr]
+
+
+async def test_keys_of_one_batch_may_carry_different_guards(connect: Connect) -> None:
+    kv = await (await connect()).kv("mgr-guard")
+    claims = {p: await kv.create(f"c.{p}", b"a") for p in range(3)}
+    guards = {f"w{i}": Guard(f"c.{i % 3}", claims[i % 3]) for i in range(30)}
+    items = {key: b"a" for key in guards}
+    await kv.put_many(items, guards=guards)
+    await kv.update("c.1", b"b", revision=claims[1])  # one of the three is claimed again
+    before = await kv.entries(consistent=True)
+    with pytest.raises(FencedWriteError) as refused:
+        await kv.put_many({key: b"stale" for key in guards}, guards=guards)
+    assert set(refused.value.failed) == {"c.1"}  # which guard failed, precisely
+    for size in (2, 1200):  # one atomic batch, more than one
+        mixed = {f"x{i}": b"x" for i in range(size)}
+        with pytest.raises(FencedWriteError):
+            await kv.put_many(mixed, guard=Guard("c.0", claims[0]), guards={"x1": guards["w1"]})
+    assert await kv.entries(consistent=True) == before  # nothing of any of them stored
+    held = {k: g for k, g in guards.items() if g.key != "c.1"}
+    await kv.put_many({key: b"fresh" for key in held}, guards=held)
+    assert (await kv.get("w0", consistent=True)).value == b"fresh"  # type: ignore[union-attr]
+
+
+async def test_a_guard_must_name_a_revision() -> None:
+    with pytest.raises(ConfigurationError):
+        Guard("c.1", -1)
+    with pytest.raises(ConfigurationError):
+        Guard("c.1", True)
 
 
 async def test_delete_semantics(connect: Connect) -> None:

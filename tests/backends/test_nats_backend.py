@@ -20,7 +20,7 @@ import nats
 import pytest
 from nats.aio.client import Client, ServerVersion
 
-from cloister.backends import KVOp, open_backend
+from cloister.backends import Guard, KVOp, open_backend
 from cloister.backends.nats import (
     JetStreamUnavailableError,
     NatsAuthorizationError,
@@ -33,6 +33,8 @@ from cloister.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigurationError,
+    FencedError,
+    FencedWriteError,
     NoSuchNodeError,
     RevisionMismatchError,
 )
@@ -324,6 +326,68 @@ async def test_put_many_when_the_server_takes_no_more_batches(
             await raw.close()
         listing = await kv.entries(consistent=True)
         assert {key: entry.value for key, entry in listing.items()} == items
+
+
+async def test_a_zombie_batch_is_refused_after_another_node_claimed_the_partition(
+    nats_server: NatsServer,
+) -> None:
+    from cloister.manager.claims import Claims
+    from cloister.manager.state import StateTable, Stored, storage_key
+
+    class Fixed:  # the fencing of one node that holds (or held) partition 3's claim
+        def __init__(self, claims: Claims) -> None:
+            self.claims = claims
+            self.refusals: list[tuple[int, int]] = []
+
+        def guard_of(self, worker_id: Any) -> tuple[int, Guard | None]:
+            return 3, self.claims.guard(3)
+
+        def refused(self, partition: int, guard: Guard, records: int) -> None:
+            self.refusals.append((partition, records))
+
+    async with connected(nats_server.url, node="a") as a, connected(nats_server.url, node="b") as b:
+        kv_a, kv_b = await a.kv("mgr-orders"), await b.kv("mgr-orders")
+        old = Fixed(Claims(kv_a, "a"))
+        assert await old.claims.claim({3}, epoch=4) == set()
+        zombie = StateTable(kv_a, old)
+        for i in range(20):
+            zombie.mark(Stored(f"k{i}", None, ["a", i], True))
+        await zombie.flush()  # a owns the partition: stored in one guarded batch
+        new = Fixed(Claims(kv_b, "b"))
+        assert await new.claims.claim({3}, epoch=5) == set()  # b takes it over
+        owner = StateTable(kv_b, new)
+        for i in range(20):
+            owner.mark(Stored(f"k{i}", None, ["b", i], True))
+        await owner.flush()
+        before = await kv_b.entries(consistent=True)
+        for i in range(20):  # a resumes and flushes what it had
+            zombie.mark(Stored(f"k{i}", None, ["a", "stale", i], True))
+        with pytest.raises(FencedError, match="refused"):
+            await zombie.flush()
+        assert old.refusals == [(3, 20)] and not zombie.dirty  # dropped, never retried
+        with pytest.raises(FencedWriteError):  # one record, a single guarded put
+            await zombie.write(Stored("k0", None, ["a", "stale"], True))
+        assert await kv_b.entries(consistent=True) == before  # nothing of a's was stored
+        entry = await kv_b.get(storage_key("k7"), consistent=True)
+        assert entry is not None and Stored.decode(entry.value).payload == ["b", 7]
+
+
+async def test_guarded_puts_key_by_key_carry_the_guard(nats_server: NatsServer) -> None:
+    raw = await nats.connect(nats_server.url)
+    try:
+        async with connected(nats_server.url) as backend:
+            kv = await backend.kv("plain")
+            info = await raw.jetstream().stream_info("KV_cloister_t_plain")
+            await raw.jetstream().update_stream(info.config.evolve(allow_atomic=False))
+            claim = await kv.create("c.1", b"a")
+            await kv.put_many({"w1": b"1", "w2": b"2"}, guard=Guard("c.1", claim))
+            await kv.update("c.1", b"b", revision=claim)
+            with pytest.raises(FencedWriteError):  # key by key now, each put guarded
+                await kv.put_many({"w1": b"x", "w2": b"y"}, guard=Guard("c.1", claim))
+            listing = await kv.entries(consistent=True)
+            assert (listing["w1"].value, listing["w2"].value) == (b"1", b"2")
+    finally:
+        await raw.close()
 
 
 async def test_entries_lists_large_buckets(nats_server: NatsServer) -> None:

@@ -54,6 +54,7 @@ def test_reasons_and_counters_keep_their_plain_forms() -> None:
         "rekey",
         "suspend",
         "replace",
+        "fenced",
     ]
     counters = ManagerCounters()
     counters.casts += 2

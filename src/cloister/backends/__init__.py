@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from cloister.backends.base import (
     Backend,
     Entry,
+    Guard,
     KeyValue,
     KVEvent,
     KVOp,
@@ -28,6 +29,7 @@ from cloister.errors import ConfigurationError
 __all__ = [
     "Backend",
     "Entry",
+    "Guard",
     "KVEvent",
     "KVOp",
     "KeyValue",

@@ -6,7 +6,9 @@ small services, and nothing above this layer talks to the outside any other way:
 - **Key-value buckets** (:class:`KeyValue`): get/put (and ``put_many``), ``create``
   (only if absent), ``update`` (compare-and-set on the revision), delete, a full listing,
   a live watch, and a per-key TTL after which the key expires and watchers see
-  :attr:`KVOp.EXPIRE`.
+  :attr:`KVOp.EXPIRE`. ``put`` and ``put_many`` take a :class:`Guard`: the medium stores
+  the write only while another key of the bucket (a claim) is still at a given revision
+  — fencing that the medium enforces, not the writer.
   Membership records, the sentry lease and the published epoch live here.
 - **Transport** (:meth:`Backend.serve` / :meth:`Backend.request`, :meth:`Backend.publish`
   / :meth:`Backend.subscribe`): request/reply addressed to one node, and fan-out topics.
@@ -45,7 +47,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloister.errors import BackendError
+from cloister.errors import BackendError, ConfigurationError, FencedWriteError
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 """Answers one request addressed to this node: payload in, reply out."""
@@ -61,6 +63,28 @@ class Entry:
     key: str
     value: bytes
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """A fencing condition on a write: ``key`` (in the same bucket) is still at ``revision``.
+
+    The medium checks it atomically with the write it guards and refuses the write with
+    :class:`~cloister.errors.FencedWriteError` otherwise (never retry that). ``revision``
+    is a revision read from (or returned by a write of) the guard key; ``0`` holds only
+    while the guard key was never written. A key deleted or expired since is at a newer
+    revision (its tombstone's), so a guard naming its last value fails, as it should.
+    Guard keys are meant to be overwritten (a claim changes hands), not deleted.
+    """
+
+    key: str
+    revision: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.revision, int) or isinstance(self.revision, bool):
+            raise ConfigurationError(f"guard revision must be an int, got {self.revision!r}")
+        if self.revision < 0:
+            raise ConfigurationError(f"guard revision must be >= 0, got {self.revision}")
 
 
 class KVOp(enum.Enum):
@@ -99,20 +123,51 @@ class KeyValue(ABC):
         """
 
     @abstractmethod
-    async def put(self, key: str, value: bytes) -> int:
-        """Write unconditionally; returns the new revision."""
+    async def put(self, key: str, value: bytes, *, guard: Guard | None = None) -> int:
+        """Write (only while ``guard`` holds, when given); returns the new revision.
 
-    async def put_many(self, items: Mapping[str, bytes]) -> None:
-        """Write several keys unconditionally; returns once all of them are stored.
+        A failed guard raises :class:`~cloister.errors.FencedWriteError` and stores
+        nothing; never retry it.
+        """
 
-        Backends that can store them all or none do (memory; NATS 2.12+ in atomic batches
-        of up to 1,000 keys). This default pipelines single puts: on an error some of the
-        keys may be written, and writing them all again is the way to recover.
+    async def put_many(
+        self,
+        items: Mapping[str, bytes],
+        *,
+        guard: Guard | None = None,
+        guards: Mapping[str, Guard] | None = None,
+    ) -> None:
+        """Write several keys, each only while its guard holds; returns once all are stored.
+
+        ``guard`` guards every key; ``guards`` gives keys their own guard instead (one
+        write may span several claims: the manager flushes the workers of many partitions
+        at once). Backends that can store them all or none do (memory; NATS 2.12+ in
+        atomic batches of up to 1,000 keys, each batch refused as a whole when one of its
+        guards fails). This default pipelines single puts, each carrying its guard: on an
+        error some of the keys may be written (only while their guards held), and writing
+        them all again is the way to recover — unless the error is
+        :class:`~cloister.errors.FencedWriteError`, which names the guards that failed:
+        the writer lost the right to write what they cover.
         """
         pairs = list(items.items())
+        chosen = guards or {}
         for start in range(0, len(pairs), 256):  # pipelined, not one round trip each
             chunk = pairs[start : start + 256]
-            await asyncio.gather(*(self.put(key, value) for key, value in chunk))
+            results = await asyncio.gather(
+                *(self.put(key, value, guard=chosen.get(key, guard)) for key, value in chunk),
+                return_exceptions=True,
+            )
+            # Every put of the chunk has finished: raise the failures as one (a fence
+            # first, so that callers never mistake a refusal for an outage and retry it).
+            failed: dict[str, tuple[int, int | None]] = {}
+            for result in results:
+                if isinstance(result, FencedWriteError):
+                    failed.update(result.failed)
+            if failed:
+                raise FencedWriteError(self.name, failed, f"put {len(items)} keys")
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     @abstractmethod
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:

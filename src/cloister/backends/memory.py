@@ -16,6 +16,10 @@ failures real deployments see:
 - :meth:`MemoryWorld.elect` — the medium loses its leader for a while: bucket and log
   operations fail for every node, and TTLs start afresh once a new leader is elected.
 
+Guarded writes (:class:`~cloister.backends.Guard`) are checked against the guard key's
+last change — deletes and expiries included, as NATS keeps a subject's last sequence —
+atomically with the write.
+
 Nodes opened with the same ``memory://NAME`` share one world; different names are
 different worlds. Payloads cross as bytes only, as on a real wire.
 """
@@ -35,6 +39,7 @@ from cloister._tasks import Supervisor
 from cloister.backends.base import (
     Backend,
     Entry,
+    Guard,
     KeyValue,
     KVEvent,
     KVOp,
@@ -49,6 +54,7 @@ from cloister.backends.base import (
 from cloister.errors import (
     BackendUnavailableError,
     ConfigurationError,
+    FencedWriteError,
     KeyExistsError,
     NoSuchNodeError,
     RemoteError,
@@ -97,6 +103,9 @@ class _Bucket:
         self.revisions = itertools.count(1)
         self.watchers: list[_Watcher] = []
         self.electing = False  # no leader: nothing expires (see MemoryWorld.elect)
+        # The revision of each key's last change, deletes and expiries included (what NATS
+        # keeps as the subject's last sequence): guards are checked against it.
+        self.last: dict[str, int] = {}
 
     def hold_expiries(self) -> None:
         """The leader is gone: no TTL runs out until a new one counts them afresh."""
@@ -114,11 +123,22 @@ class _Bucket:
             if item.ttl is not None and item.expiry is None:
                 item.expiry = loop.call_later(item.ttl, self._expire, key, item.revision)
 
+    def check(self, guards: Iterable[Guard | None], name: str, what: str) -> None:
+        """Raise :class:`FencedWriteError` unless every one of ``guards`` holds now."""
+        failed: dict[str, tuple[int, int | None]] = {}
+        for guard in guards:
+            if guard is not None:
+                actual = self.last.get(guard.key, 0)
+                if actual != guard.revision:
+                    failed[guard.key] = (guard.revision, actual)
+        if failed:
+            raise FencedWriteError(name, failed, what)
+
     def write(self, key: str, value: bytes, ttl: float | None) -> int:
         old = self.items.get(key)
         if old is not None and old.expiry is not None:
             old.expiry.cancel()
-        revision = next(self.revisions)
+        revision = self.last[key] = next(self.revisions)
         item = self.items[key] = _Item(value, revision, ttl=ttl)
         if ttl is not None and not self.electing:
             loop = asyncio.get_running_loop()
@@ -130,7 +150,8 @@ class _Bucket:
         item = self.items.pop(key)
         if item.expiry is not None:
             item.expiry.cancel()
-        self._notify(KVEvent(op, key, None, next(self.revisions)))
+        revision = self.last[key] = next(self.revisions)
+        self._notify(KVEvent(op, key, None, revision))
 
     def _expire(self, key: str, revision: int) -> None:
         item = self.items.get(key)
@@ -157,15 +178,25 @@ class MemoryKV(KeyValue):
         item = self._bucket.items.get(key)
         return None if item is None else Entry(key, item.value, item.revision)
 
-    async def put(self, key: str, value: bytes) -> int:
+    async def put(self, key: str, value: bytes, *, guard: Guard | None = None) -> int:
         _check_key(key)
         await self._owner._io()
+        self._bucket.check((guard,), self.name, f"put {key!r}")
         return self._bucket.write(key, bytes(value), None)
 
-    async def put_many(self, items: Mapping[str, bytes]) -> None:
+    async def put_many(
+        self,
+        items: Mapping[str, bytes],
+        *,
+        guard: Guard | None = None,
+        guards: Mapping[str, Guard] | None = None,
+    ) -> None:
         for key in items:
             _check_key(key)
         await self._owner._io()  # then every write, or none if the medium is away
+        # Checked and written with no await in between: atomic, as one NATS batch.
+        used = {guards.get(key, guard) for key in items} if guards else (guard,)
+        self._bucket.check(used, self.name, f"put {len(items)} keys")
         for key, value in items.items():
             self._bucket.write(key, bytes(value), None)
 

@@ -21,6 +21,7 @@ from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, FencedError, WireFormatError
+from cloister.manager.claims import PartitionsFencedError
 from cloister.store.inbox import Inbox, InboxMessage
 
 log = logging.getLogger("cloister.manager.consumer")
@@ -29,7 +30,12 @@ _YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
 BeforeAck = Callable[[list[Any]], Awaitable[None]]
-"""Called with the keys of a batch of records before they are acked (persist state)."""
+"""Called with the keys of a batch of records before they are acked (persist state).
+
+:class:`~cloister.errors.FencedError`: none of them may be acked;
+:class:`~cloister.manager.claims.PartitionsFencedError`: the partitions it names were
+abandoned (their acks are dropped), the others' acks go on — or wait, when its
+``unavailable`` says their state is not stored yet; ``BackendError``: they all wait."""
 
 
 class PartitionConsumers:
@@ -152,6 +158,26 @@ class PartitionConsumers:
                     "partition %d: release failed (%s); the next owner evicts", partition, exc
                 )
 
+    def abandon(self, partitions: set[int]) -> None:
+        """Give ``partitions`` up at once, acking nothing more of them (the medium refused
+        their state: another node claimed them). Their delivered records are not acked
+        here — their next consumer gets them again; the claims are released in the
+        background (or evicted by that consumer)."""
+        self._wanted -= partitions
+        self.stop_fetching(partitions)
+        for partition in partitions:
+            consumer = self._consumers.pop(partition, None)
+            if consumer is not None:
+                self._supervisor.spawn(self._give_up(consumer), f"abandon {partition}")
+
+    async def _give_up(self, consumer: LogConsumer) -> None:
+        try:
+            await consumer.release()
+        except BackendError as exc:
+            log.info(
+                "partition %d: release failed (%s); the next owner evicts", consumer.partition, exc
+            )
+
     def ack(self, consumer: LogConsumer, record: LogRecord, key: Any = None) -> None:
         """Acknowledge ``record`` of ``key`` (its handler returned); never blocks."""
         to_ack = self._to_ack
@@ -227,6 +253,15 @@ class PartitionConsumers:
                 if self._before_ack is not None:
                     try:
                         await self._before_ack([key for _, _, key in batch if key is not None])
+                    except PartitionsFencedError as exc:
+                        # Those partitions are abandoned (their acks are dropped below);
+                        # the others' state was stored, unless the medium failed too.
+                        if exc.unavailable is not None:
+                            log.warning("state not stored (%s); acks wait", exc.unavailable)
+                            kept = self._held(batch)
+                            settled -= len(kept)
+                            await self._again(kept)
+                            continue
                     except FencedError as exc:
                         # Never retried blindly: the records go to the key's next owner.
                         log.warning("%s; %d ack(s) dropped, redelivered elsewhere", exc, settled)
@@ -238,7 +273,7 @@ class PartitionConsumers:
                         await self._again(batch)
                         continue
                 by_consumer: dict[LogConsumer, list[LogRecord]] = {}
-                for consumer, record, _ in batch:
+                for consumer, record, _ in self._held(batch):
                     by_consumer.setdefault(consumer, []).append(record)
                 again: list[tuple[LogConsumer, LogRecord, Any]] = []
                 for consumer, records in by_consumer.items():
@@ -265,6 +300,14 @@ class PartitionConsumers:
                 self._done(settled)
                 if not self._to_ack:
                     self._acks_sent.set()
+
+    def _held(
+        self, acks: list[tuple[LogConsumer, LogRecord, Any]]
+    ) -> list[tuple[LogConsumer, LogRecord, Any]]:
+        """The acks of partitions we still consume: an abandoned partition's records must
+        not be acked (their state was refused), its next consumer gets them again."""
+        consumers = self._consumers
+        return [a for a in acks if consumers.get(a[0].partition) is a[0]]
 
     async def _again(self, acks: list[tuple[LogConsumer, LogRecord, Any]]) -> None:
         """Put ``acks`` first in line again and try once more a moment later."""

@@ -7,6 +7,12 @@ consumes the inbox partitions the node owns and keeps the replicated state table
 
 A topology change reaches the partitions as a :class:`Rebalance` — a pure value computed
 by :func:`rebalance` from what this node held and what the new placement gives it.
+
+Ownership is fenced at the medium: settling an epoch, the region first claims every
+partition it takes (:class:`~cloister.manager.claims.Claims`, before it reads the stored
+state, so that no write of the previous holder lands after that read), then guards every
+state write with its partition's claim. A write the medium refuses gives the partition up
+at once: its workers are dropped, its inbox records go to the real owner.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections.abc import Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cloister.backends import Guard
 from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
 from cloister.errors import CloisterError, FencedError, NotOwnerError, WireFormatError
+from cloister.manager.claims import Claims, PartitionsFencedError
 from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
@@ -101,6 +109,7 @@ class ShardRegion:
         self.options = options
         self.counters = counters
         self.table: StateTable | None = None
+        self.claims: Claims | None = None
         self.inbox: Inbox | None = None
         self.consumers: PartitionConsumers | None = None
         self.watchdog: Watchdog | None = None
@@ -137,11 +146,12 @@ class ShardRegion:
         """Open the state table and the inbox, then follow the cluster through ``hook``."""
         cluster, options, engine = self.cluster, self.options, self.engine
         kv = await cluster.backend.kv(f"mgr-{options.name}")
-        self.table = StateTable(kv)
+        self.claims = Claims(kv, cluster.node)  # in the state's bucket: one guarded write
+        self.table = StateTable(kv, self)
         await self.table.load()
         self.merge_table()
         engine.ports.mark = self.table.mark
-        engine.ports.write = self.table.write
+        engine.ports.write = self._write_owned
         engine.supervisor.spawn(self._flush_loop(), "payload flusher")
         if options.durable:
             self.inbox = Inbox(
@@ -239,12 +249,20 @@ class ShardRegion:
             await self.hand_over(leaving, placement.owner_of)
         if self.consumers is not None and moves.revoked:
             await self.consumers.release(set(moves.revoked))
+        if self.claims is not None:  # their state is stored: the next owner claims them
+            self.claims.keep_only(placement.owned())
 
     async def _settle(self, topology: Topology) -> None:
         lifecycle, engine = self.lifecycle, self.engine
         if lifecycle.leaving or lifecycle.down:
             return  # a hook call already under way when stop() began: take nothing
         placement = self.placement_for(topology)
+        denied: set[int] = set()
+        if self.claims is not None:
+            # Claim before reading: from here on the previous holder's writes are refused,
+            # so the state read next is the last it stored. A failure propagates (retried).
+            self.claims.keep_only(placement.owned())
+            denied = await self.claims.claim(placement.owned(), topology.epoch)
         now = asyncio.get_running_loop().time()
         # The token first: a worker started below, or a record of a partition taken below,
         # may run a callback before this settle ends, and it works under this epoch.
@@ -267,6 +285,7 @@ class ShardRegion:
                 worker_id in workers
                 or specs.get(worker_id) is not spec  # deleted or replaced meanwhile
                 or not placement.mine(worker_id)
+                or (denied and placement.partition_of(worker_id) in denied)
             ):
                 continue
             payload, fresh = None, True
@@ -289,8 +308,8 @@ class ShardRegion:
                     worker.watermark = watermark
         if self.consumers is not None:
             moves = self._rebalance(topology, placement)
-            await self.consumers.release(set(moves.revoked))
-            await self.consumers.take(set(moves.owned))
+            await self.consumers.release(set(moves.revoked) | denied)
+            await self.consumers.take(set(moves.owned) - denied)
         await lifecycle.enter(Phase.UP)
 
     async def suspend(self, reason: SuspendReason) -> None:
@@ -323,6 +342,8 @@ class ShardRegion:
                     await asyncio.sleep(0)  # heartbeats go on while a million workers stop
             if not self.consumers.held_or_wanted:  # (a settle may have raced in meanwhile)
                 self.consumers.reset()
+        if self.claims is not None:  # claimed afresh on the next settle
+            self.claims.clear()
         await self.lifecycle.enter(Phase.WAITING)
 
     # -- handoff -------------------------------------------------------------------------------
@@ -354,6 +375,8 @@ class ShardRegion:
         if self.consumers is not None:
             self.forget_inbox_messages()
             await self.consumers.release(self.consumers.held_or_wanted)
+        # The claims stay: the last one out stores its payloads as it stops (core.stop),
+        # and the nodes that take the partitions over claim them anew, which ends ours.
         self.lifecycle.move(Phase.LEFT)
 
     async def hand_over(self, leaving: list[Key], owner_of: Callable[[Key], str | None]) -> None:
@@ -398,7 +421,12 @@ class ShardRegion:
             for start in range(0, len(batch), HANDOFF_CHUNK):
                 await self._ship(owner, batch[start : start + HANDOFF_CHUNK])
         if table is not None and self._lease_valid():  # past it, the stored state stands
-            await table.flush(leaving)
+            try:
+                await table.flush(leaving)
+            except FencedError as exc:  # another node claimed them: its state stands
+                log.info("manager %s: handoff flush refused (%s)", self.options.name, exc)
+                if isinstance(exc, PartitionsFencedError) and exc.unavailable is not None:
+                    raise exc.unavailable from None
 
     async def _ship(self, owner: str, chunk: list[list[Any]]) -> None:
         # The batch names the epoch it moves under: a node that moved on refuses it.
@@ -471,13 +499,24 @@ class ShardRegion:
 
     async def _store_before_ack(self, keys: list[Any]) -> None:
         """Store the payloads a batch of acks vouches for — only while the lease is valid:
-        a node past its lease may have lost these keys, and its payloads are stale."""
+        a node past its lease may have lost these keys, and its payloads are stale.
+
+        :class:`PartitionsFencedError` when the medium refused some partitions' payloads:
+        those partitions are given up already (:meth:`refused`), their acks are dropped.
+        """
         if not self._lease_valid():
             raise FencedError(
                 f"node {self.cluster.node}: lease ran out; {len(keys)} payload(s) not stored"
             )
         assert self.table is not None
-        await self.table.flush(keys)
+        try:
+            await self.table.flush(keys)
+        except PartitionsFencedError as exc:
+            # Refused at the medium (abandoned already) or never claimed here: either way
+            # no ack of theirs may vouch for state that was not stored.
+            if self.consumers is not None:
+                self.consumers.abandon(set(exc.partitions) & self.consumers.held_or_wanted)
+            raise
 
     async def _flush_loop(self) -> None:
         assert self.table is not None
@@ -486,8 +525,86 @@ class ShardRegion:
             if self.table.dirty and self._lease_valid():
                 try:
                     await self.table.flush()
+                except PartitionsFencedError as exc:
+                    if exc.unavailable is not None:
+                        log.warning(
+                            "manager %s: payload flush postponed (%s)",
+                            self.options.name,
+                            exc.unavailable,
+                        )
                 except CloisterError as exc:
                     log.warning("manager %s: payload flush postponed (%s)", self.options.name, exc)
+
+    async def _write_owned(self, stored: Stored) -> None:
+        """The engine's one-record writes (a halted or re-keyed worker's deletion), as
+        the owner: a refused one is dropped (the partition's next owner decides)."""
+        assert self.table is not None
+        try:
+            await self.table.write(stored)
+        except FencedError as exc:
+            log.info("manager %s: %s", self.options.name, exc)
+
+    # -- fencing at the medium (the state table's Fencing) ----------------------------------------
+
+    def guard_of(self, worker_id: Any) -> tuple[int, Guard | None]:
+        """The partition of ``worker_id`` and the guard of its claim (None: not ours)."""
+        topology = self.cluster.topology
+        if topology is None or self.claims is None:
+            return -1, None
+        partition = self.placement_for(topology).partition_of(worker_id)
+        return partition, self.claims.guard(partition)
+
+    def refused(self, partition: int, guard: Guard, records: int) -> None:
+        """The medium refused ``records`` writes of ``partition``: another node claimed it.
+
+        Synchronous, so that nothing more of the partition is acked or written: its token
+        goes, its consumer stops; then (a task, under the region's lock) its workers are
+        dropped without storing anything and the partition is given up — its records go
+        to the node that claimed it.
+        """
+        self.counters.fenced_writes += records
+        assert self.claims is not None
+        if not self.claims.drop(partition, guard.revision):
+            return  # refused before, or claimed again since: handled already
+        log.warning(
+            "manager %s: the medium refused %d state write(s) of partition %d: node %s "
+            "lost it to another claimant (a pause or partition outlived its lease?). "
+            "Dropping its workers here; its messages go to the new owner",
+            self.options.name,
+            records,
+            partition,
+            self.cluster.node,
+        )
+        if self.consumers is not None:
+            self.consumers.abandon({partition})
+        self.engine.supervisor.spawn(self._drop_partition(partition), f"fenced {partition}")
+
+    async def _drop_partition(self, partition: int) -> None:
+        async with self.lock:
+            assert self.claims is not None
+            topology = self.cluster.topology
+            if topology is None or self.claims.guard(partition) is not None:
+                return  # claimed anew meanwhile (a settle): its workers are valid
+            placement = self.placement_for(topology)
+            doomed = [i for i in self.engine.workers if placement.partition_of(i) == partition]
+            self.forget_inbox_messages(doomed)
+            assert self.table is not None
+            for count, worker_id in enumerate(doomed, 1):
+                self.table.dirty.pop(worker_id, None)  # never stored: it is not ours
+                self.engine.parked.pop(worker_id, None)
+                await self.engine.remove(worker_id, Reason.FENCED)
+                if not count % YIELD_EVERY:
+                    await asyncio.sleep(0)
+        # If the epoch we settled on still gives us the partition, claim it again: the
+        # other claim may be older than our epoch (then ours wins), or newer (then this
+        # node is behind, takes nothing and waits for the next epoch).
+        if (
+            self.cluster.state is State.READY
+            and topology.epoch == self.fence
+            and partition in placement.owned()
+            and not self.lifecycle.leaving
+        ):
+            await self.settle(topology)
 
 
 def _handoff_batch(batch: Any) -> tuple[int, list[tuple[Any, Any, list[Any], int]]]:

@@ -107,10 +107,12 @@ class Router:
     async def _record_spec(region: ShardRegion, verb: str, body: dict[str, Any]) -> None:
         assert region.table is not None
         worker_id = body["id"]
+        # Written by the caller, whichever node it is (not the owner): not fenced.
         if verb == "put":
-            await region.table.write(Stored(worker_id, body["spec"], None, False))
+            record = Stored(worker_id, body["spec"], None, False)
         else:
-            await region.table.write(Stored(worker_id, None, None, False, deleted=True))
+            record = Stored(worker_id, None, None, False, deleted=True)
+        await region.table.write(record, guarded=False)
 
     async def local(self, verb: str, body: dict[str, Any], timeout: float | None) -> Any:
         """Run ``verb`` here (the caller found this node to be the owner)."""

@@ -11,6 +11,12 @@ by the inbox, the payload and the *watermark* (the log sequence of the last mess
 includes) are written before that message is acknowledged: after a crash the new owner
 resumes from a payload that matches the log, and skips redelivered messages it already
 contains — effectively once. A graceful handoff ships both directly.
+
+Writes that depend on owning a worker are *fenced at the medium*: with a :class:`Fencing`
+(the shard region), each write carries the guard of its worker's partition claim (see
+:mod:`cloister.manager.claims`), a flush is one guarded ``put_many`` per partition (all
+one ``put_many`` whatever the partitions), and a write the medium refuses is dropped —
+never queued again — and reported to the fencing, which gives the partition up.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cloister import wire
-from cloister.backends import KeyValue
-from cloister.errors import WireFormatError
+from cloister.backends import Guard, KeyValue
+from cloister.errors import FencedError, FencedWriteError, WireFormatError
+from cloister.manager.claims import PartitionsFencedError, is_claim_key
 from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
@@ -75,11 +82,30 @@ class Stored:
         )
 
 
+class Fencing(Protocol):
+    """Where the state table gets its guards, and tells of writes the medium refused."""
+
+    def guard_of(self, worker_id: Any) -> tuple[int, Guard | None]:
+        """The partition of ``worker_id`` and its guard (None: no claim held on it)."""
+        ...
+
+    def refused(self, partition: int, guard: Guard, records: int) -> None:
+        """The medium refused ``records`` writes guarded by ``guard`` (called at once,
+        before the writer goes on: nothing else may be acked or written for it)."""
+        ...
+
+
+class UnclaimedError(FencedError):
+    """A write of a worker whose partition this node holds no claim on (it moved, or the
+    node was fenced): refused here, before it reaches the medium."""
+
+
 class StateTable:
     """Mirror of the bucket plus a write-behind queue of replaced payloads."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, fencing: Fencing | None = None) -> None:
         self.kv = kv
+        self.fencing = fencing
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
@@ -98,6 +124,8 @@ class StateTable:
         mirror: dict[Any, Stored] = {}
         entries = await self.kv.entries(consistent=True)
         for count, entry in enumerate(entries.values(), 1):
+            if is_claim_key(entry.key):
+                continue  # a partition claim (same bucket, for the medium's guard check)
             stored = self._decode(entry.value)
             if stored is not None:
                 mirror[stored.id] = stored
@@ -113,11 +141,29 @@ class StateTable:
             log.warning("ignoring a malformed stored worker: %s", exc)
             return None
 
-    async def write(self, stored: Stored) -> None:
-        """Write one record now (runtime put/delete, handoff)."""
+    async def write(self, stored: Stored, *, guarded: bool = True) -> None:
+        """Write one record now (runtime put/delete, halt, re-key).
+
+        ``guarded`` (with a fencing): only as the claimant of its partition, else
+        :class:`FencedError`. Unguarded writes are for records any node may write (the
+        spec record of a ``put``/``delete``, written by its caller).
+        """
         async with self._writing:
             self.dirty.pop(stored.id, None)
-            await self.kv.put(storage_key(stored.id), stored.encode())
+            partition, guard = -1, None
+            if guarded and self.fencing is not None:
+                partition, guard = self.fencing.guard_of(stored.id)
+                if guard is None:
+                    raise UnclaimedError(
+                        f"worker {stored.id!r}: this node holds no claim on partition "
+                        f"{partition}; its record was not written (the owner writes it)"
+                    )
+            try:
+                await self.kv.put(storage_key(stored.id), stored.encode(), guard=guard)
+            except FencedWriteError:
+                assert guard is not None and self.fencing is not None
+                self.fencing.refused(partition, guard, 1)
+                raise
             self.mirror[stored.id] = stored
 
     def mark(self, stored: Stored) -> None:
@@ -136,6 +182,66 @@ class StateTable:
             batch = {i: self.dirty.pop(i) for i in ids if i in self.dirty}
         if not batch:
             return
+        if self.fencing is None:
+            await self._put_batch(batch)
+            return
+        await self._flush_fenced(batch, self.fencing)
+
+    async def _flush_fenced(self, batch: dict[Any, Stored], fencing: Fencing) -> None:
+        """Write ``batch`` in one ``put_many``, each record guarded by its partition's
+        claim: the cost of a flush stays one round trip, however many partitions it spans.
+        A refusal names the guards that failed: their records are dropped (reported to
+        the fencing) and the rest, whose claims hold, are written again."""
+        items: dict[str, bytes] = {}
+        guards: dict[str, Guard] = {}
+        pending: dict[str, Stored] = {}  # storage key -> record
+        covered: dict[str, tuple[int, Guard, list[str]]] = {}  # guard key -> its records
+        unclaimed: set[int] = set()
+        for worker_id, stored in batch.items():
+            partition, guard = fencing.guard_of(worker_id)
+            if guard is None:
+                unclaimed.add(partition)  # not ours (any more): dropped, never written
+                continue
+            key = storage_key(worker_id)
+            items[key], guards[key], pending[key] = stored.encode(), guard, stored
+            covered.setdefault(guard.key, (partition, guard, []))[2].append(key)
+        fenced: set[int] = set()
+        cause: FencedError | None = None
+        unavailable: Exception | None = None
+        while items:
+            try:
+                await self.kv.put_many(items, guards=guards)
+            except FencedWriteError as exc:
+                cause = exc
+                named = [covered.pop(k) for k in exc.failed if k in covered]
+                if not named:  # names none of our guards (no backend does): drop, never loop
+                    raise
+                for partition, guard, keys in named:
+                    for key in keys:
+                        del items[key], guards[key], pending[key]
+                    fenced.add(partition)
+                    fencing.refused(partition, guard, len(keys))
+                continue  # the others' claims held: they are written, not lost with them
+            except BaseException as exc:
+                for stored in pending.values():  # keep what was not written
+                    self.dirty.setdefault(stored.id, stored)
+                if not isinstance(exc, Exception):
+                    raise
+                unavailable = exc
+                break
+            self.mirror.update({stored.id: stored for stored in pending.values()})
+            break
+        if unclaimed:
+            log.debug("records of unclaimed partition(s) %s dropped", sorted(unclaimed))
+            cause = cause or UnclaimedError(
+                f"partition(s) {sorted(unclaimed)}: no claim held, records not written"
+            )
+        if cause is not None:
+            raise PartitionsFencedError(fenced | unclaimed, cause, unavailable)
+        if unavailable is not None:
+            raise unavailable
+
+    async def _put_batch(self, batch: dict[Any, Stored]) -> None:
         try:
             # One batch (atomic where the backend can): a round trip, not one per worker.
             await self.kv.put_many(

@@ -51,6 +51,7 @@ class Reason(StrEnum):
     REKEY = "rekey"
     SUSPEND = "suspend"  # the node lost its lease or quorum
     REPLACE = "replace"
+    FENCED = "fenced"  # the medium refused its state: another node claimed its partition
 
 
 @dataclass(slots=True)
@@ -77,6 +78,8 @@ class ManagerCounters:
     stalls: int = 0
     """Looks of the stall watchdog that found the manager up, records waiting and
     nothing in flight or handled (each one healed)."""
+    fenced_writes: int = 0
+    """State records the medium refused: another node had claimed their partition."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""

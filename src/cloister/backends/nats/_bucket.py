@@ -39,6 +39,9 @@ from cloister.errors import BackendError, ConfigurationError
 log = logging.getLogger("cloister.backends.nats")
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+#: With it, the expected last sequence is checked on this subject instead of the one
+#: published to (nats-server 2.11+): how a write is guarded by another key's revision.
+EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 MSG_TTL = "Nats-TTL"
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"

@@ -14,6 +14,12 @@ Mapping of the contract:
   starts, the rest are plain publishes, the last one commits and gets the pub ack. All
   keys of a batch are stored or none; one round trip per batch instead of one per key.
   Older servers get pipelined single puts;
+- a :class:`~cloister.backends.Guard` = headers ``Nats-Expected-Last-Subject-Sequence:
+  <revision>`` and ``Nats-Expected-Last-Subject-Sequence-Subject: $KV.<bucket>.<guard
+  key>`` on every message written (each message of a batch its own key's guard: the
+  server refuses the whole batch when one fails, error 10071), so the server checks the
+  guard key's last sequence atomically with the write. A refusal is
+  :class:`~cloister.errors.FencedWriteError`, never retried;
 - ``entries`` = a batched direct get of every message of the stream (history 1 means
   the stream holds exactly the last message of each key), markers and tombstones
   dropped; with ``consistent=True`` an ephemeral ``LAST_PER_SUBJECT`` pull consumer
@@ -29,7 +35,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +43,10 @@ from typing import Any
 import nats.js.errors
 from nats.js import api
 
-from cloister.backends.base import Entry, KeyValue, KVEvent, KVOp
+from cloister.backends.base import Entry, Guard, KeyValue, KVEvent, KVOp
 from cloister.backends.nats._bucket import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
+    EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
     KV_OPERATION,
     MSG_TTL,
     check_key,
@@ -58,7 +65,12 @@ from cloister.backends.nats._errors import (
 )
 from cloister.backends.nats._kv_listing import BucketLister
 from cloister.backends.nats._streams import NO_RESPONDERS_RETRY, retry_while_unavailable
-from cloister.errors import BackendError, KeyExistsError, RevisionMismatchError
+from cloister.errors import (
+    BackendError,
+    FencedWriteError,
+    KeyExistsError,
+    RevisionMismatchError,
+)
 
 log = logging.getLogger("cloister.backends.nats")
 
@@ -159,14 +171,64 @@ class NatsKV(KeyValue):
 
     # -- writes -----------------------------------------------------------------------
 
-    async def put(self, key: str, value: bytes) -> int:
-        check_key(key)
-        return await self._publish(key, value, {}, f"put {key!r}")
+    def _guard_headers(self, guard: Guard | None) -> dict[str, str]:
+        if guard is None:
+            return {}
+        check_key(guard.key)
+        return {
+            EXPECTED_LAST_SUBJECT_SEQUENCE: str(guard.revision),
+            EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: self._prefix + guard.key,
+        }
 
-    async def put_many(self, items: Mapping[str, bytes]) -> None:
+    async def _fenced(self, used: set[Guard], description: str, what: str) -> FencedWriteError:
+        """The error for a write refused by one of ``used``: the server names no subject,
+        only a sequence ("wrong last sequence: 7"), so with several guards their keys are
+        read to tell which failed (a refused writer's path: rare, never hot)."""
+        if len(used) == 1:
+            (guard,) = used
+            tail = description.rsplit(":", 1)[-1].strip()
+            actual = int(tail) if tail.isdigit() else None
+            return FencedWriteError(self.name, {guard.key: (guard.revision, actual)}, what)
+        guards = sorted(used, key=lambda g: g.key)
+        lasts = await asyncio.gather(
+            *(self._last(g.key, consistent=True) for g in guards), return_exceptions=True
+        )
+        failed: dict[str, tuple[int, int | None]] = {}
+        for guard, last in zip(guards, lasts, strict=True):
+            actual = None if isinstance(last, BaseException) else 0 if last is None else last[0]
+            if actual != guard.revision:  # unreadable counts as failed: nothing is assumed
+                failed[guard.key] = (guard.revision, actual)
+        if not failed:  # revisions only grow: a guard that failed cannot hold again
+            raise BackendError(f"{what}: refused ({description}), yet every guard holds now")
+        return FencedWriteError(self.name, failed, what)
+
+    async def put(self, key: str, value: bytes, *, guard: Guard | None = None) -> int:
+        check_key(key)
+        what = f"put {key!r}"
+        try:
+            return await self._publish(key, value, self._guard_headers(guard), what)
+        except WrongLastSequence as exc:
+            assert guard is not None  # only a guard sets an expected sequence here
+            raise await self._fenced({guard}, str(exc), f"{what} in bucket {self.name!r}") from None
+
+    async def put_many(
+        self,
+        items: Mapping[str, bytes],
+        *,
+        guard: Guard | None = None,
+        guards: Mapping[str, Guard] | None = None,
+    ) -> None:
         for key in items:
             check_key(key)
-        pairs = [(key, bytes(value)) for key, value in items.items()]
+        chosen = guards or {}
+        headers: dict[Guard | None, dict[str, str]] = {}  # built once per distinct guard
+        pairs = []
+        for key, value in items.items():
+            used = chosen.get(key, guard)
+            found = headers.get(used)
+            if found is None:
+                found = headers[used] = self._guard_headers(used)
+            pairs.append((key, bytes(value), found, used))
         for start in range(0, len(pairs), ATOMIC_BATCH_LIMIT):
             chunk = pairs[start : start + ATOMIC_BATCH_LIMIT]
             if len(chunk) > 1 and self._atomic and self._conn.server_at_least(ATOMIC_PUBLISH_SINCE):
@@ -185,19 +247,28 @@ class NatsKV(KeyValue):
                         self._atomic = False
                     else:  # this batch one by one; the next ones atomic again
                         log.debug("stream %s: %s; putting keys one by one", self.stream, refused)
+                except WrongLastSequence as exc:  # only guards set an expected sequence
+                    used_guards = {g for *_, g in chunk if g is not None}
+                    raise await self._fenced(used_guards, str(exc), what) from None
                 except NATS_ERRORS as exc:
                     raise translate(exc, what, self._conn.url) from exc
-            await super().put_many(dict(chunk))
+            # Key by key, each put carrying its guard.
+            await super().put_many(
+                {key: value for key, value, *_ in chunk}, guard=guard, guards=guards
+            )
 
-    async def _publish_batch(self, chunk: list[tuple[str, bytes]]) -> None:
-        """Store ``chunk`` as one atomic batch (a fresh batch id on every attempt)."""
+    async def _publish_batch(
+        self, chunk: Sequence[tuple[str, bytes, Mapping[str, str], Guard | None]]
+    ) -> None:
+        """Store ``chunk`` as one atomic batch (a fresh batch id on every attempt), each
+        message carrying its guard's headers: one failed check refuses the whole batch."""
         what = f"put {len(chunk)} keys in bucket {self.name!r}"
         nc = self._conn.client(what)
         timeout = self._conn.options.op_timeout
         batch = uuid.uuid4().hex
         last = len(chunk)
-        for number, (key, value) in enumerate(chunk, 1):
-            headers = {BATCH_ID: batch, BATCH_SEQUENCE: str(number)}
+        for number, (key, value, guarding, _) in enumerate(chunk, 1):
+            headers = {**guarding, BATCH_ID: batch, BATCH_SEQUENCE: str(number)}
             if number == last:
                 headers[BATCH_COMMIT] = "1"
             if 1 < number < last:
@@ -212,6 +283,8 @@ class NatsKV(KeyValue):
             error = answer.get("error") if isinstance(answer, dict) else None
             if error:
                 code = error.get("err_code")
+                if code in WRONG_LAST_SEQUENCE:  # a guard failed: nothing was stored
+                    raise WrongLastSequence(str(error.get("description", code)))
                 if code == ATOMIC_PUBLISH_DISABLED or code in ATOMIC_PUBLISH_NOT_NOW:
                     raise AtomicBatchRefused(
                         str(error.get("description", code)),
