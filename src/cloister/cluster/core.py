@@ -483,7 +483,7 @@ class Cluster(RemoteCalls):
             heartbeat=self.heartbeat,
             settle=settle,
             record_lost=record_lost,
-            lapsed_for=0.0 if lease_ok else max(0.0, now - lease.lease_until),
+            lapsed_for=0.0 if lease_ok else max(0.0, now - lease.renewed_until),
             paused=self._paused,
             settled_epoch=self._settled_epoch,
             failover_time=self.backend.failover_time,
@@ -496,7 +496,7 @@ class Cluster(RemoteCalls):
         now = time.monotonic()
         # A rejoin after our record expired counts as a lost lease for one step: suspend.
         record_lost = self._lease.take_expiry()
-        lease_ok = not record_lost and now < self._lease.lease_until
+        lease_ok = not record_lost and now < self._lease.renewed_until
 
         def facts() -> Facts:
             return self._facts(now, lease_ok, settle, record_lost)
@@ -559,6 +559,7 @@ class Cluster(RemoteCalls):
         if decision.pause:
             self._paused = True
             self._paused_at = time.monotonic()
+            self._lease.hold()
         if decision.resume:
             self._paused = False
             log.info(
@@ -573,10 +574,17 @@ class Cluster(RemoteCalls):
                 self._ready.clear()
             elif decision.move is State.READY:
                 self._ready.set()  # back from a pause, on the epoch it had settled
+        if decision.resume:
+            # Work starts again only once the listener heard the node is ready again.
+            await self._listener.delivered(timeout=self.heartbeat)
+            self._lease.release_hold()
         if decision.suspend is not None:
             self._paused = False
             await self._hooks.suspend(decision.suspend)
             self._suspended = True
+            # Nothing is left to start; the settle that follows finds the permit the
+            # renewals earn.
+            self._lease.release_hold()
         if decision.settle is not None:
             await self._hooks.settle(decision.settle)
             self._suspended = False

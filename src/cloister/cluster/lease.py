@@ -71,13 +71,32 @@ class Lease:
         self._wake = wake
         self.record: MemberRecord | None = None
         self.record_revision: int | None = None
-        self.lease_until = 0.0
+        self.renewed_until = 0.0  # what the last renewal (or join) earned
+        self._held_at: float | None = None  # paused at this lapse (see hold)
         self._expired = False  # our record expired and we wrote it anew: a fence all the same
         self.sentry_revision: int | None = None
         self.sentry_until = 0.0
         self._record_lock = asyncio.Lock()
         self._members_kv: KeyValue | None = None
         self._control_kv: KeyValue | None = None
+
+    @property
+    def lease_until(self) -> float:
+        """The right to work (the engine's permit): valid until this ``time.monotonic()``.
+
+        While the node is held (a lapse it waits out, see :meth:`hold`) it stays at the
+        moment of the lapse even when a renewal lands: work starts again only once the
+        control loop resumes the node, after it said so."""
+        held = self._held_at
+        return self.renewed_until if held is None else held
+
+    def hold(self) -> None:
+        """Keep the permit run out (at the lapse) until :meth:`release_hold`."""
+        self._held_at = min(self.renewed_until, time.monotonic())
+
+    def release_hold(self) -> None:
+        """The node resumed: the permit is the renewals' again."""
+        self._held_at = None
 
     def attach(self, members: KeyValue, control: KeyValue) -> None:
         """The buckets the leases live in (opened by the node on start)."""
@@ -131,7 +150,7 @@ class Lease:
                 self.node, record.encode(), revision=previous_revision, ttl=self.failure_timeout
             )
         self.record, self.record_revision = record, revision
-        self.lease_until = sent + self.fence_after
+        self.renewed_until = sent + self.fence_after
 
     async def write_record(self, **changes: Any) -> None:
         """Renew (and optionally change) our member record; refreshes the lease."""
@@ -153,7 +172,7 @@ class Lease:
                 revision = await self._rejoin(record)
             self.record, self.record_revision = record, revision
             if not self._expired:  # after an expiry the node fences first (take_expiry)
-                self.lease_until = sent + self.fence_after
+                self.renewed_until = sent + self.fence_after
 
     async def _rejoin(self, record: MemberRecord) -> int:
         """Our record vanished (we were expired) or was taken over by another process."""
@@ -202,7 +221,7 @@ class Lease:
             for outcome in await asyncio.gather(*renewals, return_exceptions=True):
                 if isinstance(outcome, NodeNameTakenError):
                     log.error("%s", outcome)
-                    self.lease_until = 0.0
+                    self.renewed_until = 0.0
                 elif isinstance(outcome, BackendError):
                     self._counters.heartbeat_failures += 1
                     log.warning("node %s failed to renew its lease: %s", self.node, outcome)

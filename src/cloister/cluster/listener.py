@@ -10,6 +10,7 @@ kills the node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -53,19 +54,34 @@ class ListenerDispatcher:
         """Queue ``on_sentry_change`` for delivery (skipped if the listener lacks it)."""
         self._queue.put_nowait(("on_sentry_change", (old, new, info)))
 
+    async def delivered(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until every event queued so far has been
+        delivered: a node that resumes work says so first."""
+        if self._task is None or self._task.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+
     async def _run(self) -> None:
         while (item := await self._queue.get()) is not None:
-            method_name, args = item
-            method = getattr(self.listener, method_name, None)
-            if method is None:
-                continue
             try:
-                result = method(*args)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self.errors += 1
-                log.exception("listener %s%s raised; the node carries on", method_name, args[:2])
+                await self._deliver(*item)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    async def _deliver(self, method_name: str, args: tuple[Any, ...]) -> None:
+        method = getattr(self.listener, method_name, None)
+        if method is None:
+            return
+        try:
+            result = method(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.errors += 1
+            log.exception("listener %s%s raised; the node carries on", method_name, args[:2])
 
     async def close(self) -> None:
         """Deliver everything queued so far, then stop."""

@@ -37,7 +37,8 @@ class Permit(Protocol):
     is discarded — a process paused past its lease wakes up to find its work refused.
     """
 
-    lease_until: float
+    @property
+    def lease_until(self) -> float: ...
 
 
 class Unbounded:
