@@ -176,16 +176,24 @@ def test_losing_the_lease_fences_and_suspends_once() -> None:
     assert not again.fence and again.suspend is None and again.move is None
 
 
-def test_a_lapse_shorter_than_the_medium_s_failover_pauses_and_keeps_the_keys() -> None:
+def settled(**changes: Any) -> Facts:
+    """``a`` alone, ready on epoch 1 it settled on, on a medium that elects (9 s)."""
     view = {"a": record("a", acked=1)}
-    ready = facts(
-        view=view,
-        topology=topology(1, "a", view),
-        state=State.READY,
-        suspended=False,
-        settled_epoch=1,
-        failover_time=9.0,
+    return facts(
+        **{
+            "view": view,
+            "topology": topology(1, "a", view),
+            "state": State.READY,
+            "suspended": False,
+            "settled_epoch": 1,
+            "failover_time": 9.0,
+            **changes,
+        }
     )
+
+
+def test_a_lapse_shorter_than_the_medium_s_failover_pauses_and_keeps_the_keys() -> None:
+    ready = settled()
     lapsed = dataclasses.replace(ready, lease_ok=False, lapsed_for=0.1)
     first = decide(lapsed, NOW)
     assert first.fence and first.pause and first.suspend is None
@@ -199,17 +207,7 @@ def test_a_lapse_shorter_than_the_medium_s_failover_pauses_and_keeps_the_keys() 
 
 
 def test_a_lapse_that_outlasts_the_failover_or_a_lost_record_suspends() -> None:
-    view = {"a": record("a", acked=1)}
-    paused = facts(
-        view=view,
-        topology=topology(1, "a", view),
-        state=State.REHASHING,
-        suspended=False,
-        settled_epoch=1,
-        failover_time=9.0,
-        lease_ok=False,
-        paused=True,
-    )
+    paused = settled(state=State.REHASHING, lease_ok=False, paused=True)
     too_long = decide(dataclasses.replace(paused, lapsed_for=9.0), NOW)
     assert too_long.suspend is SuspendReason.LEASE_LOST and not too_long.fence  # counted once
     gone = decide(dataclasses.replace(paused, lapsed_for=1.0, record_lost=True), NOW)
@@ -228,16 +226,8 @@ def test_a_medium_that_never_elects_suspends_at_once() -> None:
 
 def test_a_newer_epoch_adopted_during_a_pause_is_settled_as_usual() -> None:
     view = {"a": record("a", acked=2), "b": record("b", acked=2)}
-    paused = facts(
-        view=view,
-        topology=topology(2, "a", view),
-        state=State.REHASHING,
-        suspended=False,
-        settled_epoch=1,
-        paused=True,
-        failover_time=9.0,
-    )
-    decision = decide(paused, NOW)
+    paused = settled(view=view, topology=topology(2, "a", view), state=State.REHASHING)
+    decision = decide(dataclasses.replace(paused, paused=True), NOW)
     assert decision.resume and decision.settle is not None and decision.settle.epoch == 2
 
 
