@@ -142,12 +142,16 @@ async def test_sync_callbacks_run_on_the_pool_in_order_one_at_a_time_per_worker(
             for i in range(20):
                 await manager.cast(f"k{i}", n)
         await until(lambda: len(manager.seen) == 1000)
-        for i in range(20):
-            info = manager.get(f"k{i}")
-            assert info is not None and info.payload == list(range(50))
+        # A handler records itself in its thread; its result is applied on the loop after.
+        await until(lambda: all(_payload(manager, f"k{i}") == list(range(50)) for i in range(20)))
         assert manager.overlaps == 0
         assert threading.get_ident() not in {t for _, _, t in manager.seen}
         assert await manager.call("k0", "where?") != threading.get_ident()
+
+
+def _payload(manager: DynamicManager, worker_id: str) -> Any:
+    info = manager.get(worker_id)
+    return None if info is None else info.payload
 
 
 async def test_executor_loop_runs_sync_callbacks_on_the_event_loop() -> None:
