@@ -21,6 +21,7 @@ import pytest
 from nats.aio.client import Client, ServerVersion
 
 from cloister.backends import Guard, KVOp, open_backend
+from cloister.backends._names import bucket_name, bucket_stream
 from cloister.backends.nats import (
     JetStreamUnavailableError,
     NatsAuthorizationError,
@@ -210,12 +211,12 @@ async def test_buckets_and_subjects_are_namespaced_by_cluster(nats_server: NatsS
         raw = await nats.connect(nats_server.url)
         try:
             js = raw.jetstream()
-            members = (await js.stream_info("KV_cloister_shop_members")).config
-            assert members.subjects == ["$KV.cloister_shop_members.>"]
+            members = (await js.stream_info(bucket_stream("shop", "members"))).config
+            assert members.subjects == [f"$KV.{bucket_name('shop', 'members')}.>"]
             assert (members.max_msgs_per_subject, members.num_replicas) == (1, 1)
             assert members.allow_msg_ttl and members.allow_direct
             assert members.subject_delete_marker_ttl == 60
-            plain = (await js.stream_info("KV_cloister_shop_plain")).config
+            plain = (await js.stream_info(bucket_stream("shop", "plain"))).config
             assert plain.subject_delete_marker_ttl == 60  # every bucket shows expiries
 
             heard: list[bytes] = []
@@ -254,21 +255,21 @@ async def test_put_many_is_one_atomic_batch(nats_server: NatsServer) -> None:
         kv = await backend.kv("state")
         raw = await nats.connect(nats_server.url)
         try:
-            info = await raw.jetstream().stream_info("KV_cloister_t_state")
+            info = await raw.jetstream().stream_info(bucket_stream("t", "state"))
             assert info.config.allow_atomic  # a 2.12+ server: buckets take atomic batches
             before = info.state.last_seq
             await kv.put_many({f"w{i}": b"%d" % i for i in range(300)})
-            info = await raw.jetstream().stream_info("KV_cloister_t_state")
+            info = await raw.jetstream().stream_info(bucket_stream("t", "state"))
             assert info.state.last_seq - before == 300
             # a batch that cannot commit stores nothing (here: a gap in the sequence)
             reply = await raw.request(
-                "$KV.cloister_t_state.x1",
+                f"$KV.{bucket_name('t', 'state')}.x1",
                 b"1",
                 headers={"Nats-Batch-Id": "b1", "Nats-Batch-Sequence": "1"},
             )
             assert reply.data == b""
             reply = await raw.request(
-                "$KV.cloister_t_state.x3",
+                f"$KV.{bucket_name('t', 'state')}.x3",
                 b"3",
                 headers={
                     "Nats-Batch-Id": "b1",
@@ -293,10 +294,10 @@ async def test_put_many_on_a_stream_without_atomic_batches(
     raw = await nats.connect(nats_server.url)
     try:  # a bucket made by an older pycloister (or by hand) without allow_atomic
         js = raw.jetstream()
-        await js.add_stream(stream_config("cloister_t_old", replicas=1, marker_ttl=60))
+        await js.add_stream(stream_config(bucket_name("t", "old"), replicas=1, marker_ttl=60))
         async with connected(nats_server.url) as backend:
             kv = await backend.kv("old")  # opening it turns atomic batches on
-            info = await js.stream_info("KV_cloister_t_old")
+            info = await js.stream_info(bucket_stream("t", "old"))
             assert info.config.allow_atomic
             await js.update_stream(info.config.evolve(allow_atomic=False))
             items = {f"w{i}": b"%d" % i for i in range(50)}
@@ -318,7 +319,7 @@ async def test_put_many_when_the_server_takes_no_more_batches(
         try:  # others hold the stream's batches in flight (50 at most), not committing yet
             for n in range(50):
                 headers = {"Nats-Batch-Id": f"other{n}", "Nats-Batch-Sequence": "1"}
-                await raw.request("$KV.cloister_t_busy.o", b"", headers=headers)
+                await raw.request(f"$KV.{bucket_name('t', 'busy')}.o", b"", headers=headers)
             items = {f"w{i}": b"%d" % i for i in range(20)}
             await kv.put_many(items)  # not as a batch now: key by key
             assert "too many inflight" in caplog.text
@@ -377,7 +378,7 @@ async def test_guarded_puts_key_by_key_carry_the_guard(nats_server: NatsServer) 
     try:
         async with connected(nats_server.url) as backend:
             kv = await backend.kv("plain")
-            info = await raw.jetstream().stream_info("KV_cloister_t_plain")
+            info = await raw.jetstream().stream_info(bucket_stream("t", "plain"))
             await raw.jetstream().update_stream(info.config.evolve(allow_atomic=False))
             claim = await kv.create("c.1", b"a")
             await kv.put_many({"w1": b"1", "w2": b"2"}, guard=Guard("c.1", claim))
@@ -522,7 +523,7 @@ async def test_three_server_cluster_with_r3_buckets(nats_cluster: NatsCluster) -
         kv1, kv2 = await one.kv("members", ttl_keys=True), await two.kv("members", ttl_keys=True)
         raw = await nats.connect(servers=nats_cluster.urls)
         try:
-            info = await raw.jetstream().stream_info("KV_cloister_t_members")
+            info = await raw.jetstream().stream_info(bucket_stream("t", "members"))
             assert info.config.num_replicas == 3
         finally:
             await raw.close()
@@ -585,7 +586,7 @@ async def test_stream_leader_loss(nats_cluster: NatsCluster) -> None:
     renewal, not the whole election. tests/nats/test_server_failover.py takes nodes with
     a 2 s failure timeout through one.
     """
-    stream = "KV_cloister_t_members"
+    stream = bucket_stream("t", "members")
     async with connected(nats_cluster.url, node="n1", replicas=3) as setup:
         await setup.kv("members", ttl_keys=True)
     leader = await nats_cluster.wait_stream_leader_async(stream)
@@ -636,7 +637,7 @@ async def test_nodes_opening_one_bucket_at_once_on_a_fresh_cluster(
 async def test_consistent_listing_right_after_writes_on_r3(nats_cluster: NatsCluster) -> None:
     """A consistent listing from another connection, right after a burst of writes, has
     every latest value (a direct-get listing may be served by a lagging follower)."""
-    stream = "KV_cloister_t_state"
+    stream = bucket_stream("t", "state")
     async with connected(nats_cluster.url, node="n1", replicas=3) as setup:
         await setup.kv("state")
     leader = await nats_cluster.wait_stream_leader_async(stream)

@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from cloister.backends import Log, LogConsumer, LogRecord
+from cloister.backends._names import log_stream
 from cloister.backends.nats._log_admin import (
     ACK_WAIT,
     MAX_ACK_PENDING,
@@ -65,7 +66,7 @@ async def test_layout_on_the_server(nats_server: NatsServer) -> None:
         raw = await nats.connect(nats_server.url)
         try:
             jsm = raw.jetstream()._jsm
-            info = await jsm.stream_info("cloister_shop_log_inbox-orders")
+            info = await jsm.stream_info(log_stream("shop", "inbox-orders"))
             config = info.config
             assert config.subjects == ["cloister.shop.log.inbox-orders.*"]
             assert config.retention == "workqueue"
@@ -73,7 +74,7 @@ async def test_layout_on_the_server(nats_server: NatsServer) -> None:
             assert config.duplicate_window == 30
             assert (config.metadata or {})["cloister.partitions"] == "8"
             consumer = await jsm.consumer_info(
-                "cloister_shop_log_inbox-orders", consumer_name(3, "node.1")
+                log_stream("shop", "inbox-orders"), consumer_name(3, "node.1")
             )
             assert consumer.config.filter_subject == "cloister.shop.log.inbox-orders.3"
             assert consumer.config.ack_wait == ACK_WAIT
@@ -158,7 +159,7 @@ async def test_no_acknowledged_append_is_lost_when_the_stream_leader_dies(
     empty.
     """
     total, partitions = 1000, 4
-    stream = "cloister_t_log_r3"
+    stream = log_stream("t", "r3")
     async with (
         connected(nats_cluster.url, node="producer", replicas=3) as producer,
         connected(nats_cluster.url, node="consumer", replicas=3) as reader,

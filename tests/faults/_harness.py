@@ -26,6 +26,7 @@ from typing import Any, Self
 
 from cloister import wire
 from cloister.backends import open_backend
+from cloister.backends._names import bucket_stream
 from cloister.cli.node import NodeEvent, parse_event
 from cloister.testing import (
     LineNotFoundError,
@@ -283,7 +284,7 @@ class FaultRun:
         return leaders
 
     def members_stream(self) -> str:
-        return f"KV_cloister_{self.name}_members"
+        return bucket_stream(self.name, "members")
 
     def inbox_stream(self) -> str:
         found = [s for s in self.stream_leaders() if "inbox" in s and self.name in s]

@@ -14,6 +14,7 @@ import asyncio
 import pytest
 
 from cloister import Cluster
+from cloister.backends._names import bucket_stream
 from cloister.testing import NatsCluster
 
 
@@ -30,7 +31,7 @@ async def test_no_lease_is_lost_when_the_members_stream_leader_dies(
             await node.start()
         await asyncio.gather(*(node.wait_ready(30) for node in nodes))
         epoch, sentry = nodes[0].epoch, nodes[0].sentry
-        leader = await nats_cluster.wait_stream_leader_async("KV_cloister_leases_members")
+        leader = await nats_cluster.wait_stream_leader_async(bucket_stream("leases", "members"))
         leader.kill()
         await asyncio.sleep(12)  # the election, and a failure timeout after it
         assert [node.epoch for node in nodes] == [epoch] * 3, caplog.text

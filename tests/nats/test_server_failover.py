@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from cloister.backends._names import bucket_stream
 from cloister.testing import NatsCluster, ProcessGroup
 from tests.nats.support import FAILURE_TIMEOUT, HEARTBEAT, Nodes, assert_one_sentry_at_a_time
 
@@ -25,7 +26,7 @@ def test_killing_the_membership_stream_leader_declares_nobody_dead(
     nodes.start("a")
     nodes.start("b", "c")
     agreed = nodes.wait_ready(ABC, timeout=30)
-    leader = nats_cluster.wait_stream_leader("KV_cloister_shop_members")
+    leader = nats_cluster.wait_stream_leader(bucket_stream("shop", "members"))
     killed = time.monotonic()
     leader.kill()
     time.sleep(OBSERVE)

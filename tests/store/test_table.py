@@ -18,6 +18,7 @@ import nats
 import pytest
 
 from cloister import Cluster, ClusterInfo, State
+from cloister.backends._names import bucket_stream
 from cloister.errors import (
     BackendError,
     BackendUnavailableError,
@@ -436,7 +437,7 @@ async def test_nats_r3_table_survives_the_loss_of_its_stream_leader(
         # creating an R3 stream on a young cluster can outlast one request: try again
         ta = await _until_done(lambda: a.table("r3", replicas=3), 30, "open the table")
         tb = await _until_done(lambda: b.table("r3", replicas=3), 30, "open the table")
-        stream = "KV_cloister_test_tbl-r3"
+        stream = bucket_stream("test", "tbl-r3")
         nc = await nats.connect(**nats_cluster.connect_kwargs())
         try:
             info = await nc.jetstream().stream_info(stream)

@@ -21,7 +21,9 @@ last change — deletes and expiries included, as NATS keeps a subject's last se
 atomically with the write.
 
 Nodes opened with the same ``memory://NAME`` share one world; different names are
-different worlds. Payloads cross as bytes only, as on a real wire.
+different worlds. Payloads cross as bytes only, as on a real wire. A world names its
+buckets, logs, nodes and topics as the NATS backend does (:mod:`cloister.backends._names`),
+and refuses the names NATS refuses.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 from cloister._tasks import Supervisor
+from cloister.backends import _names
 from cloister.backends.base import (
     Backend,
     Entry,
@@ -420,12 +423,13 @@ class _MemoryConsumer(LogConsumer):
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, owner: MemoryBackend, key: tuple[str, str], handler: MessageHandler):
+    def __init__(self, owner: MemoryBackend, topic: str, subject: str, handler: MessageHandler):
         self.owner = owner
-        self.key = key
+        self.topic = topic
+        self.key = subject
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._handler = handler
-        self._pump = owner._supervisor.spawn(self._run(), f"subscription {key[1]}")
+        self._pump = owner._supervisor.spawn(self._run(), f"subscription {topic}")
 
     async def _run(self) -> None:
         while True:
@@ -433,7 +437,7 @@ class _MemorySubscription(Subscription):
             try:
                 await self._handler(payload)
             except Exception:
-                log.exception("subscriber of %r on node %s failed", self.key[1], self.owner.node)
+                log.exception("subscriber of %r on node %s failed", self.topic, self.owner.node)
 
     async def close(self) -> None:
         subscribers = self.owner._world._topics.get(self.key, [])
@@ -447,10 +451,11 @@ class MemoryWorld:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
-        self._logs: dict[tuple[str, str], _LogData] = {}
-        self._servers: dict[tuple[str, str], tuple[MemoryBackend, RequestHandler]] = {}
-        self._topics: dict[tuple[str, str], list[_MemorySubscription]] = {}
+        # Keyed by the names the NATS backend gives them (bucket, stream, subject).
+        self._buckets: dict[str, _Bucket] = {}
+        self._logs: dict[str, _LogData] = {}
+        self._servers: dict[str, tuple[MemoryBackend, RequestHandler]] = {}
+        self._topics: dict[str, list[_MemorySubscription]] = {}
         self._handles: list[MemoryBackend] = []
         self.electing = False
         #: What the world's backends report as :attr:`Backend.failover_time` (0: this
@@ -511,12 +516,13 @@ class MemoryWorld:
     # -- plumbing for MemoryBackend ------------------------------------------------------
 
     def bucket(self, cluster: str, name: str) -> _Bucket:
-        return self._buckets.setdefault((cluster, name), _Bucket())
+        return self._buckets.setdefault(_names.bucket_name(cluster, name), _Bucket())
 
     def log(self, cluster: str, name: str, partitions: int, dedup_window: float) -> _LogData:
-        data = self._logs.get((cluster, name))
+        stream = _names.log_stream(cluster, name)
+        data = self._logs.get(stream)
         if data is None:
-            data = self._logs[(cluster, name)] = _LogData(partitions, dedup_window)
+            data = self._logs[stream] = _LogData(partitions, dedup_window)
         elif len(data.partitions) != partitions:
             raise ConfigurationError(
                 f"log {name!r} exists with {len(data.partitions)} partitions, not {partitions}; "
@@ -530,8 +536,9 @@ class MemoryBackend(Backend):
 
     def __init__(self, world_name: str, cluster: str, node: str) -> None:
         self.url = f"memory://{world_name}"
-        self.cluster = cluster
-        self.node = node
+        self.cluster = _names.check_cluster(cluster)
+        self.node = _names.check_token("node name", node)
+        self._subject = _names.node_subject(cluster, node)
         self._world = world(world_name)
         self._supervisor = Supervisor(f"memory-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
@@ -588,9 +595,8 @@ class MemoryBackend(Backend):
         await self._supervisor.close()
 
     def _drop_registrations(self) -> None:
-        key = (self.cluster, self.node)
-        if self._world._servers.get(key, (None,))[0] is self:
-            del self._world._servers[key]
+        if self._world._servers.get(self._subject, (None,))[0] is self:
+            del self._world._servers[self._subject]
         for subscribers in self._world._topics.values():
             subscribers[:] = [s for s in subscribers if s.owner is not self]
 
@@ -601,7 +607,7 @@ class MemoryBackend(Backend):
             callback()
 
     async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
-        _check_key(bucket)
+        _names.check_name("bucket name", bucket)
         await self._io()
         return MemoryKV(self, bucket, self._world.bucket(self.cluster, bucket))
 
@@ -613,7 +619,7 @@ class MemoryBackend(Backend):
         dedup_window: float = 120.0,
         replicas: int | None = None,
     ) -> Log:
-        _check_key(name)
+        _names.check_name("log name", name)
         if not isinstance(partitions, int) or partitions < 1:
             raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
         await self._io()
@@ -621,11 +627,11 @@ class MemoryBackend(Backend):
 
     async def serve(self, handler: RequestHandler) -> None:
         await self._io(streams=False)
-        self._world._servers[(self.cluster, self.node)] = (self, handler)
+        self._world._servers[self._subject] = (self, handler)
 
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
         await self._io(streams=False)
-        target = self._world._servers.get((self.cluster, node))
+        target = self._world._servers.get(_names.node_subject(self.cluster, node))
         if target is None:
             raise NoSuchNodeError(f"no responders for node {node!r} in cluster {self.cluster!r}")
         server, handler = target
@@ -656,15 +662,16 @@ class MemoryBackend(Backend):
 
     async def publish(self, topic: str, payload: bytes) -> None:
         await self._io(streams=False)
-        for subscription in self._world._topics.get((self.cluster, topic), []):
+        subject = _names.topic_subject(self.cluster, topic)
+        for subscription in self._world._topics.get(subject, []):
             if subscription.owner.reachable:
                 subscription.queue.put_nowait(bytes(payload))
 
     async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
         await self._io(streams=False)
-        key = (self.cluster, topic)
-        subscription = _MemorySubscription(self, key, handler)
-        self._world._topics.setdefault(key, []).append(subscription)
+        subject = _names.topic_subject(self.cluster, topic)
+        subscription = _MemorySubscription(self, topic, subject, handler)
+        self._world._topics.setdefault(subject, []).append(subscription)
         return subscription
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:

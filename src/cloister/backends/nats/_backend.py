@@ -6,9 +6,14 @@ see each other:
 - requests to a node: ``cloister.<cluster>.node.<node>`` (request/reply, "no responders"
   when nobody serves the node);
 - topics: ``cloister.<cluster>.topic.<topic>`` (core NATS publish/subscribe);
-- buckets: ``cloister_<cluster>_<bucket>`` (JetStream KV streams, :mod:`._kv`);
-- logs: stream ``cloister_<cluster>_log_<name>`` on ``cloister.<cluster>.log.<name>.<partition>``
-  (work-queue streams with one pull consumer per claimed partition, :mod:`._log`).
+- buckets: ``cloister_<len>_<cluster>_2_kv_<len>_<bucket>`` (JetStream KV streams,
+  :mod:`._kv`);
+- logs: stream ``cloister_<len>_<cluster>_3_log_<len>_<name>`` on
+  ``cloister.<cluster>.log.<name>.<partition>`` (work-queue streams with one pull consumer
+  per claimed partition, :mod:`._log`).
+
+Every one of these names is built by :mod:`cloister.backends._names`, whose encoding is
+injective: no two (cluster, bucket) or (cluster, log) pairs share a stream.
 
 The backend composes the layers below it: one :class:`~._connection.NatsConnection`
 (the client, reconnects, server checks), the buckets (:mod:`._kv`) and the logs
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
@@ -34,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
 from cloister._tasks import Supervisor
+from cloister.backends import _names
 from cloister.backends.base import (
     Backend,
     KeyValue,
@@ -61,18 +66,6 @@ log = logging.getLogger("cloister.backends.nats")
 
 #: Reply header carrying the error of a request handler that raised.
 ERROR_HEADER = "Cloister-Error"
-_CLUSTER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TOKENS = re.compile(r"^[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*$")
-
-
-def _subject_part(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _TOKENS.match(name):
-        raise ConfigurationError(
-            f"invalid {kind} {name!r} for NATS: use [A-Za-z0-9_=.-], without a leading, "
-            "trailing or doubled '.'"
-        )
-    return name
 
 
 class NatsSubscription(Subscription):
@@ -129,16 +122,12 @@ class NatsBackend(Backend):
     """
 
     def __init__(self, url: str, cluster: str, node: str, **options: Any) -> None:
-        if not isinstance(cluster, str) or not _CLUSTER.match(cluster):
-            raise ConfigurationError(
-                f"invalid cluster name {cluster!r}: use 1-64 characters of [A-Za-z0-9_-]"
-            )
+        _names.check_cluster(cluster)
         self._parsed: ParsedURL = parse_url(url)
         self.options: NatsOptions = build_options(self._parsed, options)
         self.url = self._parsed.public
         self.cluster = cluster
-        self.node = _subject_part("node name", node)
-        self._base = f"cloister.{cluster}"
+        self.node = _names.check_token("node name", node)
         self._conn = NatsConnection(self._parsed, self.options, cluster=cluster, node=self.node)
         self._conn.on_reconnected(self._on_reconnected)
         self._conn.on_closed(self._on_closed)
@@ -250,18 +239,14 @@ class NatsBackend(Backend):
     # -- key-value --------------------------------------------------------------------
 
     async def kv(self, bucket: str, *, ttl_keys: bool = False) -> KeyValue:
-        """Open (creating if needed) ``cloister_<cluster>_<bucket>``.
+        """Open (creating if needed) the bucket :func:`~cloister.backends._names.bucket_name`.
 
         Every bucket allows per-key TTL and shows expiries to watchers, so ``ttl_keys``
         changes nothing here.
         """
-        if not isinstance(bucket, str) or not _BUCKET.match(bucket):
-            raise ConfigurationError(
-                f"invalid bucket name {bucket!r} for NATS: use 1-64 characters of [A-Za-z0-9_-]"
-            )
+        full = _names.bucket_name(self.cluster, bucket)
         known = self._buckets.get(bucket)
         if known is None:
-            full = f"cloister_{self.cluster}_{bucket}"
             await ensure_stream(self._conn, full)
             known = self._buckets[bucket] = NatsKV(self._conn, bucket, full, self._watches)
         return known
@@ -274,15 +259,13 @@ class NatsBackend(Backend):
         dedup_window: float = 120.0,
         replicas: int | None = None,
     ) -> Log:
-        """Open (creating if needed) the log ``name``: stream ``cloister_<cluster>_log_<name>``.
+        """Open (creating if needed) the log ``name``: stream
+        :func:`~cloister.backends._names.log_stream`.
 
         ``replicas`` defaults to the backend's ``replicas`` option; an existing stream keeps
         its replicas and dedup window. The partition count is fixed for the log's lifetime.
         """
-        if not isinstance(name, str) or not _BUCKET.match(name):
-            raise ConfigurationError(
-                f"invalid log name {name!r} for NATS: use 1-64 characters of [A-Za-z0-9_-]"
-            )
+        stream = _names.log_stream(self.cluster, name)
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
         if isinstance(dedup_window, bool) or not isinstance(dedup_window, int | float):
@@ -303,8 +286,7 @@ class NatsBackend(Backend):
                     f"{partitions}; the partition count of a log is fixed for its lifetime"
                 )
             return known[0]
-        stream = f"cloister_{self.cluster}_log_{name}"
-        prefix = f"{self._base}.log.{name}"
+        prefix = _names.log_subjects(self.cluster, name)
         await ensure_log_stream(
             self._conn,
             stream,
@@ -354,7 +336,7 @@ class NatsBackend(Backend):
     # -- request / reply --------------------------------------------------------------
 
     def _node_subject(self, node: str) -> str:
-        return f"{self._base}.node.{_subject_part('node name', node)}"
+        return _names.node_subject(self.cluster, node)
 
     async def serve(self, handler: RequestHandler) -> None:
         nc = self._conn.client("serve")
@@ -411,7 +393,7 @@ class NatsBackend(Backend):
     # -- topics -----------------------------------------------------------------------
 
     def _topic_subject(self, topic: str) -> str:
-        return f"{self._base}.topic.{_subject_part('topic', topic)}"
+        return _names.topic_subject(self.cluster, topic)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         nc = self._conn.client(f"publish on topic {topic!r}")

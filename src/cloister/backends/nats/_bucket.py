@@ -1,8 +1,9 @@
 """The stream behind a cloister bucket: its layout, and opening it.
 
-Layout (compatible with the ``nats kv`` tools): bucket ``cloister_<cluster>_<name>`` is
-the stream ``KV_cloister_<cluster>_<name>`` on subjects ``$KV.<bucket>.<key>``, with one
-message kept per subject (``history=1``), direct gets allowed and per-message TTL on.
+Layout (compatible with the ``nats kv`` tools): a cluster's bucket is the NATS bucket
+:func:`~cloister.backends._names.bucket_name` (``cloister_<len>_<cluster>_2_kv_<len>_<name>``,
+never shared by two clusters): the stream ``KV_<bucket>`` on subjects ``$KV.<bucket>.<key>``,
+with one message kept per subject (``history=1``), direct gets allowed and per-message TTL on.
 Every bucket also gets a *limit marker TTL*: when a key's TTL runs
 out the server writes a marker message (header ``Nats-Marker-Reason: MaxAge``) that
 watchers see, and removes the marker itself after ``marker_ttl`` seconds. Markers must

@@ -1,6 +1,7 @@
 """Partitioned logs on JetStream: one work-queue stream per log, one pull consumer per claim.
 
-Layout: log ``<name>`` of cluster ``<cluster>`` is the stream ``cloister_<cluster>_log_<name>``
+Layout: log ``<name>`` of cluster ``<cluster>`` is the stream
+:func:`~cloister.backends._names.log_stream` (``cloister_<len>_<cluster>_3_log_<len>_<name>``)
 on the subjects ``cloister.<cluster>.log.<name>.<partition>``, with work-queue retention
 (a record is removed once acknowledged), file storage, and a duplicate window of
 ``dedup_window`` seconds. The partition count is kept in the stream's metadata
