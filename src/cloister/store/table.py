@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, final
 
 from cloister import wire
+from cloister.backends._names import MAX_COMPONENT
 from cloister.backends.base import Backend, Entry, KeyValue, KVEvent, KVOp
 from cloister.errors import (
     ConfigurationError,
@@ -59,10 +60,14 @@ from cloister.store.keys import decode_key, encode_key
 
 log = logging.getLogger("cloister.store.table")
 
-TABLE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,60}$")
-"""What a table name may be (the bucket ``tbl-<name>`` must fit every backend)."""
-
 BUCKET_PREFIX: Final = "tbl-"
+"""A table's bucket is ``tbl-<name>``: no other bucket of a cluster starts so (the others
+are ``members``, ``control``, ``mgr-<manager>`` and ``dead-<inbox>``), and the backend
+names the bucket after its cluster injectively (:mod:`cloister.backends._names`)."""
+
+MAX_TABLE_NAME: Final = MAX_COMPONENT - len(BUCKET_PREFIX)
+TABLE_NAME: Final = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_TABLE_NAME}}}$")
+"""What a table name may be (the bucket ``tbl-<name>`` must fit every backend)."""
 KEY_PREFIX: Final = "k"
 MAX_KEY_LENGTH: Final = 1024
 """Longest bucket key (characters) a table writes: about 760 bytes of encoded key."""
@@ -111,7 +116,7 @@ def check_table_name(name: str) -> None:
     """Raise :class:`ConfigurationError` unless ``name`` is a valid table name."""
     if not isinstance(name, str) or not TABLE_NAME.match(name):
         raise ConfigurationError(
-            f"invalid table name {name!r}: use 1-60 characters of [A-Za-z0-9_-]"
+            f"invalid table name {name!r}: use 1-{MAX_TABLE_NAME} characters of [A-Za-z0-9_-]"
         )
 
 
