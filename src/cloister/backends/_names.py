@@ -55,9 +55,8 @@ _LENGTH = re.compile(r"_(0|[1-9][0-9]{0,3})_")
 def check_name(kind: str, name: object) -> str:
     """``name`` if it is a valid cluster, bucket or log name: 1-64 of ``[A-Za-z0-9_-]``."""
     if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_COMPONENT:
-        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else f"{name[:60]!r}..."
         raise ConfigurationError(
-            f"invalid {kind} {shown}: use 1-{MAX_COMPONENT} characters of [A-Za-z0-9_-]"
+            f"invalid {kind} {_shown(name)}: use 1-{MAX_COMPONENT} characters of [A-Za-z0-9_-]"
         )
     return name
 
@@ -71,9 +70,8 @@ def check_token(kind: str, name: object) -> str:
     """``name`` if it can end a subject (a node name, a topic): dot-separated tokens of
     ``[A-Za-z0-9_=-]``, at most :data:`MAX_SUBJECT_TOKEN` characters."""
     if not isinstance(name, str) or not _TOKENS.match(name):
-        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else f"{name[:60]!r}..."
         raise ConfigurationError(
-            f"invalid {kind} {shown}: use [A-Za-z0-9_=.-], without a leading, trailing or "
+            f"invalid {kind} {_shown(name)}: use [A-Za-z0-9_=.-], without a leading, trailing or "
             "doubled '.'"
         )
     if len(name) > MAX_SUBJECT_TOKEN:
@@ -154,6 +152,11 @@ def log_subjects(cluster: str, log: str) -> str:
     """The subject prefix of ``log``'s partitions: ``cloister.<cluster>.log.<log>``;
     partition ``p`` is ``<prefix>.<p>``."""
     return f"{subject_base(cluster)}.log.{check_name('log name', log)}"
+
+
+def _shown(name: object) -> str:
+    """``name`` for an error message: long ones cut short."""
+    return repr(name) if not isinstance(name, str) or len(name) <= 80 else f"{name[:60]!r}..."
 
 
 def _fit(name: str, limit: int, what: str) -> str:
