@@ -264,7 +264,7 @@ async def serve(
                     await running.enter_async_context(_lease_watch(cluster, events))
                     if attach is not None:
                         await running.enter_async_context(attach(Node(cluster, events, metrics)))
-                    await stop.wait()
+                    await _until_stopped_or_dead(cluster, stop)
                     events.emit(f"node {me} leaving")
             except Exception:
                 await _leave_quietly(cluster)
@@ -292,6 +292,19 @@ async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
         return False
     starting.result()  # raises the start failure (wrong credentials, unreachable...)
     return True
+
+
+async def _until_stopped_or_dead(cluster: Cluster, stop: asyncio.Event) -> None:
+    """Return when asked to stop; raise the node's failure (exit 1) if it died first."""
+    stopping = asyncio.ensure_future(stop.wait())
+    dying = asyncio.ensure_future(cluster.wait_dead())
+    try:
+        await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        dying.cancel()
+    if cluster.failure is not None:
+        raise cluster.failure
 
 
 async def _leave_quietly(cluster: Cluster) -> None:
