@@ -402,3 +402,14 @@ def test_a_garbage_sentry_lease_is_claimed_over() -> None:
     held = facts(sentry_holder="?", holds_sentry=False)
     assert not decide(held, NOW).claim_sentry
     assert decide(dataclasses.replace(held, sentry_garbage=True), NOW).claim_sentry
+
+
+def test_the_sentry_expires_only_records_unrenewed_for_twice_their_ttl() -> None:
+    view = {"a": record("a"), "b": record("b"), "c": record("c")}
+    renewed = {"a": (1, NOW - 100), "b": (2, NOW - 2.1), "c": (3, NOW - 1.9)}
+    base = facts(
+        view=view, renewed=renewed, failure_timeout=1.0, sentry_ok=True, view_changed_at=NOW
+    )
+    assert decide(base, NOW).expire == (("b", 2),)  # never our own record (a)
+    assert decide(dataclasses.replace(base, failover_time=9.0), NOW).expire == ()
+    assert decide(dataclasses.replace(base, sentry_ok=False), NOW).expire == ()

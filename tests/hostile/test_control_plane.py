@@ -320,3 +320,26 @@ async def test_malformed_records_are_exported_by_kind(nodes: ClusterNodes) -> No
     assert f"cloister_malformed_records_total{{{labels.format('ghost_member')}}} 1.0" in text
     assert f"cloister_malformed_records_total{{{labels.format('epoch')}}} 0.0" in text
     assert a.counters.bad_records == 2
+
+
+async def test_a_member_record_without_ttl_is_outwaited_and_deleted(nodes: ClusterNodes) -> None:
+    a, b = await two_ready(nodes)
+    kv = await bucket(a.cluster, "members")
+    await kv.put("zombie", member("zombie", inc=5))  # valid, but nobody renews it: no TTL
+
+    async def gone() -> bool:
+        return await kv.get("zombie") is None
+
+    await eventually(gone, timeout=10, what="the sentry deleted the unrenewed record")
+    await eventually(lambda: nodes.agreed({"a", "b"}), timeout=10, what="a and b again")
+    await still_heals(nodes, [a, b], {"a", "b"})
+
+
+async def test_renewed_member_records_are_never_expired_by_the_sentry(
+    nodes: ClusterNodes,
+) -> None:
+    a, _ = await two_ready(nodes)
+    epoch = a.cluster.epoch
+    await asyncio.sleep(12 * MEMORY.failure_timeout)  # six times the expiry bound
+    assert {c.node for c in nodes.live()} == {"a", "b"}
+    assert nodes.agreed({"a", "b"}) and a.cluster.epoch == epoch

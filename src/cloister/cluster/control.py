@@ -159,6 +159,9 @@ class Control:
         self.ghosts: dict[str, int] = {}
         """Member records stored under another node's key, by key: their revision (the
         sentry deletes them)."""
+        self.renewed: dict[str, tuple[int, float]] = {}
+        """Each member record's revision and when it was first seen (``time.monotonic``):
+        a record that stops changing is no longer renewed."""
         self.resync = asyncio.Event()
         self._logged: set[tuple[str, str, int]] = set()
         self._conflicts = Backoff(heartbeat / 20, heartbeat, jitter=0.5)
@@ -194,9 +197,12 @@ class Control:
             record = self.decode_member(key, entry.value, entry.revision)
             if record is not None:
                 view[key] = record
+                self._saw(key, entry.revision)
             elif self._is_ghost(key, entry.revision):
                 ghosts[key] = entry.revision
         self.ghosts = ghosts
+        for key in self.renewed.keys() - view.keys():
+            del self.renewed[key]
         if {n: r.spec for n, r in view.items()} != {n: r.spec for n, r in self.view.items()}:
             self.view_changed_at = time.monotonic()
         self.view = view
@@ -208,12 +214,14 @@ class Control:
             record = self.decode_member(event.key, event.value, event.revision)
             if record is not None:
                 self.ghosts.pop(event.key, None)
+                self._saw(event.key, event.revision)
                 self.note_member(record)
             elif self._is_ghost(event.key, event.revision):
                 self.ghosts[event.key] = event.revision
                 self.wake()
             return
         self.ghosts.pop(event.key, None)
+        self.renewed.pop(event.key, None)
         if self.view.pop(event.key, None) is not None:
             self.view_changed_at = time.monotonic()
             self.wake()
@@ -237,6 +245,11 @@ class Control:
             self._malformed("member", key, revision, exc, "ignoring a malformed member record")
         return None
 
+    def _saw(self, key: str, revision: int) -> None:
+        seen = self.renewed.get(key)
+        if seen is None or seen[0] != revision:
+            self.renewed[key] = (revision, time.monotonic())
+
     def _is_ghost(self, key: str, revision: int) -> bool:
         return ("ghost_member", key, revision) in self._logged
 
@@ -254,15 +267,18 @@ class Control:
         self.counters.count_malformed(kind)
         log.warning("%s (node %s, revision %d): %s", what, self.node, revision, exc)
 
-    async def delete_ghost(self, key: str, revision: int) -> None:
-        """Delete the ghost member record ``key`` if it is still at ``revision``."""
+    async def delete_member(self, key: str, revision: int, why: str) -> None:
+        """Delete the member record ``key`` if it is still at ``revision`` (the sentry's
+        repair of a ghost or of a record nobody renews)."""
         assert self._members_kv is not None
         self.ghosts.pop(key, None)
+        if self.renewed.get(key, (None,))[0] == revision:
+            del self.renewed[key]  # asked once per revision
         try:
             await self._members_kv.delete(key, revision=revision)
         except RevisionMismatchError:
             return  # rewritten since: the watch tells us what it holds now
-        log.warning("node %s deleted the ghost member record %r", self.node, key)
+        log.warning("node %s deleted the member record %r, %s", self.node, key, why)
 
     # -- control ------------------------------------------------------------------------
 
@@ -421,6 +437,10 @@ class Facts:
     """The sentry lease in the medium is undecodable: nobody holds it."""
     ghosts: Mapping[str, int] = field(default_factory=dict)
     """Member records stored under another node's key: key -> revision."""
+    renewed: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    """Each member record's revision and since when (``time.monotonic``) it has had it."""
+    failure_timeout: float = 0.0
+    """This node's member TTL (the TTL assumed for records that name none; 0: none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +462,9 @@ class Decision:
     """Claim the sentry lease (over an undecodable one when ``Facts.sentry_garbage``)."""
     delete_ghosts: tuple[tuple[str, int], ...] = ()
     """The sentry deletes these ghost member records (key, revision) by compare-and-set."""
+    expire: tuple[tuple[str, int], ...] = ()
+    """The sentry deletes these member records (key, revision) by compare-and-set: not
+    renewed for twice their TTL and the medium's failover time, so written without one."""
     publish: EpochRecord | None = None
     adopt: EpochRecord | None = None
     ack: int | None = None
@@ -530,6 +553,7 @@ def decide(facts: Facts, now: float) -> Decision:
         and (facts.sentry_holder is None or facts.sentry_garbage)
         and not facts.holds_sentry,
         delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and facts.sentry_ok else (),
+        expire=unrenewed(facts, now) if lease_ok and facts.sentry_ok else (),
         publish=publish,
         adopt=adopt,
         ack=ack,
@@ -539,6 +563,24 @@ def decide(facts: Facts, now: float) -> Decision:
         move_after_settle=after,
         delay=delay,
     )
+
+
+def unrenewed(facts: Facts, now: float) -> tuple[tuple[str, int], ...]:
+    """The member records (key, revision) of others that kept one revision for longer than
+    twice their TTL plus the medium's failover time: a record with a TTL would have
+    expired by then (even through a leader election), so it was written without one. The
+    TTL is the one the record names (at most 10 times ours), else ours."""
+    stale = []
+    for name, (revision, since) in sorted(facts.renewed.items()):
+        record = facts.view.get(name)
+        if name == facts.node or record is None:
+            continue
+        ttl = record.ttl or facts.failure_timeout
+        if facts.failure_timeout > 0:  # a record may not claim a TTL of its own choosing
+            ttl = min(ttl, 10 * facts.failure_timeout)
+        if ttl > 0 and now - since > 2 * ttl + facts.failover_time:
+            stale.append((name, revision))
+    return tuple(stale)
 
 
 def waits_out_the_lapse(facts: Facts) -> bool:

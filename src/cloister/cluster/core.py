@@ -481,6 +481,7 @@ class Cluster(RemoteCalls):
             groups=self.groups,
             started_at=self.started_at,
             state=str(self.state),
+            ttl=self.failure_timeout,
         )
         await self._lease.join(record, previous_revision)
         self._control.note_member(record)
@@ -526,6 +527,8 @@ class Cluster(RemoteCalls):
             epoch_garbage=control.epoch_garbage is not None,
             sentry_garbage=control.sentry_garbage is not None,
             ghosts=dict(control.ghosts),
+            renewed=dict(control.renewed),
+            failure_timeout=self.failure_timeout,
         )
 
     async def _step(self, settle: float) -> float:
@@ -562,7 +565,11 @@ class Cluster(RemoteCalls):
             self._control.sentry_garbage = None  # claimed, or somebody wrote it since
             decision = decide(facts(), now)
         for key, revision in decision.delete_ghosts:
-            await self._control.delete_ghost(key, revision)
+            await self._control.delete_member(key, revision, "a ghost: stored under another key")
+        for key, revision in decision.expire:
+            await self._control.delete_member(
+                key, revision, "not renewed for twice its TTL: written without one?"
+            )
         delay = decision.delay
         if decision.publish is not None:
             await self._control.publish(decision.publish)

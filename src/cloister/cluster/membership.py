@@ -30,6 +30,9 @@ class MemberRecord:
     started_at: float
     acked: int = 0
     state: str = "assembling"
+    ttl: float | None = None
+    """The TTL the node writes its record with (its ``failure_timeout``); None from nodes
+    that do not say. A record not renewed for much longer was written without one."""
 
     @property
     def spec(self) -> MemberSpec:
@@ -41,17 +44,18 @@ class MemberRecord:
         return replace(self, **changes)
 
     def encode(self) -> bytes:
-        return wire.encode(
-            {
-                "node": self.node,
-                "inc": self.incarnation,
-                "weight": self.weight,
-                "groups": list(self.groups),
-                "started_at": self.started_at,
-                "acked": self.acked,
-                "state": self.state,
-            }
-        )
+        fields = {
+            "node": self.node,
+            "inc": self.incarnation,
+            "weight": self.weight,
+            "groups": list(self.groups),
+            "started_at": self.started_at,
+            "acked": self.acked,
+            "state": self.state,
+        }
+        if self.ttl is not None:
+            fields["ttl"] = self.ttl
+        return wire.encode(fields)
 
     @classmethod
     def decode(cls, data: bytes, key: str | None = None) -> MemberRecord:
@@ -73,6 +77,13 @@ class MemberRecord:
         state = message.get("state", "")
         if not isinstance(state, str):
             raise WireFormatError(f"{what}: field 'state' should be str, got {state!r}")
+        ttl = message.get("ttl")
+        if ttl is not None:
+            if not isinstance(ttl, int | float) or isinstance(ttl, bool):
+                raise WireFormatError(f"{what}: field 'ttl' should be a number, got {ttl!r}")
+            ttl = _finite(ttl, what)
+            if ttl <= 0:
+                raise WireFormatError(f"{what}: field 'ttl' should be > 0, got {ttl!r}")
         return cls(
             node=node,
             incarnation=wire.field(message, "inc", int, what),
@@ -81,6 +92,7 @@ class MemberRecord:
             started_at=_finite(wire.field(message, "started_at", (int, float), what), what),
             acked=acked,
             state=state,
+            ttl=ttl,
         )
 
 
