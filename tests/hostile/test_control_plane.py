@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from cloister import Cluster, DynamicManager, Replace
+from cloister import Cluster
 from cloister.backends import KeyValue
 from cloister.cluster.control import EPOCH_KEY, SENTRY_KEY, decode_sentry
 from cloister.cluster.membership import GhostMemberError, MemberRecord
@@ -26,20 +26,10 @@ from cloister.errors import NodeDiedError, WireFormatError
 from cloister.testing import eventually
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import MEMORY
+from tests.hostile.support import member
+from tests.manager.test_fencing import Tally
 
-IDS = [f"k{i}" for i in range(8)]
-
-
-class Tally(DynamicManager):
-    """Each cast appends to the payload."""
-
-    name = "tally"
-
-    def children_specs(self) -> dict[Any, Any]:
-        return {i: {"payload": []} for i in IDS}
-
-    def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
-        return Replace([*payload, message])
+IDS = [f"k{i}" for i in range(8)]  # among Tally's workers
 
 
 @pytest.fixture
@@ -47,21 +37,6 @@ async def nodes() -> AsyncIterator[ClusterNodes]:
     async with AsyncExitStack() as stack:
         url = f"memory://hostile-{time.monotonic_ns()}"
         yield ClusterNodes(stack, url, cluster="hostile", timing=MEMORY)
-
-
-def member(node: str, /, **changes: Any) -> bytes:
-    """A member record as a node writes it, with ``changes`` to its fields."""
-    fields: dict[str, Any] = {
-        "node": node,
-        "inc": 7,
-        "weight": 1.0,
-        "groups": [],
-        "started_at": 1.0,
-        "acked": 0,
-        "state": "ready",
-    }
-    fields.update(changes)
-    return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
 async def bucket(cluster: Cluster, name: str) -> KeyValue:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import msgpack
 
@@ -15,21 +14,8 @@ from cloister.backends import open_backend
 from cloister.cluster.control import EPOCH_KEY
 from cloister.testing import NatsServer, ProcessGroup
 from tests.cli.support import cli_env
+from tests.hostile.support import member
 from tests.nats.support import Nodes, wait_for
-
-
-def member(node: str, /, **changes: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "node": node,
-        "inc": 7,
-        "weight": 1.0,
-        "groups": [],
-        "started_at": 1.0,
-        "acked": 0,
-        "state": "ready",
-    }
-    fields.update(changes)
-    return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
 async def _attack(url: str, cluster: str) -> None:
