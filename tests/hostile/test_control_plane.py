@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -69,6 +69,30 @@ async def still_heals(nodes: ClusterNodes, managers: list[Tally], members: set[s
     await eventually(handled, timeout=10, what="the casts were handled")
     for cluster in nodes.live():
         assert not cluster.crashed and cluster.failure is None
+
+
+def holds(
+    kv: KeyValue, key: str, check: Callable[[bytes | None], bool]
+) -> Callable[[], Awaitable[bool]]:
+    """A probe for ``eventually``: True once ``check(value of key)`` (None when absent)."""
+
+    async def probe() -> bool:
+        entry = await kv.get(key)
+        return check(None if entry is None else entry.value)
+
+    return probe
+
+
+def absent(value: bytes | None) -> bool:
+    return value is None
+
+
+def a_map(value: bytes | None) -> bool:
+    """The value decodes as a msgpack map (a record again, not garbage)."""
+    try:
+        return value is not None and isinstance(msgpack.unpackb(value), dict)
+    except Exception:
+        return False
 
 
 def malformed(nodes: ClusterNodes, kind: str) -> int:
@@ -164,10 +188,7 @@ async def test_a_ghost_member_is_ignored_and_deleted_by_the_sentry(
     await kv.put("ghost", member("a", inc=99))  # a's name, under another key
     await eventually(lambda: malformed(nodes, "ghost_member") >= 1, what="the ghost counted")
 
-    async def gone() -> bool:
-        return await kv.get("ghost") is None
-
-    await eventually(gone, what="the sentry deleted the ghost")
+    await eventually(holds(kv, "ghost", absent), what="the sentry deleted the ghost")
     assert a.cluster.epoch == epoch == b.cluster.epoch, "a ghost made the cluster rehash"
     assert {r for c in nodes.live() for r in c.members_seen} == {"a", "b"}
     await still_heals(nodes, [a, b], {"a", "b"})
@@ -182,17 +203,7 @@ async def test_a_garbage_epoch_record_is_overwritten_by_the_sentry(
     await kv.put(EPOCH_KEY, b"\xc1 not msgpack")
     await eventually(lambda: malformed(nodes, "epoch") >= 1, what="the garbage counted")
 
-    async def repaired() -> bool:
-        entry = await kv.get(EPOCH_KEY)
-        if entry is None:
-            return False
-        try:
-            msgpack.unpackb(entry.value)
-        except Exception:
-            return False
-        return True
-
-    await eventually(repaired, what="the sentry overwrote the garbage")
+    await eventually(holds(kv, EPOCH_KEY, a_map), what="the sentry overwrote the garbage")
     await eventually(
         lambda: nodes.agreed({"a", "b"}) and a.cluster.epoch > epoch, what="a newer epoch"
     )
@@ -224,11 +235,11 @@ async def test_a_garbage_sentry_lease_without_ttl_is_claimed_over(
         lambda: survivor.counters.malformed.get("sentry", 0) >= 1, what="the garbage counted"
     )
 
-    async def claimed() -> bool:
-        entry = await kv.get(SENTRY_KEY)
-        return entry is not None and entry.value == msgpack.packb({"node": survivor.node})
-
-    await eventually(claimed, what="the survivor claimed the sentry over the garbage")
+    ours = msgpack.packb({"node": survivor.node})
+    await eventually(
+        holds(kv, SENTRY_KEY, lambda value: value == ours),
+        what="the survivor claimed the sentry over the garbage",
+    )
     await eventually(lambda: survivor.is_sentry, what="the survivor is the sentry")
     survivor_manager = nodes.managers[survivor.node]
     await still_heals(nodes, [survivor_manager], {survivor.node})
@@ -243,11 +254,7 @@ async def test_a_garbage_sentry_lease_is_replaced_while_there_is_a_holder(
     assert entry is not None
     await kv.update(SENTRY_KEY, b"\xc1", revision=entry.revision)
 
-    async def valid() -> bool:
-        entry = await kv.get(SENTRY_KEY)
-        return entry is not None and entry.value != b"\xc1"
-
-    await eventually(valid, what="a valid sentry lease again")
+    await eventually(holds(kv, SENTRY_KEY, a_map), what="a valid sentry lease again")
     await eventually(lambda: a.cluster.is_sentry or b.cluster.is_sentry, what="a sentry")
     await still_heals(nodes, [a, b], {"a", "b"})
 
@@ -302,10 +309,9 @@ async def test_a_member_record_without_ttl_is_outwaited_and_deleted(nodes: Clust
     kv = await bucket(a.cluster, "members")
     await kv.put("zombie", member("zombie", inc=5))  # valid, but nobody renews it: no TTL
 
-    async def gone() -> bool:
-        return await kv.get("zombie") is None
-
-    await eventually(gone, timeout=10, what="the sentry deleted the unrenewed record")
+    await eventually(
+        holds(kv, "zombie", absent), timeout=10, what="the sentry deleted the unrenewed record"
+    )
     await eventually(lambda: nodes.agreed({"a", "b"}), timeout=10, what="a and b again")
     await still_heals(nodes, [a, b], {"a", "b"})
 
