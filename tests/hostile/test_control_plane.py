@@ -187,7 +187,6 @@ async def test_a_ghost_member_is_ignored_and_deleted_by_the_sentry(
     kv = await bucket(a.cluster, "members")
     await kv.put("ghost", member("a", inc=99))  # a's name, under another key
     await eventually(lambda: malformed(nodes, "ghost_member") >= 1, what="the ghost counted")
-
     await eventually(holds(kv, "ghost", absent), what="the sentry deleted the ghost")
     assert a.cluster.epoch == epoch == b.cluster.epoch, "a ghost made the cluster rehash"
     assert {r for c in nodes.live() for r in c.members_seen} == {"a", "b"}

@@ -277,14 +277,19 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
+async def _race(task: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Wait until ``task`` is done or ``stop`` is set, whichever comes first."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
 async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
     """Start ``cluster`` unless ``stop`` comes first; False if it did (nothing joined)."""
     starting = asyncio.ensure_future(cluster.start())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
+    await _race(starting, stop)
     if not starting.done():  # a signal came before we had joined
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -296,12 +301,10 @@ async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
 
 async def _until_stopped_or_dead(cluster: Cluster, stop: asyncio.Event) -> None:
     """Return when asked to stop; raise the node's failure (exit 1) if it died first."""
-    stopping = asyncio.ensure_future(stop.wait())
     dying = asyncio.ensure_future(cluster.wait_dead())
     try:
-        await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+        await _race(dying, stop)
     finally:
-        stopping.cancel()
         dying.cancel()
     if cluster.failure is not None:
         raise cluster.failure
