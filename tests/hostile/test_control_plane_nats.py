@@ -27,6 +27,7 @@ async def _attack(url: str, cluster: str) -> None:
         await members.put("acked", member("acked", acked="x"))
         await members.put("ghost", member("a", inc=99))  # a's name under another key
         await members.put("junk", b"\xc1\xc1\xc1")
+        await members.put("zombie", member("zombie"))  # well-formed, without a TTL
         control = await backend.kv("control", ttl_keys=True)
         await control.put(EPOCH_KEY, b"\xc1 not an epoch")
     finally:
@@ -34,13 +35,13 @@ async def _attack(url: str, cluster: str) -> None:
 
 
 async def _read(url: str, cluster: str) -> tuple[bool, bool]:
-    """(the ghost is gone, the epoch record decodes again)."""
+    """(the ghost and the record without TTL are gone, the epoch record decodes again)."""
     backend = open_backend(url, cluster, "reader")
     await backend.connect()
     try:
         members = await backend.kv("members", ttl_keys=True)
         control = await backend.kv("control", ttl_keys=True)
-        ghost = await members.get("ghost")
+        ghost = await members.get("ghost") or await members.get("zombie")
         entry = await control.get(EPOCH_KEY)
         try:
             readable = entry is not None and isinstance(msgpack.unpackb(entry.value), dict)
@@ -63,7 +64,7 @@ def test_garbage_in_the_control_buckets_kills_no_node_and_a_new_one_joins(
         ghost_gone, readable = asyncio.run(_read(nats_server.url, "hostile"))
         return True if ghost_gone and readable else None
 
-    wait_for(healed, 30, "the sentry deleted the ghost and overwrote the garbage epoch")
+    wait_for(healed, 30, "the sentry deleted the ghost and zombie, overwrote the garbage epoch")
     nodes.start("c")
     nodes.wait_ready(("a", "b", "c"), timeout=30)
     for name in ("a", "b", "c"):
