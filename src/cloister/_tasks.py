@@ -9,13 +9,16 @@ in a process that ended; a graceful close stays each owner's own business, in it
 Unlike ``asyncio.TaskGroup``, a failing child does not cancel its siblings
 (a failing request handler must not stop the heartbeat) — but its exception is never
 swallowed: it is logged with the task name and counted in :attr:`Supervisor.failures`.
+A task spawned ``critical=True`` is one its owner cannot live without (a node's heartbeat,
+control loop, watches): when it ends on its own — raising or returning — the owner is told
+at once through ``on_critical(name, error)`` and stops loudly, never lives on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("cloister.tasks")
@@ -32,6 +35,10 @@ class Supervisor:
         self._parent: Supervisor | None = None
         self._closed = False
         self._killed = False
+        self._critical: set[asyncio.Task[Any]] = set()
+        self.on_critical: Callable[[str, BaseException | None], None] | None = None
+        """Called when a critical task ends on its own, with its name and its error (None
+        when it returned)."""
 
     def child(self, name: str) -> Supervisor:
         """A supervisor for a component of this one's owner: killed with it (:meth:`kill`),
@@ -43,8 +50,11 @@ class Supervisor:
         self._children.append(child)
         return child
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Start ``coro`` as a task owned by this supervisor."""
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, critical: bool = False
+    ) -> asyncio.Task[Any]:
+        """Start ``coro`` as a task owned by this supervisor (see the module doc for
+        ``critical``)."""
         if self._closed:
             coro.close()
             raise RuntimeError(f"supervisor {self.name!r} is closed; cannot start {name!r}")
@@ -52,17 +62,26 @@ class Supervisor:
         if self._killed:  # a dead node runs nothing more: the task never takes a step
             task.cancel()
         self._tasks.add(task)
+        if critical:
+            self._critical.add(task)
         task.add_done_callback(self._reap)
         return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        critical = task in self._critical
+        self._critical.discard(task)
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
             self.failures += 1
             log.error("task %s failed", task.get_name(), exc_info=exc)
+        if critical and not (self._closed or self._killed):
+            if exc is None:
+                log.error("critical task %s ended on its own", task.get_name())
+            if self.on_critical is not None:
+                self.on_critical(task.get_name(), exc)
 
     def cancel_all(self) -> None:
         """Cancel every task now, without waiting (:meth:`close` awaits)."""

@@ -114,3 +114,9 @@ class WireFormatError(CloisterError, ValueError):
 
 class UnknownHandlerError(RemoteError):
     """A request named a handler the remote node has not registered."""
+
+
+class NodeDiedError(CloisterError):
+    """A node stopped on its own: its connection to the medium closed for good, or a task
+    it cannot live without (heartbeat, control loop, watches) ended. Its records expire
+    on their TTL; restart the process (``cloister node``/``run`` exit non-zero with it)."""

@@ -27,6 +27,8 @@ metric                                            type     meaning
 ``cloister_fenced_total``                         counter  self-fencings (renewal failed)
 ``cloister_heartbeat_failures_total``             counter  failed membership renewals
 ``cloister_bad_records_total``                    counter  malformed records ignored
+``cloister_malformed_records_total{kind}``        counter  the same by kind: member,
+                                                           ghost_member, epoch, sentry
 ``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
                                                            tick (a callback held it)
 ``cloister_event_loop_stalls_total``              counter  loop held longer than 0.25 s (each
@@ -62,6 +64,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from cloister.cluster.control import MALFORMED_KINDS
 from cloister.cluster.states import State
 from cloister.errors import CloisterError, ConfigurationError
 
@@ -176,6 +179,13 @@ class NodeCollector:
         yield labels.gauge("consensus", "Members needed before any node is ready.", info.consensus)
         yield labels.gauge("is_sentry", "1 while this node is the sentry.", info.is_sentry)
         yield from labels.counters("", cluster.counters.as_dict(), _CLUSTER_COUNTERS)
+        yield labels.labelled_counter(
+            "malformed_records",
+            "Malformed member or control records ignored or repaired, by kind.",
+            "kind",
+            cluster.counters.malformed,
+            MALFORMED_KINDS,
+        )
         if (loop_watch := cluster.loop_watch) is not None:
             yield labels.gauge(
                 "event_loop_lag_seconds",
@@ -240,6 +250,18 @@ class _Labels:
 
         family = SummaryMetricFamily(f"cloister_{name}", doc, labels=self.names)
         family.add_metric(self.values, count_value=count, sum_value=total)
+        return family
+
+    def labelled_counter(
+        self, name: str, doc: str, label: str, values: dict[str, int], options: Iterable[str]
+    ) -> Any:
+        """A counter with a ``label``: one sample per option (0 when absent from ``values``)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(f"cloister_{name}", doc, labels=[*self.names, label])
+        counts = dict(values)  # a copy: the loop thread may add keys
+        for option in dict.fromkeys([*options, *counts]):
+            family.add_metric([*self.values, option], counts.get(option, 0))
         return family
 
     def one_hot(self, name: str, doc: str, options: Iterable[str], current: str) -> Any:

@@ -320,6 +320,9 @@ def any_facts(draw: st.DrawFn) -> Facts:
         paused=draw(st.booleans()),
         settled_epoch=draw(st.integers(0, 3)),
         failover_time=draw(st.sampled_from([0.0, 9.0])),
+        epoch_garbage=draw(st.booleans()),
+        sentry_garbage=draw(st.booleans()),
+        ghosts=draw(st.dictionaries(st.sampled_from(["g1", "g2"]), st.integers(1, 9))),
     )
 
 
@@ -342,10 +345,13 @@ def test_never_publish_without_a_valid_sentry_lease(f: Facts) -> None:
         assert f.lease_ok and f.sentry_ok
         assert NOW - f.view_changed_at >= f.settle
         assert f.node in decision.publish.members and decision.publish.sentry == f.node
-        previous = 0 if f.epoch_record is None else f.epoch_record.epoch
-        assert decision.publish.epoch == previous + 1
+        if f.epoch_record is not None and not f.epoch_garbage:
+            assert decision.publish.epoch == f.epoch_record.epoch + 1
+        else:  # no readable record: above every epoch a member acknowledged
+            assert all(decision.publish.epoch > r.acked for r in f.view.values())
     if decision.claim_sentry:
-        assert f.lease_ok and f.sentry_holder is None and not f.holds_sentry
+        assert f.lease_ok and not f.holds_sentry
+        assert f.sentry_holder is None or f.sentry_garbage  # free, or unreadable
 
 
 @given(any_facts())
@@ -372,3 +378,38 @@ def test_counters_as_dict() -> None:
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):
         counters["as_dict"]
+
+
+@given(any_facts())
+def test_only_the_sentry_deletes_ghosts(f: Facts) -> None:
+    decision = decide(f, NOW)
+    if decision.delete_ghosts:
+        assert f.lease_ok and f.sentry_ok
+        assert dict(decision.delete_ghosts) == dict(f.ghosts)
+
+
+def test_the_sentry_overwrites_a_garbage_epoch_record_above_every_acknowledged_epoch() -> None:
+    view = {"a": record("a", acked=5, incarnation=1)}
+    published = epoch(5, "a", {"a": record("a", acked=5, incarnation=1)})
+    quiet = facts(view=view, view_changed_at=NOW - 1, epoch_record=published, sentry_ok=True)
+    assert decide(quiet, NOW).publish is None  # nothing changed
+    garbage = dataclasses.replace(quiet, epoch_record=None, epoch_garbage=True)
+    publish = decide(garbage, NOW).publish
+    assert publish is not None and publish.epoch == 6
+
+
+def test_a_garbage_sentry_lease_is_claimed_over() -> None:
+    held = facts(sentry_holder="?", holds_sentry=False)
+    assert not decide(held, NOW).claim_sentry
+    assert decide(dataclasses.replace(held, sentry_garbage=True), NOW).claim_sentry
+
+
+def test_the_sentry_expires_only_records_unrenewed_for_twice_their_ttl() -> None:
+    view = {"a": record("a"), "b": record("b"), "c": record("c")}
+    renewed = {"a": (1, NOW - 100), "b": (2, NOW - 2.1), "c": (3, NOW - 1.9)}
+    base = facts(
+        view=view, renewed=renewed, failure_timeout=1.0, sentry_ok=True, view_changed_at=NOW
+    )
+    assert decide(base, NOW).expire == (("b", 2),)  # never our own record (a)
+    assert decide(dataclasses.replace(base, failover_time=9.0), NOW).expire == ()
+    assert decide(dataclasses.replace(base, sentry_ok=False), NOW).expire == ()

@@ -1,0 +1,1 @@
+"""Hostile input: garbage written where the cluster reads, and the cluster must not care."""

@@ -264,7 +264,7 @@ async def serve(
                     await running.enter_async_context(_lease_watch(cluster, events))
                     if attach is not None:
                         await running.enter_async_context(attach(Node(cluster, events, metrics)))
-                    await stop.wait()
+                    await _until_stopped_or_dead(cluster, stop)
                     events.emit(f"node {me} leaving")
             except Exception:
                 await _leave_quietly(cluster)
@@ -277,14 +277,19 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
+async def _race(task: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Wait until ``task`` is done or ``stop`` is set, whichever comes first."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
 async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
     """Start ``cluster`` unless ``stop`` comes first; False if it did (nothing joined)."""
     starting = asyncio.ensure_future(cluster.start())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
+    await _race(starting, stop)
     if not starting.done():  # a signal came before we had joined
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +297,17 @@ async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
         return False
     starting.result()  # raises the start failure (wrong credentials, unreachable...)
     return True
+
+
+async def _until_stopped_or_dead(cluster: Cluster, stop: asyncio.Event) -> None:
+    """Return when asked to stop; raise the node's failure (exit 1) if it died first."""
+    dying = asyncio.ensure_future(cluster.wait_dead())
+    try:
+        await _race(dying, stop)
+    finally:
+        dying.cancel()
+    if cluster.failure is not None:
+        raise cluster.failure
 
 
 async def _leave_quietly(cluster: Cluster) -> None:

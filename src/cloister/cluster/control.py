@@ -18,13 +18,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from cloister import wire
+from cloister._backoff import Backoff
 from cloister._tasks import wait_event
 from cloister.backends import KeyValue, KVEvent, KVOp
 from cloister.cluster.hooks import SuspendReason
-from cloister.cluster.membership import MemberRecord
+from cloister.cluster.membership import GhostMemberError, MemberRecord
 from cloister.cluster.states import State
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import BackendError, KeyExistsError, RevisionMismatchError, WireFormatError
@@ -46,17 +47,30 @@ class ClusterCounters:
     bad_records: int = 0
     fenced: int = 0
     heartbeat_failures: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+    """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
 
     def as_dict(self) -> dict[str, int]:
-        """The counters by name."""
-        return asdict(self)
+        """The plain counters by name (``malformed`` is a breakdown, read it alone)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "malformed"}
+
+    def count_malformed(self, kind: str) -> None:
+        """One more malformed record of ``kind``."""
+        self.bad_records += 1
+        self.malformed[kind] = self.malformed.get(kind, 0) + 1
 
     def __getitem__(self, name: str) -> int:
         """``counters["fenced"]``: read by name, as when the counters were a dict."""
-        if name not in self.__dataclass_fields__:
+        if name not in self.__dataclass_fields__ or name == "malformed":
             raise KeyError(name)
         value: int = getattr(self, name)
         return value
+
+
+MALFORMED_KINDS = ("member", "ghost_member", "epoch", "sentry")
+"""The kinds of malformed control-plane records counted in ``ClusterCounters.malformed``:
+an undecodable member record, a member record stored under another node's key, an
+undecodable epoch record, an undecodable sentry lease."""
 
 
 # -- readers --------------------------------------------------------------------------------
@@ -65,6 +79,8 @@ class ClusterCounters:
 def decode_sentry(value: bytes) -> str:
     """The holder named by a sentry lease; :class:`WireFormatError` if malformed."""
     holder: str = wire.field(wire.decode_map(value, "sentry lease"), "node", str, "sentry lease")
+    if not holder:
+        raise WireFormatError("sentry lease: empty node name")
     return holder
 
 
@@ -76,7 +92,7 @@ async def read_members(
     errors: dict[str, WireFormatError] = {}
     for name, entry in (await kv.entries()).items():
         try:
-            records[name] = MemberRecord.decode(entry.value)
+            records[name] = MemberRecord.decode(entry.value, name)
         except WireFormatError as exc:
             errors[name] = exc
     return records, errors
@@ -92,23 +108,30 @@ class ControlSnapshot:
     epoch_error: WireFormatError | None = None
     sentry: str | None = None
     sentry_error: WireFormatError | None = None
+    sentry_revision: int | None = None
+    """The revision of the sentry lease (valid or not)."""
 
 
 async def read_control(kv: KeyValue) -> ControlSnapshot:
     """Read the ``control`` bucket once."""
     entries = await kv.entries()
-    epoch = epoch_revision = epoch_error = sentry = sentry_error = None
+    epoch = epoch_error = sentry = sentry_error = sentry_revision = None
+    epoch_revision = None
     if (entry := entries.get(EPOCH_KEY)) is not None:
+        epoch_revision = entry.revision
         try:
-            epoch, epoch_revision = EpochRecord.decode(entry.value), entry.revision
+            epoch = EpochRecord.decode(entry.value)
         except WireFormatError as exc:
             epoch_error = exc
     if (entry := entries.get(SENTRY_KEY)) is not None:
+        sentry_revision = entry.revision
         try:
             sentry = decode_sentry(entry.value)
         except WireFormatError as exc:
             sentry_error = exc
-    return ControlSnapshot(epoch, epoch_revision, epoch_error, sentry, sentry_error)
+    return ControlSnapshot(
+        epoch, epoch_revision, epoch_error, sentry, sentry_error, sentry_revision
+    )
 
 
 class Control:
@@ -129,7 +152,19 @@ class Control:
         self.epoch_record: EpochRecord | None = None
         self.epoch_revision: int | None = None
         self.sentry_holder: str | None = None
+        self.epoch_garbage: int | None = None
+        """The revision of an undecodable epoch record (the sentry overwrites it)."""
+        self.sentry_garbage: int | None = None
+        """The revision of an undecodable sentry lease (any node may claim over it)."""
+        self.ghosts: dict[str, int] = {}
+        """Member records stored under another node's key, by key: their revision (the
+        sentry deletes them)."""
+        self.renewed: dict[str, tuple[int, float]] = {}
+        """Each member record's revision and when it was first seen (``time.monotonic``):
+        a record that stops changing is no longer renewed."""
         self.resync = asyncio.Event()
+        self._logged: set[tuple[str, str, int]] = set()
+        self._conflicts = Backoff(heartbeat / 20, heartbeat, jitter=0.5)
         self._members_kv: KeyValue | None = None
         self._control_kv: KeyValue | None = None
 
@@ -156,9 +191,18 @@ class Control:
     async def reload_members(self) -> None:
         """Replace the view with a full listing."""
         assert self._members_kv is not None
-        view, errors = await read_members(self._members_kv)
-        for exc in errors.values():
-            self._bad_member(exc)
+        view: dict[str, MemberRecord] = {}
+        ghosts: dict[str, int] = {}
+        for key, entry in (await self._members_kv.entries()).items():
+            record = self.decode_member(key, entry.value, entry.revision)
+            if record is not None:
+                view[key] = record
+                self._saw(key, entry.revision)
+            elif self._is_ghost(key, entry.revision):
+                ghosts[key] = entry.revision
+        self.ghosts = ghosts
+        for key in self.renewed.keys() - view.keys():
+            del self.renewed[key]
         if {n: r.spec for n, r in view.items()} != {n: r.spec for n, r in self.view.items()}:
             self.view_changed_at = time.monotonic()
         self.view = view
@@ -167,10 +211,18 @@ class Control:
     def apply_member_event(self, event: KVEvent) -> None:
         """One change seen by the members watch."""
         if event.op is KVOp.PUT and event.value is not None:
-            record = self.decode_member(event.value)
+            record = self.decode_member(event.key, event.value, event.revision)
             if record is not None:
+                self.ghosts.pop(event.key, None)
+                self._saw(event.key, event.revision)
                 self.note_member(record)
-        elif self.view.pop(event.key, None) is not None:
+            elif self._is_ghost(event.key, event.revision):
+                self.ghosts[event.key] = event.revision
+                self.wake()
+            return
+        self.ghosts.pop(event.key, None)
+        self.renewed.pop(event.key, None)
+        if self.view.pop(event.key, None) is not None:
             self.view_changed_at = time.monotonic()
             self.wake()
 
@@ -182,17 +234,51 @@ class Control:
             self.view_changed_at = time.monotonic()
         self.wake()
 
-    def decode_member(self, data: bytes) -> MemberRecord | None:
-        """The record in ``data``; None (counted, logged) if malformed."""
+    def decode_member(self, key: str, data: bytes, revision: int) -> MemberRecord | None:
+        """The record stored under ``key`` at ``revision``; None if malformed or a ghost
+        (counted and logged once per key and revision)."""
         try:
-            return MemberRecord.decode(data)
+            return MemberRecord.decode(data, key)
+        except GhostMemberError as exc:
+            self._malformed("ghost_member", key, revision, exc, "ignoring a ghost member record")
         except WireFormatError as exc:
-            self._bad_member(exc)
-            return None
+            self._malformed("member", key, revision, exc, "ignoring a malformed member record")
+        return None
 
-    def _bad_member(self, exc: WireFormatError) -> None:
-        self.counters.bad_records += 1
-        log.warning("ignoring a malformed member record: %s", exc)
+    def _saw(self, key: str, revision: int) -> None:
+        seen = self.renewed.get(key)
+        if seen is None or seen[0] != revision:
+            self.renewed[key] = (revision, time.monotonic())
+
+    def _is_ghost(self, key: str, revision: int) -> bool:
+        return ("ghost_member", key, revision) in self._logged
+
+    def _malformed(
+        self, kind: str, key: str, revision: int, exc: WireFormatError, what: str
+    ) -> None:
+        """Count and log a malformed record once per (kind, key, revision): watches and
+        re-listings see the same record again and again."""
+        seen = (kind, key, revision)
+        if seen in self._logged:
+            return
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged.add(seen)
+        self.counters.count_malformed(kind)
+        log.warning("%s (node %s, revision %d): %s", what, self.node, revision, exc)
+
+    async def delete_member(self, key: str, revision: int, why: str) -> None:
+        """Delete the member record ``key`` if it is still at ``revision`` (the sentry's
+        repair of a ghost or of a record nobody renews)."""
+        assert self._members_kv is not None
+        self.ghosts.pop(key, None)
+        if self.renewed.get(key, (None,))[0] == revision:
+            del self.renewed[key]  # asked once per revision
+        try:
+            await self._members_kv.delete(key, revision=revision)
+        except RevisionMismatchError:
+            return  # rewritten since: the watch tells us what it holds now
+        log.warning("node %s deleted the member record %r, %s", self.node, key, why)
 
     # -- control ------------------------------------------------------------------------
 
@@ -214,14 +300,15 @@ class Control:
         """Take the sentry holder and the epoch record from a full listing."""
         assert self._control_kv is not None
         snapshot = await read_control(self._control_kv)
-        if snapshot.sentry_error is not None:
-            self._bad_sentry(snapshot.sentry_error)
+        if snapshot.sentry_error is not None and snapshot.sentry_revision is not None:
+            self._bad_sentry(snapshot.sentry_error, snapshot.sentry_revision)
         else:
-            self.sentry_holder = snapshot.sentry
-        if snapshot.epoch_error is not None:
-            self._bad_epoch(snapshot.epoch_error)
-        elif snapshot.epoch is not None and snapshot.epoch_revision is not None:
-            self.note_epoch(snapshot.epoch, snapshot.epoch_revision)
+            self.sentry_holder, self.sentry_garbage = snapshot.sentry, None
+        revision = snapshot.epoch_revision
+        if snapshot.epoch_error is not None and revision is not None:
+            self._bad_epoch(snapshot.epoch_error, revision)
+        elif snapshot.epoch is not None and revision is not None:
+            self.note_epoch(snapshot.epoch, revision)
         self.wake()
 
     def apply_control_event(self, event: KVEvent) -> None:
@@ -230,32 +317,39 @@ class Control:
             if event.op is KVOp.PUT and event.value is not None:
                 try:
                     self.sentry_holder = decode_sentry(event.value)
+                    self.sentry_garbage = None
                 except WireFormatError as exc:
-                    self._bad_sentry(exc)
+                    self._bad_sentry(exc, event.revision)
             else:
-                self.sentry_holder = None
+                self.sentry_holder = self.sentry_garbage = None
         elif event.key == EPOCH_KEY and event.op is KVOp.PUT and event.value is not None:
             try:
                 record = EpochRecord.decode(event.value)
             except WireFormatError as exc:
-                self._bad_epoch(exc)
+                self._bad_epoch(exc, event.revision)
+                self.wake()
                 return
             self.note_epoch(record, event.revision)
         self.wake()
 
     def note_epoch(self, record: EpochRecord, revision: int) -> None:
         """An epoch record was seen; older ones than what we know are ignored."""
+        if self.epoch_garbage is not None and revision > self.epoch_garbage:
+            self.epoch_garbage = None  # overwritten: the revision is the new record's
+            self.epoch_revision = revision
         if self.epoch_record is None or record.epoch >= self.epoch_record.epoch:
             self.epoch_record, self.epoch_revision = record, revision
 
-    def _bad_sentry(self, exc: WireFormatError) -> None:
-        self.counters.bad_records += 1
-        log.warning("malformed sentry lease: %s", exc)
-        self.sentry_holder = "?"  # somebody holds it; we cannot tell who
+    def _bad_sentry(self, exc: WireFormatError, revision: int) -> None:
+        self._malformed("sentry", SENTRY_KEY, revision, exc, "malformed sentry lease")
+        # Nobody can hold a lease that says nothing: any member may claim over it.
+        self.sentry_holder, self.sentry_garbage = "?", revision
 
-    def _bad_epoch(self, exc: WireFormatError) -> None:
-        self.counters.bad_records += 1
-        log.warning("malformed epoch record: %s", exc)
+    def _bad_epoch(self, exc: WireFormatError, revision: int) -> None:
+        self._malformed("epoch", EPOCH_KEY, revision, exc, "malformed epoch record")
+        # Keep the last good record (the rings), and the garbage's revision: the sentry
+        # overwrites it by compare-and-set on what it actually read.
+        self.epoch_garbage = self.epoch_revision = revision
 
     async def publish(self, record: EpochRecord) -> None:
         """Write ``record`` by compare-and-set on the epoch revision we know."""
@@ -268,9 +362,14 @@ class Control:
                     EPOCH_KEY, record.encode(), revision=self.epoch_revision
                 )
         except (RevisionMismatchError, KeyExistsError):
-            await self.reload_control()  # somebody wrote in between; look again
+            # Somebody wrote in between: look again, after a pause that grows while the
+            # conflicts go on (never a busy loop of compare-and-sets).
+            await asyncio.sleep(self._conflicts.next())
+            await self.reload_control()
             self.wake()
             return
+        self._conflicts.reset()
+        self.epoch_garbage = None
         if self.epoch_record is None or record.epoch > self.epoch_record.epoch:
             self.epoch_record, self.epoch_revision = record, revision
 
@@ -332,6 +431,16 @@ class Facts:
     """The epoch this node last settled on."""
     failover_time: float = 0.0
     """How long the medium may be without a leader (``Backend.failover_time``)."""
+    epoch_garbage: bool = False
+    """The epoch record in the medium is undecodable (``epoch_revision`` is its revision)."""
+    sentry_garbage: bool = False
+    """The sentry lease in the medium is undecodable: nobody holds it."""
+    ghosts: Mapping[str, int] = field(default_factory=dict)
+    """Member records stored under another node's key: key -> revision."""
+    renewed: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    """Each member record's revision and since when (``time.monotonic``) it has had it."""
+    failure_timeout: float = 0.0
+    """This node's member TTL (the TTL assumed for records that name none; 0: none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +459,12 @@ class Decision:
     resume: bool = False
     """The lease is valid again after a pause, our record intact: work goes on as it was."""
     claim_sentry: bool = False
+    """Claim the sentry lease (over an undecodable one when ``Facts.sentry_garbage``)."""
+    delete_ghosts: tuple[tuple[str, int], ...] = ()
+    """The sentry deletes these ghost member records (key, revision) by compare-and-set."""
+    expire: tuple[tuple[str, int], ...] = ()
+    """The sentry deletes these member records (key, revision) by compare-and-set: not
+    renewed for twice their TTL and the medium's failover time, so written without one."""
     publish: EpochRecord | None = None
     adopt: EpochRecord | None = None
     ack: int | None = None
@@ -389,13 +504,24 @@ def next_epoch(facts: Facts) -> EpochRecord | None:
     its own last one, or its own record is not in the view yet."""
     members = {name: record.spec for name, record in facts.view.items()}
     current = facts.epoch_record
-    if current is not None and current.sentry == facts.node and dict(current.members) == members:
+    if (
+        current is not None
+        and current.sentry == facts.node
+        and dict(current.members) == members
+        and not facts.epoch_garbage
+    ):
         return None
     if facts.node not in members:
         return None  # our own record is not visible yet; never publish a topology without us
-    return EpochRecord(
-        epoch=(current.epoch if current else 0) + 1, sentry=facts.node, members=members
-    )
+    known = [0 if current is None else current.epoch]
+    if current is None or facts.epoch_garbage:
+        # Above every epoch anybody may have adopted: with the record unreadable or gone,
+        # the last good one may be unknown here, but the acknowledgements say how far the
+        # members got (an older epoch would never be adopted).
+        known += [record.acked for record in facts.view.values()]
+        if facts.topology is not None:
+            known.append(facts.topology.epoch)
+    return EpochRecord(epoch=max(known) + 1, sentry=facts.node, members=members)
 
 
 def decide(facts: Facts, now: float) -> Decision:
@@ -423,7 +549,11 @@ def decide(facts: Facts, now: float) -> Decision:
         fence=not lease_ok and not facts.suspended and not facts.paused,
         pause=held and not facts.paused and not facts.suspended,
         resume=lease_ok and facts.paused,
-        claim_sentry=lease_ok and facts.sentry_holder is None and not facts.holds_sentry,
+        claim_sentry=lease_ok
+        and (facts.sentry_holder is None or facts.sentry_garbage)
+        and not facts.holds_sentry,
+        delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and facts.sentry_ok else (),
+        expire=unrenewed(facts, now) if lease_ok and facts.sentry_ok else (),
         publish=publish,
         adopt=adopt,
         ack=ack,
@@ -433,6 +563,24 @@ def decide(facts: Facts, now: float) -> Decision:
         move_after_settle=after,
         delay=delay,
     )
+
+
+def unrenewed(facts: Facts, now: float) -> tuple[tuple[str, int], ...]:
+    """The member records (key, revision) of others that kept one revision for longer than
+    twice their TTL plus the medium's failover time: a record with a TTL would have
+    expired by then (even through a leader election), so it was written without one. The
+    TTL is the one the record names (at most 10 times ours), else ours."""
+    stale = []
+    for name, (revision, since) in sorted(facts.renewed.items()):
+        record = facts.view.get(name)
+        if name == facts.node or record is None:
+            continue
+        ttl = record.ttl or facts.failure_timeout
+        if facts.failure_timeout > 0:  # a record may not claim a TTL of its own choosing
+            ttl = min(ttl, 10 * facts.failure_timeout)
+        if ttl > 0 and now - since > 2 * ttl + facts.failover_time:
+            stale.append((name, revision))
+    return tuple(stale)
 
 
 def waits_out_the_lapse(facts: Facts) -> bool:

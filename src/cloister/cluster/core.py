@@ -47,6 +47,7 @@ from cloister.errors import (
     CloisterError,
     ClusterNotReadyError,
     ConfigurationError,
+    NodeDiedError,
     NotRunningError,
 )
 from cloister.ring import HashRing
@@ -155,6 +156,9 @@ class Cluster(RemoteCalls):
         self._paused_at = 0.0
         self._ready = asyncio.Event()
         self._crashed = False
+        self._failure: CloisterError | None = None
+        self._dead = asyncio.Event()
+        self._supervisor.on_critical = self._on_critical_failure
         self._loop_watch: LoopWatch | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -193,15 +197,20 @@ class Cluster(RemoteCalls):
             self._move(State.ASSEMBLING)
             previous = await self._lease.check_name_free(backend)
             synced = asyncio.Event(), asyncio.Event()
-            self._supervisor.spawn(self._control.follow_members(synced[0]), "members watch")
-            self._supervisor.spawn(self._control.follow_control(synced[1]), "control watch")
+            self._supervisor.spawn(
+                self._control.follow_members(synced[0]), "members watch", critical=True
+            )
+            self._supervisor.spawn(
+                self._control.follow_control(synced[1]), "control watch", critical=True
+            )
             await asyncio.gather(synced[0].wait(), synced[1].wait())
             await self._join(previous)
             await backend.serve(self._handlers.answer)
             await backend.subscribe(MULTICAST_TOPIC, self._requests.on_multicast)
-            self._supervisor.spawn(self._lease.heartbeat_loop(), "heartbeat")
-            self._supervisor.spawn(self._control.resync_loop(), "resync")
-            self._supervisor.spawn(self._control_loop(), "control")
+            spawn = self._supervisor.spawn
+            spawn(self._lease.heartbeat_loop(), "heartbeat", critical=True)
+            spawn(self._control.resync_loop(), "resync", critical=True)
+            spawn(self._control_loop(), "control", critical=True)
         except BaseException:
             await self._teardown()
             raise
@@ -240,9 +249,24 @@ class Cluster(RemoteCalls):
             self.node,
             self.backend_url,
         )
+        self._die(NodeDiedError(f"node {self.node} lost its connection to the medium for good"))
+
+    def _on_critical_failure(self, task: str, error: BaseException | None) -> None:
+        """A task the node cannot live without ended: the node stops loudly (its records
+        expire on their TTL), never a live process that stopped following the cluster."""
+        what = "ended" if error is None else f"died of {type(error).__name__}: {error}"
+        log.error("node %s stops: its task %s %s", self.node, task, what)
+        failure = NodeDiedError(f"node {self.node} stopped: its task {task} {what}")
+        failure.__cause__ = error
+        self._die(failure)
+
+    def _die(self, failure: CloisterError) -> None:
+        if self._failure is None:
+            self._failure = failure
         self._crashed = True
         self._ready.clear()
         self._supervisor.kill()
+        self._dead.set()
 
     def _on_reconnect(self) -> None:
         self._control.resync.set()
@@ -383,8 +407,20 @@ class Cluster(RemoteCalls):
 
     @property
     def crashed(self) -> bool:
-        """True once this node died: its connection to the medium closed for good."""
+        """True once this node died: its connection to the medium closed for good, or a
+        task it cannot live without (heartbeat, control loop, watches) ended."""
         return self._crashed
+
+    @property
+    def failure(self) -> CloisterError | None:
+        """Why this node died (see :attr:`crashed`); None while it lives."""
+        return self._failure
+
+    async def wait_dead(self) -> CloisterError:
+        """Wait until this node dies (see :attr:`crashed`); return why."""
+        await self._dead.wait()
+        assert self._failure is not None
+        return self._failure
 
     @property
     def loop_watch(self) -> LoopWatch | None:
@@ -445,6 +481,7 @@ class Cluster(RemoteCalls):
             groups=self.groups,
             started_at=self.started_at,
             state=str(self.state),
+            ttl=self.failure_timeout,
         )
         await self._lease.join(record, previous_revision)
         self._control.note_member(record)
@@ -487,6 +524,11 @@ class Cluster(RemoteCalls):
             paused=self._paused,
             settled_epoch=self._settled_epoch,
             failover_time=self.backend.failover_time,
+            epoch_garbage=control.epoch_garbage is not None,
+            sentry_garbage=control.sentry_garbage is not None,
+            ghosts=dict(control.ghosts),
+            renewed=dict(control.renewed),
+            failure_timeout=self.failure_timeout,
         )
 
     async def _step(self, settle: float) -> float:
@@ -517,10 +559,17 @@ class Cluster(RemoteCalls):
                     self.node,
                 )
         if decision.claim_sentry:
-            if await self._lease.claim_sentry(now):
+            if await self._lease.claim_sentry(now, self._control.sentry_garbage):
                 self._control.sentry_holder = self.node
                 self._control.view_changed_at = 0.0  # publish at once: the sentry names itself
+            self._control.sentry_garbage = None  # claimed, or somebody wrote it since
             decision = decide(facts(), now)
+        for key, revision in decision.delete_ghosts:
+            await self._control.delete_member(key, revision, "a ghost: stored under another key")
+        for key, revision in decision.expire:
+            await self._control.delete_member(
+                key, revision, "not renewed for twice its TTL: written without one?"
+            )
         delay = decision.delay
         if decision.publish is not None:
             await self._control.publish(decision.publish)

@@ -234,14 +234,22 @@ class Lease:
 
     # -- sentry lease -------------------------------------------------------------------
 
-    async def claim_sentry(self, now: float) -> bool:
-        """Try to win the free sentry lease; True if we did."""
+    async def claim_sentry(self, now: float, over: int | None = None) -> bool:
+        """Try to win the free sentry lease — or, with ``over``, the undecodable one at
+        that revision (nobody holds a lease that names nobody); True if we did."""
         assert self._control_kv is not None
+        value = wire.encode({"node": self.node})
         try:
-            revision = await self._control_kv.create(
-                SENTRY_KEY, wire.encode({"node": self.node}), ttl=self.failure_timeout
-            )
-        except KeyExistsError:
+            if over is None:
+                revision = await self._control_kv.create(
+                    SENTRY_KEY, value, ttl=self.failure_timeout
+                )
+            else:
+                revision = await self._control_kv.update(
+                    SENTRY_KEY, value, revision=over, ttl=self.failure_timeout
+                )
+                log.warning("node %s claimed the sentry lease over a malformed one", self.node)
+        except (KeyExistsError, RevisionMismatchError):
             return False
         self.sentry_revision = revision
         self.sentry_until = now + self.fence_after

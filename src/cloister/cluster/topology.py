@@ -9,6 +9,7 @@ membership changes into new epochs, through a compare-and-set on the record.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,15 +33,30 @@ class MemberSpec:
 
     @classmethod
     def from_wire(cls, data: Any) -> MemberSpec:
+        what = "epoch record: member spec"
         if (
             not isinstance(data, list)
             or len(data) != 3
             or not isinstance(data[0], int | float)
+            or isinstance(data[0], bool)
             or not isinstance(data[1], list)
+            or not all(isinstance(g, str) and g for g in data[1])
             or not isinstance(data[2], int)
+            or isinstance(data[2], bool)
         ):
             raise WireFormatError(f"epoch record: malformed member spec {data!r}")
-        return cls(float(data[0]), tuple(str(g) for g in data[1]), data[2])
+        return cls(member_weight(data[0], what), tuple(data[1]), data[2])
+
+
+def member_weight(value: float, what: str) -> float:
+    """``value`` as a ring weight: a finite number > 0, or :class:`WireFormatError`."""
+    try:
+        weight = float(value)
+    except OverflowError:
+        weight = math.inf
+    if not (math.isfinite(weight) and weight > 0):
+        raise WireFormatError(f"{what}: weight should be a finite number > 0, got {value!r}")
+    return weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +81,16 @@ class EpochRecord:
         what = "epoch record"
         message = wire.decode_map(data, what, ("epoch", "sentry", "members"))
         members = wire.field(message, "members", dict, what)
+        epoch = wire.field(message, "epoch", int, what)
+        if epoch < 0:
+            raise WireFormatError(f"{what}: negative epoch {epoch}")
+        sentry = wire.field(message, "sentry", str, what)
+        if not all(isinstance(name, str) and name for name in members):
+            raise WireFormatError(f"{what}: member names should be non-empty strings")
         return cls(
-            epoch=wire.field(message, "epoch", int, what),
-            sentry=wire.field(message, "sentry", str, what),
-            members={str(name): MemberSpec.from_wire(spec) for name, spec in members.items()},
+            epoch=epoch,
+            sentry=sentry,
+            members={name: MemberSpec.from_wire(spec) for name, spec in members.items()},
         )
 
 
