@@ -114,3 +114,15 @@ class WireFormatError(CloisterError, ValueError):
 
 class UnknownHandlerError(RemoteError):
     """A request named a handler the remote node has not registered."""
+
+
+class InvalidIdError(ConfigurationError, TypeError):
+    """A worker id the cluster cannot carry: of a type the ring cannot place (anything but
+    str, bytes, int and tuples of them), not encodable, or longer than
+    :data:`cloister.store.inbox.MAX_ID_BYTES` once encoded. A ``TypeError`` too, as the
+    type check always raised."""
+
+
+class MessageTooLargeError(ConfigurationError):
+    """A message or record is larger than the medium stores in one message (the server's
+    ``max_payload``, headers included): refused before it was sent."""

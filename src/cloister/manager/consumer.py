@@ -14,23 +14,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
-from cloister.errors import BackendError, FencedError, WireFormatError
+from cloister.errors import BackendError, FencedError, InvalidIdError, WireFormatError
 from cloister.manager.claims import PartitionsFencedError
-from cloister.store.inbox import Inbox, InboxMessage
+from cloister.manager.state import Unstorable
+from cloister.store.inbox import Inbox, InboxMessage, check_worker_id
 
 log = logging.getLogger("cloister.manager.consumer")
 
 _YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
-BeforeAck = Callable[[list[Any]], Awaitable[None]]
+BeforeAck = Callable[[list[Any]], Awaitable[Mapping[Any, Unstorable]]]
 """Called with the keys of a batch of records before they are acked (persist state).
+
+Returns the keys whose state could not be stored (too large, not encodable): their
+records that state included are parked as dead letters with the reason, not acked.
 
 :class:`~cloister.errors.FencedError`: none of them may be acked;
 :class:`~cloister.manager.claims.PartitionsFencedError`: the partitions it names were
@@ -252,7 +256,12 @@ class PartitionConsumers:
             try:
                 if self._before_ack is not None:
                     try:
-                        await self._before_ack([key for _, _, key in batch if key is not None])
+                        unstorable = await self._before_ack(
+                            [key for _, _, key in batch if key is not None]
+                        )
+                        if unstorable:
+                            batch, parked = self._park_unstorable(batch, unstorable)
+                            settled -= parked
                     except PartitionsFencedError as exc:
                         # Those partitions are abandoned (their acks are dropped below);
                         # the others' state was stored, unless the medium failed too.
@@ -301,6 +310,27 @@ class PartitionConsumers:
                 if not self._to_ack:
                     self._acks_sent.set()
 
+    def _park_unstorable(
+        self, batch: list[tuple[LogConsumer, LogRecord, Any]], unstorable: Mapping[Any, Unstorable]
+    ) -> tuple[list[tuple[LogConsumer, LogRecord, Any]], int]:
+        """Take out of ``batch`` the records whose effect was in a state that could not
+        be stored, and park them (each is acked once parked); the rest is acked now."""
+        kept: list[tuple[LogConsumer, LogRecord, Any]] = []
+        parked = 0
+        for consumer, record, key in batch:
+            report = None if key is None else unstorable.get(key)
+            if report is None or not report.after < record.sequence <= report.upto:
+                kept.append((consumer, record, key))
+                continue
+            try:
+                message = self.inbox.decode(record)
+            except WireFormatError:  # it was decoded once: cannot happen, park it raw
+                self._supervisor.spawn(self._park(consumer, record, report.reason), "park")
+            else:
+                self._supervisor.spawn(self.park(consumer, message, report.reason, 1), "park")
+            parked += 1
+        return kept, parked
+
     def _held(
         self, acks: list[tuple[LogConsumer, LogRecord, Any]]
     ) -> list[tuple[LogConsumer, LogRecord, Any]]:
@@ -341,7 +371,7 @@ class PartitionConsumers:
         """Deliver a fetched batch, yielding to the event loop every few milliseconds: on
         ``executor="loop"`` callbacks run inside ``deliver``, and renewals must not wait
         for a whole batch of them."""
-        decode, deliver = self.inbox.decode, self._deliver
+        decode, deliver, misplaced = self.inbox.decode, self._deliver, self._misplaced
         delivered = 0
         began = time.monotonic()
         try:
@@ -354,6 +384,10 @@ class PartitionConsumers:
                         self._park(consumer, record, f"undecodable: {exc}"), "park"
                     )
                     continue
+                reason = misplaced(message)
+                if reason is not None:
+                    self._supervisor.spawn(self.park(consumer, message, reason, 0), "park")
+                    continue
                 deliver(message, consumer)
                 if not delivered % 16 and time.monotonic() - began > _YIELD_AFTER:
                     await asyncio.sleep(0)
@@ -363,6 +397,25 @@ class PartitionConsumers:
             # flight here (their next consumer gets them).
             self._done(len(records) - delivered)
             raise
+
+    def _misplaced(self, message: InboxMessage) -> str | None:
+        """Why a decoded record must not reach a worker (None: it may). Its key must be a
+        valid id exactly as stored — ``8.0`` or ``True`` is no worker's id, never coerced
+        to ``8`` or ``1`` — and belong to the partition the record is in (a record put
+        elsewhere by a foreign producer would otherwise wait for a worker that never
+        comes here, holding its place in ``max_in_flight``)."""
+        key = message.key
+        try:
+            check_worker_id(key)
+        except InvalidIdError as exc:
+            return f"invalid worker id: {exc}"
+        expected = self.inbox.partition_of(key)
+        if expected != message.record.partition:
+            return (
+                f"wrong partition: the record is in partition {message.record.partition}, "
+                f"its worker id belongs to partition {expected}"
+            )
+        return None
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)
