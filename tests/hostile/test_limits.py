@@ -270,3 +270,25 @@ async def test_nats_a_state_outgrowing_max_payload_is_that_workers_problem(
         await still_handles(manager, "b")
         assert (await manager.call("b", "?"))[1] == 1003  # from the last state stored
         await still_handles(manager, 8)
+
+
+async def test_nats_a_broker_message_too_large_to_park_whole_is_parked_truncated(
+    nats_server: NatsServer,
+) -> None:
+    """A source's 2 MB message (RabbitMQ allows far more than NATS): the inbox refuses it
+    by size, and its dead letter keeps the reason and the start of the body instead of
+    failing to store — so the broker message is acked, not redelivered forever."""
+    async with AsyncExitStack() as stack:
+        nodes, manager = await one_node(stack, nats_server.url)
+        body = b"{" + b"x" * 2_000_000
+        with pytest.raises(MessageTooLargeError):
+            await manager.inbox.put("a", body)
+        letter = await manager.inbox.park_raw(
+            body, "the inbox refused it: too large", source="rabbit", meta={"h": "v"}
+        )
+        (stored,) = [x for x in await manager.dead_letters() if x.id == letter.id]
+        assert stored.source == "rabbit" and stored.raw is not None
+        assert 0 < len(stored.raw) < len(body) and body.startswith(stored.raw)
+        assert "too large" in stored.reason and str(len(body)) in stored.reason
+        assert not nodes.clusters["a"].crashed
+        await still_handles(manager)
