@@ -250,6 +250,8 @@ async def test_nats_a_cast_at_max_payload_is_refused_and_the_connection_lives(
         for size in (limit - 70, limit - 10, limit + 10):
             with pytest.raises(MessageTooLargeError, match="max_payload"):
                 await manager.cast("b", b"z" * size)
+        with pytest.raises(MessageTooLargeError):
+            await manager.put("huge", payload=b"z" * limit)  # its spec record: refused too
         fits = limit - HEADROOM - 64  # the record's framing and key are a few bytes
         await manager.cast("b", ["big", 0], msg_id="m" * MAX_MSG_ID_BYTES)
         await manager.inbox.put("b", b"z" * fits)

@@ -20,10 +20,10 @@ from typing import Any
 from cloister._backoff import Backoff
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
-from cloister.errors import BackendError, FencedError, InvalidIdError, WireFormatError
+from cloister.errors import BackendError, FencedError, WireFormatError
 from cloister.manager.claims import PartitionsFencedError
 from cloister.manager.state import Unstorable
-from cloister.store.inbox import Inbox, InboxMessage, check_worker_id
+from cloister.store.inbox import Inbox, InboxMessage
 
 log = logging.getLogger("cloister.manager.consumer")
 
@@ -371,7 +371,7 @@ class PartitionConsumers:
         """Deliver a fetched batch, yielding to the event loop every few milliseconds: on
         ``executor="loop"`` callbacks run inside ``deliver``, and renewals must not wait
         for a whole batch of them."""
-        decode, deliver, misplaced = self.inbox.decode, self._deliver, self._misplaced
+        decode, deliver, misplaced = self.inbox.decode, self._deliver, self.inbox.misplaced
         delivered = 0
         began = time.monotonic()
         try:
@@ -397,25 +397,6 @@ class PartitionConsumers:
             # flight here (their next consumer gets them).
             self._done(len(records) - delivered)
             raise
-
-    def _misplaced(self, message: InboxMessage) -> str | None:
-        """Why a decoded record must not reach a worker (None: it may). Its key must be a
-        valid id exactly as stored — ``8.0`` or ``True`` is no worker's id, never coerced
-        to ``8`` or ``1`` — and belong to the partition the record is in (a record put
-        elsewhere by a foreign producer would otherwise wait for a worker that never
-        comes here, holding its place in ``max_in_flight``)."""
-        key = message.key
-        try:
-            check_worker_id(key)
-        except InvalidIdError as exc:
-            return f"invalid worker id: {exc}"
-        expected = self.inbox.partition_of(key)
-        if expected != message.record.partition:
-            return (
-                f"wrong partition: the record is in partition {message.record.partition}, "
-                f"its worker id belongs to partition {expected}"
-            )
-        return None
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)

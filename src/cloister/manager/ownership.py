@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cloister import wire
 from cloister.backends import Guard
 from cloister.backends.base import HEADROOM
 from cloister.cluster.core import SuspendReason
@@ -506,7 +507,8 @@ class ShardRegion:
         worker = self.engine.workers.get(worker_id)
         if isinstance(worker, Worker):
             if previous is not None and previous.has_payload:
-                worker.payload = previous.payload
+                # a copy: the mirror must stay what is stored, whatever the worker does
+                worker.payload = wire.decode(wire.encode(previous.payload))
             else:
                 worker.payload = worker.spec.payload
 

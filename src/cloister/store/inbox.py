@@ -63,6 +63,11 @@ def check_worker_id(worker_id: Any) -> Any:
         key_hash(worker_id)
     except TypeError as exc:
         raise InvalidIdError(f"worker id {_short(worker_id)}: {exc}") from None
+    return _check_encoded(worker_id)
+
+
+def _check_encoded(worker_id: Any) -> Any:
+    """:func:`check_worker_id` for an id the ring already placed: its wire size."""
     kind = type(worker_id)
     if kind is str and len(worker_id) <= MAX_ID_BYTES - 8 and worker_id.isascii():
         return worker_id  # the common case, without encoding it
@@ -153,6 +158,24 @@ class Inbox:
         )
         self.dead = await self.backend.kv(f"dead-{self.name}")
 
+    def misplaced(self, message: InboxMessage) -> str | None:
+        """Why a decoded record must not reach a worker (None: it may). Its key must be a
+        valid id exactly as stored — ``8.0`` or ``True`` is no worker's id, never coerced
+        to ``8`` or ``1`` — and belong to the partition the record is in (a record put
+        elsewhere by a foreign producer would wait for a worker that never comes there)."""
+        key = message.key
+        try:
+            expected = self.partition_of(key)
+            _check_encoded(key)
+        except InvalidIdError as exc:
+            return f"invalid worker id: {exc}"
+        if expected != message.record.partition:
+            return (
+                f"wrong partition: the record is in partition {message.record.partition}, "
+                f"its worker id belongs to partition {expected}"
+            )
+        return None
+
     def partition_of(self, key: Any) -> int:
         """The partition a key's messages go to (the same in every process).
 
@@ -189,8 +212,8 @@ class Inbox:
                 raise ConfigurationError(
                     f"msg_id {_short(msg_id)} is longer than {MAX_MSG_ID_BYTES} bytes"
                 )
-        check_worker_id(key)
-        partition = self.partition_of(key)
+        partition = self.partition_of(key)  # the type check: what the ring can place
+        _check_encoded(key)
         data = wire.encode([key, message, msg_id])
         limit = self.max_record
         if limit is not None:
@@ -292,9 +315,16 @@ class Inbox:
             "reason": f"{str(fields['reason'])[:1000]} (dead letter {why}: message dropped, "
             f"first {len(kept)} of {len(body)} raw bytes kept)",
         }
-        meta = fields.get("meta")
-        if meta is not None and len(wire.encode(meta)) > 4096:
-            fields["meta"] = None
+        msg_id = fields.get("msg_id")
+        if not isinstance(msg_id, str) or len(msg_id) > MAX_MSG_ID_BYTES:
+            fields["msg_id"] = None
+        if fields.get("meta") is not None:
+            try:
+                small = len(wire.encode(fields["meta"])) <= 4096
+            except WireFormatError:
+                small = False
+            if not small:
+                fields["meta"] = None
         return wire.encode(fields)
 
     async def park_raw(
