@@ -301,3 +301,27 @@ async def test_nats_a_broker_message_too_large_to_park_whole_is_parked_truncated
         assert 0 < len(stored.raw) < len(body) and body.startswith(stored.raw)
         assert "too large" in stored.reason and str(len(body)) in stored.reason
         await survived(nodes, manager)
+
+
+async def test_bad_state_records_do_not_stop_a_node_from_starting() -> None:
+    """Records a foreign writer left in the state bucket: an id that is a float, a list
+    (unhashable), a spec that does not validate, a watermark that is no number."""
+    async with AsyncExitStack() as stack:
+        nodes, manager = await one_node(stack, memory_url())
+        kv = manager._region.table.kv  # type: ignore[union-attr]
+        bad = [
+            {"id": 8.0, "payload": 99, "has_payload": True},
+            {"id": [1, 2], "spec": {}},
+            {"id": "c", "spec": {"timeout": "soon"}},
+            {"id": "d", "payload": 1, "has_payload": True, "w": "x"},
+        ]
+        for n, record in enumerate(bad):
+            await kv.put(f"wbad{n}", wire.encode(record))
+        second = await nodes.start_manager("b", Sink)
+        await eventually(
+            lambda: len(manager) + len(second) == len(IDS), 15, "the workers shared out"
+        )
+        assert second._region.table.bad_records >= 2  # type: ignore[union-attr]
+        for node in (manager, second):
+            await still_handles(node, 8)
+        assert (await manager.call(8, "?"))[1] == 2000  # not the float record's 99

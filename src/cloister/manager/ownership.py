@@ -31,7 +31,13 @@ from cloister.backends.base import HEADROOM
 from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
-from cloister.errors import CloisterError, FencedError, NotOwnerError, WireFormatError
+from cloister.errors import (
+    CloisterError,
+    ConfigurationError,
+    FencedError,
+    NotOwnerError,
+    WireFormatError,
+)
 from cloister.manager.claims import Claims, PartitionsFencedError
 from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Engine
@@ -193,7 +199,11 @@ class ShardRegion:
             if stored.deleted:
                 specs.pop(worker_id, None)
             elif stored.spec is not None:
-                specs[worker_id] = make_spec(worker_id, stored.spec)
+                try:
+                    specs[worker_id] = make_spec(worker_id, stored.spec)
+                except ConfigurationError as exc:  # written by a foreign or older writer
+                    self.table.bad_records += 1
+                    log.warning("ignoring the stored spec of worker %r: %s", worker_id, exc)
 
     def reachable(self) -> bool:
         """The cluster can still write (not crashed, not stopping)."""

@@ -29,8 +29,15 @@ from typing import Any, Protocol
 
 from cloister import wire
 from cloister.backends import Guard, KeyValue
-from cloister.errors import FencedError, FencedWriteError, MessageTooLargeError, WireFormatError
+from cloister.errors import (
+    FencedError,
+    FencedWriteError,
+    InvalidIdError,
+    MessageTooLargeError,
+    WireFormatError,
+)
 from cloister.manager.claims import PartitionsFencedError, is_claim_key
+from cloister.store.inbox import check_worker_id
 from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
@@ -73,13 +80,16 @@ class Stored:
         spec = message.get("spec")
         if spec is not None and not isinstance(spec, dict):
             raise WireFormatError("stored worker: spec should be a map or None")
+        watermark = message.get("w") or 0
+        if isinstance(watermark, bool) or not isinstance(watermark, int) or watermark < 0:
+            raise WireFormatError(f"stored worker: w should be an int >= 0, got {watermark!r:.40}")
         return cls(
             id=message["id"],
             spec=spec,
             payload=message.get("payload"),
             has_payload=bool(message.get("has_payload")),
             deleted=bool(message.get("deleted")),
-            watermark=int(message.get("w") or 0),
+            watermark=watermark,
         )
 
 
@@ -159,8 +169,10 @@ class StateTable:
 
     def _decode(self, data: bytes) -> Stored | None:
         try:
-            return Stored.decode(data)
-        except WireFormatError as exc:
+            stored = Stored.decode(data)
+            check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
+            return stored
+        except (WireFormatError, InvalidIdError) as exc:
             self.bad_records += 1
             log.warning("ignoring a malformed stored worker: %s", exc)
             return None
