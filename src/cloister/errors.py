@@ -120,3 +120,15 @@ class NodeDiedError(CloisterError):
     """A node stopped on its own: its connection to the medium closed for good, or a task
     it cannot live without (heartbeat, control loop, watches) ended. Its records expire
     on their TTL; restart the process (``cloister node``/``run`` exit non-zero with it)."""
+
+
+class InvalidIdError(ConfigurationError, TypeError):
+    """A worker id the cluster cannot carry: of a type the ring cannot place (anything but
+    str, bytes, int and tuples of them), not encodable, or longer than
+    :data:`cloister.store.inbox.MAX_ID_BYTES` once encoded. A ``TypeError`` too, as the
+    type check always raised."""
+
+
+class MessageTooLargeError(ConfigurationError):
+    """A message or record is larger than the medium stores in one message (the server's
+    ``max_payload``, headers included): refused before it was sent."""

@@ -295,6 +295,11 @@ class Subscription(ABC):
         """Stop delivering messages to this subscription's handler."""
 
 
+#: Bytes of a medium's ``max_payload`` kept for its own headers (stream name, expected
+#: sequences, batch ids), besides those a caller adds (a message id).
+HEADROOM = 512
+
+
 class Backend(ABC):
     """One node's connection to one cluster's shared medium."""
 
@@ -312,6 +317,13 @@ class Backend(ABC):
         A node whose renewals fail for up to this long pauses its work but keeps its keys
         (see ``Cluster``); 0 for a medium that does not elect."""
         return 0.0
+
+    @property
+    def max_payload(self) -> int | None:
+        """The most bytes one message to the medium may have, headers included (NATS: the
+        server's ``max_payload``); None: no limit known. Callers keep
+        :data:`HEADROOM` bytes of it for the medium's own headers and subject."""
+        return None
 
     @abstractmethod
     async def connect(self) -> None:

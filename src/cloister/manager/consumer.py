@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cloister._backoff import Backoff
@@ -22,6 +22,7 @@ from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, FencedError, WireFormatError
 from cloister.manager.claims import PartitionsFencedError
+from cloister.manager.state import Unstorable
 from cloister.store.inbox import Inbox, InboxMessage
 
 log = logging.getLogger("cloister.manager.consumer")
@@ -29,8 +30,11 @@ log = logging.getLogger("cloister.manager.consumer")
 _YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
-BeforeAck = Callable[[list[Any]], Awaitable[None]]
+BeforeAck = Callable[[list[Any]], Awaitable[Mapping[Any, Unstorable]]]
 """Called with the keys of a batch of records before they are acked (persist state).
+
+Returns the keys whose state could not be stored (too large, not encodable): their
+records that state included are parked as dead letters with the reason, not acked.
 
 :class:`~cloister.errors.FencedError`: none of them may be acked;
 :class:`~cloister.manager.claims.PartitionsFencedError`: the partitions it names were
@@ -252,7 +256,12 @@ class PartitionConsumers:
             try:
                 if self._before_ack is not None:
                     try:
-                        await self._before_ack([key for _, _, key in batch if key is not None])
+                        unstorable = await self._before_ack(
+                            [key for _, _, key in batch if key is not None]
+                        )
+                        if unstorable:
+                            batch, parked = self._park_unstorable(batch, unstorable)
+                            settled -= parked
                     except PartitionsFencedError as exc:
                         # Those partitions are abandoned (their acks are dropped below);
                         # the others' state was stored, unless the medium failed too.
@@ -301,6 +310,27 @@ class PartitionConsumers:
                 if not self._to_ack:
                     self._acks_sent.set()
 
+    def _park_unstorable(
+        self, batch: list[tuple[LogConsumer, LogRecord, Any]], unstorable: Mapping[Any, Unstorable]
+    ) -> tuple[list[tuple[LogConsumer, LogRecord, Any]], int]:
+        """Take out of ``batch`` the records whose effect was in a state that could not
+        be stored, and park them (each is acked once parked); the rest is acked now."""
+        kept: list[tuple[LogConsumer, LogRecord, Any]] = []
+        parked = 0
+        for consumer, record, key in batch:
+            report = None if key is None else unstorable.get(key)
+            if report is None or not report.after < record.sequence <= report.upto:
+                kept.append((consumer, record, key))
+                continue
+            try:
+                message = self.inbox.decode(record)
+            except WireFormatError:  # it was decoded once: cannot happen, park it raw
+                self._supervisor.spawn(self._park(consumer, record, report.reason), "park")
+            else:
+                self._supervisor.spawn(self.park(consumer, message, report.reason, 1), "park")
+            parked += 1
+        return kept, parked
+
     def _held(
         self, acks: list[tuple[LogConsumer, LogRecord, Any]]
     ) -> list[tuple[LogConsumer, LogRecord, Any]]:
@@ -341,7 +371,7 @@ class PartitionConsumers:
         """Deliver a fetched batch, yielding to the event loop every few milliseconds: on
         ``executor="loop"`` callbacks run inside ``deliver``, and renewals must not wait
         for a whole batch of them."""
-        decode, deliver = self.inbox.decode, self._deliver
+        decode, deliver, misplaced = self.inbox.decode, self._deliver, self.inbox.misplaced
         delivered = 0
         began = time.monotonic()
         try:
@@ -353,6 +383,10 @@ class PartitionConsumers:
                     self._supervisor.spawn(
                         self._park(consumer, record, f"undecodable: {exc}"), "park"
                     )
+                    continue
+                reason = misplaced(message)
+                if reason is not None:
+                    self._supervisor.spawn(self.park(consumer, message, reason, 0), "park")
                     continue
                 deliver(message, consumer)
                 if not delivered % 16 and time.monotonic() - began > _YIELD_AFTER:

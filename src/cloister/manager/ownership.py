@@ -25,17 +25,25 @@ from collections.abc import Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cloister import wire
 from cloister.backends import Guard
+from cloister.backends.base import HEADROOM
 from cloister.cluster.core import SuspendReason
 from cloister.cluster.placement import Placement
 from cloister.cluster.states import State
-from cloister.errors import CloisterError, FencedError, NotOwnerError, WireFormatError
+from cloister.errors import (
+    CloisterError,
+    ConfigurationError,
+    FencedError,
+    NotOwnerError,
+    WireFormatError,
+)
 from cloister.manager.claims import Claims, PartitionsFencedError
 from cloister.manager.consumer import PartitionConsumers
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
 from cloister.manager.spec import make_spec
-from cloister.manager.state import StateTable, Stored
+from cloister.manager.state import StateTable, Stored, Unstorable
 from cloister.manager.types import Key, ManagerCounters, Reason
 from cloister.manager.watchdog import Watchdog
 from cloister.manager.worker import GONE, Message, Worker
@@ -147,7 +155,9 @@ class ShardRegion:
         cluster, options, engine = self.cluster, self.options, self.engine
         kv = await cluster.backend.kv(f"mgr-{options.name}")
         self.claims = Claims(kv, cluster.node)  # in the state's bucket: one guarded write
-        self.table = StateTable(kv, self)
+        limit = cluster.backend.max_payload
+        self.table = StateTable(kv, self, max_value=None if limit is None else limit - HEADROOM)
+        self.table.on_unstorable = self._unstorable
         await self.table.load()
         self.merge_table()
         engine.ports.mark = self.table.mark
@@ -189,7 +199,11 @@ class ShardRegion:
             if stored.deleted:
                 specs.pop(worker_id, None)
             elif stored.spec is not None:
-                specs[worker_id] = make_spec(worker_id, stored.spec)
+                try:
+                    specs[worker_id] = make_spec(worker_id, stored.spec)
+                except ConfigurationError as exc:  # written by a foreign or older writer
+                    self.table.bad_records += 1
+                    log.warning("ignoring the stored spec of worker %r: %s", worker_id, exc)
 
     def reachable(self) -> bool:
         """The cluster can still write (not crashed, not stopping)."""
@@ -497,7 +511,18 @@ class ShardRegion:
     def _lease_valid(self) -> bool:
         return time.monotonic() < self.cluster.lease.lease_until
 
-    async def _store_before_ack(self, keys: list[Any]) -> None:
+    def _unstorable(self, worker_id: Key, previous: Stored | None) -> None:
+        """A worker's payload could not be stored: it goes on from the one last stored
+        (or its spec's), so its next state is not built on one that cannot be kept."""
+        worker = self.engine.workers.get(worker_id)
+        if isinstance(worker, Worker):
+            if previous is not None and previous.has_payload:
+                # a copy: the mirror must stay what is stored, whatever the worker does
+                worker.payload = wire.decode(wire.encode(previous.payload))
+            else:
+                worker.payload = worker.spec.payload
+
+    async def _store_before_ack(self, keys: list[Any]) -> dict[Any, Unstorable]:
         """Store the payloads a batch of acks vouches for — only while the lease is valid:
         a node past its lease may have lost these keys, and its payloads are stale.
 
@@ -517,6 +542,10 @@ class ShardRegion:
             if self.consumers is not None:
                 self.consumers.abandon(set(exc.partitions) & self.consumers.held_or_wanted)
             raise
+        table = self.table
+        if not table.unstorable:
+            return {}
+        return {k: u for k in set(keys) if (u := table.take_unstorable(k)) is not None}
 
     async def _flush_loop(self) -> None:
         assert self.table is not None

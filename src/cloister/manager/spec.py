@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloister.errors import ConfigurationError
-from cloister.ring import key_hash
+from cloister.store.inbox import check_worker_id
 
 FIELDS = ("payload", "timeout", "lull", "instant_perform")
 
@@ -96,9 +96,7 @@ def _validate(worker_id: Any, fields: Any) -> Spec:
 
 
 def check_id(worker_id: Any) -> Any:
-    """Refuse ids the ring cannot place (anything but str, bytes, int and tuples of them)."""
-    try:
-        key_hash(worker_id)
-    except TypeError as exc:
-        raise TypeError(f"worker id {worker_id!r}: {exc}") from None
-    return worker_id
+    """Refuse ids the cluster cannot carry: anything but str, bytes, int and tuples of
+    them, or longer than ``MAX_ID_BYTES`` encoded (:class:`InvalidIdError`, a
+    ``TypeError`` and a ``ConfigurationError``)."""
+    return check_worker_id(worker_id)

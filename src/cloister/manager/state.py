@@ -23,13 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloister import wire
 from cloister.backends import Guard, KeyValue
-from cloister.errors import FencedError, FencedWriteError, WireFormatError
+from cloister.errors import (
+    FencedError,
+    FencedWriteError,
+    InvalidIdError,
+    MessageTooLargeError,
+    WireFormatError,
+)
 from cloister.manager.claims import PartitionsFencedError, is_claim_key
+from cloister.store.inbox import check_worker_id
 from cloister.store.keys import encode_key
 
 log = logging.getLogger("cloister.manager.state")
@@ -72,13 +80,16 @@ class Stored:
         spec = message.get("spec")
         if spec is not None and not isinstance(spec, dict):
             raise WireFormatError("stored worker: spec should be a map or None")
+        watermark = message.get("w") or 0
+        if isinstance(watermark, bool) or not isinstance(watermark, int) or watermark < 0:
+            raise WireFormatError(f"stored worker: w should be an int >= 0, got {watermark!r:.40}")
         return cls(
             id=message["id"],
             spec=spec,
             payload=message.get("payload"),
             has_payload=bool(message.get("has_payload")),
             deleted=bool(message.get("deleted")),
-            watermark=int(message.get("w") or 0),
+            watermark=watermark,
         )
 
 
@@ -100,15 +111,38 @@ class UnclaimedError(FencedError):
     node was fenced): refused here, before it reaches the medium."""
 
 
-class StateTable:
-    """Mirror of the bucket plus a write-behind queue of replaced payloads."""
+@dataclass(frozen=True, slots=True)
+class Unstorable:
+    """A worker's payload that could not be stored (not encodable, or larger than the
+    medium stores): the inbox records of sequences ``after < seq <= upto`` it included
+    are that worker's problem — parked as dead letters, not acked as if stored."""
 
-    def __init__(self, kv: KeyValue, fencing: Fencing | None = None) -> None:
+    after: int
+    upto: int
+    reason: str
+
+
+class StateTable:
+    """Mirror of the bucket plus a write-behind queue of replaced payloads.
+
+    A record that cannot be stored (``max_value``, not encodable) is never written nor
+    retried: it is dropped from the queue, the stored record stays as it was, and the
+    worker is reported (``unstorable``, ``on_unstorable``) — one worker's oversized state
+    never holds up the others' writes or acks.
+    """
+
+    def __init__(
+        self, kv: KeyValue, fencing: Fencing | None = None, *, max_value: int | None = None
+    ) -> None:
         self.kv = kv
         self.fencing = fencing
+        self.max_value = max_value
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
+        self.unstorable: dict[Any, Unstorable] = {}
+        self.unstorable_records = 0
+        self.on_unstorable: Callable[[Any, Stored | None], None] | None = None
         # One write at a time: two flushes in flight could land an older payload of a key
         # after a newer one, and the older one would win.
         self._writing = asyncio.Lock()
@@ -135,8 +169,10 @@ class StateTable:
 
     def _decode(self, data: bytes) -> Stored | None:
         try:
-            return Stored.decode(data)
-        except WireFormatError as exc:
+            stored = Stored.decode(data)
+            check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
+            return stored
+        except (WireFormatError, InvalidIdError) as exc:
             self.bad_records += 1
             log.warning("ignoring a malformed stored worker: %s", exc)
             return None
@@ -158,13 +194,49 @@ class StateTable:
                         f"worker {stored.id!r}: this node holds no claim on partition "
                         f"{partition}; its record was not written (the owner writes it)"
                     )
+            data = stored.encode()
+            if self.max_value is not None and len(data) > self.max_value:
+                raise MessageTooLargeError(
+                    f"worker {stored.id!r:.80}: its record is {len(data)} bytes encoded, more "
+                    f"than the {self.max_value} the medium stores in one message"
+                )
             try:
-                await self.kv.put(storage_key(stored.id), stored.encode(), guard=guard)
+                await self.kv.put(storage_key(stored.id), data, guard=guard)
             except FencedWriteError:
                 assert guard is not None and self.fencing is not None
                 self.fencing.refused(partition, guard, 1)
                 raise
             self.mirror[stored.id] = stored
+
+    def _encoded(self, stored: Stored) -> bytes | None:
+        """The record's bytes, or None (reported) when it cannot be stored."""
+        try:
+            data = stored.encode()
+        except WireFormatError as exc:
+            why = f"its payload cannot be encoded ({exc})"
+        else:
+            if self.max_value is None or len(data) <= self.max_value:
+                return data
+            why = (
+                f"its record is {len(data)} bytes encoded, more than the {self.max_value} "
+                "the medium stores in one message"
+            )
+        previous = self.mirror.get(stored.id)
+        after = 0 if previous is None else previous.watermark
+        reason = f"state of worker {stored.id!r:.80} not stored: {why}; kept the previous one"
+        known = self.unstorable.get(stored.id)
+        if known is not None:
+            after = min(after, known.after)
+        self.unstorable[stored.id] = Unstorable(after, max(stored.watermark, after), reason)
+        self.unstorable_records += 1
+        log.warning("%s", reason)
+        if self.on_unstorable is not None:
+            self.on_unstorable(stored.id, previous)
+        return None
+
+    def take_unstorable(self, worker_id: Any) -> Unstorable | None:
+        """The unstorable report of ``worker_id``, forgotten once taken."""
+        return self.unstorable.pop(worker_id, None)
 
     def mark(self, stored: Stored) -> None:
         """Queue a replaced payload for the next flush."""
@@ -202,8 +274,11 @@ class StateTable:
             if guard is None:
                 unclaimed.add(partition)  # not ours (any more): dropped, never written
                 continue
+            data = self._encoded(stored)
+            if data is None:
+                continue
             key = storage_key(worker_id)
-            items[key], guards[key], pending[key] = stored.encode(), guard, stored
+            items[key], guards[key], pending[key] = data, guard, stored
             covered.setdefault(guard.key, (partition, guard, []))[2].append(key)
         fenced: set[int] = set()
         cause: FencedError | None = None
@@ -242,11 +317,18 @@ class StateTable:
             raise unavailable
 
     async def _put_batch(self, batch: dict[Any, Stored]) -> None:
+        items = {}
+        for worker_id, stored in list(batch.items()):
+            data = self._encoded(stored)
+            if data is None:
+                del batch[worker_id]
+            else:
+                items[storage_key(stored.id)] = data
+        if not items:
+            return
         try:
             # One batch (atomic where the backend can): a round trip, not one per worker.
-            await self.kv.put_many(
-                {storage_key(stored.id): stored.encode() for stored in batch.values()}
-            )
+            await self.kv.put_many(items)
             self.mirror.update(batch)
         except BaseException:
             for worker_id, stored in batch.items():  # keep what was not written

@@ -17,6 +17,7 @@ source could not turn into an inbox message are parked in the same bucket
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -25,10 +26,69 @@ from typing import Any
 
 from cloister import wire
 from cloister.backends import Backend, KeyValue, Log, LogRecord
-from cloister.errors import CloisterError, ConfigurationError, WireFormatError
+from cloister.backends.base import HEADROOM
+from cloister.errors import (
+    CloisterError,
+    ConfigurationError,
+    InvalidIdError,
+    MessageTooLargeError,
+    WireFormatError,
+)
 from cloister.ring import key_hash
 
+log = logging.getLogger("cloister.store.inbox")
+
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_=-]")
+
+#: The longest worker id, in bytes of its wire (msgpack) encoding. An id travels inside
+#: records, and as a bucket key — ``w`` + base64url of those bytes, 4/3 as long — in the
+#: subject of every state write: 1 KiB encoded is a subject token of at most 1,366
+#: characters, well inside NATS's 4 KiB control line (a 10,000-character id made the
+#: server close the connection), and leaves most of ``max_payload`` to the message.
+MAX_ID_BYTES = 1024
+#: The longest message id (``msg_id``), in UTF-8 bytes: it travels as a header.
+MAX_MSG_ID_BYTES = 256
+#: How much of a dead letter's raw body is kept when the whole would not fit the medium.
+_RAW_KEPT = 64 * 1024
+
+
+def check_worker_id(worker_id: Any) -> Any:
+    """``worker_id`` if the cluster can carry it, else :class:`InvalidIdError` saying why.
+
+    The ring places str, bytes, int and tuples of them (no bool, no float: ``8.0`` is not
+    the id ``8``); ints must fit 64 bits and strs be valid Unicode (the wire carries them),
+    and the encoded id may not exceed :data:`MAX_ID_BYTES`.
+    """
+    try:
+        key_hash(worker_id)
+    except TypeError as exc:
+        raise InvalidIdError(f"worker id {_short(worker_id)}: {exc}") from None
+    return _check_encoded(worker_id)
+
+
+def _check_encoded(worker_id: Any) -> Any:
+    """:func:`check_worker_id` for an id the ring already placed: its wire size."""
+    kind = type(worker_id)
+    if kind is str and len(worker_id) <= MAX_ID_BYTES - 8 and worker_id.isascii():
+        return worker_id  # the common case, without encoding it
+    if kind is int and -(2**63) <= worker_id < 2**64:
+        return worker_id
+    try:
+        size = len(wire.encode(worker_id))
+    except WireFormatError as exc:
+        raise InvalidIdError(f"worker id {_short(worker_id)} cannot be encoded: {exc}") from None
+    if size > MAX_ID_BYTES:
+        raise InvalidIdError(
+            f"worker id {_short(worker_id)} is {size} bytes encoded; the limit is "
+            f"{MAX_ID_BYTES} (ids travel in subjects and headers): use a shorter id, or a "
+            "hash of it"
+        )
+    return worker_id
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} chars)"
 
 
 class BackPressureError(CloisterError, TimeoutError):
@@ -86,6 +146,7 @@ class Inbox:
         self._room = asyncio.Event()
         self.log: Log | None = None
         self.dead: KeyValue | None = None
+        self.bad_letters = 0  # dead letters that could not be read (skipped, logged)
 
     async def open(self) -> None:
         """Open (creating if needed) the log and the dead-letter bucket."""
@@ -97,15 +158,40 @@ class Inbox:
         )
         self.dead = await self.backend.kv(f"dead-{self.name}")
 
+    def misplaced(self, message: InboxMessage) -> str | None:
+        """Why a decoded record must not reach a worker (None: it may). Its key must be a
+        valid id exactly as stored — ``8.0`` or ``True`` is no worker's id, never coerced
+        to ``8`` or ``1`` — and belong to the partition the record is in (a record put
+        elsewhere by a foreign producer would wait for a worker that never comes there)."""
+        key = message.key
+        try:
+            expected = self.partition_of(key)
+            _check_encoded(key)
+        except InvalidIdError as exc:
+            return f"invalid worker id: {exc}"
+        if expected != message.record.partition:
+            return (
+                f"wrong partition: the record is in partition {message.record.partition}, "
+                f"its worker id belongs to partition {expected}"
+            )
+        return None
+
     def partition_of(self, key: Any) -> int:
         """The partition a key's messages go to (the same in every process).
 
-        :class:`TypeError` for a key the ring cannot place (as ``check_id``).
+        :class:`InvalidIdError` (a ``TypeError``) for a key the ring cannot place.
         """
         try:
             return key_hash(key) % self.partitions
         except TypeError as exc:
-            raise TypeError(f"worker id {key!r}: {exc}") from None
+            raise InvalidIdError(f"worker id {_short(key)}: {exc}") from None
+
+    @property
+    def max_record(self) -> int | None:
+        """The most bytes one record may have, besides its message id (None: no limit):
+        the medium's ``max_payload`` less :data:`~cloister.backends.base.HEADROOM`."""
+        limit = self.backend.max_payload
+        return None if limit is None else limit - HEADROOM
 
     async def put(
         self, key: Any, message: Any, *, msg_id: str | None = None, timeout: float | None = 30.0
@@ -113,18 +199,37 @@ class Inbox:
         """Store ``message`` for ``key`` durably; returns its log sequence.
 
         Waits while this node already has ``max_in_flight`` puts outstanding, and raises
-        :class:`BackPressureError` after ``timeout`` seconds of waiting.
+        :class:`BackPressureError` after ``timeout`` seconds of waiting. Checked first:
+        the id (:func:`check_worker_id`), the ``msg_id`` (a str of at most
+        :data:`MAX_MSG_ID_BYTES`) and the record's size, headers included, against the
+        medium's ``max_payload`` (:class:`MessageTooLargeError`).
         """
-        log = self._require_log()
-        if msg_id is not None and not isinstance(msg_id, str):
-            raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
-        partition = self.partition_of(key)
+        log_ = self._require_log()
+        if msg_id is not None:
+            if not isinstance(msg_id, str):
+                raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
+            if len(msg_id.encode("utf-8", "surrogatepass")) > MAX_MSG_ID_BYTES:
+                raise ConfigurationError(
+                    f"msg_id {_short(msg_id)} is longer than {MAX_MSG_ID_BYTES} bytes"
+                )
+        partition = self.partition_of(key)  # the type check: what the ring can place
+        _check_encoded(key)
         data = wire.encode([key, message, msg_id])
+        limit = self.max_record
+        if limit is not None:
+            size = len(data) + (0 if msg_id is None else len(msg_id.encode()))
+            if size > limit:
+                raise MessageTooLargeError(
+                    f"message for worker {_short(key)} is {size} bytes encoded; the medium "
+                    f"stores at most {limit} ({limit + HEADROOM} max_payload less {HEADROOM} "
+                    "for headers): send a smaller message, or store the bulk elsewhere and "
+                    "cast a reference"
+                )
         if self._producing >= self.max_in_flight:
             await self._wait_for_room(timeout)
         self._producing += 1
         try:
-            return await log.append(partition, data, msg_id=msg_id)
+            return await log_.append(partition, data, msg_id=msg_id)
         finally:
             self._producing -= 1
             if self._producing == self.max_in_flight - 1:  # it was full: wake a waiter
@@ -173,21 +278,54 @@ class Inbox:
             at=time.time(),
         )
         raw = None if decoded is not None else record.data
-        await dead.put(
-            letter.id,
-            wire.encode(
-                {
-                    "key": letter.key,
-                    "message": letter.message,
-                    "msg_id": letter.msg_id,
-                    "reason": reason,
-                    "attempts": attempts,
-                    "at": letter.at,
-                    "raw": raw,
-                }
-            ),
-        )
+        fields = {
+            "key": letter.key,
+            "message": letter.message,
+            "msg_id": letter.msg_id,
+            "reason": reason,
+            "attempts": attempts,
+            "at": letter.at,
+            "raw": raw,
+        }
+        await dead.put(letter.id, self._letter_bytes(fields, record.data))
         return letter
+
+    def _letter_bytes(self, fields: dict[str, Any], body: bytes) -> bytes:
+        """The encoded dead letter, or — when it cannot be encoded or would not fit the
+        medium — one without its message, keeping the first bytes of ``body`` (the
+        reason says so): a poison message is parked in any case, never redelivered
+        forever because its dead letter is too large."""
+        limit = self.max_record
+        try:
+            data = wire.encode(fields)
+        except WireFormatError as exc:
+            why = f"not encodable: {exc}"
+        else:
+            if limit is None or len(data) <= limit:
+                return data
+            why = f"{len(data)} bytes, more than the {limit} the medium stores"
+        room = _RAW_KEPT if limit is None else max(0, min(_RAW_KEPT, limit // 2))
+        kept = bytes(body[:room])
+        fields = {
+            **fields,
+            "key": fields["key"] if _encodable_id(fields["key"]) else None,
+            "message": None,
+            "raw": kept,
+            "truncated": len(body),
+            "reason": f"{str(fields['reason'])[:1000]} (dead letter {why}: message dropped, "
+            f"first {len(kept)} of {len(body)} raw bytes kept)",
+        }
+        msg_id = fields.get("msg_id")
+        if not isinstance(msg_id, str) or len(msg_id) > MAX_MSG_ID_BYTES:
+            fields["msg_id"] = None
+        if fields.get("meta") is not None:
+            try:
+                small = len(wire.encode(fields["meta"])) <= 4096
+            except WireFormatError:
+                small = False
+            if not small:
+                fields["meta"] = None
+        return wire.encode(fields)
 
     async def park_raw(
         self,
@@ -229,7 +367,7 @@ class Inbox:
             "source": source,
             "meta": meta,
         }
-        await dead.put(letter.id, wire.encode(record))
+        await dead.put(letter.id, self._letter_bytes(record, letter.raw or b""))
         return letter
 
     async def discard(self, letter_id: str) -> None:
@@ -242,23 +380,10 @@ class Inbox:
         letters = []
         for name, entry in (await dead.entries()).items():
             try:
-                data = wire.decode_map(entry.value, "dead letter")
-            except WireFormatError:
-                continue
-            letters.append(
-                DeadLetter(
-                    id=name,
-                    key=data.get("key"),
-                    message=data.get("message"),
-                    msg_id=data.get("msg_id"),
-                    reason=str(data.get("reason", "")),
-                    attempts=int(data.get("attempts", 0)),
-                    at=float(data.get("at", 0.0)),
-                    raw=_bytes_or_none(data.get("raw")),
-                    source=_str_or_none(data.get("source")),
-                    meta=data["meta"] if isinstance(data.get("meta"), dict) else None,
-                )
-            )
+                letters.append(_read_letter(name, entry.value))
+            except WireFormatError as exc:
+                self.bad_letters += 1
+                log.warning("inbox %r: skipping malformed dead letter %r: %s", self.name, name, exc)
         return sorted(letters, key=lambda letter: letter.at)
 
     async def replay(self, ids: list[str] | None = None) -> int:
@@ -274,6 +399,11 @@ class Inbox:
                 continue
             if letter.key is None:
                 continue  # no key to put it under (a source's or an undecodable record)
+            try:
+                check_worker_id(letter.key)
+            except InvalidIdError as exc:
+                log.warning("inbox %r: dead letter %r not replayed: %s", self.name, letter.id, exc)
+                continue
             await self.put(letter.key, letter.message)
             await self.discard(letter.id)
             count += 1
@@ -292,6 +422,38 @@ class Inbox:
         if self.dead is None:
             raise CloisterError(f"inbox {self.name!r} is not open; the manager opens it on start")
         return self.dead
+
+
+def _read_letter(name: str, value: bytes) -> DeadLetter:
+    """A stored dead letter; :class:`WireFormatError` when it is malformed."""
+    data = wire.decode_map(value, "dead letter")
+    attempts, at, reason = data.get("attempts", 0), data.get("at", 0.0), data.get("reason", "")
+    if isinstance(attempts, bool) or not isinstance(attempts, int):
+        raise WireFormatError(f"dead letter: attempts should be an int, got {attempts!r:.40}")
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise WireFormatError(f"dead letter: at should be a number, got {at!r:.40}")
+    if not isinstance(reason, str):
+        raise WireFormatError(f"dead letter: reason should be a str, got {type(reason).__name__}")
+    return DeadLetter(
+        id=name,
+        key=data.get("key"),
+        message=data.get("message"),
+        msg_id=_str_or_none(data.get("msg_id")),
+        reason=reason,
+        attempts=attempts,
+        at=float(at),
+        raw=_bytes_or_none(data.get("raw")),
+        source=_str_or_none(data.get("source")),
+        meta=data["meta"] if isinstance(data.get("meta"), dict) else None,
+    )
+
+
+def _encodable_id(key: Any) -> bool:
+    try:
+        check_worker_id(key)
+    except InvalidIdError:
+        return False
+    return True
 
 
 def _bytes_or_none(value: Any) -> bytes | None:

@@ -156,6 +156,12 @@ class NatsBackend(Backend):
         return ELECTION_SECONDS if self.options.replicas > 1 else 0.0
 
     @property
+    def max_payload(self) -> int | None:
+        """The server's ``max_payload`` (from its INFO; headers count towards it)."""
+        nc = self._conn.nc
+        return None if nc is None else int(nc.max_payload)
+
+    @property
     def reconnects(self) -> int:
         """How many times the connection to NATS came back after a loss."""
         return self._conn.reconnects
