@@ -10,7 +10,6 @@ kills the node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -59,9 +58,11 @@ class ListenerDispatcher:
         delivered: a node that resumes work says so first."""
         if self._task is None or self._task.done():
             return
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(timeout):
                 await self._queue.join()
+        except TimeoutError:
+            log.warning("listener still busy after %.2fs; the node goes on without it", timeout)
 
     async def _run(self) -> None:
         while (item := await self._queue.get()) is not None:

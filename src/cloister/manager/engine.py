@@ -539,6 +539,11 @@ class Engine:
             if worker.flags & PERFORM_PENDING and not worker.flags & GONE:
                 self.enqueue(worker)
         self.in_flight -= len(results)
+        self._pool_settled()
+
+    def _pool_settled(self) -> None:
+        """Pool jobs ended or were given up: wake whoever waits for them (wait_idle, drain)
+        and the dispatcher."""
         settled, self._jobs_settled = self._jobs_settled, asyncio.Event()
         settled.set()
         self.wake.set()
@@ -585,9 +590,7 @@ class Engine:
         self.counters.late_results += 1  # its result, whenever it comes, is discarded
         failed(self, worker, self._timeout_error(worker, message), message, started)
         self._release(worker, started)
-        settled, self._jobs_settled = self._jobs_settled, asyncio.Event()
-        settled.set()
-        self.wake.set()
+        self._pool_settled()
 
     def _task_overdue(self, worker: Worker, started: float, task: asyncio.Task[Any]) -> None:
         """An async callback has run past ``handler_timeout``."""

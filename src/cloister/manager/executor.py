@@ -335,4 +335,5 @@ class ThreadRunner:
             try:
                 self._loop.call_soon_threadsafe(self._collect)
             except RuntimeError:  # the loop is closed: nobody is left to apply results
+                log.debug("pool %s: the event loop is closed; results dropped", self.name)
                 self._closed = True
