@@ -15,6 +15,11 @@ Systems, each started by this benchmark:
 - ``rabbitmq-pg-3``: 3 durable single-active-consumer queues on the local RabbitMQ (a key
   always goes to the same queue), one consumer process each; each message is an upsert
   in the local PostgreSQL, then its ack. The producer publishes with confirms.
+- ``restate-3``: a Restate server (``--restate-server``, default ``restate-server`` on the
+  PATH or under ``node_modules/.bin``: ``npm install @restatedev/restate-server``) and a
+  Virtual Object ``Counter`` (``peers_restate.py``, Python SDK) served by 3 hypercorn
+  workers; the producer sends ``POST /Counter/<key>/add/send`` (202 once Restate stored
+  it), 64 at a time. Skipped, and said so, when the server cannot be found.
 
 Per round, for every system in turn (alternating, so that drifts of the machine hit them
 alike): a quiet run at full speed, a contended run (the same, with two CPU-burning processes
@@ -25,7 +30,8 @@ processes; the driver and every Ray process), the burners excluded.
 
 Run: ``python bench/peers.py`` (``--rounds 3`` by default; ``--messages 20000`` for a
 shorter run; ``--systems pycloister-1,ray-3``). Needs the ``bench`` extra
-(``pip install -e '.[bench]'``: Ray, asyncpg) and the local RabbitMQ and PostgreSQL.
+(``pip install -e '.[bench]'``: Ray, asyncpg, restate-sdk, hypercorn, httpx) and the local
+RabbitMQ and PostgreSQL.
 Writes ``bench/results/peers.json``.
 """
 
@@ -36,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,7 +66,8 @@ from peers_app import key_name  # noqa: E402
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SERVER_PROCESSES = {"rabbitmq-pg-3": ("beam.smp", "postgres", "erl_child_setup")}
-SYSTEMS = ("pycloister-1", "pycloister-3", "ray-3", "rabbitmq-pg-3")
+SYSTEMS = ("pycloister-1", "pycloister-3", "ray-3", "rabbitmq-pg-3", "restate-3")
+RESTATE_IN_FLIGHT = 64
 QUEUES = 3
 CAST_BATCH = 500
 PUBLISH_WINDOW = 500
@@ -211,6 +219,29 @@ async def produce_amqp(args: argparse.Namespace) -> None:
                 await asyncio.gather(*window)
                 window.clear()
         await asyncio.gather(*window)
+
+
+async def produce_restate(args: argparse.Namespace) -> None:
+    import httpx
+
+    limit = asyncio.Semaphore(RESTATE_IN_FLIGHT)
+    async with httpx.AsyncClient(base_url=args.url, timeout=60) as http:
+
+        async def send(key: str) -> None:
+            try:
+                answer = await http.post(f"/Counter/{key}/add/send", json=time.time())
+                answer.raise_for_status()
+            finally:
+                limit.release()
+
+        started = time.monotonic()
+        sent: list[asyncio.Task[None]] = []
+        for index, key in enumerate(plan(args.messages, args.keys)):
+            if args.rate:
+                await asyncio.sleep(pace(args.rate, started, index))
+            await limit.acquire()
+            sent.append(asyncio.create_task(send(key)))
+        await asyncio.gather(*sent)
 
 
 async def consume_amqp(args: argparse.Namespace) -> None:
@@ -435,6 +466,149 @@ class RabbitPostgres:
         )
 
 
+def spawn_logged(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in bench/ with its output in ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+
+
+def find_restate_server(given: str | None) -> str | None:
+    """The restate-server binary: ``given``, on the PATH, or under a node_modules/.bin."""
+    if given:
+        return given
+    found = shutil.which("restate-server")
+    if found:
+        return found
+    for base in (Path.cwd(), HERE.parent, Path("/work/restate")):
+        candidate = base / "node_modules" / ".bin" / "restate-server"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+class RestateObjects:
+    """A fresh Restate server per run and a Virtual Object served by 3 SDK workers."""
+
+    name = "restate-3"
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+
+    async def run(self, messages: int, keys: int, rate: float | None) -> Run:
+        import httpx
+
+        from cloister.testing import free_port
+
+        base = self.workdir / f"restate-{uuid.uuid4().hex[:6]}"
+        base.mkdir()
+        ingress, admin, fabric, sdk = (free_port() for _ in range(4))
+        handled = base / "handled"
+        handled.touch()
+        latency = base / "latency" if rate else None
+        server_env = {
+            **os.environ,
+            "RESTATE_INGRESS__BIND_ADDRESS": f"127.0.0.1:{ingress}",
+            "RESTATE_ADMIN__BIND_ADDRESS": f"127.0.0.1:{admin}",
+            "RESTATE_BIND_ADDRESS": f"127.0.0.1:{fabric}",
+            "RESTATE_ADVERTISED_ADDRESS": f"http://127.0.0.1:{fabric}",
+        }
+        sdk_env = {
+            **os.environ,
+            "PEERS_HANDLED": str(handled),
+            **({"PEERS_LATENCY": str(latency)} if latency else {}),
+        }
+        server = spawn_logged(
+            [self.binary, "--base-dir", str(base / "data"), "--no-logo", "--listen-mode", "tcp"],
+            base / "server.log",
+            server_env,
+        )
+        workers = spawn_logged(
+            [sys.executable, "-m", "hypercorn", "peers_restate:app", "--bind",
+             f"127.0.0.1:{sdk}", "--workers", "3"],
+            base / "sdk.log",
+            sdk_env,
+        )  # fmt: skip
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                await self._register(http, admin, sdk)
+                pids = {server.pid, workers.pid}
+                before = cpu_seconds(pids)
+                started = time.perf_counter()
+                producer = asyncio.create_task(
+                    asyncio.to_thread(
+                        run_child,
+                        [
+                            sys.executable, __file__, "produce-restate",
+                            "--url", f"http://127.0.0.1:{ingress}",
+                            "--messages", str(messages), "--keys", str(keys),
+                            *(["--rate", str(rate)] if rate else []),
+                        ],
+                    )
+                )  # fmt: skip
+                deadline = time.monotonic() + 1800
+                while handled.stat().st_size < messages and time.monotonic() < deadline:
+                    if producer.done() and producer.exception() is not None:
+                        raise producer.exception()  # type: ignore[misc]
+                    await asyncio.sleep(0.05)
+                seconds = time.perf_counter() - started
+                producer_cpu, _ = await producer
+                cpu = cpu_seconds(pids) - before + producer_cpu
+                exact = await self._exact(http, admin, messages, keys)
+        finally:
+            for proc in (workers, server):
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(base / "data", ignore_errors=True)
+        return Run(
+            self.name,
+            "paced" if rate else "quiet",
+            messages,
+            seconds,
+            cpu,
+            exact,
+            *_latency_ms(_read_latencies(latency)),
+        )
+
+    async def _register(self, http: Any, admin: int, sdk: int) -> None:
+        """Register the SDK workers once server and workers answer (both take a moment)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = await http.post(
+                    f"http://127.0.0.1:{admin}/deployments", json={"uri": f"http://127.0.0.1:{sdk}"}
+                )
+                if answer.status_code < 300:
+                    return
+                problem = f"{answer.status_code} {answer.text[:200]}"
+            except Exception as exc:
+                problem = repr(exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Restate: could not register the SDK workers: {problem}")
+            await asyncio.sleep(0.5)
+
+    async def _exact(self, http: Any, admin: int, messages: int, keys: int) -> bool:
+        """Whether Restate's stored counts are exact (its SQL introspection of the state)."""
+        expected = expected_counts(messages, keys)
+        query = "SELECT service_key, value_utf8 FROM state WHERE service_name = 'Counter'"
+        deadline = time.monotonic() + 30
+        while True:
+            answer = await http.post(
+                f"http://127.0.0.1:{admin}/query",
+                json={"query": query},
+                headers={"accept": "application/json"},
+            )
+            rows = answer.json()["rows"]
+            counts = {row["service_key"]: int(row["value_utf8"]) for row in rows}
+            if counts == expected or time.monotonic() > deadline:
+                return counts == expected
+            await asyncio.sleep(0.5)
+
+
 class RayActors:
     """3 Ray actors counting in memory; the driver (this process's child) sends."""
 
@@ -550,6 +724,9 @@ async def one_run(
         runner = lambda: pyc.run(messages, args.keys, rate, nats.pid)  # noqa: E731
     elif system == "ray-3":
         runner = lambda: RayActors().run(messages, args.keys, rate)  # noqa: E731
+    elif system == "restate-3":
+        restate = RestateObjects(args.restate_binary, workdir)
+        runner = lambda: restate.run(messages, args.keys, rate)  # noqa: E731
     else:
         runner = lambda: RabbitPostgres(workdir).run(messages, args.keys, rate)  # noqa: E731
     if kind == "contended":
@@ -627,6 +804,9 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "pycloister3_over_rabbitmq_pg3": (
             three / quiet("rabbitmq-pg-3") if three and quiet("rabbitmq-pg-3") else None
         ),
+        "pycloister3_over_restate3": (
+            three / quiet("restate-3") if three and quiet("restate-3") else None
+        ),
     }
 
 
@@ -638,6 +818,12 @@ async def main_async(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     kinds = args.kinds.split(",")
+    skipped: dict[str, str] = {}
+    args.restate_binary = find_restate_server(args.restate_server)
+    if "restate-3" in systems and args.restate_binary is None:
+        skipped["restate-3"] = "no restate-server found (npm install @restatedev/restate-server)"
+        systems.remove("restate-3")
+        print(f"skipping restate-3: {skipped['restate-3']}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="peers-"))
     runs: list[Run] = []
     with NatsServer() as nats:
@@ -666,6 +852,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "rate": args.rate,
             "summary": summary,
             "ratios": found,
+            "skipped": skipped,
             "runs": [{**asdict(r), "rate": r.rate, "cpu_per_1k": r.cpu_per_1k} for r in runs],
         },
     )
@@ -678,7 +865,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command")
-    for name in ("produce-cloister", "produce-amqp", "drive-ray", "consume-amqp"):
+    for name in (
+        "produce-cloister",
+        "produce-amqp",
+        "produce-restate",
+        "drive-ray",
+        "consume-amqp",
+    ):
         child = sub.add_parser(name)
         child.add_argument("--url", default="")
         child.add_argument("--cluster", default="")
@@ -696,11 +889,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=150.0)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--kinds", default="quiet,contended,paced")
+    parser.add_argument("--restate-server", help="path of the restate-server binary")
     args = parser.parse_args()
     if args.command == "produce-cloister":
         asyncio.run(produce_cloister(args))
     elif args.command == "produce-amqp":
         asyncio.run(produce_amqp(args))
+    elif args.command == "produce-restate":
+        asyncio.run(produce_restate(args))
     elif args.command == "consume-amqp":
         asyncio.run(consume_amqp(args))
     elif args.command == "drive-ray":
