@@ -34,3 +34,17 @@ def test_example_runs(tmp_path: Path) -> None:
     # each applied once), and the owner is the node the ring placed user-7 on.
     assert re.search(r"user-7 lives on node-\d balance 100$", result.stdout, re.M), result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_benchmark_table_is_written_from_the_results() -> None:
+    # The README's figures come from bench/results/*.json through bench/readme_table.py;
+    # a hand edit of the table, or a result file committed without it, fails here.
+    script = README.parent / "bench" / "readme_table.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
