@@ -75,10 +75,14 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "ring",
         "lookups/s, 10 / 100 nodes",
-        lambda d: f"{d['ours']['lookups_per_s_10'] / 1e6:.1f} / "
-        f"{d['ours']['lookups_per_s_100'] / 1e6:.1f} M/s",
-        lambda d: f"uhashring {d['theirs']['lookups_per_s_10'] / 1e6:.2f} / "
-        f"{d['theirs']['lookups_per_s_100'] / 1e6:.2f} M/s",
+        lambda d: (
+            f"{d['ours']['lookups_per_s_10'] / 1e6:.1f} / "
+            f"{d['ours']['lookups_per_s_100'] / 1e6:.1f} M/s"
+        ),
+        lambda d: (
+            f"uhashring {d['theirs']['lookups_per_s_10'] / 1e6:.2f} / "
+            f"{d['theirs']['lookups_per_s_100'] / 1e6:.2f} M/s"
+        ),
     ),
     (
         "ring",
@@ -89,8 +93,10 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "ring",
         "keys moved when an 11th node joins (ideal 9.09%)",
-        lambda d: f"{d['ours']['moved_on_join_pct']:.2f}%, "
-        f"{d['ours']['moved_among_old_on_join']} between old nodes",
+        lambda d: (
+            f"{d['ours']['moved_on_join_pct']:.2f}%, "
+            f"{d['ours']['moved_among_old_on_join']} between old nodes"
+        ),
         lambda d: f"uhashring {d['theirs']['moved_on_join_pct']:.2f}%",
     ),
     (
@@ -126,18 +132,24 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "manager",
         "start 1,000,000 idle workers",
-        lambda d: f"{d['start']['ours']['seconds']:.1f} s, "
-        f"{d['start']['ours']['bytes_per_worker']:.0f} B/worker",
-        lambda d: f"task per worker: {d['start']['baseline']['seconds']:.1f} s, "
-        f"{d['start']['baseline']['bytes_per_worker']:,.0f} B/worker",
+        lambda d: (
+            f"{d['start']['ours']['seconds']:.1f} s, "
+            f"{d['start']['ours']['bytes_per_worker']:.0f} B/worker"
+        ),
+        lambda d: (
+            f"task per worker: {d['start']['baseline']['seconds']:.1f} s, "
+            f"{d['start']['baseline']['bytes_per_worker']:,.0f} B/worker"
+        ),
     ),
     (
         "manager",
         "trivial sync performs/s, one process (thread pool, the default)",
         lambda d: f"{d['rate_median']['ours'] / 1000:.0f} k/s",
-        lambda d: f"task per worker: {d['rate_median']['baseline'] / 1000:.0f} k/s; "
-        f'`executor="loop"`: {d["rate_median"]["ours-loop"] / 1000:.0f} k/s (the pool costs '
-        f"{1 - d['rate_median']['ours'] / d['rate_median']['ours-loop']:.0%}, target ≤ 20%)",
+        lambda d: (
+            f"task per worker: {d['rate_median']['baseline'] / 1000:.0f} k/s; "
+            f'`executor="loop"`: {d["rate_median"]["ours-loop"] / 1000:.0f} k/s (the pool costs '
+            f"{1 - d['rate_median']['ours'] / d['rate_median']['ours-loop']:.0%}, target ≤ 20%)"
+        ),
     ),
     (
         "manager",
@@ -148,8 +160,10 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "manager",
         "100,000 workers, one of 3 nodes leaves: moved workers live",
-        lambda d: f"{d['handoff']['live_after_epoch_s']:.2f} s after the epoch change, "
-        f"{d['handoff']['ids_live_on_two_nodes_at_once']} on two nodes",
+        lambda d: (
+            f"{d['handoff']['live_after_epoch_s']:.2f} s after the epoch change, "
+            f"{d['handoff']['ids_live_on_two_nodes_at_once']} on two nodes"
+        ),
         lambda d: "target ≤ 1 s",
     ),
     (
@@ -163,37 +177,45 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
         "faults",
         "a sync handler sleeping 4 s; a 0.5 s CPU-bound perform: stall of the other keys "
         "on its node",
-        lambda d: f"{scenario(d, 'blocking-handler')['stall_faulted_others_s']:.2f} s / "
-        f"{scenario(d, 'cpu-bound-perform')['stall_faulted_others_s']:.2f} s",
+        lambda d: (
+            f"{scenario(d, 'blocking-handler')['stall_faulted_others_s']:.2f} s / "
+            f"{scenario(d, 'cpu-bound-perform')['stall_faulted_others_s']:.2f} s"
+        ),
         lambda d: "before the thread pool: 1.68 s / 0.55 s",
     ),
     (
         "faults",
         "kill -9 of the server leading the members and inbox streams: cluster-wide stall",
-        lambda d: f"{scenario(d, 'kill-stream-leader')['stall_elsewhere_s']:.2f} s, "
-        f"{scenario(d, 'kill-stream-leader')['moved_keys']:.0f} keys moved",
+        lambda d: (
+            f"{scenario(d, 'kill-stream-leader')['stall_elsewhere_s']:.2f} s, "
+            f"{scenario(d, 'kill-stream-leader')['moved_keys']:.0f} keys moved"
+        ),
         lambda d: "target ≤ election + 1 s (≈ 9 s)",
     ),
     (
         "fencing",
         "stateful inbox on NATS, fenced writes vs before",
         lambda d: f"{d['inbox']['nats-inbox-stateful']['fenced_per_s']:,} msg/s",
-        lambda d: f"unfenced {d['inbox']['nats-inbox-stateful']['before_per_s']:,} msg/s "
-        f"(fencing costs {d['inbox']['nats-inbox-stateful']['cost']:.1%})",
+        lambda d: (
+            f"unfenced {d['inbox']['nats-inbox-stateful']['before_per_s']:,} msg/s "
+            f"(fencing costs {d['inbox']['nats-inbox-stateful']['cost']:.1%})"
+        ),
     ),
     (
         "inbox",
         "throughput, NATS, 3 nodes, ordered per key",
-        lambda d: f"{k(d['results']['median_per_s']['nats-inbox'])} msg/s "
-        f"({d['nats_ratio']:.0%})",
-        lambda d: f"plain nats-py pull + ack: {k(d['results']['median_per_s']['nats-plain'])}"
-        " msg/s",
+        lambda d: f"{k(d['results']['median_per_s']['nats-inbox'])} msg/s ({d['nats_ratio']:.0%})",
+        lambda d: (
+            f"plain nats-py pull + ack: {k(d['results']['median_per_s']['nats-plain'])} msg/s"
+        ),
     ),
     (
         "inbox",
         "the same, every message `Replace`s its payload",
-        lambda d: f"{k(d['results']['median_per_s']['nats-inbox-stateful'])} msg/s "
-        f"({d['nats_ratio_stateful']:.0%})",
+        lambda d: (
+            f"{k(d['results']['median_per_s']['nats-inbox-stateful'])} msg/s "
+            f"({d['nats_ratio_stateful']:.0%})"
+        ),
         lambda d: "target ≥ 90% of plain nats-py pull + ack",
     ),
     (
@@ -205,27 +227,33 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "inbox",
         "p99 put → handled at half the max rate, NATS / memory",
-        lambda d: f"{d['results']['latency_nats']['p99_ms']:.1f} ms / "
-        f"{d['results']['latency_memory']['p99_ms']:.1f} ms",
+        lambda d: (
+            f"{d['results']['latency_nats']['p99_ms']:.1f} ms / "
+            f"{d['results']['latency_memory']['p99_ms']:.1f} ms"
+        ),
         lambda d: "targets 50 ms / 5 ms",
     ),
     (
         "inbox",
         "graceful leave / kill -9: pause of moved keys",
-        lambda d: f"{ms(d['results']['pause_leave']['pause_s'])} / "
-        f"{ms(d['results']['pause_crash']['pause_s'])} (failure timeout "
-        f"{d['results']['pause_crash']['failure_timeout_s']} s)",
+        lambda d: (
+            f"{ms(d['results']['pause_leave']['pause_s'])} / "
+            f"{ms(d['results']['pause_crash']['pause_s'])} (failure timeout "
+            f"{d['results']['pause_crash']['failure_timeout_s']} s)"
+        ),
         lambda d: "targets 1 s / failure timeout + 1 s",
     ),
     (
         "inbox_layouts",
         "1,000 keys: setup / consume / handoff of one node's share",
-        lambda d: "128 partitions: "
-        + " / ".join(
-            (
-                s2(d["summary"]["partitioned-128"]["setup_s"]),
-                f"{k(d['summary']['partitioned-128']['consume_per_s'])} msg/s",
-                s2(d["summary"]["partitioned-128"]["handoff_s"]),
+        lambda d: (
+            "128 partitions: "
+            + " / ".join(
+                (
+                    s2(d["summary"]["partitioned-128"]["setup_s"]),
+                    f"{k(d['summary']['partitioned-128']['consume_per_s'])} msg/s",
+                    s2(d["summary"]["partitioned-128"]["handoff_s"]),
+                )
             )
         ),
         lambda d: "; ".join(
@@ -238,8 +266,10 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
     (
         "seed_flow",
         "100,000 RabbitMQ messages, kill -9 / join / SIGTERM",
-        lambda d: f"{d['lost']} lost, {d['out_of_order']} out of order, "
-        f"{d['overlaps']} on two nodes at once",
+        lambda d: (
+            f"{d['lost']} lost, {d['out_of_order']} out of order, "
+            f"{d['overlaps']} on two nodes at once"
+        ),
         lambda d: "—",
     ),
     (
