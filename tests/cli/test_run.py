@@ -165,7 +165,14 @@ def test_run_on_an_unreachable_backend_fails_with_one_line(tmp_path: Path) -> No
     app = write_app(tmp_path)
     url = f"nats://127.0.0.1:{free_port()}"
     result = cloister(
-        "run", f"{app}:Shop", "--cluster", "shop", "--backend", url, "--connect-timeout", "1",
+        "run",
+        f"{app}:Shop",
+        "--cluster",
+        "shop",
+        "--backend",
+        url,
+        "--connect-timeout",
+        "1",
         timeout=30,
     )
     assert result.returncode == 1, result

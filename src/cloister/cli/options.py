@@ -452,6 +452,9 @@ def add_settings(
     leaves the attribute out when the flag is not given, so it never undoes the same flag
     given before the subcommand.
     """
+    names = tuple(names)
+    # Which settings this command has: resolve() fills in those, and only those.
+    parser.set_defaults(_settings=(*(parser.get_default("_settings") or ()), *names))
     target = parser.add_argument_group(title) if title else parser
     for name in names:
         setting = BY_NAME[name]
@@ -593,8 +596,9 @@ def resolve(args: argparse.Namespace, *, cwd: Path | None = None) -> None:
     explicit = config_flag or os.environ.get(BY_NAME["config"].env, "").strip() or None
     config = load_config(explicit, cwd)
     sources: dict[str, str] = {}
+    scope = {*getattr(args, "_settings", ()), *OUTPUT}
     for setting in SETTINGS:
-        if not hasattr(args, setting.name) and setting.name not in OUTPUT:
+        if setting.name not in scope:
             continue  # not an option of this command
         value = getattr(args, setting.name, None)
         if value is not None and value is not False:
