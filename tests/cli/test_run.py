@@ -172,7 +172,7 @@ def test_run_on_an_unreachable_backend_fails_with_one_line(tmp_path: Path) -> No
         "--backend",
         url,
         "--connect-timeout",
-        "1",
+        "0",
         timeout=30,
     )
     assert result.returncode == 1, result
