@@ -137,5 +137,13 @@ async def test_liveness_fails_when_the_event_loop_does_not_answer() -> None:
             code, body = result[0]
             assert code == 503 and "did not answer within 0.3s" in json.loads(body)["loop"]
             assert json.loads(body)["status"] == "fail"
+
+            # Cut off from the medium: not alive either (the backend says it is not connected).
+            cluster.backend.world.partition([cluster.node])  # type: ignore[attr-defined]
+            code, body = await asyncio.to_thread(get, server.port, "/healthz")
+            assert code == 503 and json.loads(body)["medium"] == "disconnected"
+            cluster.backend.world.heal()  # type: ignore[attr-defined]
+            code, body = await asyncio.to_thread(get, server.port, "/healthz")
+            assert code == 200 and json.loads(body)["medium"] == "connected"
         finally:
             await server.close()
