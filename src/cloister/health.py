@@ -149,7 +149,10 @@ class Health:
         elif state is State.STOPPED:
             checks["medium"] = "closed"
         else:
-            connected = cluster.backend.connected
+            try:
+                connected = cluster.backend.connected
+            except CloisterError:  # stopped between the state read and this one
+                connected = False
             checks["medium"] = "connected" if connected else "disconnected"
             live = live and connected
         ready = live and state is State.READY and not cluster.paused

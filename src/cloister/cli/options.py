@@ -55,10 +55,7 @@ class UsageError(CloisterError):
 
 def positive_int(text: str) -> int:
     """An argparse ``type``: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
@@ -92,21 +89,18 @@ def _number(text: str) -> float:
 
 def port_number(text: str) -> int:
     """An argparse ``type``: a TCP port, 0 (any free port) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    value = whole_number(text, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
     return value
 
 
-def whole_number(text: str) -> int:
+def whole_number(text: str, what: str = "a whole number") -> int:
     """An argparse ``type``: any whole number (a seed)."""
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def groups(text: str) -> list[str]:
