@@ -149,3 +149,19 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert tomllib.loads(again.stdout) == printed
     assert f"heartbeat = 0.5  # {config}" in again.stdout
+
+
+def test_an_empty_variable_turns_the_option_off_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cloister.toml").write_text("metrics-port = 9464\nhealth-port = 9465\n")
+    args = _parse(["node"], tmp_path, monkeypatch)
+    assert (args.metrics_port, args.health_port) == (9464, 9465)
+    monkeypatch.setenv("CLOISTER_METRICS_PORT", "")
+    args = build_parser().parse_args(["node"])
+    resolve(args, cwd=tmp_path)
+    assert (
+        args.metrics_port is None
+        and args.sources["metrics_port"] == "$CLOISTER_METRICS_PORT (empty)"
+    )
+    assert args.health_port == 9465

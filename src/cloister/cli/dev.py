@@ -192,10 +192,10 @@ class DevCluster:
         args += ["--name", name]
         if self.args.consensus is not None:
             args += ["--consensus", str(self.args.consensus)]
-        # Every node would try the same metrics port: dev nodes serve none.
-        proc = self.group.spawn_python(
-            *args, name=name, merge_stderr=True, env={"CLOISTER_METRICS_PORT": ""}
-        )
+        # Every node would try the same port: dev nodes serve no metrics and no probes
+        # (an empty variable overrides a config file's value too).
+        quiet = {"CLOISTER_METRICS_PORT": "", "CLOISTER_HEALTH_PORT": ""}
+        proc = self.group.spawn_python(*args, name=name, merge_stderr=True, env=quiet)
         node = _Node(number, proc, _COLORS[(number - 1) % len(_COLORS)])
         self.nodes[number] = node
         self.say(f"started {name} (pid {proc.pid})")

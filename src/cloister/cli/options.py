@@ -7,7 +7,8 @@ added from the table (:func:`add_settings`) and :func:`resolve` fills in whateve
 command line left out, each value from the first place that has it:
 
 1. the flag on the command line;
-2. the environment variable (``CLOISTER_*``), as container deployments expect;
+2. the environment variable (``CLOISTER_*``), as container deployments expect (set but
+   empty: the default, whatever the file says);
 3. the config file: ``--config PATH`` (``$CLOISTER_CONFIG``), else ``cloister.toml`` in
    the current directory, else the ``[tool.cloister]`` table of ``pyproject.toml`` there.
    Keys are the flags' names without ``--`` (``metrics-port = 9464``; ``app`` for APP);
@@ -598,8 +599,14 @@ def resolve(args: argparse.Namespace, *, cwd: Path | None = None) -> None:
         if value is not None and value is not False:
             sources[setting.name] = "flag"
             continue
-        raw = os.environ.get(setting.env, "").strip()
-        if raw:
+        found = os.environ.get(setting.env)
+        raw = "" if found is None else found.strip()
+        if found is not None and not raw:
+            # Set but empty: the option is off, whatever the file says (``cloister dev``
+            # turns its nodes' metrics off this way).
+            value = getattr(args, f"_default_{setting.name}", setting.default)
+            sources[setting.name] = f"${setting.env} (empty)"
+        elif raw:
             try:
                 value = setting.parse(raw)
             except (argparse.ArgumentTypeError, ValueError) as exc:
