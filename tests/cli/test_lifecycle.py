@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cloister.testing import NatsServer, ProcessGroup, free_port
-from tests.cli.support import cli_env
+from tests.cli.support import KEYS, cli_env, write_app
 
 SLOW_APP = """
 import os
@@ -115,10 +115,12 @@ def test_a_node_waits_for_the_medium_then_joins(
 def test_json_logs_parse_line_by_line(
     nats_server: NatsServer, node_processes: ProcessGroup, tmp_path: Path
 ) -> None:
+    write_app(tmp_path)
     node = node_processes.spawn_python(
         "-m",
         "cloister",
-        "node",
+        "run",
+        "shopapp:Shop",
         "--backend",
         nats_server.url,
         "--cluster",
@@ -127,11 +129,10 @@ def test_json_logs_parse_line_by_line(
         "j",
         "--log-format",
         "json",
-        "--log-level",
-        "info",
+        cwd=tmp_path,
         env=cli_env(),
     )
-    node.wait_for_line(r'"message": "state rehashing -> ready', timeout=20)
+    node.wait_for_line(r'"message": "manager up workers=', timeout=20)
     assert node.terminate() == 0
     records = []
     for line in node.lines:
@@ -144,7 +145,9 @@ def test_json_logs_parse_line_by_line(
     joined = [r for r in records if r["logger"] == "cloister.cluster" and "joined" in r["message"]]
     assert joined and joined[0]["node"] == "j" and joined[0]["cluster"] == "logged"
     events = {r["event"]: r for r in records if "event" in r}
-    assert {"node", "state", "epoch", "sentry", "suspended"} <= set(events)
+    assert {"node", "state", "epoch", "sentry", "suspended", "manager"} <= set(events)
     ready = next(r for r in records if r.get("event") == "state" and "-> ready" in r["message"])
     assert ready["epoch"] == 1 and ready["members"] == "j" and ready["level"] == "info"
+    up = next(r for r in records if r.get("event") == "manager" and "workers" in r)
+    assert up["workers"] == KEYS and up["epoch"] == 1
     assert any(r["message"].startswith("SIGTERM") for r in records)
