@@ -95,19 +95,20 @@ def test_a_node_waits_for_the_medium_then_joins(
         f"nats://127.0.0.1:{port}",
         "--cluster",
         "late",
-        "--name",
-        "early",
         env=cli_env({"CLOISTER_CONNECT_TIMEOUT": "60"}),
     )
-    node.wait_for_line(r"^node early pid=\d+ waiting attempt=2 retry_in=", timeout=20)
+    name = node.wait_for_line(r"^node (\S+) pid=\d+ waiting attempt=2 retry_in=", timeout=20)[1]
     assert node.is_running
     server = NatsServer(port=port)
     server.start()
     try:
-        node.wait_for_line(r"^state rehashing -> ready epoch=1 members=early ", timeout=30)
+        # A generated name stays the same from one attempt to the next.
+        node.wait_for_line(rf"^state rehashing -> ready epoch=1 members={name} ", timeout=30)
         assert node.terminate() == 0
     finally:
         server.stop()
+    names = {re.match(r"^node (\S+) ", line.text) for line in node.lines}
+    assert {found[1] for found in names if found} == {name}
     warnings = [line.text for line in node.lines if line.stream == "stderr"]
     assert any("cannot join yet" in line and "retrying in" in line for line in warnings)
 

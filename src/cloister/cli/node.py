@@ -212,16 +212,21 @@ def make_cluster(
         "consensus": args.consensus,
     }
 
+    node_name: str | None = args.name
+
     def build() -> Cluster:
-        return Cluster(
+        nonlocal node_name
+        cluster = Cluster(
             name,
-            args.name,
+            node_name,
             backend=backend,
             listener=events,
             groups=(*(args.group or ()), *extra_groups),
             backend_options=connection_options(args),
             **{key: value for key, value in settings.items() if value is not None},
         )
+        node_name = cluster.node  # a generated name stays the same from one attempt to the next
+        return cluster
 
     build()  # the settings are checked here (ConfigurationError: exit 2)
     return build
