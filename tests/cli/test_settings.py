@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from pathlib import Path
 
@@ -165,3 +166,14 @@ def test_an_empty_variable_turns_the_option_off_over_the_file(
         and args.sources["metrics_port"] == "$CLOISTER_METRICS_PORT (empty)"
     )
     assert args.health_port == 9465
+
+
+def test_the_readme_names_every_variable() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    words = set(re.findall(r"CLOISTER_[A-Z_]+", section))
+    # CLOISTER_TLS_CA/_CERT/_KEY and CLOISTER_NATS_USER/_PASSWORD/... are written short.
+    for short in re.findall(r"`(CLOISTER_[A-Z_]+?)_[A-Z]+`((?:/`?_[A-Z]+`?)+)", section):
+        words.update(f"{short[0]}{suffix}" for suffix in re.findall(r"_[A-Z]+", short[1]))
+    for setting in SETTINGS:
+        assert setting.env in words, f"{setting.env} is not in the README's Configuration"
