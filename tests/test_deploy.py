@@ -12,7 +12,7 @@ import yaml
 
 from cloister.backends import check_url
 from cloister.cli import build_parser
-from cloister.cli.options import SETTINGS
+from cloister.cli.options import SETTINGS, load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 _BY_ENV = {setting.env: setting for setting in SETTINGS}
@@ -152,3 +152,17 @@ def test_worker_deployment_probes_and_grace_match_the_cli() -> None:
 @pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.y*ml")), ids=lambda p: p.name)
 def test_every_recipe_is_valid_yaml(path: Path) -> None:
     assert _documents(path)
+
+
+def test_the_example_config_file_loads() -> None:
+    config = load_config(str(DEPLOY / "cloister.toml"))
+    assert config.values["app"] == "myapp.workers:Processor"
+    assert config.values["replicas"] == 3 and config.values["metrics_port"] == 9464
+    workers = _kinds(DEPLOY / "kubernetes" / "workers.yaml")[("Deployment", "cloister-worker")]
+    (container,) = workers["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # The file says what the Kubernetes recipe says.
+    for name, value in _check_environment(env, "kubernetes worker").items():
+        key = _BY_ENV[name].name
+        if value is not None and key in config.values:
+            assert config.values[key] == value, name
