@@ -30,6 +30,7 @@ import contextlib
 import errno
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -215,8 +216,9 @@ class ProbeServer:
         """
         with contextlib.suppress(RuntimeError):  # started on the node's loop: ask that one
             self.health.bind(asyncio.get_running_loop())
+        server_class = _IPv6Server if ":" in self.host else ThreadingHTTPServer
         try:
-            server = ThreadingHTTPServer((self.host, self._requested_port), self._handler())
+            server = server_class((self.host, self._requested_port), self._handler())
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUseError(
@@ -283,6 +285,12 @@ class ProbeServer:
                 log.debug("%s %s", self.address_string(), format % args)
 
         return Handler
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    """The endpoint on an IPv6 address (``::`` is every interface, IPv4 ones too)."""
+
+    address_family = socket.AF_INET6
 
 
 def _shutdown(server: ThreadingHTTPServer, thread: threading.Thread | None) -> None:
