@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"cluster"},
     {"sources", "local"},
     {"manager"},
+    {"health"},
     {"observer", "metrics", "demo", "testing"},
     {"cli", "__init__"},
     {"__main__"},

@@ -6,7 +6,8 @@ the manager's counters and its number of live workers. The one figure that costs
 request to the backend, the inbox depth, is sampled in the background every
 ``sample_interval`` seconds (see :meth:`NodeMetrics.attach`) and the scrape returns the
 last sample. ``cloister run --metrics-port`` and ``cloister node --metrics-port`` serve
-them on ``http://HOST:PORT/metrics``; in your own process::
+them on ``http://HOST:PORT/metrics``, next to the probes ``/healthz`` and ``/readyz``
+(:mod:`cloister.health`); any other path is a 404. In your own process::
 
     async with serve_metrics(cluster, port=9464) as metrics:
         manager = await Processor.start(cluster)
@@ -59,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from cloister.cluster.control import MALFORMED_KINDS
 from cloister.cluster.states import State
 from cloister.errors import CloisterError, ConfigurationError
+from cloister.health import Health, ProbeServer
 
 if TYPE_CHECKING:
     from cloister.cluster import Cluster
@@ -299,42 +300,53 @@ class NodeMetrics:
         port: int,
         host: str = "0.0.0.0",
         sample_interval: float = 5.0,
+        flag: str = "the port",
     ) -> None:
         require_prometheus()
         self.collector = NodeCollector(cluster)
+        self.health = Health(cluster)
+        """Answers ``/healthz`` and ``/readyz`` on the same port (:mod:`cloister.health`)."""
         self.host = host
         self.sample_interval = sample_interval
-        self._requested_port = port
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._endpoint = ProbeServer(
+            self.health, host=host, port=port, metrics=self._exposition, flag=flag
+        )
+        self._registry: Any = None
         self._sampler: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
         """The port the endpoint listens on (the one picked, if 0 was asked for)."""
-        if self._server is None:
-            return self._requested_port
-        return int(self._server.server_port)
+        return self._endpoint.port
 
     def start(self) -> None:
-        """Listen on ``host:port`` (an :class:`OSError` if the port is taken)."""
-        from prometheus_client import CollectorRegistry, start_http_server
+        """Listen on ``host:port``: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+        Raises:
+            PortInUseError: the port is taken (the message names it).
+        """
+        from prometheus_client import CollectorRegistry
         from prometheus_client.process_collector import ProcessCollector
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.collector)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, fds
-        self._server, self._thread = start_http_server(
-            self._requested_port, addr=self.host, registry=registry
-        )
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        self._registry = registry
+        self._endpoint.start()
+
+    def _exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
     def attach(self, manager: DynamicManager) -> None:
-        """Report ``manager`` too, and sample its inbox depth in the background.
+        """Report ``manager`` too (metrics and readiness), and sample its inbox depth in
+        the background.
 
         Call it from the event loop that runs ``manager``.
         """
         self.collector.manager = manager
+        self.health.attach(manager)
         if self._sampler is None:
             self._sampler = asyncio.get_running_loop().create_task(
                 self._sample(manager), name="cloister metrics inbox sampler"
@@ -347,9 +359,7 @@ class NodeMetrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
             self._sampler = None
-        if self._server is not None:
-            server, self._server = self._server, None
-            await asyncio.to_thread(_shutdown, server, self._thread)
+        await self._endpoint.close()
 
     async def _sample(self, manager: DynamicManager) -> None:
         while True:
@@ -364,13 +374,6 @@ class NodeMetrics:
             await asyncio.sleep(self.sample_interval)
 
 
-def _shutdown(server: Any, thread: threading.Thread | None) -> None:
-    server.shutdown()
-    server.server_close()
-    if thread is not None:
-        thread.join(5.0)
-
-
 @contextlib.asynccontextmanager
 async def serve_metrics(
     cluster: Cluster,
@@ -378,14 +381,17 @@ async def serve_metrics(
     port: int,
     host: str = "0.0.0.0",
     sample_interval: float = 5.0,
+    flag: str = "the port",
 ) -> AsyncIterator[NodeMetrics]:
-    """Serve ``cluster``'s metrics on ``http://host:port/metrics`` while inside.
+    """Serve ``cluster``'s metrics on ``http://host:port/metrics`` while inside, and its
+    probes on ``/healthz`` and ``/readyz`` (see :mod:`cloister.health`).
 
     Raises:
         MetricsUnavailableError: ``prometheus_client`` is not installed.
-        OSError: the port cannot be bound.
+        PortInUseError: the port is taken (``flag`` names the option that chose it).
+        OSError: the address cannot be bound.
     """
-    metrics = NodeMetrics(cluster, port=port, host=host, sample_interval=sample_interval)
+    metrics = NodeMetrics(cluster, port=port, host=host, sample_interval=sample_interval, flag=flag)
     metrics.start()
     try:
         yield metrics

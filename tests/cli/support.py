@@ -8,21 +8,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from cloister.cli.options import SETTINGS
+
 # The variables the CLI reads: a developer's own settings must not leak into the tests.
-_CLEAN = (
-    "CLOISTER_BACKEND",
-    "CLOISTER_CLUSTER",
-    "CLOISTER_NODE",
-    "CLOISTER_CONSENSUS",
-    "CLOISTER_GROUPS",
-    "CLOISTER_LOG_LEVEL",
-    "CLOISTER_NATS_USER",
-    "CLOISTER_NATS_PASSWORD",
-    "CLOISTER_NATS_TOKEN",
-    "CLOISTER_NATS_CREDS",
-    "CLOISTER_APP",
-    "CLOISTER_METRICS_PORT",
-)
+_CLEAN = tuple(setting.env for setting in SETTINGS)
 
 KEYS = 8
 """Workers of the test application (:func:`write_app`)."""

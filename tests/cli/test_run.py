@@ -164,7 +164,17 @@ def test_an_app_that_fails_is_a_one_line_failure(nats_server: NatsServer, tmp_pa
 def test_run_on_an_unreachable_backend_fails_with_one_line(tmp_path: Path) -> None:
     app = write_app(tmp_path)
     url = f"nats://127.0.0.1:{free_port()}"
-    result = cloister("run", f"{app}:Shop", "--cluster", "shop", "--backend", url, timeout=30)
+    result = cloister(
+        "run",
+        f"{app}:Shop",
+        "--cluster",
+        "shop",
+        "--backend",
+        url,
+        "--connect-timeout",
+        "0",
+        timeout=30,
+    )
     assert result.returncode == 1, result
     assert_one_line_error(result, "cloister run: error:")
 

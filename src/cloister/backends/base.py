@@ -319,6 +319,12 @@ class Backend(ABC):
         return 0.0
 
     @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """True while this node can talk to the medium right now (False before
+        :meth:`connect`, while reconnecting, and once closed). The liveness probe reads it."""
+
+    @property
     def max_payload(self) -> int | None:
         """The most bytes one message to the medium may have, headers included (NATS: the
         server's ``max_payload``); None: no limit known. Callers keep

@@ -559,6 +559,11 @@ class MemoryBackend(Backend):
         return self._connected and not self.crashed and not self.partitioned
 
     @property
+    def connected(self) -> bool:
+        """See :attr:`reachable` (a partitioned node is cut off from the medium)."""
+        return self.reachable
+
+    @property
     def failover_time(self) -> float:
         """See :attr:`MemoryWorld.failover_time`."""
         return self._world.failover_time

@@ -24,13 +24,14 @@ from collections.abc import Sequence
 
 from cloister import __version__
 from cloister.cli import bench, demo, dev, node, run, status
+from cloister.cli.logs import configure_logging
 from cloister.cli.options import (
     EXIT_FAILURE,
     EXIT_USAGE,
     UsageError,
     add_common,
-    configure_logging,
     log_level,
+    resolve,
 )
 from cloister.errors import CloisterError, ConfigurationError
 
@@ -59,8 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with argparse's message on a usage error
-    configure_logging(log_level(args))
     prog = f"cloister {args.command}"
+    try:
+        resolve(args)  # the environment and the config file fill in what flags left out
+    except UsageError as exc:
+        configure_logging("warning")
+        return _fail(prog, exc, EXIT_USAGE, bool(args.debug))
+    configure_logging(log_level(args), args.log_format)
     try:
         code: int = args.run(args)
         return code

@@ -36,13 +36,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.text import Text
 
-from cloister.cli.node import parse_event, port_number
-from cloister.cli.options import (
-    EXIT_OK,
-    add_common,
-    positive_float,
-    positive_int,
-)
+from cloister.cli.node import CONFIG_EPILOG, parse_event
+from cloister.cli.options import DEV, EXIT_OK, add_common, add_settings
 from cloister.cli.run import add_app_argument, app_spec, load_app
 
 if TYPE_CHECKING:  # imported when dev runs: other commands start faster without it
@@ -66,37 +61,10 @@ def add_parser(commands: Any) -> None:
         "prefixes, and read commands from stdin: `+` adds a node, `k N` kills node N "
         "(SIGKILL), `t N` terminates it (SIGTERM), `s` shows the nodes, `q` quits. "
         "Ctrl-C, SIGTERM or `q` stop every node and the server, leaving no process behind.",
+        epilog=CONFIG_EPILOG,
     )
     add_app_argument(parser)
-    parser.add_argument(
-        "--nodes", type=positive_int, default=3, metavar="N", help="nodes to start (default 3)"
-    )
-    parser.add_argument(
-        "--chaos",
-        type=positive_float,
-        metavar="SECONDS",
-        help="every SECONDS, kill -9 a random node or add one",
-    )
-    parser.add_argument(
-        "--cluster", default="dev", metavar="NAME", help="the cluster's name (default dev)"
-    )
-    parser.add_argument(
-        "--consensus", type=positive_int, metavar="K", help="passed on to every node"
-    )
-    parser.add_argument(
-        "--nats-port",
-        type=port_number,
-        metavar="PORT",
-        help="the nats-server's client port (default: a free one)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=positive_float,
-        default=10.0,
-        metavar="S",
-        help="seconds a node may take to leave before it is killed (default 10)",
-    )
-    parser.add_argument("--seed", type=int, help="seed of --chaos's choices")
+    add_settings(parser, DEV, defaults={"cluster": "dev"})
     add_common(parser)
     parser.set_defaults(run=run)
 
@@ -224,10 +192,10 @@ class DevCluster:
         args += ["--name", name]
         if self.args.consensus is not None:
             args += ["--consensus", str(self.args.consensus)]
-        # Every node would try the same metrics port: dev nodes serve none.
-        proc = self.group.spawn_python(
-            *args, name=name, merge_stderr=True, env={"CLOISTER_METRICS_PORT": ""}
-        )
+        # Every node would try the same port: dev nodes serve no metrics and no probes
+        # (an empty variable overrides a config file's value too).
+        quiet = {"CLOISTER_METRICS_PORT": "", "CLOISTER_HEALTH_PORT": ""}
+        proc = self.group.spawn_python(*args, name=name, merge_stderr=True, env=quiet)
         node = _Node(number, proc, _COLORS[(number - 1) % len(_COLORS)])
         self.nodes[number] = node
         self.say(f"started {name} (pid {proc.pid})")

@@ -1,18 +1,27 @@
 """``cloister node``: run one bare cluster node until SIGTERM or SIGINT (graceful leave).
 
 This module also holds what ``cloister run`` shares with it: the node options
-(:func:`add_node_options`), building the :class:`Cluster` from flags and environment
-(:func:`make_cluster`), the signal-driven lifecycle (:func:`serve`) and the event lines.
+(:func:`add_node_options`), building the :class:`Cluster` from the resolved settings
+(:func:`make_cluster`), the signal-driven lifecycle (:func:`serve`: wait for the medium,
+join, serve the probes and metrics, drain within ``--shutdown-timeout``) and the event
+lines.
 
 The node prints one line per event to stdout, flushed at once, ``<kind> <fields> t=<T>``
 where ``T`` is ``time.monotonic()`` (one clock for every process of a machine, so event
 logs of several nodes can be merged). Fields are ``key=value`` without spaces; ``-`` stands
-for "none"; member lists are comma-separated. The kinds:
+for "none"; member lists are comma-separated. With ``--log-format json`` the same events
+go to stderr instead, as JSON log records of the logger ``cloister.events`` (``event``:
+the kind, plus the fields; see :mod:`cloister.cli.logs`), so that the process writes one
+format on one stream. The kinds:
 
 ``node <name> pid=<pid> starting cluster=<c> backend=<url> consensus=<k> groups=<g,h>``
     before connecting.
-``metrics port=<p>``
-    the Prometheus endpoint listens (``--metrics-port``), before connecting.
+``metrics port=<p>`` / ``health port=<p>``
+    the metrics endpoint (``--metrics-port``, with ``/healthz`` and ``/readyz``) or the
+    probes alone (``--health-port``) listen, before connecting.
+``node <name> pid=<pid> waiting attempt=<n> retry_in=<s>``
+    the medium cannot be reached yet (or JetStream is still forming): retried with
+    backoff for up to ``--connect-timeout`` seconds.
 ``node <name> pid=<pid> started cluster=<c>``
     joined (connected, member record written).
 ``state <from> -> <to> epoch=<n> members=<a,b,c> sentry=<s> fingerprint=<fp>``
@@ -35,6 +44,9 @@ for "none"; member lists are comma-separated. The kinds:
     the manager runs the ``n`` workers this node owns in epoch ``e`` (after each settle).
 ``manager stopped handed_off=<n>`` (``cloister run`` only)
     the manager handed its workers over and stopped, before the node leaves.
+``manager drain timed_out after=<s>`` (``cloister run`` only)
+    the handoff did not finish within ``--shutdown-timeout``: the node leaves anyway;
+    messages not handled stay in the inbox for the keys' next owner.
 ``node <name> pid=<pid> leaving`` then ``node <name> pid=<pid> stopped``
     graceful leave after a signal; the exit code is then 0.
 
@@ -52,26 +64,30 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from cloister._backoff import Backoff
+from cloister.cli.logs import CONTEXT, EVENT_LOGGER
 from cloister.cli.options import (
     EXIT_OK,
+    NODE,
     UsageError,
     add_common,
     add_connection,
+    add_settings,
     add_target,
     connection_options,
-    from_env,
-    groups,
-    positive_float,
-    positive_int,
+    port_number,
     redact_url,
+    render_config,
     resolve_target,
 )
 from cloister.cluster import Cluster, ClusterInfo, State, SuspendReason, Topology
+from cloister.errors import BackendUnavailableError
+from cloister.health import Health, ProbeServer, serve_health
 from cloister.metrics import (
     MetricsUnavailableError,
     NodeMetrics,
@@ -79,13 +95,33 @@ from cloister.metrics import (
     serve_metrics,
 )
 
+__all__ = [
+    "Node",
+    "NodeEvent",
+    "NodeEvents",
+    "ServeOptions",
+    "add_node_options",
+    "make_cluster",
+    "parse_event",
+    "port_number",
+    "serve",
+]
+
 log = logging.getLogger("cloister.cli")
+events_log = logging.getLogger(EVENT_LOGGER)
+
+T = TypeVar("T")
 
 _LEASE_POLL = 0.05
 _EVENT = re.compile(
-    r"^(node|state|sentry|epoch|lease|suspended|paused|resumed|manager|metrics) (.*) "
+    r"^(node|state|sentry|epoch|lease|suspended|paused|resumed|manager|metrics|health) (.*) "
     r"t=(\d+(?:\.\d+)?)$"
 )
+#: Pacing of the startup retries while the medium cannot be reached (--connect-timeout).
+CONNECT_BACKOFF = Backoff(0.25, 5.0, jitter=0.5)
+#: Of --shutdown-timeout, what is kept for leaving the cluster after the drain.
+_LEAVE_SHARE = 0.25
+_LEAVE_AT_MOST = 2.0
 
 
 def add_parser(commands: Any) -> None:
@@ -96,6 +132,7 @@ def add_parser(commands: Any) -> None:
         description="Run one bare node of a cluster until SIGTERM or SIGINT, then leave "
         "gracefully (exit 0). Prints one line per state change, sentry change and adopted "
         "epoch to stdout (see `pydoc cloister.cli.node` for the format).",
+        epilog=CONFIG_EPILOG,
     )
     add_target(parser)
     add_node_options(parser)
@@ -104,97 +141,136 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+CONFIG_EPILOG = (
+    "Every option can also come from its CLOISTER_* variable (shown with each option) or a "
+    "config file (--config, else ./cloister.toml, else [tool.cloister] in ./pyproject.toml; "
+    "keys are the options' names without --). A flag wins over its variable, a variable "
+    "over the file. --print-config shows the result and where each value came from."
+)
+
+
 def add_node_options(parser: argparse.ArgumentParser) -> None:
-    """The options of one node (``node`` and ``run``): name, consensus, groups, timing."""
-    node = parser.add_argument_group("node")
-    node.add_argument("--name", help="this node's name (default $CLOISTER_NODE, or generated)")
-    node.add_argument(
-        "--consensus",
-        type=positive_int,
-        metavar="K",
-        help="members needed before any node is ready (default $CLOISTER_CONSENSUS, or 1)",
-    )
-    node.add_argument(
-        "--group",
-        action="append",
-        metavar="G",
-        help="a named ring this node also joins; repeat for several "
-        "(default $CLOISTER_GROUPS, comma-separated)",
-    )
-    node.add_argument(
-        "--heartbeat", type=positive_float, metavar="S", help="seconds between renewals (1.0)"
-    )
-    node.add_argument(
-        "--failure-timeout",
-        type=positive_float,
-        metavar="S",
-        help="seconds after which a silent member is removed (3 heartbeats)",
-    )
-    node.add_argument(
-        "--weight", type=positive_float, metavar="W", help="share of the ring, relative (1.0)"
-    )
-    node.add_argument(
-        "--metrics-port",
-        type=port_number,
-        metavar="PORT",
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default "
-        "$CLOISTER_METRICS_PORT; needs pip install 'pycloister[metrics]')",
+    """The options of one node (``node`` and ``run``): name, consensus, groups, timing,
+    the metrics and probe endpoint, the startup wait and the shutdown cap."""
+    add_settings(parser, NODE, title="node")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings as a config file, each with where it came from, and exit",
     )
 
 
-def port_number(text: str) -> int:
-    """An argparse ``type``: a TCP port, 0 (any free port) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
-    return value
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How :func:`serve` runs a node, from the resolved settings."""
+
+    metrics_port: int | None = None
+    health_port: int | None = None
+    host: str = "0.0.0.0"
+    connect_timeout: float = 0.0
+    shutdown_timeout: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        """The options ``args`` (resolved) describe."""
+        return cls(
+            metrics_port=args.metrics_port,
+            health_port=args.health_port,
+            host=args.metrics_host,
+            connect_timeout=args.connect_timeout,
+            shutdown_timeout=args.shutdown_timeout,
+        )
 
 
 def make_cluster(
     args: argparse.Namespace, events: NodeEvents, extra_groups: tuple[str, ...] = ()
-) -> Cluster:
-    """The node ``args`` and the environment describe, reporting to ``events``.
+) -> Callable[[], Cluster]:
+    """A factory of the node ``args`` describes, reporting to ``events`` (a fresh
+    :class:`Cluster` for each attempt to join).
 
-    Also checks ``--metrics-port`` (``args.metrics_port`` is set from the environment),
-    so that a missing ``prometheus_client`` fails before anything connects.
+    Checks every setting first, and that ``prometheus_client`` is there when
+    ``--metrics-port`` asks for it, so that a mistake fails before anything connects.
 
     Raises:
-        UsageError: a flag or variable is invalid (exit 2).
+        UsageError: a flag, variable or config value is invalid (exit 2).
     """
     backend, name = resolve_target(args)
-    from_env(args, "name", "CLOISTER_NODE")
-    from_env(args, "consensus", "CLOISTER_CONSENSUS", positive_int)
-    from_env(args, "group", "CLOISTER_GROUPS", groups)
-    if from_env(args, "metrics_port", "CLOISTER_METRICS_PORT", port_number) is not None:
+    if args.metrics_port is not None:
         try:
             require_prometheus()
         except MetricsUnavailableError as exc:
             raise UsageError(f"--metrics-port: {exc}") from None
+    if args.metrics_port is not None and args.health_port is not None:
+        raise UsageError(
+            "--metrics-port already serves /healthz and /readyz: drop --health-port "
+            "(or $CLOISTER_HEALTH_PORT), or the metrics"
+        )
     settings: dict[str, Any] = {
         "heartbeat": args.heartbeat,
         "failure_timeout": args.failure_timeout,
         "weight": args.weight,
         "consensus": args.consensus,
     }
-    return Cluster(
-        name,
-        args.name,
-        backend=backend,
-        listener=events,
-        groups=(*(args.group or ()), *extra_groups),
-        backend_options=connection_options(args),
-        **{key: value for key, value in settings.items() if value is not None},
-    )
+
+    node_name: str | None = args.name
+
+    def build() -> Cluster:
+        nonlocal node_name
+        cluster = Cluster(
+            name,
+            node_name,
+            backend=backend,
+            listener=events,
+            groups=(*(args.group or ()), *extra_groups),
+            backend_options=connection_options(args),
+            **{key: value for key, value in settings.items() if value is not None},
+        )
+        node_name = cluster.node  # a generated name stays the same from one attempt to the next
+        return cluster
+
+    build()  # the settings are checked here (ConfigurationError: exit 2)
+    return build
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved settings as a config file, on stdout."""
+    sys.stdout.write(render_config(args, args.command))
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the node from ``args`` and the environment, run it until a signal."""
-    events = NodeEvents()
-    cluster = make_cluster(args, events)
-    return asyncio.run(serve(cluster, events, metrics_port=args.metrics_port))
+    """Build the node from the resolved settings, run it until a signal."""
+    if args.print_config:
+        return print_config(args)
+    events = NodeEvents(as_log=args.log_format == "json")
+    build = make_cluster(args, events)
+    return asyncio.run(serve(build, events, options=ServeOptions.from_args(args)))
+
+
+class Drain:
+    """The clock of a graceful stop: ``--shutdown-timeout`` seconds from the signal."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._began: float | None = None
+
+    def begin(self) -> None:
+        """The signal came: the clock starts (once)."""
+        if self._began is None:
+            self._began = time.monotonic()
+
+    def remaining(self, *, keep: float = 0.0) -> float | None:
+        """Seconds left (less ``keep``, never below 0); None: no cap."""
+        if self.timeout is None:
+            return None
+        began = self._began if self._began is not None else time.monotonic()
+        return max(0.0, began + self.timeout - time.monotonic() - keep)
+
+    def keep_for_leaving(self) -> float:
+        """What the drain leaves for the node to leave the cluster."""
+        if self.timeout is None:
+            return 0.0
+        return min(_LEAVE_AT_MOST, self.timeout * _LEAVE_SHARE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +280,11 @@ class Node:
     cluster: Cluster
     events: NodeEvents
     metrics: NodeMetrics | None
+    health: Health | None = None
+    drain: Drain | None = None
+    """When a stop must be done by (``--shutdown-timeout``)."""
+    retry_until: float = 0.0
+    """``time.monotonic()`` until which transient medium errors at startup are retried."""
 
 
 Attach = Callable[[Node], AbstractAsyncContextManager[object]]
@@ -212,24 +293,38 @@ Attach = Callable[[Node], AbstractAsyncContextManager[object]]
 
 
 async def serve(
-    cluster: Cluster,
+    build: Callable[[], Cluster],
     events: NodeEvents,
     *,
     attach: Attach | None = None,
-    metrics_port: int | None = None,
+    options: ServeOptions | None = None,
 ) -> int:
-    """Start ``cluster``, follow it until SIGTERM/SIGINT, leave gracefully; exit code.
+    """Start a node from ``build``, follow it until SIGTERM/SIGINT, leave gracefully; the
+    exit code.
 
-    ``attach`` runs an application while the node is up (``cloister run``'s manager);
-    ``metrics_port`` serves Prometheus metrics from before joining until the end. When
-    the application fails to start, the node still leaves gracefully before the error
-    is raised. A second signal while leaving cancels the leave (the node then expires
-    instead).
+    The medium is tried until ``options.connect_timeout`` has passed (a fresh cluster
+    object per attempt, paced by :data:`CONNECT_BACKOFF`); ``attach`` runs an
+    application while the node is up (``cloister run``'s manager); the metrics or probe
+    endpoint serves from before joining until the end. A stop takes at most
+    ``options.shutdown_timeout`` seconds: the application's drain is cut short, and so is
+    the leave. When the application fails to start, the node still leaves gracefully
+    before the error is raised. A second signal while leaving cancels the leave (the node
+    then expires instead).
     """
+    options = options or ServeOptions()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    drain = Drain(options.shutdown_timeout)
     main = asyncio.current_task()
     assert main is not None
+
+    def made() -> Cluster:
+        built = build()
+        built.add_hook(events)  # the epoch and suspended lines
+        CONTEXT.cluster = built
+        return built
+
+    cluster = made()
 
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():
@@ -237,44 +332,102 @@ async def serve(
             main.cancel()
         else:
             log.info("%s: node %s leaves cluster %s", sig.name, cluster.node, cluster.name)
+        drain.begin()
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     me = f"{cluster.node} pid={os.getpid()}"
+    retry_until = time.monotonic() + options.connect_timeout
     try:
         async with AsyncExitStack() as outer:
-            metrics = None
-            if metrics_port is not None:
-                metrics = await outer.enter_async_context(serve_metrics(cluster, port=metrics_port))
-                events.state_watchers.append(metrics.collector.state_changed)
-                events.emit(f"metrics port={metrics.port}")
+            endpoint = await _start_endpoint(outer, cluster, events, options)
             events.emit(
                 f"node {me} starting cluster={cluster.name} "
                 f"backend={redact_url(cluster.backend_url)} consensus={cluster.consensus} "
                 f"groups={_names(cluster.groups)}"
             )
-            cluster.add_hook(events)
-            if not await _join(cluster, stop):
+
+            def fresh() -> Cluster:
+                nonlocal cluster
+                cluster = made()
+                endpoint.rebind(cluster)
+                return cluster
+
+            joined = await _join(cluster, fresh, stop, retry_until, events, me)
+            if joined is None:
                 events.emit(f"node {me} stopped before joining")
                 return EXIT_OK
+            cluster = joined
             events.emit(f"node {me} started cluster={cluster.name}")
+            node = Node(cluster, events, endpoint.metrics, endpoint.health, drain, retry_until)
             try:
                 async with AsyncExitStack() as running:
                     await running.enter_async_context(_lease_watch(cluster, events))
                     if attach is not None:
-                        await running.enter_async_context(attach(Node(cluster, events, metrics)))
+                        await running.enter_async_context(attach(node))
                     await _until_stopped_or_dead(cluster, stop)
+                    drain.begin()
                     events.emit(f"node {me} leaving")
             except Exception:
                 await _leave_quietly(cluster)
                 raise
-            await cluster.stop()
+            await _leave(cluster, drain)
             events.emit(f"node {me} stopped")
             return EXIT_OK
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    """The metrics endpoint or the probes alone (or neither), pointed at the live node."""
+
+    metrics: NodeMetrics | None = None
+    probes: ProbeServer | None = None
+
+    @property
+    def health(self) -> Health | None:
+        if self.metrics is not None:
+            return self.metrics.health
+        return None if self.probes is None else self.probes.health
+
+    def rebind(self, cluster: Cluster) -> None:
+        """Report ``cluster`` from now on (a fresh attempt to join)."""
+        if self.metrics is not None:
+            self.metrics.collector.cluster = cluster
+        if self.health is not None:
+            self.health.cluster = cluster
+
+
+async def _start_endpoint(
+    stack: AsyncExitStack, cluster: Cluster, events: NodeEvents, options: ServeOptions
+) -> _Endpoint:
+    if options.metrics_port is not None:
+        metrics = await stack.enter_async_context(
+            serve_metrics(
+                cluster,
+                port=options.metrics_port,
+                host=options.host,
+                flag="--metrics-port ($CLOISTER_METRICS_PORT)",
+            )
+        )
+        events.state_watchers.append(metrics.collector.state_changed)
+        events.emit(f"metrics port={metrics.port}")
+        return _Endpoint(metrics=metrics)
+    if options.health_port is not None:
+        probes = await stack.enter_async_context(
+            serve_health(
+                cluster,
+                port=options.health_port,
+                host=options.host,
+                flag="--health-port ($CLOISTER_HEALTH_PORT)",
+            )
+        )
+        events.emit(f"health port={probes.port}")
+        return _Endpoint(probes=probes)
+    return _Endpoint()
 
 
 async def _race(task: asyncio.Future[Any], stop: asyncio.Event) -> None:
@@ -286,17 +439,70 @@ async def _race(task: asyncio.Future[Any], stop: asyncio.Event) -> None:
         stopping.cancel()
 
 
-async def _join(cluster: Cluster, stop: asyncio.Event) -> bool:
-    """Start ``cluster`` unless ``stop`` comes first; False if it did (nothing joined)."""
-    starting = asyncio.ensure_future(cluster.start())
-    await _race(starting, stop)
-    if not starting.done():  # a signal came before we had joined
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-        return False
-    starting.result()  # raises the start failure (wrong credentials, unreachable...)
-    return True
+async def _join(
+    cluster: Cluster,
+    fresh: Callable[[], Cluster],
+    stop: asyncio.Event,
+    retry_until: float,
+    events: NodeEvents,
+    me: str,
+) -> Cluster | None:
+    """Start ``cluster`` unless ``stop`` comes first (None: nothing joined).
+
+    While the medium is unreachable (or JetStream not ready: "no suitable peers" right
+    after its cluster formed) try again, with a ``fresh()`` cluster, until ``retry_until``.
+    """
+    delays = CONNECT_BACKOFF.delays()
+    attempt = 0
+    while True:
+        attempt += 1
+        starting = asyncio.ensure_future(cluster.start())
+        await _race(starting, stop)
+        if not starting.done():  # a signal came before we had joined
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return None
+        try:
+            starting.result()  # raises the start failure (wrong credentials, unreachable...)
+            return cluster
+        except BackendUnavailableError as exc:
+            pause = next(delays)
+            if time.monotonic() + pause > retry_until:
+                if attempt == 1:
+                    raise
+                raise BackendUnavailableError(
+                    f"{exc} (gave up after {attempt} attempts; --connect-timeout / "
+                    "$CLOISTER_CONNECT_TIMEOUT sets how long to keep trying)"
+                ) from exc
+            log.warning(
+                "node %s cannot join yet (%s); attempt %d, retrying in %.1fs",
+                cluster.node,
+                exc,
+                attempt,
+                pause,
+            )
+            events.emit(f"node {me} waiting attempt={attempt} retry_in={pause:.2f}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                return None
+            cluster = fresh()
+
+
+async def retry_transient(operation: Callable[[], Awaitable[T]], until: float, what: str) -> T:
+    """Run ``operation``, again while the medium is transiently unavailable, until
+    ``until`` (``time.monotonic()``); then its error is raised as it is."""
+    delays = CONNECT_BACKOFF.delays()
+    while True:
+        try:
+            return await operation()
+        except BackendUnavailableError as exc:
+            pause = next(delays)
+            if time.monotonic() + pause > until:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, pause)
+            await asyncio.sleep(pause)
 
 
 async def _until_stopped_or_dead(cluster: Cluster, stop: asyncio.Event) -> None:
@@ -308,6 +514,23 @@ async def _until_stopped_or_dead(cluster: Cluster, stop: asyncio.Event) -> None:
         dying.cancel()
     if cluster.failure is not None:
         raise cluster.failure
+
+
+async def _leave(cluster: Cluster, drain: Drain) -> None:
+    """Leave gracefully, within what is left of the shutdown timeout (at least a moment:
+    a leave saves the others waiting for our record to expire)."""
+    budget = drain.remaining()
+    if budget is not None:
+        budget = max(budget, 0.5)
+    try:
+        await asyncio.wait_for(cluster.stop(), budget)
+    except TimeoutError:
+        log.warning(
+            "node %s did not finish leaving within --shutdown-timeout (%gs); it exits now "
+            "and its member record expires on its own",
+            cluster.node,
+            drain.timeout,
+        )
 
 
 async def _leave_quietly(cluster: Cluster) -> None:
@@ -351,16 +574,34 @@ def _names(names: Any) -> str:
     return ",".join(names) or "-"
 
 
+def _scalar(text: str) -> Any:
+    """An event field's value for JSON: a whole number as a number, ``-`` as null."""
+    if text == "-":
+        return None
+    return int(text) if text.isdigit() else text
+
+
 class NodeEvents:
     """The node's listener and topology hook: prints the event lines (see module doc)."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, *, as_log: bool = False) -> None:
         self.stream = stream
+        self.as_log = as_log
+        """Log the events (``cloister.events``, INFO) instead of printing them: JSON mode."""
         self.state_watchers: list[Callable[[State, State], None]] = []
         """Also told of every state change (the metrics time rehashing with it)."""
 
     def emit(self, text: str) -> None:
-        """Print ``text t=<monotonic>`` as one flushed line (a closed stdout is ignored)."""
+        """Print ``text t=<monotonic>`` as one flushed line (a closed stdout is ignored),
+        or log it as an event record (see :attr:`as_log`)."""
+        if self.as_log:
+            kind, _, rest = text.partition(" ")
+            fields = dict(part.split("=", 1) for part in rest.split() if "=" in part)
+            events_log.info(
+                text,
+                extra={"event": kind, "event_fields": {k: _scalar(v) for k, v in fields.items()}},
+            )
+            return
         with contextlib.suppress(BrokenPipeError, ValueError):
             print(f"{text} t={time.monotonic():.6f}", file=self.stream or sys.stdout, flush=True)
 

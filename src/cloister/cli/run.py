@@ -4,15 +4,20 @@
 directory on ``sys.path``) or ``path/to/file.py:Class``. The node joins the cluster, starts
 ``await Class.start(cluster)`` and runs until SIGTERM or SIGINT; then the manager hands
 its workers over (``await manager.stop()``) and the node leaves (``await
-cluster.stop()``): exit 0. Everything can come from the environment as well
-(``CLOISTER_APP``, ``CLOISTER_BACKEND``, ``CLOISTER_CLUSTER``, ``CLOISTER_NODE``, ...; see
-:mod:`cloister.cli.options`), as container deployments expect.
+cluster.stop()``): exit 0, within ``--shutdown-timeout`` seconds (a handler still running
+then is abandoned: its message stays in the inbox for the key's next owner, and nothing
+acknowledged is lost). At startup the medium is tried for up to ``--connect-timeout``
+seconds, with backoff. Every option also comes from the environment (``CLOISTER_APP``,
+``CLOISTER_BACKEND``, ...) or a config file; ``--print-config`` shows them all and where
+each came from (see :mod:`cloister.cli.options`), as container deployments expect.
 
 Output: the event lines of ``cloister node`` (see :mod:`cloister.cli.node`) plus
-``manager ...`` lines on stdout; INFO logs (one line per topology change) on stderr.
-The node answers ``cloister.manager.status`` (live workers, counters, inbox depth) for
-``cloister status``; ``--metrics-port`` serves Prometheus metrics
-(:mod:`cloister.metrics`).
+``manager ...`` lines on stdout; INFO logs (one line per topology change) on stderr, with
+wall-clock timestamps (``--log-format json``: everything on stderr as JSON lines, see
+:mod:`cloister.cli.logs`). The node answers ``cloister.manager.status`` (live workers,
+counters, inbox depth) for ``cloister status``; ``--metrics-port`` serves Prometheus
+metrics (:mod:`cloister.metrics`) and the probes ``/healthz`` and ``/readyz``
+(:mod:`cloister.health`), ``--health-port`` the probes alone.
 
 Exit codes: 0 after a graceful leave; 1 when the backend is unreachable or the
 application fails (to import or to start); 2 when ``APP`` names no such module, file or
@@ -28,25 +33,40 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cloister.cli.node import Node, NodeEvents, add_node_options, make_cluster, serve
+from cloister.cli.node import (
+    CONFIG_EPILOG,
+    Node,
+    NodeEvents,
+    ServeOptions,
+    add_node_options,
+    make_cluster,
+    print_config,
+    retry_transient,
+    serve,
+)
 from cloister.cli.options import (
     UsageError,
     add_common,
     add_connection,
+    add_settings,
     add_target,
-    from_env,
+    required,
 )
 from cloister.cluster import Cluster, SuspendReason, Topology
 from cloister.errors import CloisterError
 from cloister.manager import DynamicManager
 from cloister.observer import MANAGER_STATUS_HANDLER, ManagerStatus
+
+log = logging.getLogger("cloister.cli")
 
 _STATUS_DEPTH_TIMEOUT = 1.0
 
@@ -65,10 +85,7 @@ def add_parser(commands: Any) -> None:
         "its workers over and leave gracefully (exit 0). Prints the event lines of "
         "`cloister node` plus `manager ...` lines; logs topology changes at INFO. Exit 2 if "
         "APP cannot be found, 1 if the backend is unreachable or the application fails.",
-        epilog="Every option can also come from the environment (a flag wins over its "
-        "variable): CLOISTER_APP, CLOISTER_BACKEND, CLOISTER_CLUSTER, CLOISTER_NODE, "
-        "CLOISTER_CONSENSUS, CLOISTER_GROUPS, CLOISTER_METRICS_PORT, CLOISTER_LOG_LEVEL, "
-        "CLOISTER_NATS_USER, CLOISTER_NATS_PASSWORD, CLOISTER_NATS_TOKEN, CLOISTER_NATS_CREDS.",
+        epilog=CONFIG_EPILOG,
     )
     add_app_argument(parser)
     add_target(parser)
@@ -80,29 +97,26 @@ def add_parser(commands: Any) -> None:
 
 def add_app_argument(parser: argparse.ArgumentParser) -> None:
     """The ``APP`` positional (``run`` and ``dev``); read it with :func:`app_spec`."""
-    parser.add_argument(
-        "app",
-        nargs="?",
-        metavar="APP",
-        help="module:Class or path/to/file.py:Class (default $CLOISTER_APP)",
-    )
+    add_settings(parser, ("app",))
 
 
 def app_spec(args: argparse.Namespace) -> str:
-    """``APP`` from the command line or ``$CLOISTER_APP`` (a :class:`UsageError` if neither)."""
-    spec: str = from_env(args, "app", "CLOISTER_APP", required="APP")
-    return spec
+    """``APP`` as resolved (command line, ``$CLOISTER_APP``, config file); a
+    :class:`UsageError` if none gives it."""
+    return str(required(args, "app"))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load APP, build the node from ``args`` and the environment, run until a signal."""
+    """Load APP, build the node from the resolved settings, run until a signal."""
+    if args.print_config:
+        return print_config(args)
     spec = app_spec(args)
     app = load_app(spec)
-    events = NodeEvents()
+    events = NodeEvents(as_log=args.log_format == "json")
     # Join the manager's group: its workers are placed only on nodes that run it.
-    cluster = make_cluster(args, events, extra_groups=(app.placement_group(),))
+    build = make_cluster(args, events, extra_groups=(app.placement_group(),))
     attach = functools.partial(_run_manager, app, spec)
-    return asyncio.run(serve(cluster, events, attach=attach, metrics_port=args.metrics_port))
+    return asyncio.run(serve(build, events, attach=attach, options=ServeOptions.from_args(args)))
 
 
 # -- loading the application ------------------------------------------------------------------
@@ -210,10 +224,15 @@ def _describe(value: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> AsyncIterator[None]:
-    """Start ``app`` on the joined node; on the way out hand everything over and stop it."""
+    """Start ``app`` on the joined node; on the way out hand everything over and stop it,
+    within the node's shutdown timeout."""
     cluster, events = node.cluster, node.events
     try:
-        manager = await app.start(cluster)
+        # Right after a NATS cluster forms, creating the manager's streams can be refused
+        # for a moment ("no suitable peers"): retried within --connect-timeout.
+        manager = await retry_transient(
+            lambda: app.start(cluster), node.retry_until, f"starting {spec}"
+        )
     except CloisterError:
         raise
     except Exception as exc:
@@ -229,6 +248,8 @@ async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> Asyn
     cluster.register_handler(MANAGER_STATUS_HANDLER, _status_handler(manager), internal=True)
     if node.metrics is not None:
         node.metrics.attach(manager)
+    elif node.health is not None:
+        node.health.attach(manager)
     try:
         yield
     except asyncio.CancelledError:
@@ -236,7 +257,24 @@ async def _run_manager(app: type[DynamicManager], spec: str, node: Node) -> Asyn
     except BaseException:
         await _stop_manager(manager, cluster, report)
         raise
-    handed = await _stop_manager(manager, cluster, report)
+    finally:
+        if node.health is not None:
+            node.health.detach(manager)  # stopping: not ready any more
+    budget = (
+        None if node.drain is None else node.drain.remaining(keep=node.drain.keep_for_leaving())
+    )
+    began = time.monotonic()
+    try:
+        handed = await asyncio.wait_for(_stop_manager(manager, cluster, report), budget)
+    except TimeoutError:
+        log.warning(
+            "manager %s did not hand over within --shutdown-timeout (%.1fs): the node "
+            "leaves now; messages not handled stay in the inbox for the keys' next owner",
+            manager.manager_name,
+            time.monotonic() - began,
+        )
+        events.emit(f"manager drain timed_out after={time.monotonic() - began:.2f}")
+        return
     events.emit(f"manager stopped handed_off={handed}")
 
 

@@ -156,6 +156,12 @@ class NatsBackend(Backend):
         return ELECTION_SECONDS if self.options.replicas > 1 else 0.0
 
     @property
+    def connected(self) -> bool:
+        """True while the client is connected (not reconnecting, not closed)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
+    @property
     def max_payload(self) -> int | None:
         """The server's ``max_payload`` (from its INFO; headers count towards it)."""
         nc = self._conn.nc

@@ -28,6 +28,12 @@ ATOMIC_PUBLISH_DISABLED = 10174
 #: is larger than the server's limit, or too many batches are in flight on the stream.
 ATOMIC_PUBLISH_NOT_NOW = frozenset({10199, 10210})
 
+#: JetStream refusals that pass on their own: "no suitable peers for placement" (10005)
+#: right after a cluster forms, before every server has reported in, and "JetStream
+#: system temporarily unavailable" (10008). They are reported as
+#: :class:`BackendUnavailableError` so that callers retry them.
+TRANSIENT_API_CODES = frozenset({10005, 10008})
+
 MIN_SERVER_VERSION = (2, 11, 0)
 #: Atomic batch publishing (ADR-50) came with nats-server 2.12.
 ATOMIC_PUBLISH_SINCE = (2, 12, 0)
@@ -90,6 +96,11 @@ def translate(exc: BaseException, what: str, url: str) -> BackendError:
         )
     if isinstance(exc, nats.errors.MaxPayloadError):
         return BackendError(f"{what}: payload larger than the server's max_payload ({url})")
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code in TRANSIENT_API_CODES:
+        return BackendUnavailableError(
+            f"{what}: JetStream at {url} cannot do it yet: {exc.description} "
+            f"(code {exc.err_code}; the servers are still forming their cluster); retrying may help"
+        )
     if isinstance(exc, nats.js.errors.APIError):
         return BackendError(
             f"{what}: JetStream at {url} refused: {exc.description} (code {exc.err_code})"
