@@ -115,7 +115,7 @@ def malformed(nodes: ClusterNodes, kind: str) -> int:
         ({"acked": True}, "acked"),
         ({"groups": [1]}, "groups"),
         ({"state": 3}, "state"),
-        ({"node": ""}, "empty"),
+        ({"node": ""}, "length >= 1"),
         ({"started_at": float("nan")}, "finite"),
         ({"inc": "7"}, "inc"),
     ],
