@@ -225,8 +225,6 @@ REQUEST: Kind[RequestWire] = Kind("request", "request", RequestWire)
 REPLY: Kind[ReplyWire] = Kind("reply", "reply", ReplyWire)
 MULTICAST: Kind[RequestWire] = Kind("multicast", "multicast", RequestWire)
 HANDOFF: Kind[HandoffWire] = Kind("handoff", "handoff batch", HandoffWire)
-VALUE: Kind[Any] = Kind("value", "value", Any)
-"""Any msgpack value (bucket keys, broker bodies): no tag, no schema beyond the wire's."""
 
 KINDS = (MEMBER, EPOCH, SENTRY, CLAIM, STATE, INBOX, DEAD_LETTER, TABLE, REQUEST, REPLY)
 """The sealed kinds, as counted in ``cloister_unauthenticated_records_total{kind}``
@@ -247,6 +245,11 @@ _REMEMBERED = 4096  # distinct rejected records remembered, so each is counted o
 class UnauthenticatedRecordError(WireFormatError):
     """A record without a valid tag from the cluster's secret: forged, written by a node
     or producer without the secret, or signed with a key this node no longer has."""
+
+
+class ForeignRecordError(WireFormatError):
+    """A sealed record read by a node that has no secret: written by a cluster that has
+    one (or forged to look so). Not counted as unauthenticated: this node checks nothing."""
 
 
 class Keyring:
@@ -298,7 +301,7 @@ class Keyring:
         sealed = len(view) > 0 and view[0] == SEALED
         if self._signing is None:
             if sealed:
-                raise WireFormatError(
+                raise ForeignRecordError(
                     f"{kind.what}: sealed with a cluster secret this node does not have; "
                     f"start it with the cluster's secret ({SECRET_ENV} or secret=)"
                 )
@@ -395,7 +398,7 @@ __all__ = [
     "STATE",
     "TABLE",
     "UNSIGNED",
-    "VALUE",
+    "ForeignRecordError",
     "Keyring",
     "Kind",
     "UnauthenticatedRecordError",

@@ -50,9 +50,12 @@ async def two_ready(nodes: ClusterNodes) -> tuple[Tally, Tally]:
     return a, b
 
 
-async def still_heals(nodes: ClusterNodes, managers: list[Tally], members: set[str]) -> None:
-    """A third node joins, everybody agrees, and casts from every node are handled."""
-    c = await nodes.start_manager("c", Tally)
+async def still_heals(
+    nodes: ClusterNodes, managers: list[Tally], members: set[str], **options: Any
+) -> None:
+    """A third node (cluster ``options``) joins, everybody agrees, and casts from every
+    node are handled."""
+    c = await nodes.start_manager("c", Tally, **options)
     members = members | {"c"}
     await eventually(lambda: nodes.agreed(members), timeout=10, what=f"{members} agree")
     for n, manager in enumerate([*managers, c]):

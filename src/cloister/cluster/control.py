@@ -29,7 +29,7 @@ from cloister.cluster.membership import GhostMemberError, MemberRecord
 from cloister.cluster.states import State
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import BackendError, KeyExistsError, RevisionMismatchError, WireFormatError
-from cloister.schema import UNSIGNED, Keyring, UnauthenticatedRecordError
+from cloister.schema import UNSIGNED, ForeignRecordError, Keyring, UnauthenticatedRecordError
 
 log = logging.getLogger("cloister.cluster")
 
@@ -104,6 +104,45 @@ async def read_members(
         except WireFormatError as exc:
             errors[name] = exc
     return records, errors
+
+
+async def foreign_members(kv: KeyValue, keyring: Keyring, *, wait: float, poll: float) -> list[str]:
+    """The member records, renewed within ``wait`` seconds, that ``keyring`` cannot
+    authenticate — when no member record authenticates: a live cluster with another
+    secret (or with none, or with one where this node has none). Empty otherwise.
+
+    A node that found such a cluster must not follow it: it would claim the sentry lease
+    and partitions over records it cannot read, and park inbox records it cannot check.
+    Records that are never renewed prove nothing (garbage heals by the usual rules), and
+    one record this node can read means the cluster is its own.
+    """
+
+    async def unreadable() -> dict[str, int] | None:
+        found: dict[str, int] = {}
+        for key, entry in (await kv.entries()).items():
+            try:
+                MemberRecord.decode(entry.value, key, keyring)
+            except (UnauthenticatedRecordError, ForeignRecordError):
+                found[key] = entry.revision
+            except WireFormatError:
+                continue
+            else:
+                return None
+        return found
+
+    first = await unreadable()
+    if not first:
+        return []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        later = await unreadable()
+        if later is None:
+            return []
+        renewed = sorted(key for key, revision in later.items() if first.get(key) != revision)
+        if renewed:
+            return renewed
+    return []
 
 
 @dataclass(frozen=True, slots=True)

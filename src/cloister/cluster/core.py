@@ -29,8 +29,15 @@ from typing import Any
 
 from cloister._loopwatch import LoopWatch, watch
 from cloister._tasks import Supervisor, wait_event
-from cloister.backends import Backend, open_backend
-from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
+from cloister.backends import Backend, KeyValue, open_backend
+from cloister.cluster.control import (
+    ClusterCounters,
+    Control,
+    Decision,
+    Facts,
+    decide,
+    foreign_members,
+)
 from cloister.cluster.hooks import Hooks, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.lease import Lease
@@ -51,7 +58,7 @@ from cloister.errors import (
     NotRunningError,
 )
 from cloister.ring import HashRing
-from cloister.schema import Keyring
+from cloister.schema import SECRET_ENV, Keyring
 from cloister.store import Table, open_table
 
 __all__ = ["Cluster", "SuspendReason", "TopologyHook"]
@@ -205,6 +212,7 @@ class Cluster(RemoteCalls):
             self._control.attach(members, control)
             self._lease.attach(members, control)
             self._move(State.ASSEMBLING)
+            await self._refuse_foreign_cluster(members)
             previous = await self._lease.check_name_free(backend)
             synced = asyncio.Event(), asyncio.Event()
             self._supervisor.spawn(
@@ -225,6 +233,21 @@ class Cluster(RemoteCalls):
             await self._teardown()
             raise
         log.info("node %s joined cluster %s via %s", self.node, self.name, backend.url)
+
+    async def _refuse_foreign_cluster(self, members: KeyValue) -> None:
+        """Refuse to join members whose records this node cannot authenticate (another
+        secret, or a secret on one side only): it could only fight them."""
+        foreign = await foreign_members(
+            members, self.keyring, wait=self.failure_timeout, poll=self.heartbeat / 2
+        )
+        if foreign:
+            mine = "has a secret they do not share" if self.keyring.signing else "has no secret"
+            raise ConfigurationError(
+                f"node {self.node} cannot join cluster {self.name!r}: its live members "
+                f"({', '.join(foreign[:5])}) write records this node cannot authenticate, "
+                f"and this node {mine}. Give every node the same secret ({SECRET_ENV} or "
+                "Cluster(secret=...)), or none to all"
+            )
 
     async def stop(self) -> None:
         """Leave gracefully: stop owned work, hand the sentry lease over, leave at once."""
