@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,15 @@ from _common import print_table, write_json
 from cloister import schema, wire
 from cloister.cluster.control import decode_sentry, encode_sentry
 from cloister.cluster.membership import MemberRecord
-from cloister.cluster.rpc import decode_reply, decode_request, encode_reply, encode_request
+from cloister.cluster.rpc import (
+    CallResult,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
 from cloister.cluster.topology import EpochRecord, MemberSpec
-from cloister.errors import WireFormatError
+from cloister.errors import RemoteError, WireFormatError
 from cloister.manager.claims import Claim
 from cloister.manager.state import Stored
 from cloister.schema import Keyring
@@ -39,13 +46,29 @@ from cloister.schema import Keyring
 # -- the decoders before the schema layer (commit d2d4ecc) ------------------------------------
 
 
+class _OldDepth(threading.local):
+    depth = 0
+
+
+_old_thread = _OldDepth()
+
+
 def _old_hook(code: int, data: bytes) -> Any:
     if code == 1:
-        return tuple(old_decode(data))
+        depth = _old_thread.depth
+        if depth >= wire.MAX_TUPLE_DEPTH:
+            raise WireFormatError(f"tuples nested more than {wire.MAX_TUPLE_DEPTH} deep")
+        _old_thread.depth = depth + 1
+        try:
+            return tuple(old_decode(data))
+        finally:
+            _old_thread.depth = depth
     raise WireFormatError(f"unknown msgpack extension type {code}")
 
 
 def old_decode(data: bytes) -> Any:
+    if len(data) > wire.MAX_BYTES:
+        raise WireFormatError(f"message of {len(data)} bytes exceeds the limit")
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_old_hook)
     except WireFormatError:
@@ -209,10 +232,13 @@ def old_request(data: bytes) -> tuple[str, Any]:
 
 
 def old_reply(data: bytes) -> Any:
-    message = old_map(data, "reply")
+    try:
+        message = old_map(data, "reply from n1")
+    except WireFormatError as exc:
+        return CallResult("n1", error=exc).unwrap()
     if "e" in message:
-        raise WireFormatError(str(message.get("m")))
-    return message.get("r")
+        return CallResult("n1", error=RemoteError(str(message.get("m", "remote error")))).unwrap()
+    return CallResult("n1", value=message.get("r")).unwrap()
 
 
 def old_handoff(data: bytes) -> tuple[int, list[Any]]:
@@ -347,25 +373,26 @@ def cases() -> list[Case]:
 
 
 def per_call(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Microseconds per call of each function: the best of ``rounds`` timed batches, the
-    functions taking turns within each round, so that load from the other processes on
-    the machine falls on all of them alike."""
+    """Microseconds of CPU per call of each function: the best of ``rounds`` timed
+    batches, the functions taking turns within each round. CPU time of this process
+    (``process_time``), not wall time: on a shared machine the time spent descheduled
+    would swamp differences of a microsecond."""
     number = 1
     first = next(iter(fns.values()))
-    while True:  # a batch long enough to time (~10 ms)
-        start = time.perf_counter()
+    while True:  # a batch long enough to time (~20 ms)
+        start = time.process_time()
         for _ in range(number):
             first()
-        if time.perf_counter() - start > 0.01:
+        if time.process_time() - start > 0.02:
             break
         number *= 2
     best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(number):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / number)
+            best[name] = min(best[name], (time.process_time() - start) / number)
     return {name: seconds * 1e6 for name, seconds in best.items()}
 
 

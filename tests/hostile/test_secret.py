@@ -207,3 +207,24 @@ async def test_forged_records_and_requests_are_refused_counted_and_logged_once(
         assert "mallory" not in set(a.cluster.siblings())
     warned = [r for r in caplog.records if "unauthenticated member record" in r.getMessage()]
     assert 1 <= len(warned) <= 3  # once per node that read it (a, b, c)
+
+
+async def test_unauthenticated_records_are_exported_by_kind(nodes: ClusterNodes) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cloister.metrics import NodeCollector
+
+    a = await nodes.start_cluster("a", secret=SECRET)
+    async with AsyncExitStack() as stack:
+        mallory = await outsider(nodes, stack)
+        members = await mallory.kv("members", ttl_keys=True)
+        await members.put("mallory", member("mallory", ttl=60.0))
+        await members.put("mallory", member("mallory", ttl=60.0, inc=8))  # another record
+        await eventually(lambda: a.counters.unauthenticated.get("member", 0) == 2)
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(a))
+    text = generate_latest(registry).decode()
+    labels = 'cluster="hostile",kind="{}",node="a"'
+    assert f"cloister_unauthenticated_records_total{{{labels.format('member')}}} 2.0" in text
+    assert f"cloister_unauthenticated_records_total{{{labels.format('inbox')}}} 0.0" in text
+    assert a.counters.malformed.get("member", 0) == 0  # counted once, as unauthenticated
