@@ -36,7 +36,8 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Annotated, Any, Generic, NoReturn, TypeVar
@@ -193,24 +194,28 @@ class Kind(Generic[T]):
 
     def parse(self, body: bytes | memoryview) -> T:
         """The typed value in ``body`` (plain msgpack); :class:`WireFormatError` if not."""
-        try:
+        with self._refusing():
             return self.decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            raise WireFormatError(f"{self.what}: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise WireFormatError(f"{self.what}: undecodable ({exc})") from None
-        except RecursionError:
-            raise WireFormatError(f"{self.what}: nested too deep") from None
 
     def convert(self, value: Any) -> T:
         """``value`` (already decoded, e.g. a request's payload) checked against the
         schema; :class:`WireFormatError` if it does not fit."""
-        try:
+        with self._refusing():
             return msgspec.convert(value, self.type, strict=True)  # type: ignore[no-any-return]
-        except msgspec.ValidationError as exc:
-            raise WireFormatError(f"{self.what}: {exc}") from None
-        except RecursionError:
-            raise WireFormatError(f"{self.what}: nested too deep") from None
+
+    @contextmanager
+    def _refusing(self) -> Iterator[None]:
+        """Whatever msgspec (or the recursion limit) refuses, as a WireFormatError."""
+        try:
+            yield
+        except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
+            if isinstance(exc, RecursionError):
+                why = "nested too deep"
+            elif isinstance(exc, msgspec.ValidationError):
+                why = str(exc)
+            else:
+                why = f"undecodable ({exc})"
+            raise WireFormatError(f"{self.what}: {why}") from None
 
 
 MEMBER: Kind[MemberWire] = Kind("member", "member record", MemberWire)

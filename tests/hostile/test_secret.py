@@ -9,8 +9,6 @@ once, logged once, and the cluster goes on. Without a secret, the bytes are as b
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -27,19 +25,12 @@ from cloister.store.keys import encode_key
 from cloister.store.table import KEY_PREFIX
 from cloister.testing import eventually
 from tests._support.nodes import ClusterNodes
-from tests._support.timing import MEMORY
-from tests.hostile.support import member
-from tests.hostile.test_control_plane import IDS, still_heals
+from tests.hostile.support import exported, member
+from tests.hostile.test_control_plane import IDS, nodes, still_heals
 from tests.manager.test_fencing import Tally
 
 SECRET = "correct horse battery staple"
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[ClusterNodes]:
-    async with AsyncExitStack() as stack:
-        url = f"memory://secret-{time.monotonic_ns()}"
-        yield ClusterNodes(stack, url, cluster="hostile", timing=MEMORY)
+__all__ = ["nodes"]  # the fixture: memory nodes of cluster "hostile"
 
 
 async def outsider(nodes: ClusterNodes, stack: AsyncExitStack) -> Backend:
@@ -210,10 +201,6 @@ async def test_forged_records_and_requests_are_refused_counted_and_logged_once(
 
 
 async def test_unauthenticated_records_are_exported_by_kind(nodes: ClusterNodes) -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from cloister.metrics import NodeCollector
-
     a = await nodes.start_cluster("a", secret=SECRET)
     async with AsyncExitStack() as stack:
         mallory = await outsider(nodes, stack)
@@ -221,10 +208,6 @@ async def test_unauthenticated_records_are_exported_by_kind(nodes: ClusterNodes)
         await members.put("mallory", member("mallory", ttl=60.0))
         await members.put("mallory", member("mallory", ttl=60.0, inc=8))  # another record
         await eventually(lambda: a.counters.unauthenticated.get("member", 0) == 2)
-    registry = CollectorRegistry()
-    registry.register(NodeCollector(a))
-    text = generate_latest(registry).decode()
-    labels = 'cluster="hostile",kind="{}",node="a"'
-    assert f"cloister_unauthenticated_records_total{{{labels.format('member')}}} 2.0" in text
-    assert f"cloister_unauthenticated_records_total{{{labels.format('inbox')}}} 0.0" in text
+    unauthenticated = exported(a, "unauthenticated_records")
+    assert (unauthenticated("member"), unauthenticated("inbox")) == (2, 0)
     assert a.counters.malformed.get("member", 0) == 0  # counted once, as unauthenticated
