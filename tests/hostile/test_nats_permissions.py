@@ -1,7 +1,8 @@
 """The NATS permissions template (deploy/nats/), against a real nats-server started from
-the wheel with it: the member user runs cluster nodes; the producer user appends inbox
-records and nothing else — it cannot write the members or control buckets, call a node's
-handlers, listen to the cluster, or delete or purge streams."""
+the wheel with it: the member user runs cluster nodes (with a cluster secret); the
+producer user appends inbox records (sealed with the secret: an unsealed one is refused
+and counted) and nothing else — it cannot write the members or control buckets, call a
+node's handlers, listen to the cluster, or delete or purge streams."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cloister import schema
 from cloister.backends import _names
 from cloister.cluster.control import EPOCH_KEY
 from cloister.cluster.rpc import encode_request
+from cloister.schema import Keyring
 from cloister.testing import NatsServer, eventually
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import NATS
@@ -26,6 +28,7 @@ from tests.manager.test_fencing import IDS, Tally
 
 CLUSTER = "perm"
 TEMPLATE = Path(__file__).parents[2] / "deploy" / "nats" / "cloister-accounts.conf.template"
+SECRET = "s3cret shared by the nodes and the producer"
 PASSWORDS = {"member": secrets.token_hex(8), "producer": secrets.token_hex(8)}
 
 
@@ -78,8 +81,8 @@ class Producer:
 async def test_the_member_user_runs_nodes_and_the_producer_only_appends(
     server: NatsServer, members: ClusterNodes
 ) -> None:
-    a = await members.start_manager("a", Tally, consensus=2)
-    await members.start_manager("b", Tally, consensus=2)
+    a = await members.start_manager("a", Tally, consensus=2, secret=SECRET)
+    await members.start_manager("b", Tally, consensus=2, secret=SECRET)
     await eventually(lambda: members.agreed({"a", "b"}), timeout=20, what="a and b agree")
     await a.cast(IDS[0], "from a member")
 
@@ -87,11 +90,14 @@ async def test_the_member_user_runs_nodes_and_the_producer_only_appends(
     await producer.connect(server)
     try:
         js = producer.nc.jetstream()
-        # what an outside producer needs: append an inbox record to its partition
+        # what an outside producer needs: append an inbox record to its partition, sealed
+        # with the cluster's secret (one without the tag is parked, not handled)
         subject = f"{_names.log_subjects(CLUSTER, 'inbox-tally')}.{a.inbox.partition_of(IDS[0])}"
-        record = schema.encode(schema.INBOX, [IDS[0], "from the producer", "p-1"])
-        ack = await js.publish(subject, record, headers={"Nats-Msg-Id": "p-1"}, timeout=5)
-        assert ack.seq >= 1
+        keyring = Keyring([SECRET])
+        for text, sealed_with in (("from the producer", keyring), ("unsealed", schema.UNSIGNED)):
+            record = schema.encode(schema.INBOX, [IDS[0], text, None], sealed_with)
+            ack = await js.publish(subject, record, timeout=5)
+            assert ack.seq >= 1
 
         def handled() -> bool:
             worker = members.managers[a.cluster.whois(IDS[0], manager=Tally)].get(IDS[0])
@@ -100,6 +106,13 @@ async def test_the_member_user_runs_nodes_and_the_producer_only_appends(
             )
 
         await eventually(handled, timeout=20, what="both casts handled")
+        await eventually(
+            lambda: sum(c.counters.unauthenticated.get("inbox", 0) for c in members.live()) == 1,
+            timeout=20,
+            what="the unsealed record refused",
+        )
+        worker = members.managers[a.cluster.whois(IDS[0], manager=Tally)].get(IDS[0])
+        assert "unsealed" not in worker.payload
 
         nc = producer.nc
         members_kv = _names.bucket_name(CLUSTER, "members")
