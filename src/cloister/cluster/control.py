@@ -106,43 +106,49 @@ async def read_members(
     return records, errors
 
 
-async def foreign_members(kv: KeyValue, keyring: Keyring, *, wait: float, poll: float) -> list[str]:
-    """The member records, renewed within ``wait`` seconds, that ``keyring`` cannot
-    authenticate — when no member record authenticates: a live cluster with another
+async def foreign_members(
+    kv: KeyValue, keyring: Keyring, *, wait: float, poll: float
+) -> list[str]:
+    """The member records ``keyring`` cannot authenticate that were renewed within
+    ``wait`` seconds while none it can authenticate was: a live cluster with another
     secret (or with none, or with one where this node has none). Empty otherwise.
 
     A node that found such a cluster must not follow it: it would claim the sentry lease
     and partitions over records it cannot read, and park inbox records it cannot check.
-    Records that are never renewed prove nothing (garbage heals by the usual rules), and
-    one record this node can read means the cluster is its own.
+    Only renewals count: a record nobody renews proves nothing (garbage and forgeries
+    heal by the usual rules), and one renewed record this node can read means the
+    cluster is its own.
     """
 
-    async def unreadable() -> dict[str, int] | None:
-        found: dict[str, int] = {}
+    async def listing() -> tuple[dict[str, int], dict[str, int]]:
+        readable: dict[str, int] = {}
+        unreadable: dict[str, int] = {}
         for key, entry in (await kv.entries()).items():
             try:
                 MemberRecord.decode(entry.value, key, keyring)
             except (UnauthenticatedRecordError, ForeignRecordError):
-                found[key] = entry.revision
+                unreadable[key] = entry.revision
             except WireFormatError:
                 continue
             else:
-                return None
-        return found
+                readable[key] = entry.revision
+        return readable, unreadable
 
-    first = await unreadable()
-    if not first:
+    def renewed(now: dict[str, int], then: dict[str, int]) -> list[str]:
+        return sorted(key for key, revision in now.items() if then.get(key) != revision)
+
+    first_readable, first_unreadable = await listing()
+    if not first_unreadable:
         return []
+    foreign: list[str] = []
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         await asyncio.sleep(poll)
-        later = await unreadable()
-        if later is None:
+        readable, unreadable = await listing()
+        if renewed(readable, first_readable):
             return []
-        renewed = sorted(key for key, revision in later.items() if first.get(key) != revision)
-        if renewed:
-            return renewed
-    return []
+        foreign = renewed(unreadable, first_unreadable) or foreign
+    return foreign
 
 
 @dataclass(frozen=True, slots=True)
