@@ -106,9 +106,7 @@ async def read_members(
     return records, errors
 
 
-async def foreign_members(
-    kv: KeyValue, keyring: Keyring, *, wait: float, poll: float
-) -> list[str]:
+async def foreign_members(kv: KeyValue, keyring: Keyring, *, wait: float, poll: float) -> list[str]:
     """The member records ``keyring`` cannot authenticate that were renewed within
     ``wait`` seconds while none it can authenticate was: a live cluster with another
     secret (or with none, or with one where this node has none). Empty otherwise.
