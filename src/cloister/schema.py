@@ -61,7 +61,11 @@ SECRET_ENV = "CLOISTER_SECRET"
 """The environment variable a cluster secret is read from: one secret, or several
 separated by commas (the first signs, all verify)."""
 
+MAX_HANDLER_NAME = 1024
+"""The longest handler name a request may carry (characters)."""
+
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+HandlerName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HANDLER_NAME)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -153,7 +157,7 @@ class DeadLetterWire(msgspec.Struct, frozen=True):
 class RequestWire(msgspec.Struct, frozen=True):
     """A request to a named handler (RPC and multicast): handler, payload, sender."""
 
-    h: Name
+    h: HandlerName
     p: Any = None
     f: str | None = None
     to: list[str] | None = None
@@ -392,6 +396,7 @@ __all__ = [
     "HANDOFF",
     "INBOX",
     "KINDS",
+    "MAX_HANDLER_NAME",
     "MAX_NAME",
     "MAX_RECORD_BYTES",
     "MEMBER",
