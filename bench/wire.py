@@ -18,6 +18,7 @@ Prints a table and writes bench/results/wire.json. Usage: python bench/wire.py [
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import threading
 import time
@@ -377,6 +378,16 @@ def per_call(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, flo
     batches, the functions taking turns within each round. CPU time of this process
     (``process_time``), not wall time: on a shared machine the time spent descheduled
     would swamp differences of a microsecond."""
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collection falling in one batch is not its cost
+    try:
+        return _per_call(fns, rounds)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _per_call(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     number = 1
     first = next(iter(fns.values()))
     while True:  # a batch long enough to time (~20 ms)

@@ -56,7 +56,7 @@ def ext_hook(code: int, data: memoryview) -> Any:
         raise WireFormatError(f"tuples nested more than {MAX_TUPLE_DEPTH} deep")
     _thread.depth = depth + 1
     try:
-        return tuple(_ANY.decode(data))
+        return _TUPLE.decode(data)
     finally:
         _thread.depth = depth
 
@@ -76,6 +76,8 @@ class _ThreadPacker(threading.local):
 _thread = _ThreadPacker()
 # msgspec's decoder (stateless, thread-safe) decodes the same values as msgpack's, faster.
 _ANY: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(ext_hook=ext_hook)
+# A tuple's extension data is a msgpack array: decoded straight into a tuple.
+_TUPLE: msgspec.msgpack.Decoder[tuple[Any, ...]] = msgspec.msgpack.Decoder(tuple, ext_hook=ext_hook)
 
 
 def encode(value: Any) -> bytes:
