@@ -189,12 +189,12 @@ class Kind(Generic[T]):
     name: str
     what: str
     type: Any
+    decoder: msgspec.msgpack.Decoder[T] = dataclass_field(init=False, repr=False)
+    """Built once per kind: msgspec compiles the type into the decoder."""
 
     def __post_init__(self) -> None:
         decoder = msgspec.msgpack.Decoder(self.type, ext_hook=wire.ext_hook)
         object.__setattr__(self, "decoder", decoder)
-
-    decoder: msgspec.msgpack.Decoder[T] = dataclass_field(init=False, repr=False)
 
     def parse(self, body: bytes | memoryview) -> T:
         """The typed value in ``body`` (plain msgpack); :class:`WireFormatError` if not."""
