@@ -14,6 +14,7 @@ ROOT = Path(cloister.__file__).parent
 LAYERS: list[set[str]] = [
     {"errors"},
     {"wire", "_tasks", "_backoff", "_loopwatch", "ring"},
+    {"schema"},
     {"backends"},
     {"store"},
     {"cluster"},

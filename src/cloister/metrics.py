@@ -30,6 +30,12 @@ metric                                            type     meaning
 ``cloister_bad_records_total``                    counter  malformed records ignored
 ``cloister_malformed_records_total{kind}``        counter  the same by kind: member,
                                                            ghost_member, epoch, sentry
+``cloister_unauthenticated_records_total{kind}``  counter  records and requests refused for a
+                                                           missing or bad tag (a cluster
+                                                           secret is set), each once, by
+                                                           kind: member, epoch, sentry, claim,
+                                                           state, inbox, dead_letter, table,
+                                                           request, reply
 ``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
                                                            tick (a callback held it)
 ``cloister_event_loop_stalls_total``              counter  loop held longer than 0.25 s (each
@@ -68,6 +74,7 @@ from cloister.cluster.control import MALFORMED_KINDS
 from cloister.cluster.states import State
 from cloister.errors import CloisterError, ConfigurationError
 from cloister.health import Health, ProbeServer
+from cloister.schema import KINDS
 
 if TYPE_CHECKING:
     from cloister.cluster import Cluster
@@ -186,6 +193,13 @@ class NodeCollector:
             "kind",
             cluster.counters.malformed,
             MALFORMED_KINDS,
+        )
+        yield labels.labelled_counter(
+            "unauthenticated_records",
+            "Records and requests refused for a missing or bad tag of the cluster secret.",
+            "kind",
+            cluster.counters.unauthenticated,
+            [kind.name for kind in KINDS],
         )
         if (loop_watch := cluster.loop_watch) is not None:
             yield labels.gauge(

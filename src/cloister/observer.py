@@ -20,6 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from cloister.errors import (
     UnknownHandlerError,
     WireFormatError,
 )
+from cloister.schema import Keyring
 
 __all__ = [
     "MANAGER_STATUS_HANDLER",
@@ -207,6 +209,8 @@ class Observer:
         backend: its backend URL (``nats://...``; ``memory://NAME`` in the same process).
         request_timeout: how long each member may take to answer ``cloister.info``.
         backend_options: passed to the backend (credentials, TLS, ...).
+        secret: the cluster secret, as for :class:`~cloister.cluster.Cluster` (None reads
+            ``CLOISTER_SECRET``): needed to read the records of a cluster that has one.
     """
 
     def __init__(
@@ -216,8 +220,10 @@ class Observer:
         *,
         request_timeout: float = 2.0,
         backend_options: dict[str, Any] | None = None,
+        secret: str | bytes | Iterable[str | bytes] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.keyring = Keyring.resolve(secret)
         self.backend_url = backend
         self.name = f"{OBSERVER_PREFIX}{secrets.token_hex(4)}"
         self.request_timeout = request_timeout
@@ -244,6 +250,7 @@ class Observer:
         """Connect and open the cluster's buckets; raises :class:`BackendError` if it can't."""
         backend = open_backend(self.backend_url, self.cluster, self.name, **self._backend_options)
         self._backend = backend
+        backend.keyring = self.keyring
         try:
             await backend.connect()
             # Same bucket settings as the members use, so that opening never conflicts.
@@ -300,12 +307,12 @@ class Observer:
         timeout = self.request_timeout if timeout is None else timeout
         try:
             reply = await backend.request(
-                node, encode_request(handler, None, self.name), timeout=timeout
+                node, encode_request(handler, None, self.name, self.keyring), timeout=timeout
             )
         except Exception as exc:
             result = failed(node, exc)
         else:
-            result = decode_reply(node, reply)
+            result = decode_reply(node, reply, self.keyring)
         return result.unwrap()
 
     async def infos(self, nodes: list[str]) -> dict[str, ClusterInfo | CloisterError]:
@@ -382,7 +389,7 @@ class Observer:
 
     async def _read_members(self) -> tuple[dict[str, MemberRecord], list[str]]:
         assert self._members is not None
-        records, errors = await read_members(self._members)
+        records, errors = await read_members(self._members, self.keyring)
         problems: list[str] = []
         for name, exc in errors.items():
             log.warning("ignoring the malformed member record %r: %s", name, exc)
@@ -391,7 +398,7 @@ class Observer:
 
     async def _read_control(self) -> tuple[EpochRecord | None, str | None, list[str]]:
         assert self._control is not None
-        snapshot = await read_control(self._control)
+        snapshot = await read_control(self._control, self.keyring)
         problems: list[str] = []
         for exc in (snapshot.epoch_error, snapshot.sentry_error):
             if exc is not None:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloister.errors import BackendError, ConfigurationError, FencedWriteError
+from cloister.schema import UNSIGNED, Keyring
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 """Answers one request addressed to this node: payload in, reply out."""
@@ -309,6 +310,10 @@ class Backend(ABC):
     cluster: str
     #: This node's name.
     node: str
+    #: What the layers above seal the records they store with, and check the records
+    #: they read against (the cluster sets it: ``Cluster(secret=...)``); the backend
+    #: itself carries bytes and never looks inside.
+    keyring: Keyring = UNSIGNED
 
     @property
     def failover_time(self) -> float:

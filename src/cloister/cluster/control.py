@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
-from cloister import wire
+from cloister import schema
 from cloister._backoff import Backoff
 from cloister._tasks import wait_event
 from cloister.backends import KeyValue, KVEvent, KVOp
@@ -29,6 +29,7 @@ from cloister.cluster.membership import GhostMemberError, MemberRecord
 from cloister.cluster.states import State
 from cloister.cluster.topology import EpochRecord, Topology
 from cloister.errors import BackendError, KeyExistsError, RevisionMismatchError, WireFormatError
+from cloister.schema import UNSIGNED, ForeignRecordError, Keyring, UnauthenticatedRecordError
 
 log = logging.getLogger("cloister.cluster")
 
@@ -49,10 +50,13 @@ class ClusterCounters:
     heartbeat_failures: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
+    unauthenticated: dict[str, int] = field(default_factory=dict)
+    """Records and requests refused for a missing or bad tag, by kind
+    (:data:`cloister.schema.KINDS`): the node's keyring counts them, each record once."""
 
     def as_dict(self) -> dict[str, int]:
-        """The plain counters by name (``malformed`` is a breakdown, read it alone)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "malformed"}
+        """The plain counters by name (the breakdowns by kind are read alone)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _BY_KIND}
 
     def count_malformed(self, kind: str) -> None:
         """One more malformed record of ``kind``."""
@@ -61,11 +65,13 @@ class ClusterCounters:
 
     def __getitem__(self, name: str) -> int:
         """``counters["fenced"]``: read by name, as when the counters were a dict."""
-        if name not in self.__dataclass_fields__ or name == "malformed":
+        if name not in self.__dataclass_fields__ or name in _BY_KIND:
             raise KeyError(name)
         value: int = getattr(self, name)
         return value
 
+
+_BY_KIND = ("malformed", "unauthenticated")
 
 MALFORMED_KINDS = ("member", "ghost_member", "epoch", "sentry")
 """The kinds of malformed control-plane records counted in ``ClusterCounters.malformed``:
@@ -76,26 +82,71 @@ undecodable epoch record, an undecodable sentry lease."""
 # -- readers --------------------------------------------------------------------------------
 
 
-def decode_sentry(value: bytes) -> str:
+def encode_sentry(node: str, keyring: Keyring = UNSIGNED) -> bytes:
+    """The sentry lease naming ``node`` as its holder."""
+    return schema.encode(schema.SENTRY, {"node": node}, keyring)
+
+
+def decode_sentry(value: bytes, keyring: Keyring = UNSIGNED) -> str:
     """The holder named by a sentry lease; :class:`WireFormatError` if malformed."""
-    holder: str = wire.field(wire.decode_map(value, "sentry lease"), "node", str, "sentry lease")
-    if not holder:
-        raise WireFormatError("sentry lease: empty node name")
-    return holder
+    return schema.decode(schema.SENTRY, value, keyring).node
 
 
 async def read_members(
-    kv: KeyValue,
+    kv: KeyValue, keyring: Keyring = UNSIGNED
 ) -> tuple[dict[str, MemberRecord], dict[str, WireFormatError]]:
     """Every member record by node name, and the malformed ones' errors by key."""
     records: dict[str, MemberRecord] = {}
     errors: dict[str, WireFormatError] = {}
     for name, entry in (await kv.entries()).items():
         try:
-            records[name] = MemberRecord.decode(entry.value, name)
+            records[name] = MemberRecord.decode(entry.value, name, keyring)
         except WireFormatError as exc:
             errors[name] = exc
     return records, errors
+
+
+async def foreign_members(kv: KeyValue, keyring: Keyring, *, wait: float, poll: float) -> list[str]:
+    """The member records ``keyring`` cannot authenticate that were renewed within
+    ``wait`` seconds while none it can authenticate was: a live cluster with another
+    secret (or with none, or with one where this node has none). Empty otherwise.
+
+    A node that found such a cluster must not follow it: it would claim the sentry lease
+    and partitions over records it cannot read, and park inbox records it cannot check.
+    Only renewals count: a record nobody renews proves nothing (garbage and forgeries
+    heal by the usual rules), and one renewed record this node can read means the
+    cluster is its own.
+    """
+
+    async def listing() -> tuple[dict[str, int], dict[str, int]]:
+        readable: dict[str, int] = {}
+        unreadable: dict[str, int] = {}
+        for key, entry in (await kv.entries()).items():
+            try:
+                MemberRecord.decode(entry.value, key, keyring)
+            except (UnauthenticatedRecordError, ForeignRecordError):
+                unreadable[key] = entry.revision
+            except WireFormatError:
+                continue
+            else:
+                readable[key] = entry.revision
+        return readable, unreadable
+
+    def renewed(now: dict[str, int], then: dict[str, int]) -> list[str]:
+        return sorted(key for key, revision in now.items() if then.get(key) != revision)
+
+    first_readable, first_unreadable = await listing()
+    if not first_unreadable:
+        return []
+    foreign: list[str] = []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        readable, unreadable = await listing()
+        if renewed(readable, first_readable):
+            return []
+        foreign = renewed(unreadable, first_unreadable) or foreign
+    return foreign
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +163,7 @@ class ControlSnapshot:
     """The revision of the sentry lease (valid or not)."""
 
 
-async def read_control(kv: KeyValue) -> ControlSnapshot:
+async def read_control(kv: KeyValue, keyring: Keyring = UNSIGNED) -> ControlSnapshot:
     """Read the ``control`` bucket once."""
     entries = await kv.entries()
     epoch = epoch_error = sentry = sentry_error = sentry_revision = None
@@ -120,13 +171,13 @@ async def read_control(kv: KeyValue) -> ControlSnapshot:
     if (entry := entries.get(EPOCH_KEY)) is not None:
         epoch_revision = entry.revision
         try:
-            epoch = EpochRecord.decode(entry.value)
+            epoch = EpochRecord.decode(entry.value, keyring)
         except WireFormatError as exc:
             epoch_error = exc
     if (entry := entries.get(SENTRY_KEY)) is not None:
         sentry_revision = entry.revision
         try:
-            sentry = decode_sentry(entry.value)
+            sentry = decode_sentry(entry.value, keyring)
         except WireFormatError as exc:
             sentry_error = exc
     return ControlSnapshot(
@@ -141,9 +192,15 @@ class Control:
     """
 
     def __init__(
-        self, node: str, heartbeat: float, counters: ClusterCounters, wake: Callable[[], None]
+        self,
+        node: str,
+        heartbeat: float,
+        counters: ClusterCounters,
+        wake: Callable[[], None],
+        keyring: Keyring = UNSIGNED,
     ) -> None:
         self.node = node
+        self.keyring = keyring
         self.heartbeat = heartbeat
         self.counters = counters
         self.wake = wake
@@ -238,7 +295,7 @@ class Control:
         """The record stored under ``key`` at ``revision``; None if malformed or a ghost
         (counted and logged once per key and revision)."""
         try:
-            return MemberRecord.decode(data, key)
+            return MemberRecord.decode(data, key, self.keyring)
         except GhostMemberError as exc:
             self._malformed("ghost_member", key, revision, exc, "ignoring a ghost member record")
         except WireFormatError as exc:
@@ -264,6 +321,11 @@ class Control:
         if len(self._logged) > 10_000:
             self._logged.clear()
         self._logged.add(seen)
+        if isinstance(exc, UnauthenticatedRecordError):
+            # Counted (by kind) and logged once by the keyring, not as malformed; the
+            # repair is the same: ignored, overwritten or outwaited.
+            log.debug("%s (node %s, revision %d): %s", what, self.node, revision, exc)
+            return
         self.counters.count_malformed(kind)
         log.warning("%s (node %s, revision %d): %s", what, self.node, revision, exc)
 
@@ -299,7 +361,7 @@ class Control:
     async def reload_control(self) -> None:
         """Take the sentry holder and the epoch record from a full listing."""
         assert self._control_kv is not None
-        snapshot = await read_control(self._control_kv)
+        snapshot = await read_control(self._control_kv, self.keyring)
         if snapshot.sentry_error is not None and snapshot.sentry_revision is not None:
             self._bad_sentry(snapshot.sentry_error, snapshot.sentry_revision)
         else:
@@ -316,7 +378,7 @@ class Control:
         if event.key == SENTRY_KEY:
             if event.op is KVOp.PUT and event.value is not None:
                 try:
-                    self.sentry_holder = decode_sentry(event.value)
+                    self.sentry_holder = decode_sentry(event.value, self.keyring)
                     self.sentry_garbage = None
                 except WireFormatError as exc:
                     self._bad_sentry(exc, event.revision)
@@ -324,7 +386,7 @@ class Control:
                 self.sentry_holder = self.sentry_garbage = None
         elif event.key == EPOCH_KEY and event.op is KVOp.PUT and event.value is not None:
             try:
-                record = EpochRecord.decode(event.value)
+                record = EpochRecord.decode(event.value, self.keyring)
             except WireFormatError as exc:
                 self._bad_epoch(exc, event.revision)
                 self.wake()
@@ -356,10 +418,10 @@ class Control:
         assert self._control_kv is not None
         try:
             if self.epoch_revision is None:
-                revision = await self._control_kv.create(EPOCH_KEY, record.encode())
+                revision = await self._control_kv.create(EPOCH_KEY, record.encode(self.keyring))
             else:
                 revision = await self._control_kv.update(
-                    EPOCH_KEY, record.encode(), revision=self.epoch_revision
+                    EPOCH_KEY, record.encode(self.keyring), revision=self.epoch_revision
                 )
         except (RevisionMismatchError, KeyExistsError):
             # Somebody wrote in between: look again, after a pause that grows while the

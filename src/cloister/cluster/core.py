@@ -29,8 +29,15 @@ from typing import Any
 
 from cloister._loopwatch import LoopWatch, watch
 from cloister._tasks import Supervisor, wait_event
-from cloister.backends import Backend, open_backend
-from cloister.cluster.control import ClusterCounters, Control, Decision, Facts, decide
+from cloister.backends import Backend, KeyValue, open_backend
+from cloister.cluster.control import (
+    ClusterCounters,
+    Control,
+    Decision,
+    Facts,
+    decide,
+    foreign_members,
+)
 from cloister.cluster.hooks import Hooks, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.lease import Lease
@@ -51,6 +58,7 @@ from cloister.errors import (
     NotRunningError,
 )
 from cloister.ring import HashRing
+from cloister.schema import SECRET_ENV, Keyring
 from cloister.store import Table, open_table
 
 __all__ = ["Cluster", "SuspendReason", "TopologyHook"]
@@ -77,6 +85,11 @@ class Cluster(RemoteCalls):
             static ``sentry: [...]`` list).
         request_timeout: default timeout of ``multicall``.
         backend_options: passed to the backend (NATS credentials, TLS, ...).
+        secret: the cluster secret every record and internal request is sealed with
+            (HMAC-SHA256, see :mod:`cloister.schema`): a str (several separated by
+            commas: the first signs, all verify), bytes, or a list of them. None reads
+            ``CLOISTER_SECRET``; unset, records are not sealed. Every node of a cluster
+            needs the same secret: records without a valid tag are ignored and counted.
     """
 
     def __init__(
@@ -94,6 +107,7 @@ class Cluster(RemoteCalls):
         expected: Collection[str] = (),
         request_timeout: float = 5.0,
         backend_options: dict[str, Any] | None = None,
+        secret: str | bytes | Iterable[str | bytes] | None = None,
     ) -> None:
         settings = ClusterSettings.check(
             name,
@@ -123,7 +137,8 @@ class Cluster(RemoteCalls):
         self._backend_options = dict(backend_options or {})
         self._listener = ListenerDispatcher(listener)
         self._machine = StateMachine()
-        self._handlers = Handlers(node)
+        self.keyring = keyring = Keyring.resolve(secret)
+        self._handlers = Handlers(node, keyring)
         self._handlers.register("cloister.info", self._info_handler, builtin=True)
         self._handlers.register("cloister.ping", lambda _payload: "pong", builtin=True)
         self._requests = Requests(node, self._handlers, self._require_backend)
@@ -131,9 +146,9 @@ class Cluster(RemoteCalls):
         self._supervisor = Supervisor(f"cluster {name}/{node}")
         self._backend: Backend | None = None
         self._wake = asyncio.Event()
-        self.counters = ClusterCounters()
+        self.counters = ClusterCounters(unauthenticated=keyring.rejected)
         # Facts fed by the watches and the heartbeat; decisions are taken in _step().
-        self._control = Control(node, self.heartbeat, self.counters, self._wake.set)
+        self._control = Control(node, self.heartbeat, self.counters, self._wake.set, keyring)
         self._lease = Lease(
             name,
             node,
@@ -142,6 +157,7 @@ class Cluster(RemoteCalls):
             machine=self._machine,
             counters=self.counters,
             wake=self._wake.set,
+            keyring=keyring,
         )
         # What this node has adopted.
         self._topology: Topology | None = None
@@ -183,6 +199,7 @@ class Cluster(RemoteCalls):
         self._backend = backend = open_backend(
             self.backend_url, self.name, self.node, **self._backend_options
         )
+        backend.keyring = self.keyring  # what the store and the managers seal records with
         self._listener.start()
         self._loop_watch = watch()
         self._loop_watch.start()
@@ -195,6 +212,7 @@ class Cluster(RemoteCalls):
             self._control.attach(members, control)
             self._lease.attach(members, control)
             self._move(State.ASSEMBLING)
+            await self._refuse_foreign_cluster(members)
             previous = await self._lease.check_name_free(backend)
             synced = asyncio.Event(), asyncio.Event()
             self._supervisor.spawn(
@@ -215,6 +233,21 @@ class Cluster(RemoteCalls):
             await self._teardown()
             raise
         log.info("node %s joined cluster %s via %s", self.node, self.name, backend.url)
+
+    async def _refuse_foreign_cluster(self, members: KeyValue) -> None:
+        """Refuse to join members whose records this node cannot authenticate (another
+        secret, or a secret on one side only): it could only fight them."""
+        foreign = await foreign_members(
+            members, self.keyring, wait=self.failure_timeout, poll=self.heartbeat / 2
+        )
+        if foreign:
+            mine = "has a secret they do not share" if self.keyring.signing else "has no secret"
+            raise ConfigurationError(
+                f"node {self.node} cannot join cluster {self.name!r}: its live members "
+                f"({', '.join(foreign[:5])}) write records this node cannot authenticate, "
+                f"and this node {mine}. Give every node the same secret ({SECRET_ENV} or "
+                "Cluster(secret=...)), or none to all"
+            )
 
     async def stop(self) -> None:
         """Leave gracefully: stop owned work, hand the sentry lease over, leave at once."""

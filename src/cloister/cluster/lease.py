@@ -14,9 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cloister import wire
 from cloister.backends import Backend, KeyValue
-from cloister.cluster.control import SENTRY_KEY, ClusterCounters
+from cloister.cluster.control import SENTRY_KEY, ClusterCounters, decode_sentry, encode_sentry
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.rpc import encode_request
 from cloister.cluster.states import StateMachine
@@ -29,6 +28,7 @@ from cloister.errors import (
     RevisionMismatchError,
     WireFormatError,
 )
+from cloister.schema import UNSIGNED, Keyring
 
 log = logging.getLogger("cloister.cluster")
 
@@ -61,9 +61,11 @@ class Lease:
         machine: StateMachine,
         counters: ClusterCounters,
         wake: Callable[[], None],
+        keyring: Keyring = UNSIGNED,
     ) -> None:
         self.cluster = cluster
         self.node = node
+        self.keyring = keyring
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
         self._machine = machine
@@ -124,7 +126,7 @@ class Lease:
         try:
             await backend.request(
                 self.node,
-                encode_request("cloister.ping", None, self.node),
+                encode_request("cloister.ping", None, self.node, self.keyring),
                 timeout=min(1.0, self.heartbeat),
             )
         except BackendError:
@@ -143,11 +145,14 @@ class Lease:
         sent = time.monotonic()
         if previous_revision is None:
             revision = await self._members_kv.create(
-                self.node, record.encode(), ttl=self.failure_timeout
+                self.node, record.encode(self.keyring), ttl=self.failure_timeout
             )
         else:
             revision = await self._members_kv.update(
-                self.node, record.encode(), revision=previous_revision, ttl=self.failure_timeout
+                self.node,
+                record.encode(self.keyring),
+                revision=previous_revision,
+                ttl=self.failure_timeout,
             )
         self.record, self.record_revision = record, revision
         self.renewed_until = sent + self.fence_after
@@ -164,7 +169,7 @@ class Lease:
                     raise RevisionMismatchError("no record")
                 revision = await self._members_kv.update(
                     self.node,
-                    record.encode(),
+                    record.encode(self.keyring),
                     revision=self.record_revision,
                     ttl=self.failure_timeout,
                 )
@@ -180,7 +185,7 @@ class Lease:
         current = await self._members_kv.get(self.node)
         if current is not None:
             try:
-                other = MemberRecord.decode(current.value)
+                other = MemberRecord.decode(current.value, None, self.keyring)
             except WireFormatError:
                 other = None
             if other is not None and other.incarnation != record.incarnation:
@@ -189,14 +194,19 @@ class Lease:
                     "this one stops claiming keys"
                 )
             return await self._members_kv.update(
-                self.node, record.encode(), revision=current.revision, ttl=self.failure_timeout
+                self.node,
+                record.encode(self.keyring),
+                revision=current.revision,
+                ttl=self.failure_timeout,
             )
         log.warning("node %s lost its membership (expired); fencing, then rejoining", self.node)
         # The others dropped us and may have given our keys away meanwhile: whatever we
         # hold in memory is stale even though the new record makes the lease valid again.
         self._expired = True
         self._wake()
-        return await self._members_kv.create(self.node, record.encode(), ttl=self.failure_timeout)
+        return await self._members_kv.create(
+            self.node, record.encode(self.keyring), ttl=self.failure_timeout
+        )
 
     def take_expiry(self) -> bool:
         """True once after our record expired and was written anew (see :meth:`write_record`):
@@ -238,7 +248,7 @@ class Lease:
         """Try to win the free sentry lease — or, with ``over``, the undecodable one at
         that revision (nobody holds a lease that names nobody); True if we did."""
         assert self._control_kv is not None
-        value = wire.encode({"node": self.node})
+        value = encode_sentry(self.node, self.keyring)
         try:
             if over is None:
                 revision = await self._control_kv.create(
@@ -263,14 +273,14 @@ class Lease:
         try:
             self.sentry_revision = await self._control_kv.update(
                 SENTRY_KEY,
-                wire.encode({"node": self.node}),
+                encode_sentry(self.node, self.keyring),
                 revision=self.sentry_revision,
                 ttl=self.failure_timeout,
             )
             self.sentry_until = sent + self.fence_after
         except RevisionMismatchError:
             current = await self._control_kv.get(SENTRY_KEY, consistent=True)
-            if current is not None and current.value == wire.encode({"node": self.node}):
+            if current is not None and current.value == encode_sentry(self.node, self.keyring):
                 # A renewal we gave up on landed after all: the lease is still ours.
                 self.sentry_revision = await self._control_kv.update(
                     SENTRY_KEY, current.value, revision=current.revision, ttl=self.failure_timeout
@@ -307,13 +317,12 @@ class Lease:
         if current is None:
             return
         try:
-            holder = wire.decode_map(current.value, "record")
+            if key == SENTRY_KEY:
+                ours = decode_sentry(current.value, self.keyring) == self.node
+            else:
+                other = MemberRecord.decode(current.value, key, self.keyring)
+                ours = self.record is not None and other.incarnation == self.record.incarnation
         except WireFormatError:
             return
-        ours = (
-            holder.get("inc") == self.record.incarnation
-            if key == self.node and self.record is not None
-            else holder.get("node") == self.node
-        )
         if ours:
             await kv.delete(key, revision=current.revision)

@@ -10,13 +10,13 @@ starts a moved key until every member has acknowledged — the handoff barrier.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cloister import wire
-from cloister.cluster.topology import MemberSpec, member_weight
+from cloister import schema
+from cloister.cluster.topology import MemberSpec
 from cloister.errors import WireFormatError
+from cloister.schema import UNSIGNED, Keyring
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,8 @@ class MemberRecord:
         """A copy with ``changes`` applied."""
         return replace(self, **changes)
 
-    def encode(self) -> bytes:
+    def encode(self, keyring: Keyring = UNSIGNED) -> bytes:
+        """The record as stored (sealed when ``keyring`` has a secret)."""
         fields = {
             "node": self.node,
             "inc": self.incarnation,
@@ -55,56 +56,35 @@ class MemberRecord:
         }
         if self.ttl is not None:
             fields["ttl"] = self.ttl
-        return wire.encode(fields)
+        return schema.encode(schema.MEMBER, fields, keyring)
 
     @classmethod
-    def decode(cls, data: bytes, key: str | None = None) -> MemberRecord:
+    def decode(
+        cls, data: bytes, key: str | None = None, keyring: Keyring = UNSIGNED
+    ) -> MemberRecord:
         """The record in ``data``; :class:`WireFormatError` if it breaks the schema, or if
         ``key`` (the key it was stored under) is not the node it names."""
-        what = "member record" if key is None else f"member record {key!r}"
-        message = wire.decode_map(data, what, ("node", "inc", "weight", "groups", "started_at"))
-        node = wire.field(message, "node", str, what)
-        if not node:
-            raise WireFormatError(f"{what}: empty node name")
-        if key is not None and node != key:
-            raise GhostMemberError(f"{what} names another node, {node!r}: a ghost member")
-        groups = wire.field(message, "groups", list, what)
-        if not all(isinstance(g, str) and g for g in groups):
-            raise WireFormatError(f"{what}: groups should be non-empty strings, got {groups!r}")
-        acked = message.get("acked", 0)
-        if not isinstance(acked, int) or isinstance(acked, bool) or acked < 0:
-            raise WireFormatError(f"{what}: field 'acked' should be an int >= 0, got {acked!r}")
-        state = message.get("state", "")
-        if not isinstance(state, str):
-            raise WireFormatError(f"{what}: field 'state' should be str, got {state!r}")
-        ttl = message.get("ttl")
-        if ttl is not None:
-            if not isinstance(ttl, int | float) or isinstance(ttl, bool):
-                raise WireFormatError(f"{what}: field 'ttl' should be a number, got {ttl!r}")
-            ttl = _finite(ttl, what)
-            if ttl <= 0:
-                raise WireFormatError(f"{what}: field 'ttl' should be > 0, got {ttl!r}")
+        try:
+            wire_record = schema.decode(schema.MEMBER, data, keyring)
+        except WireFormatError as exc:
+            if key is None:
+                raise
+            raise type(exc)(f"{exc} (key {key!r})") from None
+        if key is not None and wire_record.node != key:
+            raise GhostMemberError(
+                f"member record {key!r} names another node, {wire_record.node!r}: a ghost member"
+            )
         return cls(
-            node=node,
-            incarnation=wire.field(message, "inc", int, what),
-            weight=member_weight(wire.field(message, "weight", (int, float), what), what),
-            groups=tuple(groups),
-            started_at=_finite(wire.field(message, "started_at", (int, float), what), what),
-            acked=acked,
-            state=state,
-            ttl=ttl,
+            node=wire_record.node,
+            incarnation=wire_record.inc,
+            weight=wire_record.weight,
+            groups=tuple(wire_record.groups),
+            started_at=wire_record.started_at,
+            acked=wire_record.acked,
+            state=wire_record.state,
+            ttl=wire_record.ttl,
         )
 
 
 class GhostMemberError(WireFormatError):
     """A member record stored under a key that is not the name of the node it describes."""
-
-
-def _finite(value: float, what: str) -> float:
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise WireFormatError(f"{what}: expected a finite number, got {value!r}")
-    return number

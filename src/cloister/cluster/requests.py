@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from cloister import wire
+from cloister import schema
 from cloister.backends import Backend
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.rpc import (
@@ -52,11 +52,13 @@ class Requests:
                 return failed(node, exc)
         try:
             reply = await backend.request(
-                node, encode_request(handler, payload, self.node), timeout=timeout
+                node,
+                encode_request(handler, payload, self.node, self.handlers.keyring),
+                timeout=timeout,
             )
         except Exception as exc:
             return failed(node, exc)
-        return decode_reply(node, reply)
+        return decode_reply(node, reply, self.handlers.keyring)
 
     async def multicall(
         self, handler: str, payload: Any, targets: Iterable[str], timeout: float
@@ -76,22 +78,24 @@ class Requests:
             "f": self.node,
             "to": None if nodes is None else list(nodes),
         }
-        await backend.publish(MULTICAST_TOPIC, wire.encode(message))
+        await backend.publish(
+            MULTICAST_TOPIC, schema.encode(schema.MULTICAST, message, self.handlers.keyring)
+        )
 
     async def on_multicast(self, data: bytes) -> None:
         """Answer one multicast addressed to everyone or to this node."""
         try:
-            message = wire.decode_map(data, "multicast", ("h",))
-            name = wire.field(message, "h", str, "multicast")
+            message = schema.decode(schema.MULTICAST, data, self.handlers.keyring)
+            name = message.h
         except WireFormatError as exc:
             self.handlers.errors += 1
             log.warning("node %s rejected a malformed multicast: %s", self.node, exc)
             return
-        targets = message.get("to")
+        targets = message.to
         if targets is not None and self.node not in targets:
             return
         try:
-            await self.handlers.invoke(name, message.get("p"))
+            await self.handlers.invoke(name, message.p)
         except Exception:
             self.handlers.errors += 1
             log.exception("multicast handler %r failed on node %s", name, self.node)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloister import wire
+from cloister import schema
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
@@ -29,6 +29,7 @@ from cloister.errors import (
     UnknownHandlerError,
     WireFormatError,
 )
+from cloister.schema import UNSIGNED, Keyring
 
 log = logging.getLogger("cloister.cluster.rpc")
 
@@ -70,8 +71,9 @@ class CallResult:
 class Handlers:
     """The registry of named handlers on one node, and the request dispatcher."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, keyring: Keyring = UNSIGNED) -> None:
         self.node = node
+        self.keyring = keyring
         self.errors = 0
         self._handlers: dict[str, Handler] = {}
 
@@ -101,46 +103,61 @@ class Handlers:
     async def answer(self, request: bytes) -> bytes:
         """Decode a request, run its handler, encode the reply. Never raises."""
         try:
-            message = wire.decode_map(request, "request", ("h",))
-            name = wire.field(message, "h", str, "request")
+            message = decode_request(request, self.keyring)
+            name = message.h
         except WireFormatError as exc:
             self.errors += 1
             log.warning("rejected a malformed request: %s", exc)
-            return wire.encode({"e": "bad_request", "m": str(exc)})
+            return encode_reply({"e": "bad_request", "m": str(exc)}, self.keyring)
         try:
-            result = await self.invoke(name, message.get("p"))
-            return wire.encode({"r": result})
+            result = await self.invoke(name, message.p)
+            return encode_reply({"r": result}, self.keyring)
         except UnknownHandlerError as exc:
-            return wire.encode({"e": "unknown_handler", "m": str(exc)})
+            return encode_reply({"e": "unknown_handler", "m": str(exc)}, self.keyring)
         except CloisterError as exc:  # an expected refusal (not owner, unknown worker...)
             log.debug("handler %r on node %s refused: %r", name, self.node, exc)
             kind = _KIND_OF.get(type(exc), "handler_failed")
-            return wire.encode(
-                {"e": kind, "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
+            return encode_reply(
+                {"e": kind, "m": f"handler {name!r} on node {self.node} raised {exc!r}"},
+                self.keyring,
             )
         except Exception as exc:
             self.errors += 1
             log.exception("handler %r failed on node %s", name, self.node)
-            return wire.encode(
-                {"e": "handler_failed", "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
+            return encode_reply(
+                {
+                    "e": "handler_failed",
+                    "m": f"handler {name!r} on node {self.node} raised {exc!r}",
+                },
+                self.keyring,
             )
 
 
-def encode_request(name: str, payload: Any, sender: str) -> bytes:
-    """The request envelope for handler ``name``."""
-    return wire.encode({"h": name, "p": payload, "f": sender})
+def encode_request(name: str, payload: Any, sender: str, keyring: Keyring = UNSIGNED) -> bytes:
+    """The request envelope for handler ``name`` (sealed when ``keyring`` has a secret)."""
+    return schema.encode(schema.REQUEST, {"h": name, "p": payload, "f": sender}, keyring)
 
 
-def decode_reply(node: str, reply: bytes) -> CallResult:
+def decode_request(request: bytes, keyring: Keyring = UNSIGNED) -> schema.RequestWire:
+    """A request envelope, checked; :class:`WireFormatError` if malformed or forged."""
+    return schema.decode(schema.REQUEST, request, keyring)
+
+
+def encode_reply(fields: dict[str, Any], keyring: Keyring = UNSIGNED) -> bytes:
+    """A reply envelope: ``{"r": result}`` or ``{"e": kind, "m": message}``."""
+    return schema.encode(schema.REPLY, fields, keyring)
+
+
+def decode_reply(node: str, reply: bytes, keyring: Keyring = UNSIGNED) -> CallResult:
     """Turn a reply envelope into a :class:`CallResult`."""
     try:
-        message = wire.decode_map(reply, f"reply from {node}")
+        message = schema.decode(schema.REPLY, reply, keyring)
     except WireFormatError as exc:
-        return CallResult(node, error=exc)
-    if "e" in message:
-        kind = _ERRORS.get(str(message.get("e")), RemoteError)
-        return CallResult(node, error=kind(str(message.get("m", "remote error"))))
-    return CallResult(node, value=message.get("r"))
+        return CallResult(node, error=type(exc)(f"reply from {node}: {exc}"))
+    if message.e is not None:
+        kind = _ERRORS.get(message.e, RemoteError)
+        return CallResult(node, error=kind(message.m))
+    return CallResult(node, value=message.r)
 
 
 def failed(node: str, exc: Exception) -> CallResult:
@@ -155,6 +172,8 @@ __all__ = [
     "Handler",
     "Handlers",
     "decode_reply",
+    "decode_request",
+    "encode_reply",
     "encode_request",
     "failed",
 ]

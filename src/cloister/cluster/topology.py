@@ -9,15 +9,14 @@ membership changes into new epochs, through a compare-and-set on the record.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloister import wire
+from cloister import schema
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placement
-from cloister.errors import WireFormatError
 from cloister.ring import HashRing
+from cloister.schema import UNSIGNED, Keyring
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,33 +30,6 @@ class MemberSpec:
     def to_wire(self) -> list[Any]:
         return [self.weight, list(self.groups), self.incarnation]
 
-    @classmethod
-    def from_wire(cls, data: Any) -> MemberSpec:
-        what = "epoch record: member spec"
-        if (
-            not isinstance(data, list)
-            or len(data) != 3
-            or not isinstance(data[0], int | float)
-            or isinstance(data[0], bool)
-            or not isinstance(data[1], list)
-            or not all(isinstance(g, str) and g for g in data[1])
-            or not isinstance(data[2], int)
-            or isinstance(data[2], bool)
-        ):
-            raise WireFormatError(f"epoch record: malformed member spec {data!r}")
-        return cls(member_weight(data[0], what), tuple(data[1]), data[2])
-
-
-def member_weight(value: float, what: str) -> float:
-    """``value`` as a ring weight: a finite number > 0, or :class:`WireFormatError`."""
-    try:
-        weight = float(value)
-    except OverflowError:
-        weight = math.inf
-    if not (math.isfinite(weight) and weight > 0):
-        raise WireFormatError(f"{what}: weight should be a finite number > 0, got {value!r}")
-    return weight
-
 
 @dataclass(frozen=True, slots=True)
 class EpochRecord:
@@ -67,30 +39,29 @@ class EpochRecord:
     sentry: str
     members: Mapping[str, MemberSpec]
 
-    def encode(self) -> bytes:
-        return wire.encode(
+    def encode(self, keyring: Keyring = UNSIGNED) -> bytes:
+        """The record as stored (sealed when ``keyring`` has a secret)."""
+        return schema.encode(
+            schema.EPOCH,
             {
                 "epoch": self.epoch,
                 "sentry": self.sentry,
                 "members": {name: spec.to_wire() for name, spec in self.members.items()},
-            }
+            },
+            keyring,
         )
 
     @classmethod
-    def decode(cls, data: bytes) -> EpochRecord:
-        what = "epoch record"
-        message = wire.decode_map(data, what, ("epoch", "sentry", "members"))
-        members = wire.field(message, "members", dict, what)
-        epoch = wire.field(message, "epoch", int, what)
-        if epoch < 0:
-            raise WireFormatError(f"{what}: negative epoch {epoch}")
-        sentry = wire.field(message, "sentry", str, what)
-        if not all(isinstance(name, str) and name for name in members):
-            raise WireFormatError(f"{what}: member names should be non-empty strings")
+    def decode(cls, data: bytes, keyring: Keyring = UNSIGNED) -> EpochRecord:
+        """The record in ``data``; :class:`WireFormatError` if it breaks the schema."""
+        record = schema.decode(schema.EPOCH, data, keyring)
         return cls(
-            epoch=epoch,
-            sentry=sentry,
-            members={name: MemberSpec.from_wire(spec) for name, spec in members.items()},
+            epoch=record.epoch,
+            sentry=record.sentry,
+            members={
+                name: MemberSpec(weight, tuple(groups), incarnation)
+                for name, (weight, groups, incarnation) in record.members.items()
+            },
         )
 
 

@@ -24,9 +24,10 @@ import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from cloister import wire
+from cloister import schema
 from cloister.backends import Entry, Guard, KeyValue
 from cloister.errors import FencedError, KeyExistsError, RevisionMismatchError, WireFormatError
+from cloister.schema import UNSIGNED, Keyring
 
 log = logging.getLogger("cloister.manager.claims")
 
@@ -51,19 +52,15 @@ class Claim:
     node: str
     epoch: int
 
-    def encode(self) -> bytes:
-        """The record's bytes (msgpack, :mod:`cloister.wire`)."""
-        return wire.encode({"node": self.node, "epoch": self.epoch})
+    def encode(self, keyring: Keyring = UNSIGNED) -> bytes:
+        """The record's bytes (msgpack, sealed when ``keyring`` has a secret)."""
+        return schema.encode(schema.CLAIM, {"node": self.node, "epoch": self.epoch}, keyring)
 
     @classmethod
-    def decode(cls, data: bytes) -> Claim:
+    def decode(cls, data: bytes, keyring: Keyring = UNSIGNED) -> Claim:
         """The claim in ``data``; :class:`WireFormatError` for anything else."""
-        message = wire.decode_map(data, "partition claim", ("node", "epoch"))
-        node = wire.field(message, "node", str, "partition claim")
-        epoch = wire.field(message, "epoch", int, "partition claim")
-        if not node or epoch < 0:
-            raise WireFormatError("partition claim: empty node or negative epoch")
-        return cls(node, epoch)
+        record = schema.decode(schema.CLAIM, data, keyring)
+        return cls(record.node, record.epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +112,10 @@ class PartitionsFencedError(FencedError):
 class Claims:
     """This node's claims on a manager's partitions, and their fencing tokens."""
 
-    def __init__(self, kv: KeyValue, node: str) -> None:
+    def __init__(self, kv: KeyValue, node: str, keyring: Keyring = UNSIGNED) -> None:
         self.kv = kv
         self.node = node
+        self.keyring = keyring
         self._tokens: dict[int, Guard] = {}  # partition -> the guard of our claim
         self._warned: set[str] = set()  # malformed records logged already
 
@@ -167,7 +165,7 @@ class Claims:
 
     async def _claim(self, partition: int, epoch: int) -> bool:
         key = claim_key(partition)
-        record = Claim(self.node, epoch).encode()
+        record = Claim(self.node, epoch).encode(self.keyring)
         for _ in range(_ATTEMPTS):
             entry = await self.kv.get(key, consistent=True)
             current = None if entry is None else self._read(entry)
@@ -201,7 +199,7 @@ class Claims:
 
     def _read(self, entry: Entry) -> Claim | Malformed:
         try:
-            return Claim.decode(entry.value)
+            return Claim.decode(entry.value, self.keyring)
         except WireFormatError as exc:
             if entry.key not in self._warned:  # logged once: every settle reads it again
                 self._warned.add(entry.key)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cloister import wire
+from cloister import schema, wire
 from cloister.backends import Guard
 from cloister.backends.base import HEADROOM
 from cloister.cluster.core import SuspendReason
@@ -36,7 +36,6 @@ from cloister.errors import (
     ConfigurationError,
     FencedError,
     NotOwnerError,
-    WireFormatError,
 )
 from cloister.manager.claims import Claims, PartitionsFencedError
 from cloister.manager.consumer import PartitionConsumers
@@ -154,9 +153,12 @@ class ShardRegion:
         """Open the state table and the inbox, then follow the cluster through ``hook``."""
         cluster, options, engine = self.cluster, self.options, self.engine
         kv = await cluster.backend.kv(f"mgr-{options.name}")
-        self.claims = Claims(kv, cluster.node)  # in the state's bucket: one guarded write
+        keyring = cluster.backend.keyring
+        self.claims = Claims(kv, cluster.node, keyring)  # in the state's bucket: one guarded write
         limit = cluster.backend.max_payload
-        self.table = StateTable(kv, self, max_value=None if limit is None else limit - HEADROOM)
+        self.table = StateTable(
+            kv, self, max_value=None if limit is None else limit - HEADROOM, keyring=keyring
+        )
         self.table.on_unstorable = self._unstorable
         await self.table.load()
         self.merge_table()
@@ -637,21 +639,7 @@ class ShardRegion:
 
 
 def _handoff_batch(batch: Any) -> tuple[int, list[tuple[Any, Any, list[Any], int]]]:
-    """The epoch and the workers of a handoff batch, checked."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("epoch"), int):
-        raise WireFormatError("handoff: expected {'epoch': int, 'workers': [...]}")
-    workers = batch.get("workers")
-    if not isinstance(workers, list):
-        raise WireFormatError("handoff: 'workers' must be a list")
-    checked = []
-    for entry in workers:
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 4
-            or not isinstance(entry[2], list)
-            or not isinstance(entry[3], int)
-            or isinstance(entry[3], bool)
-        ):
-            raise WireFormatError("handoff: each worker is [id, payload, casts, watermark]")
-        checked.append((entry[0], entry[1], entry[2], entry[3]))
-    return batch["epoch"], checked
+    """The epoch and the workers (``[id, payload, casts, watermark]``) of a handoff batch,
+    checked against its schema."""
+    checked = schema.HANDOFF.convert(batch)
+    return checked.epoch, checked.workers

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cloister import wire
+from cloister import schema
 from cloister.backends import Guard, KeyValue
 from cloister.errors import (
     FencedError,
@@ -37,6 +37,7 @@ from cloister.errors import (
     WireFormatError,
 )
 from cloister.manager.claims import PartitionsFencedError, is_claim_key
+from cloister.schema import UNSIGNED, Keyring
 from cloister.store.inbox import check_worker_id
 from cloister.store.keys import encode_key
 
@@ -62,8 +63,10 @@ class Stored:
     deleted: bool = False
     watermark: int = 0  # log sequence of the last inbox message the payload includes
 
-    def encode(self) -> bytes:
-        return wire.encode(
+    def encode(self, keyring: Keyring = UNSIGNED) -> bytes:
+        """The record as stored (sealed when ``keyring`` has a secret)."""
+        return schema.encode(
+            schema.STATE,
             {
                 "id": self.id,
                 "spec": self.spec,
@@ -71,25 +74,21 @@ class Stored:
                 "has_payload": self.has_payload,
                 "deleted": self.deleted,
                 "w": self.watermark,
-            }
+            },
+            keyring,
         )
 
     @classmethod
-    def decode(cls, data: bytes) -> Stored:
-        message = wire.decode_map(data, "stored worker", ("id",))
-        spec = message.get("spec")
-        if spec is not None and not isinstance(spec, dict):
-            raise WireFormatError("stored worker: spec should be a map or None")
-        watermark = message.get("w") or 0
-        if isinstance(watermark, bool) or not isinstance(watermark, int) or watermark < 0:
-            raise WireFormatError(f"stored worker: w should be an int >= 0, got {watermark!r:.40}")
+    def decode(cls, data: bytes, keyring: Keyring = UNSIGNED) -> Stored:
+        """The record in ``data``; :class:`WireFormatError` if malformed or forged."""
+        record = schema.decode(schema.STATE, data, keyring)
         return cls(
-            id=message["id"],
-            spec=spec,
-            payload=message.get("payload"),
-            has_payload=bool(message.get("has_payload")),
-            deleted=bool(message.get("deleted")),
-            watermark=watermark,
+            id=record.id,
+            spec=record.spec,
+            payload=record.payload,
+            has_payload=record.has_payload,
+            deleted=record.deleted,
+            watermark=record.w or 0,
         )
 
 
@@ -132,9 +131,15 @@ class StateTable:
     """
 
     def __init__(
-        self, kv: KeyValue, fencing: Fencing | None = None, *, max_value: int | None = None
+        self,
+        kv: KeyValue,
+        fencing: Fencing | None = None,
+        *,
+        max_value: int | None = None,
+        keyring: Keyring = UNSIGNED,
     ) -> None:
         self.kv = kv
+        self.keyring = keyring
         self.fencing = fencing
         self.max_value = max_value
         self.mirror: dict[Any, Stored] = {}
@@ -169,7 +174,7 @@ class StateTable:
 
     def _decode(self, data: bytes) -> Stored | None:
         try:
-            stored = Stored.decode(data)
+            stored = Stored.decode(data, self.keyring)
             check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
             return stored
         except (WireFormatError, InvalidIdError) as exc:
@@ -194,7 +199,7 @@ class StateTable:
                         f"worker {stored.id!r}: this node holds no claim on partition "
                         f"{partition}; its record was not written (the owner writes it)"
                     )
-            data = stored.encode()
+            data = stored.encode(self.keyring)
             if self.max_value is not None and len(data) > self.max_value:
                 raise MessageTooLargeError(
                     f"worker {stored.id!r:.80}: its record is {len(data)} bytes encoded, more "
@@ -211,7 +216,7 @@ class StateTable:
     def _encoded(self, stored: Stored) -> bytes | None:
         """The record's bytes, or None (reported) when it cannot be stored."""
         try:
-            data = stored.encode()
+            data = stored.encode(self.keyring)
         except WireFormatError as exc:
             why = f"its payload cannot be encoded ({exc})"
         else:

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from cloister import wire
+from cloister import schema, wire
 from cloister.backends import Backend, KeyValue, Log, LogRecord
 from cloister.backends.base import HEADROOM
 from cloister.errors import (
@@ -35,6 +35,7 @@ from cloister.errors import (
     WireFormatError,
 )
 from cloister.ring import key_hash
+from cloister.schema import Keyring
 
 log = logging.getLogger("cloister.store.inbox")
 
@@ -214,7 +215,7 @@ class Inbox:
                 )
         partition = self.partition_of(key)  # the type check: what the ring can place
         _check_encoded(key)
-        data = wire.encode([key, message, msg_id])
+        data = schema.encode(schema.INBOX, [key, message, msg_id], self.backend.keyring)
         limit = self.max_record
         if limit is not None:
             size = len(data) + (0 if msg_id is None else len(msg_id.encode()))
@@ -250,12 +251,7 @@ class Inbox:
 
     def decode(self, record: LogRecord) -> InboxMessage:
         """Decode a record; :class:`WireFormatError` when malformed."""
-        value = wire.decode(record.data)
-        if not isinstance(value, list) or len(value) != 3:
-            raise WireFormatError("inbox record: expected [key, message, msg_id]")
-        key, message, msg_id = value
-        if msg_id is not None and not isinstance(msg_id, str):
-            raise WireFormatError("inbox record: msg_id should be a str or None")
+        key, message, msg_id = schema.decode(schema.INBOX, record.data, self.backend.keyring)
         return InboxMessage(key, message, msg_id, record)
 
     async def park(
@@ -296,8 +292,9 @@ class Inbox:
         reason says so): a poison message is parked in any case, never redelivered
         forever because its dead letter is too large."""
         limit = self.max_record
+        keyring = self.backend.keyring
         try:
-            data = wire.encode(fields)
+            data = schema.encode(schema.DEAD_LETTER, fields, keyring)
         except WireFormatError as exc:
             why = f"not encodable: {exc}"
         else:
@@ -325,7 +322,7 @@ class Inbox:
                 small = False
             if not small:
                 fields["meta"] = None
-        return wire.encode(fields)
+        return schema.encode(schema.DEAD_LETTER, fields, keyring)
 
     async def park_raw(
         self,
@@ -380,7 +377,7 @@ class Inbox:
         letters = []
         for name, entry in (await dead.entries()).items():
             try:
-                letters.append(_read_letter(name, entry.value))
+                letters.append(_read_letter(name, entry.value, self.backend.keyring))
             except WireFormatError as exc:
                 self.bad_letters += 1
                 log.warning("inbox %r: skipping malformed dead letter %r: %s", self.name, name, exc)
@@ -424,27 +421,20 @@ class Inbox:
         return self.dead
 
 
-def _read_letter(name: str, value: bytes) -> DeadLetter:
-    """A stored dead letter; :class:`WireFormatError` when it is malformed."""
-    data = wire.decode_map(value, "dead letter")
-    attempts, at, reason = data.get("attempts", 0), data.get("at", 0.0), data.get("reason", "")
-    if isinstance(attempts, bool) or not isinstance(attempts, int):
-        raise WireFormatError(f"dead letter: attempts should be an int, got {attempts!r:.40}")
-    if isinstance(at, bool) or not isinstance(at, int | float):
-        raise WireFormatError(f"dead letter: at should be a number, got {at!r:.40}")
-    if not isinstance(reason, str):
-        raise WireFormatError(f"dead letter: reason should be a str, got {type(reason).__name__}")
+def _read_letter(name: str, value: bytes, keyring: Keyring) -> DeadLetter:
+    """A stored dead letter; :class:`WireFormatError` when it is malformed or forged."""
+    data = schema.decode(schema.DEAD_LETTER, value, keyring)
     return DeadLetter(
         id=name,
-        key=data.get("key"),
-        message=data.get("message"),
-        msg_id=_str_or_none(data.get("msg_id")),
-        reason=reason,
-        attempts=attempts,
-        at=float(at),
-        raw=_bytes_or_none(data.get("raw")),
-        source=_str_or_none(data.get("source")),
-        meta=data["meta"] if isinstance(data.get("meta"), dict) else None,
+        key=data.key,
+        message=data.message,
+        msg_id=data.msg_id,
+        reason=data.reason,
+        attempts=data.attempts,
+        at=data.at,
+        raw=data.raw,
+        source=data.source,
+        meta=data.meta,
     )
 
 
@@ -454,11 +444,3 @@ def _encodable_id(key: Any) -> bool:
     except InvalidIdError:
         return False
     return True
-
-
-def _bytes_or_none(value: Any) -> bytes | None:
-    return value if isinstance(value, bytes) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None

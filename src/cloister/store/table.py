@@ -46,7 +46,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, final
 
-from cloister import wire
+from cloister import schema
 from cloister.backends._names import MAX_COMPONENT
 from cloister.backends.base import Backend, Entry, KeyValue, KVEvent, KVOp
 from cloister.errors import (
@@ -56,6 +56,7 @@ from cloister.errors import (
     WireFormatError,
 )
 from cloister.ring import Key
+from cloister.schema import UNSIGNED, Keyring
 from cloister.store.keys import decode_key, encode_key
 
 log = logging.getLogger("cloister.store.table")
@@ -141,6 +142,7 @@ class Table:
     Args:
         kv: the bucket holding the table (``tbl-<name>``).
         name: the table's name.
+        keyring: the cluster secret values are sealed with and checked against.
         attempts: how many times :meth:`update` tries before it gives up.
         backoff: (first, longest) pause in seconds between two tries of :meth:`update`;
             the pause doubles after each lost try, and a random part of it is taken.
@@ -156,6 +158,7 @@ class Table:
         *,
         attempts: int = 100,
         backoff: tuple[float, float] = (0.002, 0.25),
+        keyring: Keyring = UNSIGNED,
     ) -> None:
         check_table_name(name)
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
@@ -167,6 +170,7 @@ class Table:
             )
         self.name = name
         self.kv = kv
+        self.keyring = keyring
         self.attempts = attempts
         self.backoff = (float(first), float(longest))
         #: Records found in the bucket that could not be decoded (skipped, logged).
@@ -310,7 +314,7 @@ class Table:
 
     def _encode(self, key: Key, value: Any) -> bytes:
         try:
-            return wire.encode(value)
+            return schema.encode(schema.TABLE, value, self.keyring)
         except WireFormatError as exc:
             raise WireFormatError(
                 f"table {self.name!r}: cannot store the value of key {key!r}: {exc}"
@@ -318,11 +322,11 @@ class Table:
 
     def _value(self, key: Key, entry: Entry) -> Any:
         try:
-            return wire.decode(entry.value)
+            return schema.decode(schema.TABLE, entry.value, self.keyring)
         except WireFormatError as exc:
-            raise WireFormatError(
-                f"table {self.name!r}: the stored value of key {key!r} is not valid msgpack "
-                f"({exc}); it was not written by a cloister table"
+            raise type(exc)(
+                f"table {self.name!r}: the stored value of key {key!r} is refused ({exc}); "
+                "it was not written by a cloister table of this cluster"
             ) from exc
 
     def _decode_key(self, stored: str) -> Key:
@@ -343,7 +347,7 @@ class Table:
         try:
             key = self._decode_key(raw.key)
             if raw.op is KVOp.PUT and raw.value is not None:
-                value = wire.decode(raw.value)
+                value = schema.decode(schema.TABLE, raw.value, self.keyring)
                 return TableEvent(key, value, TableOp.PUT, raw.revision)
             return TableEvent(key, None, TableOp.DELETE, raw.revision)
         except (WireFormatError, ConfigurationError) as exc:
@@ -368,10 +372,10 @@ async def open_table(backend: Backend, name: str, *, replicas: int | None = None
         raise ConfigurationError(f"replicas must be a whole number >= 1, got {replicas!r}")
     bucket = BUCKET_PREFIX + name
     if replicas is None:
-        return Table(await backend.kv(bucket), name)
+        return Table(await backend.kv(bucket), name, keyring=backend.keyring)
     if "replicas" in inspect.signature(backend.kv).parameters:
         open_kv: Callable[..., Any] = backend.kv
-        return Table(await open_kv(bucket, replicas=replicas), name)
+        return Table(await open_kv(bucket, replicas=replicas), name, keyring=backend.keyring)
     log.warning(
         "backend %s does not take replicas per bucket: replicas=%d of table %r is ignored "
         "(where the backend has a replicas option of its own, that one applies)",
@@ -379,4 +383,4 @@ async def open_table(backend: Backend, name: str, *, replicas: int | None = None
         replicas,
         name,
     )
-    return Table(await backend.kv(bucket), name)
+    return Table(await backend.kv(bucket), name, keyring=backend.keyring)
