@@ -284,7 +284,7 @@ class ShardRegion:
         if self.table is not None:
             # The latest stored payloads and runtime specs (crash takeover, put/delete);
             # a failure propagates: settle() retries rather than resume from stale state.
-            await self.table.load()
+            self._report_lost_state(await self.table.load(), placement)
         mirror = self.table.mirror if self.table is not None else {}
         self.merge_table()
         specs, workers, parked = engine.specs, engine.workers, engine.parked
@@ -325,6 +325,22 @@ class ShardRegion:
             await self.consumers.release(set(moves.revoked) | denied)
             await self.consumers.take(set(moves.owned) - denied)
         await lifecycle.enter(Phase.UP)
+
+    def _report_lost_state(self, lost: set[Any], placement: Placement) -> None:
+        """Say which stored records of our partitions the medium lost (each node reports
+        the partitions it takes, so the cluster's sum counts each record once)."""
+        ours = sorted((i for i in lost if placement.mine(i)), key=repr)
+        if not ours:
+            return
+        self.counters.state_lost += len(ours)
+        log.error(
+            "manager %s on node %s: the medium lost the stored state of %d worker(s) of "
+            "this node's partitions (e.g. %s); they start again from their specs",
+            self.options.name,
+            self.cluster.node,
+            len(ours),
+            ", ".join(repr(i) for i in ours[:5]),
+        )
 
     async def suspend(self, reason: SuspendReason) -> None:
         """The node may not process now (lease lost, short of consensus, stopping)."""

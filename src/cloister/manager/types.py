@@ -80,6 +80,9 @@ class ManagerCounters:
     nothing in flight or handled (each one healed)."""
     fenced_writes: int = 0
     """State records the medium refused: another node had claimed their partition."""
+    state_lost: int = 0
+    """Stored worker records (payloads, runtime specs) of this node's partitions that the
+    medium lost (a server restarted with an empty store): those workers start afresh."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""
