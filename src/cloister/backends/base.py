@@ -224,6 +224,8 @@ class LogRecord:
     msg_id: str | None = None
     deliveries: int = 1
     ref: Any = field(default=None, compare=False, repr=False)  # the backend's ack handle
+    stored_at: float | None = field(default=None, compare=False)
+    """When the medium stored the record (``time.time()``; None if it does not say)."""
 
 
 class LogConsumer(ABC):

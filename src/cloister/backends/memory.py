@@ -36,6 +36,7 @@ import asyncio
 import itertools
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -277,7 +278,8 @@ async def _drain(queue: asyncio.Queue[KVEvent]) -> AsyncIterator[KVEvent]:
 class _Partition:
     """One partition: records by sequence (acked ones removed) and its one claimant."""
 
-    records: dict[int, tuple[bytes, str | None]] = field(default_factory=dict)
+    records: dict[int, tuple[bytes, str | None, float]] = field(default_factory=dict)
+    """sequence -> (data, msg_id, stored at: ``time.time()``)"""
     deliveries: dict[int, int] = field(default_factory=dict)
     claimant: str | None = None
     consumer: _MemoryConsumer | None = None
@@ -343,7 +345,7 @@ class MemoryLog(Log):
             if original is not None:
                 return original
         sequence = next(self._data.sequence)
-        target.records[sequence] = (bytes(data), msg_id)
+        target.records[sequence] = (bytes(data), msg_id, time.time())
         if msg_id is not None:
             self._data.seen[msg_id] = (sequence, now + self._data.dedup_window)
         if target.consumer is not None:
@@ -414,7 +416,11 @@ class _MemoryConsumer(LogConsumer):
                 if record is None:
                     continue  # acked meanwhile
                 deliveries = target.deliveries[sequence] = target.deliveries.get(sequence, 0) + 1
-                found.append(LogRecord(self.partition, sequence, record[0], record[1], deliveries))
+                found.append(
+                    LogRecord(
+                        self.partition, sequence, record[0], record[1], deliveries, None, record[2]
+                    )
+                )
             if found:
                 return found
             target.arrived.clear()

@@ -98,12 +98,12 @@ def control_loss(
     lost its data (a server restarted with an empty store)."""
     if knew_epoch and listed_revision is None:
         return "the epoch record is gone from the control bucket"
-    if known_revision is not None and listed_revision is not None:
-        if listed_revision < known_revision:
-            return (
-                f"the epoch record's revision went back from {known_revision} to "
-                f"{listed_revision}"
-            )
+    if (
+        known_revision is not None
+        and listed_revision is not None
+        and listed_revision < known_revision
+    ):
+        return f"the epoch record's revision went back from {known_revision} to {listed_revision}"
     return None
 
 

@@ -44,7 +44,7 @@ from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
 from cloister.manager.spec import make_spec
 from cloister.manager.state import StateTable, Stored, Unstorable
-from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.types import Key, ManagerCounters, ManagerTimings, Reason
 from cloister.manager.watchdog import Watchdog
 from cloister.manager.worker import GONE, Message, Worker
 from cloister.store.inbox import Inbox
@@ -110,12 +110,14 @@ class ShardRegion:
         lifecycle: Lifecycle,
         options: RegionOptions,
         counters: ManagerCounters,
+        timings: ManagerTimings | None = None,
     ) -> None:
         self.cluster = cluster
         self.engine = engine
         self.lifecycle = lifecycle
         self.options = options
         self.counters = counters
+        self.timings = timings if timings is not None else ManagerTimings()
         self.table: StateTable | None = None
         self.claims: Claims | None = None
         self.inbox: Inbox | None = None
@@ -215,7 +217,9 @@ class ShardRegion:
     async def release(self, topology: Topology) -> None:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
         async with self.lock:
+            began = time.monotonic()
             await self._release(topology)
+            self.timings.handoff["release"].observe(time.monotonic() - began)
 
     async def settle(self, topology: Topology) -> None:
         """Every member acknowledged ``topology``: start what is ours, resume."""
@@ -224,7 +228,9 @@ class ShardRegion:
             if latest is not None and latest.epoch > topology.epoch:
                 return  # a newer epoch was adopted meanwhile; its settle comes next
             try:
+                began = time.monotonic()
                 await self._settle(topology)
+                self.timings.handoff["settle"].observe(time.monotonic() - began)
             except CloisterError as exc:
                 # Taking workers over needs the latest stored state; without it, starting
                 # them would resume from stale payloads. Nothing was started: try again.
