@@ -39,6 +39,7 @@ from rich.text import Text
 from cloister.cli.node import parse_event, port_number
 from cloister.cli.options import (
     EXIT_OK,
+    UsageError,
     add_common,
     positive_float,
     positive_int,
@@ -96,6 +97,13 @@ def add_parser(commands: Any) -> None:
         metavar="S",
         help="seconds a node may take to leave before it is killed (default 10)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="BASE",
+        help="serve each node's Prometheus metrics on consecutive ports: node1 on BASE, "
+        "node2 on BASE+1, ... (default: none; needs pip install 'pycloister[metrics]')",
+    )
     parser.add_argument("--seed", type=int, help="seed of --chaos's choices")
     add_common(parser)
     parser.set_defaults(run=run)
@@ -103,6 +111,8 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check APP, then run the dev cluster until ``q``, Ctrl-C or SIGTERM."""
+    if args.metrics_port == 0:
+        raise UsageError("--metrics-port: give the first port (node N serves BASE+N-1), not 0")
     spec = app_spec(args)
     load_app(spec)  # a wrong APP fails here once, not in every node
     return asyncio.run(DevCluster(args, spec).run())
@@ -224,13 +234,18 @@ class DevCluster:
         args += ["--name", name]
         if self.args.consensus is not None:
             args += ["--consensus", str(self.args.consensus)]
-        # Every node would try the same metrics port: dev nodes serve none.
+        # One port each, from --metrics-port up (never the same for two nodes: no
+        # inherited CLOISTER_METRICS_PORT either).
+        metrics = None if self.args.metrics_port is None else self.args.metrics_port + number - 1
+        if metrics is not None:
+            args += ["--metrics-port", str(metrics)]
         proc = self.group.spawn_python(
             *args, name=name, merge_stderr=True, env={"CLOISTER_METRICS_PORT": ""}
         )
         node = _Node(number, proc, _COLORS[(number - 1) % len(_COLORS)])
         self.nodes[number] = node
-        self.say(f"started {name} (pid {proc.pid})")
+        served = "" if metrics is None else f", metrics on http://127.0.0.1:{metrics}/metrics"
+        self.say(f"started {name} (pid {proc.pid}{served})")
         return node
 
     def kill_node(self, number: int) -> None:
