@@ -1,8 +1,10 @@
 """``cloister status``: members, states, epoch, sentry, ring shares, workers of a cluster.
 
 Nodes running an application (``cloister run``) also report their manager: the workers
-live on that node and the manager's inbox depth (messages stored and not yet handled, over
-the whole cluster); other nodes show ``-`` there.
+live on that node and the manager's inbox depth (messages stored and not yet handled in the
+partitions that node consumes); other nodes show ``-`` there. A member that found the
+medium had lost its data says so in its note, and a red line under the table names the
+last loss.
 
 Connects as an :class:`~cloister.observer.Observer` (never as a member). ``--json``
 prints one document with stable keys (see :meth:`ClusterStatus.to_json
