@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from cloister import wire
 from cloister._backoff import Backoff
 from cloister._tasks import wait_event
-from cloister.backends import KeyValue, KVEvent, KVOp
+from cloister.backends import Entry, KeyValue, KVEvent, KVOp
 from cloister.cluster.hooks import SuspendReason
 from cloister.cluster.membership import GhostMemberError, MemberRecord
 from cloister.cluster.states import State
@@ -164,9 +164,10 @@ class ControlSnapshot:
     """The revision of the sentry lease (valid or not)."""
 
 
-async def read_control(kv: KeyValue) -> ControlSnapshot:
-    """Read the ``control`` bucket once."""
-    entries = await kv.entries()
+async def read_control(kv: KeyValue, *, consistent: bool = False) -> ControlSnapshot:
+    """Read the ``control`` bucket once (``consistent``: from the medium's leader, never
+    a lagging replica)."""
+    entries = await kv.entries(consistent=consistent)
     epoch = epoch_error = sentry = sentry_error = sentry_revision = None
     epoch_revision = None
     if (entry := entries.get(EPOCH_KEY)) is not None:
@@ -184,6 +185,10 @@ async def read_control(kv: KeyValue) -> ControlSnapshot:
     return ControlSnapshot(
         epoch, epoch_revision, epoch_error, sentry, sentry_error, sentry_revision
     )
+
+
+def _revisions(entries: Mapping[str, Entry]) -> dict[str, int]:
+    return {key: entry.revision for key, entry in entries.items()}
 
 
 class Control:
@@ -268,8 +273,11 @@ class Control:
         ghosts: dict[str, int] = {}
         before = {key: seen[0] for key, seen in self.renewed.items()}
         entries = await self._members_kv.entries()
-        if (why := member_loss(before, {k: e.revision for k, e in entries.items()})) is not None:
-            self._lost(why)
+        if member_loss(before, _revisions(entries)) is not None:
+            # A listing may come from a lagging replica: only the leader's says it for sure.
+            entries = await self._members_kv.entries(consistent=True)
+            if (why := member_loss(before, _revisions(entries))) is not None:
+                self._lost(why)
         for key, entry in entries.items():
             record = self.decode_member(key, entry.value, entry.revision)
             if record is not None:
@@ -378,9 +386,12 @@ class Control:
         assert self._control_kv is not None
         knew_epoch, known_revision = self.epoch_record is not None, self.epoch_revision
         snapshot = await read_control(self._control_kv)
-        why = control_loss(knew_epoch, known_revision, snapshot.epoch_revision)
-        if why is not None:
-            self._lost(why)
+        if control_loss(knew_epoch, known_revision, snapshot.epoch_revision) is not None:
+            # A listing may come from a lagging replica: only the leader's says it for sure.
+            snapshot = await read_control(self._control_kv, consistent=True)
+            why = control_loss(knew_epoch, known_revision, snapshot.epoch_revision)
+            if why is not None:
+                self._lost(why)
         if snapshot.sentry_error is not None and snapshot.sentry_revision is not None:
             self._bad_sentry(snapshot.sentry_error, snapshot.sentry_revision)
         else:
