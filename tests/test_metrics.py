@@ -87,6 +87,9 @@ async def test_a_node_exports_its_histograms_sources_and_losses() -> None:
         await manager.cast("b", "boom")  # fails twice, then parked
         await eventually(lambda: manager.counters.dead_letters == 1, what="the failing cast parked")
         await eventually(lambda: manager.get("a").payload == 3)  # type: ignore[union-attr]
+        watch = cluster.loop_watch
+        assert watch is not None
+        await eventually(lambda: watch.delays.count > 0, what="a tick of the loop watch")
         found = samples(collector)
 
         # casts_total counts the handled casts; the failed tries are errors and retries.

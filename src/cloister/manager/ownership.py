@@ -372,6 +372,10 @@ class ShardRegion:
             # dropped (its messages are delivered again); the rest is in the state table.
             assert self.table is not None
             self.table.dirty.clear()
+            # Nor from a handoff received before: the stored state is the one to resume
+            # from (and after a medium lost its data, a handed watermark names a sequence
+            # of a log that is gone — it would skip the new log's records as duplicates).
+            self.handed.clear()
             for count, worker_id in enumerate(list(engine.workers), 1):
                 await engine.remove(worker_id, Reason.SUSPEND)
                 if not count % YIELD_EVERY:
