@@ -1,9 +1,11 @@
-"""Prometheus metrics of one node: its cluster view and its manager's counters.
+"""Prometheus metrics of one node: its cluster view, its manager's counters and timings.
 
-:class:`NodeCollector` is a Prometheus *collector*: nothing is counted on the hot path,
-every scrape reads the live objects — the cluster's state, epoch, members and counters,
-the manager's counters and its number of live workers. The one figure that costs a
-request to the backend, the inbox depth, is sampled in the background every
+:class:`NodeCollector` is a Prometheus *collector*: every scrape reads the live objects —
+the cluster's state, epoch, members and counters, the manager's counters, its
+histograms (plain :class:`~cloister._histogram.Histogram` objects the engine fills: no
+lock, no ``prometheus_client`` on the hot path) and its number of live workers. The
+figures that cost a request to the backend — the inbox depth of this node's partitions
+and of all of them, the stored dead letters — are sampled in the background every
 ``sample_interval`` seconds (see :meth:`NodeMetrics.attach`) and the scrape returns the
 last sample. ``cloister run --metrics-port`` and ``cloister node --metrics-port`` serve
 them on ``http://HOST:PORT/metrics``; in your own process::
