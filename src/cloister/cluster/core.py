@@ -692,7 +692,7 @@ class Cluster(RemoteCalls):
         if decision.settle is not None:
             if self._rebuild_above is not None:
                 log.info(
-                    "node %s recovered from the medium's data loss: settled on epoch %d",
+                    "node %s recovers from the medium's data loss: settling on epoch %d",
                     self.node,
                     decision.settle.epoch,
                 )
