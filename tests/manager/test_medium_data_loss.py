@@ -14,28 +14,17 @@ from typing import Any
 
 import pytest
 
-from cloister import DynamicManager, Replace
 from cloister.cluster import State
 from cloister.testing import eventually
+from tests._support import counter
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import MEMORY
 
 KEYS = [f"k{i}" for i in range(40)]
 
 
-class Counter(DynamicManager):
-    """Counts the casts each key received (its payload), stored before each ack."""
-
-    partitions = 8
-
-    def children_specs(self) -> dict[str, dict[str, Any]]:
-        return {key: {"payload": 0} for key in KEYS}
-
-    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Replace:
-        return Replace(payload + message)
-
-    async def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
-        return payload
+class Counter(counter.Counter):
+    keys = tuple(KEYS)
 
 
 @pytest.fixture

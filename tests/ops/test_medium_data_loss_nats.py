@@ -17,18 +17,17 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from cloister import DynamicManager, Replace
 from cloister.backends import open_backend
 from cloister.store.inbox import Inbox
 from cloister.testing import NatsServer, ProcessGroup, eventually, free_port
+from tests._support.counter import KEYS, Counter
 from tests._support.nodes import ClusterNodes
 from tests.cli.support import cli_env, cloister
 
 # Never go through an HTTP proxy to reach a loopback port.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-KEYS = [f"k{i}" for i in range(16)]
-PARTITIONS = 8
+PARTITIONS = Counter.partitions
 NODES = ("a", "b", "c")
 RECOVERY = 10.0
 """Seconds within which the cluster must be whole again (the issue's bound)."""
@@ -46,21 +45,6 @@ class Tally(DynamicManager):
     async def handle_cast(self, message, id, payload):
         return Replace(payload + 1)
 """
-
-
-class Counter(DynamicManager):
-    """The application's manager, in-process."""
-
-    partitions = PARTITIONS
-
-    def children_specs(self) -> dict[str, dict[str, Any]]:
-        return {key: {"payload": 0} for key in KEYS}
-
-    async def handle_cast(self, message: Any, id: Any, payload: Any) -> Replace:
-        return Replace(payload + message)
-
-    async def handle_call(self, message: Any, id: Any, payload: Any) -> Any:
-        return payload
 
 
 class Producer(threading.Thread):
