@@ -12,7 +12,7 @@ ROOT = Path(cloister.__file__).parent
 
 # Lowest first; a module may import its own package and any package of a lower layer.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "_histogram"},
     {"wire", "_tasks", "_backoff", "_loopwatch", "ring"},
     {"schema"},
     {"backends"},

@@ -60,8 +60,10 @@ async def test_with_the_default_executor_a_blocking_sync_handler_leaves_the_loop
         watch = cluster.loop_watch
         assert watch is not None
         await manager.cast("k", 0.6)
+        # (casts counts handled casts: wait for the handler to start, not to end)
+        await eventually(lambda: getattr(manager.get("k"), "busy_since", None) is not None)
+        await asyncio.sleep(0.5)  # the handler sleeps in its thread meanwhile
         await eventually(lambda: manager.counters.casts == 1)
-        await asyncio.sleep(0.8)  # the handler sleeps in its thread meanwhile
         assert watch.stalls == 0 and watch.max_lag < 0.25
     finally:
         await manager.stop()

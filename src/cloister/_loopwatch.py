@@ -22,6 +22,8 @@ import time
 import weakref
 from types import FrameType
 
+from cloister._histogram import Histogram
+
 log = logging.getLogger("cloister.loopwatch")
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +42,8 @@ class LoopWatch:
         self.stalls = 0
         """Stalls longer than ``threshold`` seen so far."""
         self.last_culprit: str | None = None
+        self.delays = Histogram()
+        """Every tick's lateness, in seconds (the metrics export it)."""
         self._stamp = time.monotonic()
         self._reported = False
         self._users = 0
@@ -79,6 +83,7 @@ class LoopWatch:
             await asyncio.sleep(interval)
             now = time.monotonic()
             self.lag = max(0.0, now - before - interval)
+            self.delays.observe(self.lag)
             self.max_lag = max(self.max_lag, self.lag)
             self._stamp = now
             if self._reported:

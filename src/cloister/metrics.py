@@ -1,9 +1,11 @@
-"""Prometheus metrics of one node: its cluster view and its manager's counters.
+"""Prometheus metrics of one node: its cluster view, its manager's counters and timings.
 
-:class:`NodeCollector` is a Prometheus *collector*: nothing is counted on the hot path,
-every scrape reads the live objects — the cluster's state, epoch, members and counters,
-the manager's counters and its number of live workers. The one figure that costs a
-request to the backend, the inbox depth, is sampled in the background every
+:class:`NodeCollector` is a Prometheus *collector*: every scrape reads the live objects —
+the cluster's state, epoch, members and counters, the manager's counters, its
+histograms (plain :class:`~cloister._histogram.Histogram` objects the engine fills: no
+lock, no ``prometheus_client`` on the hot path) and its number of live workers. The
+figures that cost a request to the backend — the inbox depth of this node's partitions
+and of all of them, the stored dead letters — are sampled in the background every
 ``sample_interval`` seconds (see :meth:`NodeMetrics.attach`) and the scrape returns the
 last sample. ``cloister run --metrics-port`` and ``cloister node --metrics-port`` serve
 them on ``http://HOST:PORT/metrics``, next to the probes ``/healthz`` and ``/readyz``
@@ -14,9 +16,9 @@ them on ``http://HOST:PORT/metrics``, next to the probes ``/healthz`` and ``/rea
         metrics.attach(manager)
         ...
 
-Every series has the labels ``cluster`` and ``node``; the manager's also ``manager``:
+Every series has the labels ``cluster`` and ``node``; the manager's also ``manager``, a
+source's also ``source``:
 
-================================================  =======  =================================
 metric                                            type     meaning
 ================================================  =======  =================================
 ``cloister_node_state{state}``                    gauge    1 for the node's state, else 0
@@ -56,6 +58,74 @@ metric                                            type     meaning
                                                            retries, dead_letters,
                                                            late_results, fenced_writes
 ================================================  =======  =================================
+=======
+=================================================  =========  ==============================
+metric                                             type       meaning
+=================================================  =========  ==============================
+``cloister_node_state{state}``                     gauge      1 for the node's state, else 0
+``cloister_epoch``                                 gauge      the epoch this node adopted
+``cloister_members``                               gauge      members of that epoch
+``cloister_consensus``                             gauge      members needed before ready
+``cloister_is_sentry``                             gauge      1 while this node is the sentry
+``cloister_epochs_adopted_total``                  counter    topology changes seen
+``cloister_fenced_total``                          counter    self-fencings (renewal failed)
+``cloister_heartbeat_failures_total``              counter    failed membership renewals
+``cloister_bad_records_total``                     counter    malformed records ignored
+``cloister_malformed_records_total{kind}``         counter    the same by kind: member,
+                                                              ghost_member, epoch, sentry
+``cloister_unauthenticated_records_total{kind}``   counter    records and requests refused
+                                                              for a missing or bad tag (a
+                                                              cluster secret is set), each
+                                                              once, by kind: member, epoch,
+                                                              sentry, claim, state, inbox,
+                                                              dead_letter, table, request,
+                                                              reply
+``cloister_medium_data_loss_total``                counter    times the medium was found to
+                                                              have lost its data (rebuilt)
+``cloister_medium_rebuilding``                     gauge      1 from a data loss until the
+                                                              node settled on a new epoch
+``cloister_event_loop_lag_seconds``                gauge      how late the event loop ran its
+                                                              last tick (a callback held it)
+``cloister_event_loop_delay_seconds``              histogram  the same, every tick (50 ms)
+``cloister_event_loop_stalls_total``               counter    loop held longer than 0.25 s
+                                                              (each logged, naming the code)
+``cloister_rehash_seconds``                        histogram  from leaving ``ready`` (or
+                                                              ``assembling``) to ``ready``
+                                                              again: the longest a moved key
+                                                              can pause, one per epoch
+``cloister_last_rehash_seconds``                   gauge      the last such pause
+``cloister_manager_state{state}``                  gauge      1 for the manager's state
+``cloister_manager_workers``                       gauge      live (owned) workers here
+``cloister_manager_inbox_depth``                   gauge      inbox backlog of the partitions
+                                                              this node consumes (sampled)
+``cloister_cluster_inbox_depth``                   gauge      inbox backlog of all partitions,
+                                                              the same on every node (sampled)
+``cloister_manager_dead_letters``                  gauge      messages parked in the
+                                                              dead-letter bucket (sampled)
+``cloister_manager_callback_seconds{callback}``    histogram  perform / handle_cast /
+                                                              handle_call, start to applied
+``cloister_manager_cast_latency_seconds``          histogram  inbox record stored to its
+                                                              handle_cast applied
+``cloister_manager_handoff_seconds{phase}``        histogram  each epoch's release (hand over)
+                                                              and settle (claim, load, start)
+``cloister_manager_casts_total`` ...               counter    one per manager counter: casts
+                                                              handled (failed tries count as
+                                                              errors and retries), performs,
+                                                              calls, errors, timeouts,
+                                                              handed_off, taken_over,
+                                                              duplicates, retries,
+                                                              dead_letters, late_results,
+                                                              fenced_writes, state_lost
+``cloister_source_messages_total{outcome}``        counter    a source's messages: received,
+                                                              stored, parked, failed (tries),
+                                                              released, ack_errors
+``cloister_source_in_flight``                      gauge      received, not yet acked or
+                                                              given back
+=================================================  =========  ==============================
+
+A source's series appear once it is reported: ``cloister.metrics.report_source(source)``
+(every node of the process exports it until the source is gone), e.g. from the
+``start`` of the manager a ``cloister run`` application defines.
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
 :func:`require_prometheus` says so clearly when it is missing.
@@ -67,9 +137,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
+from cloister._histogram import Histogram
 from cloister.cluster.control import MALFORMED_KINDS
 from cloister.cluster.states import State
 from cloister.errors import CloisterError, ConfigurationError
@@ -82,9 +154,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANAGER_STATES",
+    "SOURCE_OUTCOMES",
+    "MetricSource",
     "MetricsUnavailableError",
     "NodeCollector",
     "NodeMetrics",
+    "report_source",
     "require_prometheus",
     "serve_metrics",
 ]
@@ -99,11 +174,13 @@ _CLUSTER_COUNTERS = {
     "fenced": "Times this node fenced itself because it could not renew its membership.",
     "heartbeat_failures": "Membership renewals that failed.",
     "bad_records": "Malformed member or control records ignored.",
+    "medium_data_loss": "Times this node found the medium had lost its data (a server "
+    "restarted with an empty store) and rebuilt its control plane.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",
     "calls": "Calls handled by workers on this node.",
-    "casts": "Casts handled by workers on this node.",
+    "casts": "Casts handled by workers on this node (failed tries count as errors).",
     "errors": "Callbacks that raised (perform, handle_call, handle_cast, ...).",
     "timeouts": "Performs that ran longer than lull x timeout.",
     "handed_off": "Workers handed over to another node (leaving or rehashing).",
@@ -116,7 +193,20 @@ _MANAGER_COUNTERS = {
     "abandoned": "Callbacks abandoned at handler_timeout (their message retried).",
     "stalls": "Stalls found (up, records waiting, nothing in flight or handled) and healed.",
     "fenced_writes": "State records the medium refused: another node claimed their partition.",
+    "state_lost": "Stored worker records of this node's partitions the medium lost.",
 }
+SOURCE_OUTCOMES = ("received", "stored", "parked", "failed", "released", "ack_errors")
+"""The counters of a :class:`~cloister.sources.base.Source`, exported by outcome."""
+
+
+class MetricSource(Protocol):
+    """What the metrics read of a broker source (:class:`~cloister.sources.base.Source`)."""
+
+    name: str
+    counters: dict[str, int]
+
+    @property
+    def in_flight(self) -> int: ...
 
 
 class MetricsUnavailableError(ConfigurationError):
@@ -138,6 +228,15 @@ def require_prometheus() -> None:
         ) from None
 
 
+_SOURCES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def report_source(source: MetricSource) -> None:
+    """Export ``source``'s counters (a :class:`~cloister.sources.base.Source`) from every
+    node's metrics in this process, until the source is garbage-collected."""
+    _SOURCES.add(source)
+
+
 class NodeCollector:
     """A Prometheus collector reading one node's live objects at scrape time.
 
@@ -149,10 +248,14 @@ class NodeCollector:
         self.cluster = cluster
         self.manager = manager
         self.inbox_depth: int | None = None
-        """The last sampled inbox depth (None before the first sample, or no inbox)."""
+        """The last sampled inbox depth of this node's partitions (None before the first
+        sample, or no inbox)."""
+        self.cluster_inbox_depth: int | None = None
+        """The last sampled inbox depth of all partitions."""
+        self.dead_letters: int | None = None
+        """The last sampled number of parked messages."""
         self._rehash_began: float | None = None
-        self._rehashes = 0
-        self._rehash_total = 0.0
+        self._rehashes = Histogram()
         self._last_rehash: float | None = None
 
     def state_changed(self, from_state: State, to_state: State) -> None:
@@ -166,8 +269,7 @@ class NodeCollector:
         elif to_state is State.READY and self._rehash_began is not None:
             took = time.monotonic() - self._rehash_began
             self._rehash_began = None
-            self._rehashes += 1
-            self._rehash_total += took
+            self._rehashes.observe(took)
             self._last_rehash = took
         elif to_state in (State.STOPPING, State.STOPPED):
             self._rehash_began = None
@@ -201,25 +303,36 @@ class NodeCollector:
             cluster.counters.unauthenticated,
             [kind.name for kind in KINDS],
         )
+        yield labels.gauge(
+            "medium_rebuilding",
+            "1 from a medium data loss until this node settled on an epoch published after it.",
+            info.rebuilding,
+        )
         if (loop_watch := cluster.loop_watch) is not None:
             yield labels.gauge(
                 "event_loop_lag_seconds",
                 "How late the node's event loop ran its last tick (blocked by a callback).",
                 loop_watch.lag,
             )
+            yield labels.histogram(
+                "event_loop_delay_seconds",
+                "How late the node's event loop ran each tick (every 50 ms).",
+                loop_watch.delays,
+            )
             yield from labels.counters(
                 "event_loop_",
                 {"stalls": loop_watch.stalls},
                 {"stalls": "Times the event loop was held longer than 0.25 s."},
             )
-        yield labels.summary(
+        yield labels.histogram(
             "rehash_seconds",
-            "Rehashes: from leaving ready (or assembling) to ready again.",
+            "Rehashes: from leaving ready (or assembling) to ready again, one per epoch.",
             self._rehashes,
-            self._rehash_total,
         )
         if self._last_rehash is not None:
             yield labels.gauge("last_rehash_seconds", "The last rehash.", self._last_rehash)
+        for source in list(_SOURCES):
+            yield from self._source(labels.plus("source", source.name), source)
         manager = self.manager
         if manager is None:
             return
@@ -233,13 +346,56 @@ class NodeCollector:
             "1 while the manager is up with records waiting and nothing in flight or handled.",
             manager.stalled,
         )
-        if self.inbox_depth is not None:
+        sampled = (
+            ("manager_inbox_depth", "this node's partitions", self.inbox_depth),
+            ("cluster_inbox_depth", "all partitions, whole cluster", self.cluster_inbox_depth),
+        )
+        for name, where, depth in sampled:
+            if depth is not None:
+                doc = f"Inbox messages stored and not yet handled, {where} (sampled)."
+                yield labels.gauge(name, doc, depth)
+        if self.dead_letters is not None:
             yield labels.gauge(
-                "manager_inbox_depth",
-                "Inbox messages stored and not yet handled, whole cluster (sampled).",
-                self.inbox_depth,
+                "manager_dead_letters",
+                "Messages parked in the dead-letter bucket, whole cluster (sampled).",
+                self.dead_letters,
             )
+        timings = manager.timings
+        yield labels.labelled_histogram(
+            "manager_callback_seconds",
+            "Callbacks from start (or queueing on the pool) to result applied.",
+            "callback",
+            timings.callbacks,
+        )
+        yield labels.histogram(
+            "manager_cast_latency_seconds",
+            "Inbox records from stored by the medium to their handle_cast applied.",
+            timings.cast_latency,
+        )
+        yield labels.labelled_histogram(
+            "manager_handoff_seconds",
+            "Each epoch's release (stop, hand over) and settle (claim, load, start, consume).",
+            "phase",
+            timings.handoff,
+        )
         yield from labels.counters("manager_", manager.counters.as_dict(), _MANAGER_COUNTERS)
+
+    @staticmethod
+    def _source(labels: _Labels, source: MetricSource) -> Iterator[Any]:
+        counts = dict(source.counters)  # a copy: the loop thread goes on counting
+        yield labels.labelled_counter(
+            "source_messages",
+            "Broker messages of this source by outcome: received, stored, parked (dead "
+            "letters), failed (tries to store), released (given back), ack_errors.",
+            "outcome",
+            counts,
+            SOURCE_OUTCOMES,
+        )
+        yield labels.gauge(
+            "source_in_flight",
+            "Messages received and neither acknowledged nor given back yet.",
+            source.in_flight,
+        )
 
 
 class _Labels:
@@ -260,11 +416,24 @@ class _Labels:
         family.add_metric(self.values, float(value))
         return family
 
-    def summary(self, name: str, doc: str, count: int, total: float) -> Any:
-        from prometheus_client.core import SummaryMetricFamily
+    def histogram(self, name: str, doc: str, histogram: Histogram) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
 
-        family = SummaryMetricFamily(f"cloister_{name}", doc, labels=self.names)
-        family.add_metric(self.values, count_value=count, sum_value=total)
+        family = HistogramMetricFamily(f"cloister_{name}", doc, labels=self.names)
+        buckets, total = histogram.snapshot()
+        family.add_metric(self.values, _buckets(buckets), sum_value=total)
+        return family
+
+    def labelled_histogram(
+        self, name: str, doc: str, label: str, histograms: dict[str, Histogram]
+    ) -> Any:
+        """A histogram with a ``label``: one series per entry of ``histograms``."""
+        from prometheus_client.core import HistogramMetricFamily
+
+        family = HistogramMetricFamily(f"cloister_{name}", doc, labels=[*self.names, label])
+        for option, histogram in histograms.items():
+            buckets, total = histogram.snapshot()
+            family.add_metric([*self.values, option], _buckets(buckets), sum_value=total)
         return family
 
     def labelled_counter(
@@ -299,6 +468,13 @@ class _Labels:
             family = CounterMetricFamily(f"cloister_{prefix}{key}", doc, labels=self.names)
             family.add_metric(self.values, value)
             yield family
+
+
+def _buckets(buckets: list[tuple[float, int]]) -> list[tuple[str, float]]:
+    """Prometheus ``le`` labels: ``0.005``, ..., ``+Inf``."""
+    return [
+        ("+Inf" if bound == float("inf") else repr(bound), float(count)) for bound, count in buckets
+    ]
 
 
 class NodeMetrics:
@@ -376,16 +552,26 @@ class NodeMetrics:
         await self._endpoint.close()
 
     async def _sample(self, manager: DynamicManager) -> None:
-        while True:
+        collector, patience = self.collector, max(1.0, self.sample_interval)
+
+        async def sample(what: str, reading: Awaitable[int]) -> int | None:
             try:
-                depth: int | None = await asyncio.wait_for(
-                    manager.inbox_depth(owned=True), timeout=max(1.0, self.sample_interval)
-                )
+                return await asyncio.wait_for(reading, timeout=patience)
             except (CloisterError, TimeoutError) as exc:
-                log.debug("inbox depth not sampled: %s", exc)
-                depth = None
-            self.collector.inbox_depth = depth
+                log.debug("%s not sampled: %s", what, exc)
+                return None
+
+        while True:
+            collector.inbox_depth = await sample("inbox depth", manager.inbox_depth(owned=True))
+            collector.cluster_inbox_depth = await sample(
+                "cluster inbox depth", manager.inbox_depth()
+            )
+            collector.dead_letters = await sample("dead letters", _dead_letters(manager))
             await asyncio.sleep(self.sample_interval)
+
+
+async def _dead_letters(manager: DynamicManager) -> int:
+    return await manager.inbox.dead_letter_count()  # NotRunningError without an inbox
 
 
 @contextlib.asynccontextmanager

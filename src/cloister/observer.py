@@ -29,7 +29,7 @@ from cloister import wire
 from cloister._tasks import Supervisor
 from cloister.backends import Backend, KeyValue, KVOp, open_backend
 from cloister.cluster.control import read_control, read_members
-from cloister.cluster.info import ClusterInfo
+from cloister.cluster.info import ClusterInfo, DataLoss
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.rpc import decode_reply, encode_request, failed
 from cloister.cluster.topology import EpochRecord, Topology
@@ -160,6 +160,13 @@ class MemberStatus:
             "workers": None if self.manager is None else self.manager.workers,
             "inbox_depth": None if self.manager is None else self.manager.inbox_depth,
             "manager": None if self.manager is None else self.manager.to_json(),
+            "data_losses": None if info is None else info.data_losses,
+            "last_data_loss": (
+                None
+                if info is None or info.last_data_loss is None
+                else info.last_data_loss.to_wire()
+            ),
+            "rebuilding": None if info is None else info.rebuilding,
         }
 
 
@@ -185,9 +192,18 @@ class ClusterStatus:
         """The members with a record (the others are gone but still in the epoch)."""
         return tuple(m for m in self.members if m.record is not None)
 
+    @property
+    def data_loss(self) -> DataLoss | None:
+        """The latest time a member found the medium had lost its data (None: never)."""
+        losses = [m.info.last_data_loss for m in self.members if m.info is not None]
+        known = [loss for loss in losses if loss is not None]
+        return max(known, key=lambda loss: loss.at) if known else None
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able document with stable keys: what ``cloister status --json`` prints."""
+        loss = self.data_loss
         return {
+            "data_loss": None if loss is None else loss.to_wire(),
             "cluster": self.cluster,
             "backend": self.backend,
             "epoch": None if self.epoch is None else self.epoch.epoch,

@@ -15,7 +15,11 @@ from cloister.cluster.control import (
     Decision,
     Facts,
     acknowledged,
+    control_loss,
     decide,
+    epoch_event_loss,
+    member_loss,
+    next_epoch,
     quorum,
     waits_out_the_lapse,
 )
@@ -323,6 +327,8 @@ def any_facts(draw: st.DrawFn) -> Facts:
         epoch_garbage=draw(st.booleans()),
         sentry_garbage=draw(st.booleans()),
         ghosts=draw(st.dictionaries(st.sampled_from(["g1", "g2"]), st.integers(1, 9))),
+        data_lost=draw(st.booleans()),
+        rebuild_above=draw(st.none() | st.integers(0, 3)),
     )
 
 
@@ -358,6 +364,9 @@ def test_never_publish_without_a_valid_sentry_lease(f: Facts) -> None:
 def test_suspend_only_when_lease_or_quorum_is_lost_and_not_yet_suspended(f: Facts) -> None:
     decision = decide(f, NOW)
     lost = not (f.lease_ok and quorum(f.topology, f.node, f.consensus, f.expected))
+    if f.data_lost:
+        assert decision.suspend is (None if f.suspended else SuspendReason.MEDIUM_LOST)
+        return
     assert (decision.suspend is not None) == (
         lost and not f.suspended and not waits_out_the_lapse(f)
     )
@@ -374,6 +383,7 @@ def test_counters_as_dict() -> None:
         "bad_records": 0,
         "fenced": 2,
         "heartbeat_failures": 0,
+        "medium_data_loss": 0,
     }
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):
@@ -413,3 +423,98 @@ def test_the_sentry_expires_only_records_unrenewed_for_twice_their_ttl() -> None
     assert decide(base, NOW).expire == (("b", 2),)  # never our own record (a)
     assert decide(dataclasses.replace(base, failover_time=9.0), NOW).expire == ()
     assert decide(dataclasses.replace(base, sentry_ok=False), NOW).expire == ()
+
+
+# -- a medium that lost its data ------------------------------------------------------------
+
+
+def test_an_epoch_record_gone_or_at_a_lower_revision_is_a_loss() -> None:
+    assert control_loss(knew_epoch=False, known_revision=None, listed_revision=None) is None
+    assert control_loss(True, 7, 7) is None
+    assert control_loss(True, 7, 9) is None  # a newer epoch
+    assert "gone" in (control_loss(True, 7, None) or "")
+    assert "from 7 to 2" in (control_loss(True, 7, 2) or "")
+
+
+def test_a_member_record_at_a_lower_revision_is_a_loss() -> None:
+    assert member_loss({"a": 5}, {"a": 6, "b": 1}) is None  # b is new: never seen before
+    assert member_loss({"a": 5, "b": 3}, {"a": 6}) is None  # b left
+    assert "'a' went back from revision 5 to 2" in (member_loss({"a": 5}, {"a": 2}) or "")
+
+
+@st.composite
+def epoch_history(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """(epoch, revision) of the epoch record as written in order, by compare-and-set:
+    each write a higher epoch (a garbage record in between only skips revisions)."""
+    steps = draw(st.lists(st.tuples(st.integers(1, 2), st.integers(1, 5)), min_size=2))
+    history, epoch_number, revision = [], 0, 0
+    for more, gap in steps:
+        epoch_number, revision = epoch_number + more, revision + gap
+        history.append((epoch_number, revision))
+    return history
+
+
+@given(epoch_history(), st.data())
+def test_a_replayed_epoch_is_never_taken_for_a_loss(
+    history: list[tuple[int, int]], data: st.DataObject
+) -> None:
+    """A watch may deliver any older record after a listing showed a newer one."""
+    known = data.draw(st.sampled_from(history))
+    seen = data.draw(st.sampled_from(history))
+    record = EpochRecord(known[0], "a", {})
+    assert epoch_event_loss(record, known[1], *seen) is None
+
+
+@given(epoch_history(), st.integers(1, 3), st.data())
+def test_a_newer_epoch_at_a_recounted_revision_is_a_loss(
+    history: list[tuple[int, int]], above: int, data: st.DataObject
+) -> None:
+    """After the medium lost its data the sentry publishes above the last epoch, and the
+    re-created bucket counts revisions from 1 again."""
+    known = history[-1]
+    revision = data.draw(st.integers(1, known[1] - 1)) if known[1] > 1 else None
+    if revision is None:
+        return
+    record = EpochRecord(known[0], "a", {})
+    assert epoch_event_loss(record, known[1], known[0] + above, revision) is not None
+
+
+def test_a_data_loss_suspends_and_leaves_ready() -> None:
+    view = {"a": record("a", acked=3)}
+    t = topology(3, "a", view)
+    lost = facts(view=view, topology=t, state=State.READY, suspended=False, data_lost=True)
+    decision = decide(lost, NOW)
+    assert decision.suspend is SuspendReason.MEDIUM_LOST
+    assert decision.move is State.REHASHING
+    assert decision.settle is None
+
+
+def test_after_a_loss_the_node_settles_only_on_a_later_epoch() -> None:
+    view = {"a": record("a", acked=3)}
+    waiting = facts(view=view, topology=topology(3, "a", view), state=State.REHASHING)
+    assert decide(waiting, NOW).settle is not None  # (no loss: it would settle)
+    assert decide(dataclasses.replace(waiting, rebuild_above=3), NOW).settle is None
+    view = {"a": record("a", acked=4)}
+    later = facts(
+        view=view, topology=topology(4, "a", view), state=State.REHASHING, rebuild_above=3
+    )
+    assert decide(later, NOW).settle == later.topology
+
+
+def test_a_sentry_that_forgot_the_lost_epoch_publishes_above_everything_adopted() -> None:
+    """The wedge of a lost medium: the epoch record is gone (forgotten), so the sentry
+    publishes one — above its own topology and every member's acknowledgement — and
+    creates the key instead of updating one that no longer exists."""
+    view = {"a": record("a", acked=5), "b": record("b", acked=6)}
+    f = sentry(view=view, topology=topology(5, "a", view), acked=5, rebuild_above=5)
+    decision = decide(f, NOW)
+    assert decision.publish is not None and decision.publish.epoch == 7
+    assert next_epoch(f) == decision.publish
+
+
+@given(any_facts())
+def test_never_settle_on_an_epoch_from_before_the_loss(f: Facts) -> None:
+    decision = decide(f, NOW)
+    if decision.settle is not None:
+        assert not f.data_lost
+        assert f.rebuild_above is None or decision.settle.epoch > f.rebuild_above

@@ -43,6 +43,8 @@ def test_killing_the_membership_stream_leader_declares_nobody_dead(
     status = nodes.status()
     assert [m["state"] for m in status["members"]] == ["ready"] * 3
     assert status["epoch"] == recovered.epoch
+    # A server restarted with its store lost nothing: no node may think the medium did.
+    assert [m["data_losses"] for m in status["members"]] == [0] * 3
     print(
         f"stream leader {leader.name} killed; epochs {agreed.epoch} -> {recovered.epoch}; "
         f"heartbeat {HEARTBEAT}s, failure timeout {FAILURE_TIMEOUT}s"

@@ -21,7 +21,8 @@ small services, and nothing above this layer talks to the outside any other way:
   duplicate within the dedup window is dropped. The durable inbox lives here.
 - **Lifecycle**: :meth:`Backend.connect`, :meth:`Backend.close`,
   :meth:`Backend.on_reconnect` so the cluster can reconcile after an outage, and
-  :meth:`Backend.on_closed` for a connection lost for good (the node stops).
+  :meth:`Backend.on_closed` for a connection lost for good (the node stops), and
+  :meth:`Backend.on_data_loss` for a medium that came back without its data.
 
 Two implementations share this contract, as httpx's transports do: ``memory://NAME``
 (:mod:`cloister.backends.memory`, every node in one process, with crash/partition/delay
@@ -224,6 +225,8 @@ class LogRecord:
     msg_id: str | None = None
     deliveries: int = 1
     ref: Any = field(default=None, compare=False, repr=False)  # the backend's ack handle
+    stored_at: float | None = field(default=None, compare=False)
+    """When the medium stored the record (``time.time()``; None if it does not say)."""
 
 
 class LogConsumer(ABC):
@@ -382,6 +385,13 @@ class Backend(ABC):
     @abstractmethod
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously, cheap) each time the connection comes back."""
+
+    @abstractmethod
+    def on_data_loss(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` (synchronously, cheap) when this backend finds that the
+        medium lost data it held — a server restarted with an empty store, whose buckets
+        and logs it had to create again. Only the node that re-created them may learn it
+        here; the others learn it from the records (see ``cloister.cluster.control``)."""
 
     @abstractmethod
     def on_closed(self, callback: Callable[[], None]) -> None:

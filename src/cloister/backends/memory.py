@@ -15,6 +15,10 @@ failures real deployments see:
   (slow heartbeats, slow replies).
 - :meth:`MemoryWorld.elect` — the medium loses its leader for a while: bucket and log
   operations fail for every node, and TTLs start afresh once a new leader is elected.
+- :meth:`MemoryWorld.lose_data` — the medium comes back with an empty store, as a
+  nats-server restarted without its data: every bucket and log is empty, revisions and
+  sequences count from 1 again, consumers are gone, every node reconnects, and one of
+  them (the one that re-creates the streams on NATS) is told of the loss.
 
 Guarded writes (:class:`~cloister.backends.Guard`) are checked against the guard key's
 last change — deletes and expiries included, as NATS keeps a subject's last sequence —
@@ -32,6 +36,7 @@ import asyncio
 import itertools
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -117,6 +122,16 @@ class _Bucket:
             if item.expiry is not None:
                 item.expiry.cancel()
                 item.expiry = None
+
+    def wipe(self) -> None:
+        """Lose everything, as a stream re-created empty: no key, revisions from 1. The
+        watchers stay and see nothing of it (the lost keys send no delete)."""
+        for item in self.items.values():
+            if item.expiry is not None:
+                item.expiry.cancel()
+        self.items.clear()
+        self.last.clear()
+        self.revisions = itertools.count(1)
 
     def restart_expiries(self) -> None:
         """A new leader took over: it counts every TTL from now (as NATS's does)."""
@@ -263,7 +278,8 @@ async def _drain(queue: asyncio.Queue[KVEvent]) -> AsyncIterator[KVEvent]:
 class _Partition:
     """One partition: records by sequence (acked ones removed) and its one claimant."""
 
-    records: dict[int, tuple[bytes, str | None]] = field(default_factory=dict)
+    records: dict[int, tuple[bytes, str | None, float]] = field(default_factory=dict)
+    """sequence -> (data, msg_id, stored at: ``time.time()``)"""
     deliveries: dict[int, int] = field(default_factory=dict)
     claimant: str | None = None
     consumer: _MemoryConsumer | None = None
@@ -279,6 +295,17 @@ class _LogData:
         self.dedup_window = dedup_window
         self.seen: dict[str, tuple[int, float]] = {}  # msg_id -> (sequence, expires at)
         self.purge_at = 10_000
+
+    def wipe(self) -> None:
+        """Lose every record and consumer, as a stream re-created empty: sequences and the
+        dedup window start afresh, and a consumer that held a partition finds it gone."""
+        for partition in self.partitions:
+            partition.records.clear()
+            partition.deliveries.clear()
+            partition.claimant = partition.consumer = None
+            partition.arrived.set()  # a fetch waiting on it looks again, and finds it gone
+        self.sequence = itertools.count(1)
+        self.seen.clear()
 
     def dedup(self, msg_id: str, now: float) -> int | None:
         if len(self.seen) > self.purge_at:  # forget expired ids now and then, not each time
@@ -318,7 +345,7 @@ class MemoryLog(Log):
             if original is not None:
                 return original
         sequence = next(self._data.sequence)
-        target.records[sequence] = (bytes(data), msg_id)
+        target.records[sequence] = (bytes(data), msg_id, time.time())
         if msg_id is not None:
             self._data.seen[msg_id] = (sequence, now + self._data.dedup_window)
         if target.consumer is not None:
@@ -389,7 +416,11 @@ class _MemoryConsumer(LogConsumer):
                 if record is None:
                     continue  # acked meanwhile
                 deliveries = target.deliveries[sequence] = target.deliveries.get(sequence, 0) + 1
-                found.append(LogRecord(self.partition, sequence, record[0], record[1], deliveries))
+                found.append(
+                    LogRecord(
+                        self.partition, sequence, record[0], record[1], deliveries, None, record[2]
+                    )
+                )
             if found:
                 return found
             target.arrived.clear()
@@ -479,6 +510,27 @@ class MemoryWorld:
         for bucket in self._buckets.values():
             bucket.restart_expiries()
 
+    def lose_data(self) -> None:
+        """The medium comes back with an empty store — a nats-server restarted with its
+        store directory deleted: every bucket and log is emptied (revisions and sequences
+        count from 1 again, consumers are gone), every connected node reconnects (its
+        reconnect callbacks run), and the first of each cluster, as the node that creates
+        the lost streams again on NATS, is told of the loss (``on_data_loss``)."""
+        for bucket in self._buckets.values():
+            bucket.wipe()
+        for data in self._logs.values():
+            data.wipe()
+        told: set[str] = set()
+        for handle in list(self._handles):
+            if not handle.reachable:
+                continue  # cut off or crashed: it finds out when it reconnects
+            for callback in list(handle._reconnect_callbacks):
+                callback()
+            if handle.cluster not in told:
+                told.add(handle.cluster)
+                for lost in list(handle._data_loss_callbacks):
+                    lost("re-created the streams: the medium had lost them")
+
     def crash(self, node: str) -> None:
         """Kill ``node`` as ``kill -9`` would: no leave, its keys expire on their TTL.
 
@@ -543,6 +595,7 @@ class MemoryBackend(Backend):
         self._supervisor = Supervisor(f"memory-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._closed_callbacks: list[Callable[[], None]] = []
+        self._data_loss_callbacks: list[Callable[[str], None]] = []
         self.crashed = False
         self.partitioned = False
         self.latency = 0.0
@@ -684,3 +737,6 @@ class MemoryBackend(Backend):
 
     def on_closed(self, callback: Callable[[], None]) -> None:
         self._closed_callbacks.append(callback)
+
+    def on_data_loss(self, callback: Callable[[str], None]) -> None:
+        self._data_loss_callbacks.append(callback)

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cloister.cli.node import CONFIG_EPILOG, parse_event
-from cloister.cli.options import DEV, EXIT_OK, add_common, add_settings
+from cloister.cli.options import DEV, EXIT_OK, UsageError, add_common, add_settings
 from cloister.cli.run import add_app_argument, app_spec, load_app
 
 if TYPE_CHECKING:  # imported when dev runs: other commands start faster without it
@@ -71,6 +71,8 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check APP, then run the dev cluster until ``q``, Ctrl-C or SIGTERM."""
+    if args.dev_metrics_port == 0:
+        raise UsageError("--metrics-port: give the first port (node N serves BASE+N-1), not 0")
     spec = app_spec(args)
     load_app(spec)  # a wrong APP fails here once, not in every node
     return asyncio.run(DevCluster(args, spec).run())
@@ -192,13 +194,18 @@ class DevCluster:
         args += ["--name", name]
         if self.args.consensus is not None:
             args += ["--consensus", str(self.args.consensus)]
-        # Every node would try the same port: dev nodes serve no metrics and no probes
-        # (an empty variable overrides a config file's value too).
+        # One port each, from --metrics-port up; without it dev nodes serve no metrics and
+        # no probes (an empty variable overrides an inherited one and a config file's too).
+        base = self.args.dev_metrics_port
+        metrics = None if base is None else base + number - 1
+        if metrics is not None:
+            args += ["--metrics-port", str(metrics)]
         quiet = {"CLOISTER_METRICS_PORT": "", "CLOISTER_HEALTH_PORT": ""}
         proc = self.group.spawn_python(*args, name=name, merge_stderr=True, env=quiet)
         node = _Node(number, proc, _COLORS[(number - 1) % len(_COLORS)])
         self.nodes[number] = node
-        self.say(f"started {name} (pid {proc.pid})")
+        served = "" if metrics is None else f", metrics on http://127.0.0.1:{metrics}/metrics"
+        self.say(f"started {name} (pid {proc.pid}{served})")
         return node
 
     def kill_node(self, number: int) -> None:

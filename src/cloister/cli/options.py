@@ -404,6 +404,16 @@ SETTINGS: tuple[Setting, ...] = (
         default=10.0,
     ),
     _s("seed", "CLOISTER_DEV_SEED", "--seed", "seed of --chaos's choices", convert=whole_number),
+    _s(
+        "dev_metrics_port",
+        "CLOISTER_DEV_METRICS_PORT",
+        "--metrics-port",
+        "serve each node's metrics and probes on consecutive ports: node1 on BASE, node2 on "
+        "BASE+1, ... (needs pip install 'pycloister[metrics]')",
+        convert=port_number,
+        metavar="BASE",
+        unset="none",
+    ),
 )
 """Every setting, in the order ``--print-config`` and the docs show them."""
 
@@ -425,7 +435,7 @@ NODE = (
     "connect_timeout",
     "shutdown_timeout",
 )
-DEV = ("nodes", "chaos", "cluster", "consensus", "nats_port", "grace", "seed")
+DEV = ("nodes", "chaos", "cluster", "consensus", "nats_port", "grace", "seed", "dev_metrics_port")
 
 # The backend options the connection settings become (cloister.backends.nats).
 _BACKEND_OPTIONS = CONNECTION

@@ -1,8 +1,10 @@
 """``cloister status``: members, states, epoch, sentry, ring shares, workers of a cluster.
 
 Nodes running an application (``cloister run``) also report their manager: the workers
-live on that node and the manager's inbox depth (messages stored and not yet handled, over
-the whole cluster); other nodes show ``-`` there.
+live on that node and the manager's inbox depth (messages stored and not yet handled in the
+partitions that node consumes); other nodes show ``-`` there. A member that found the
+medium had lost its data says so in its note, and a red line under the table names the
+last loss.
 
 Connects as an :class:`~cloister.observer.Observer` (never as a member). ``--json``
 prints one document with stable keys (see :meth:`ClusterStatus.to_json
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from rich.console import Console, Group
@@ -161,6 +164,15 @@ def render(status: ClusterStatus) -> Group:
     for member in status.members:
         table.add_row(*_row(member, published, None if epoch is None else epoch.sentry))
     parts: list[Any] = [summary, table]
+    if (loss := status.data_loss) is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss.at))
+        parts.append(
+            Text(
+                f"medium data loss at {when} (epoch {loss.epoch}): {loss.why}; stored worker "
+                "state and unhandled inbox records of then are gone",
+                style="bold red",
+            )
+        )
     parts += [Text(f"problem: {p}", style="red") for p in status.problems]
     return Group(*parts)
 
@@ -174,6 +186,11 @@ def _row(member: MemberStatus, published: int | None, sentry: str | None) -> lis
         notes.append(f"last recorded state {record.state}")
     if not member.in_epoch and record is not None:
         notes.append("not in the published epoch yet")
+    if info is not None and info.data_losses:
+        notes.append(
+            f"medium lost its data {info.data_losses}x"
+            + ("; rebuilding" if info.rebuilding else "")
+        )
     return [
         member.node,
         Text(state, style=_STATE_STYLES.get(state, "")),

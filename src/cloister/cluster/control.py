@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from cloister import schema
 from cloister._backoff import Backoff
 from cloister._tasks import wait_event
-from cloister.backends import KeyValue, KVEvent, KVOp
+from cloister.backends import Entry, KeyValue, KVEvent, KVOp
 from cloister.cluster.hooks import SuspendReason
 from cloister.cluster.membership import GhostMemberError, MemberRecord
 from cloister.cluster.states import State
@@ -48,6 +48,9 @@ class ClusterCounters:
     bad_records: int = 0
     fenced: int = 0
     heartbeat_failures: int = 0
+    medium_data_loss: int = 0
+    """Times this node found the medium had lost its data (one per episode: a server
+    restarted with an empty store), re-bootstrapped its control plane and reported it."""
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
     unauthenticated: dict[str, int] = field(default_factory=dict)
@@ -90,6 +93,55 @@ def encode_sentry(node: str, keyring: Keyring = UNSIGNED) -> bytes:
 def decode_sentry(value: bytes, keyring: Keyring = UNSIGNED) -> str:
     """The holder named by a sentry lease; :class:`WireFormatError` if malformed."""
     return schema.decode(schema.SENTRY, value, keyring).node
+
+
+def control_loss(
+    knew_epoch: bool, known_revision: int | None, listed_revision: int | None
+) -> str | None:
+    """What a listing of the ``control`` bucket says about lost data, or None.
+
+    ``knew_epoch`` and ``known_revision`` are what this node knew *before* the listing
+    began. Nobody deletes the epoch record and revisions only grow, so an epoch record
+    that is gone, or one at a lower revision than the one known before, means the medium
+    lost its data (a server restarted with an empty store)."""
+    if knew_epoch and listed_revision is None:
+        return "the epoch record is gone from the control bucket"
+    if (
+        known_revision is not None
+        and listed_revision is not None
+        and listed_revision < known_revision
+    ):
+        return f"the epoch record's revision went back from {known_revision} to {listed_revision}"
+    return None
+
+
+def epoch_event_loss(
+    known: EpochRecord | None, known_revision: int | None, epoch: int, revision: int
+) -> str | None:
+    """What a watched epoch record (``epoch`` at ``revision``) says about lost data.
+
+    Epochs are written in increasing order by compare-and-set, so a later one always has
+    a higher revision; a watch may replay older ones (lower epoch), never a newer or
+    equal epoch at a lower revision — unless the medium lost its data and counts anew."""
+    if known is None or known_revision is None:
+        return None
+    if epoch >= known.epoch and revision < known_revision:
+        return (
+            f"epoch {epoch} was published at revision {revision}, below the revision "
+            f"{known_revision} of epoch {known.epoch}"
+        )
+    return None
+
+
+def member_loss(before: Mapping[str, int], listed: Mapping[str, int]) -> str | None:
+    """What a listing of the ``members`` bucket (revision by key) says about lost data,
+    given each record's revision seen before the listing began: a record's revision
+    never goes down (a deleted and re-created one gets a higher one)."""
+    for key, revision in sorted(listed.items()):
+        seen = before.get(key)
+        if seen is not None and revision < seen:
+            return f"the member record {key!r} went back from revision {seen} to {revision}"
+    return None
 
 
 async def read_members(
@@ -163,9 +215,12 @@ class ControlSnapshot:
     """The revision of the sentry lease (valid or not)."""
 
 
-async def read_control(kv: KeyValue, keyring: Keyring = UNSIGNED) -> ControlSnapshot:
-    """Read the ``control`` bucket once."""
-    entries = await kv.entries()
+async def read_control(
+    kv: KeyValue, keyring: Keyring = UNSIGNED, *, consistent: bool = False
+) -> ControlSnapshot:
+    """Read the ``control`` bucket once (``consistent``: from the medium's leader, never
+    a lagging replica)."""
+    entries = await kv.entries(consistent=consistent)
     epoch = epoch_error = sentry = sentry_error = sentry_revision = None
     epoch_revision = None
     if (entry := entries.get(EPOCH_KEY)) is not None:
@@ -183,6 +238,10 @@ async def read_control(kv: KeyValue, keyring: Keyring = UNSIGNED) -> ControlSnap
     return ControlSnapshot(
         epoch, epoch_revision, epoch_error, sentry, sentry_error, sentry_revision
     )
+
+
+def _revisions(entries: Mapping[str, Entry]) -> dict[str, int]:
+    return {key: entry.revision for key, entry in entries.items()}
 
 
 class Control:
@@ -224,6 +283,27 @@ class Control:
         self._conflicts = Backoff(heartbeat / 20, heartbeat, jitter=0.5)
         self._members_kv: KeyValue | None = None
         self._control_kv: KeyValue | None = None
+        self.on_data_loss: Callable[[str], None] = lambda _why: None
+        """Told (synchronously) each time the records show that the medium lost data."""
+
+    def forget_medium(self) -> None:
+        """The medium lost its data: forget what we knew of its records (the epoch record
+        and its revision, the sentry holder, the revisions of member records), so that the
+        next compare-and-sets create records anew instead of updating ones that are gone.
+        The adopted topology (the rings, in ``Cluster``) is kept: the next epoch is
+        numbered above it."""
+        self.epoch_record = self.epoch_revision = None
+        self.epoch_garbage = self.sentry_garbage = None
+        self.sentry_holder = None
+        self.ghosts = {}
+        self.renewed = {}
+        self._conflicts.reset()
+        self.resync.set()
+        self.wake()
+
+    def _lost(self, why: str) -> None:
+        self.forget_medium()
+        self.on_data_loss(why)
 
     def attach(self, members: KeyValue, control: KeyValue) -> None:
         """The buckets to follow (opened by the node on start)."""
@@ -250,7 +330,14 @@ class Control:
         assert self._members_kv is not None
         view: dict[str, MemberRecord] = {}
         ghosts: dict[str, int] = {}
-        for key, entry in (await self._members_kv.entries()).items():
+        before = {key: seen[0] for key, seen in self.renewed.items()}
+        entries = await self._members_kv.entries()
+        if member_loss(before, _revisions(entries)) is not None:
+            # A listing may come from a lagging replica: only the leader's says it for sure.
+            entries = await self._members_kv.entries(consistent=True)
+            if (why := member_loss(before, _revisions(entries))) is not None:
+                self._lost(why)
+        for key, entry in entries.items():
             record = self.decode_member(key, entry.value, entry.revision)
             if record is not None:
                 view[key] = record
@@ -361,7 +448,14 @@ class Control:
     async def reload_control(self) -> None:
         """Take the sentry holder and the epoch record from a full listing."""
         assert self._control_kv is not None
+        knew_epoch, known_revision = self.epoch_record is not None, self.epoch_revision
         snapshot = await read_control(self._control_kv, self.keyring)
+        if control_loss(knew_epoch, known_revision, snapshot.epoch_revision) is not None:
+            # A listing may come from a lagging replica: only the leader's says it for sure.
+            snapshot = await read_control(self._control_kv, self.keyring, consistent=True)
+            why = control_loss(knew_epoch, known_revision, snapshot.epoch_revision)
+            if why is not None:
+                self._lost(why)
         if snapshot.sentry_error is not None and snapshot.sentry_revision is not None:
             self._bad_sentry(snapshot.sentry_error, snapshot.sentry_revision)
         else:
@@ -391,6 +485,11 @@ class Control:
                 self._bad_epoch(exc, event.revision)
                 self.wake()
                 return
+            why = epoch_event_loss(
+                self.epoch_record, self.epoch_revision, record.epoch, event.revision
+            )
+            if why is not None:
+                self._lost(why)
             self.note_epoch(record, event.revision)
         self.wake()
 
@@ -503,6 +602,12 @@ class Facts:
     """Each member record's revision and since when (``time.monotonic``) it has had it."""
     failure_timeout: float = 0.0
     """This node's member TTL (the TTL assumed for records that name none; 0: none)."""
+    data_lost: bool = False
+    """The medium was just found to have lost its data (one step, as ``record_lost``):
+    claims, consumers and stored state went with it, so the node suspends."""
+    rebuild_above: int | None = None
+    """Since the medium lost its data the node settles only on an epoch above this one
+    (the one it had adopted then): one published after the loss, acknowledged afresh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,6 +761,9 @@ def _state_decision(
 ) -> tuple[SuspendReason | None, State | None, Topology | None, State | None]:
     """(suspend, move, settle, move after settle): where the node's state goes."""
     topology, state = facts.topology, facts.state
+    if facts.data_lost:
+        reason = None if facts.suspended else SuspendReason.MEDIUM_LOST
+        return reason, State.REHASHING if state is State.READY else None, None, None
     if not (facts.lease_ok and quorum(topology, facts.node, facts.consensus, facts.expected)):
         reason = None
         if not facts.suspended and not waits_out_the_lapse(facts):
@@ -664,6 +772,10 @@ def _state_decision(
             )
         return reason, State.REHASHING if state is State.READY else None, None, None
     assert topology is not None
+    if facts.rebuild_above is not None and topology.epoch <= facts.rebuild_above:
+        # Wait for an epoch published after the loss: the records the old one was settled
+        # on (claims, consumers) are gone, and the sentry is publishing a new one.
+        return None, State.REHASHING if state is not State.REHASHING else None, None, None
     if (
         facts.paused
         and not facts.suspended

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +39,7 @@ from cloister.cluster.control import (
     foreign_members,
 )
 from cloister.cluster.hooks import Hooks, SuspendReason, TopologyHook
-from cloister.cluster.info import ClusterInfo
+from cloister.cluster.info import ClusterInfo, DataLoss
 from cloister.cluster.lease import Lease
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
@@ -176,6 +176,12 @@ class Cluster(RemoteCalls):
         self._dead = asyncio.Event()
         self._supervisor.on_critical = self._on_critical_failure
         self._loop_watch: LoopWatch | None = None
+        # The medium lost its data (see _on_data_loss): the step suspends once for it, and
+        # the node settles only on an epoch above the one it had adopted then.
+        self._data_lost = False
+        self._rebuild_above: int | None = None
+        self._last_data_loss: DataLoss | None = None
+        self._control.on_data_loss = self._lease.on_data_loss = self._on_data_loss
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -207,6 +213,7 @@ class Cluster(RemoteCalls):
             await backend.connect()
             backend.on_reconnect(self._on_reconnect)
             backend.on_closed(self._on_closed)
+            backend.on_data_loss(self._on_data_loss)
             members = await backend.kv("members", ttl_keys=True)
             control = await backend.kv("control", ttl_keys=True)
             self._control.attach(members, control)
@@ -303,6 +310,33 @@ class Cluster(RemoteCalls):
 
     def _on_reconnect(self) -> None:
         self._control.resync.set()
+        self._wake.set()
+
+    def _on_data_loss(self, why: str) -> None:
+        """The medium lost its data (the backend re-created streams, or the records show
+        it: see :mod:`~cloister.cluster.control`). Said loudly once per episode; each sign
+        makes the node forget what the medium no longer holds, and the control loop
+        suspends the node and settles it afresh on a new epoch."""
+        self._control.forget_medium()
+        self._lease.medium_lost()
+        if self._rebuild_above is not None:
+            log.debug("node %s: the medium lost data (same episode): %s", self.node, why)
+            self._wake.set()
+            return
+        self.counters.medium_data_loss += 1
+        self._rebuild_above = self.epoch
+        self._data_lost = True
+        self._last_data_loss = DataLoss(why, time.time(), self.epoch)
+        log.error(
+            "node %s: the medium %s lost its data (%s); the control plane is rebuilt: "
+            "member record and sentry lease written anew, a new epoch above %d, partitions "
+            "claimed again; what the medium stored (worker state, inbox records not yet "
+            "handled) is lost",
+            self.node,
+            self.backend_url,
+            why,
+            self.epoch,
+        )
         self._wake.set()
 
     # -- public API -----------------------------------------------------------------------
@@ -404,6 +438,9 @@ class Cluster(RemoteCalls):
             started_at=self.started_at,
             fingerprint="" if topology is None else topology.ring.fingerprint,
             groups=self.groups,
+            data_losses=self.counters.medium_data_loss,
+            last_data_loss=self._last_data_loss,
+            rebuilding=self._rebuild_above is not None,
         )
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -532,7 +569,14 @@ class Cluster(RemoteCalls):
                 delay = self.heartbeat / 4
             await wait_event(self._wake, delay)
 
-    def _facts(self, now: float, lease_ok: bool, settle: float, record_lost: bool = False) -> Facts:
+    def _facts(
+        self,
+        now: float,
+        lease_ok: bool,
+        settle: float,
+        record_lost: bool = False,
+        data_lost: bool = False,
+    ) -> Facts:
         control, lease = self._control, self._lease
         return Facts(
             node=self.node,
@@ -562,6 +606,8 @@ class Cluster(RemoteCalls):
             ghosts=dict(control.ghosts),
             renewed=dict(control.renewed),
             failure_timeout=self.failure_timeout,
+            data_lost=data_lost,
+            rebuild_above=self._rebuild_above,
         )
 
     async def _step(self, settle: float) -> float:
@@ -572,10 +618,19 @@ class Cluster(RemoteCalls):
         # A rejoin after our record expired counts as a lost lease for one step: suspend.
         record_lost = self._lease.take_expiry()
         lease_ok = not record_lost and now < self._lease.renewed_until
+        data_lost, self._data_lost = self._data_lost, False
 
         def facts() -> Facts:
-            return self._facts(now, lease_ok, settle, record_lost)
+            return self._facts(now, lease_ok, settle, record_lost, data_lost)
 
+        try:
+            return await self._carry_out(now, facts)
+        except BaseException:
+            self._data_lost = self._data_lost or data_lost  # not acted on yet: next step
+            raise
+
+    async def _carry_out(self, now: float, facts: Callable[[], Facts]) -> float:
+        """One step's decisions, deciding again after each awaited effect (see _step)."""
         decision = decide(facts(), now)
         if decision.fence:
             self.counters.fenced += 1
@@ -668,6 +723,13 @@ class Cluster(RemoteCalls):
             # renewals earn.
             self._lease.release_hold()
         if decision.settle is not None:
+            if self._rebuild_above is not None:
+                log.info(
+                    "node %s recovers from the medium's data loss: settling on epoch %d",
+                    self.node,
+                    decision.settle.epoch,
+                )
+                self._rebuild_above = None
             await self._hooks.settle(decision.settle)
             self._suspended = False
             self._settled_epoch = decision.settle.epoch

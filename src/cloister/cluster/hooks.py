@@ -23,6 +23,9 @@ class SuspendReason(StrEnum):
     LEASE_LOST = "lease lost"
     SHORT_OF_CONSENSUS = "short of consensus"
     STOPPING = "stopping"
+    MEDIUM_LOST = "medium lost its data"
+    """The medium came back without its data (a server restarted with an empty store):
+    partition claims, consumers and stored state are gone; settle afresh on a new epoch."""
 
 
 class TopologyHook(Protocol):

@@ -11,6 +11,34 @@ from cloister.errors import WireFormatError
 
 
 @dataclass(frozen=True, slots=True)
+class DataLoss:
+    """The last time a node found that the medium had lost its data."""
+
+    why: str
+    """The sign it was found by (streams re-created, a record gone, a revision gone back)."""
+    at: float
+    """When (``time.time()``)."""
+    epoch: int
+    """The epoch the node had adopted then; it settles again on a later one."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-able dict."""
+        return {"why": self.why, "at": self.at, "epoch": self.epoch}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> DataLoss:
+        """Parse :meth:`to_wire`'s output; :class:`WireFormatError` if malformed."""
+        what = "data loss"
+        if not isinstance(data, dict):
+            raise WireFormatError(f"{what}: expected a map, got {type(data).__name__}")
+        return cls(
+            why=wire.field(data, "why", str, what),
+            at=float(wire.field(data, "at", (int, float), what)),
+            epoch=wire.field(data, "epoch", int, what),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterInfo:
     """One node's view: who it is, its state, and the topology it has adopted."""
 
@@ -25,6 +53,11 @@ class ClusterInfo:
     started_at: float
     fingerprint: str
     groups: tuple[str, ...] = ()
+    data_losses: int = 0
+    """Times this node found the medium had lost its data."""
+    last_data_loss: DataLoss | None = None
+    rebuilding: bool = False
+    """True from a data loss until the node settled on an epoch published after it."""
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-able dict (for ``states()`` and ``cloister status``)."""
@@ -32,6 +65,9 @@ class ClusterInfo:
         data["state"] = str(self.state)
         data["members"] = list(self.members)
         data["groups"] = list(self.groups)
+        data["last_data_loss"] = (
+            None if self.last_data_loss is None else self.last_data_loss.to_wire()
+        )
         return data
 
     @classmethod
@@ -44,6 +80,7 @@ class ClusterInfo:
             state = State(wire.field(data, "state", str, what))
         except ValueError as exc:
             raise WireFormatError(f"{what}: unknown state {data.get('state')!r}") from exc
+        loss = data.get("last_data_loss")
         sentry = data.get("sentry")
         if sentry is not None and not isinstance(sentry, str):
             raise WireFormatError(f"{what}: field 'sentry' should be str or None")
@@ -59,4 +96,8 @@ class ClusterInfo:
             started_at=float(wire.field(data, "started_at", (int, float), what)),
             fingerprint=wire.field(data, "fingerprint", str, what),
             groups=tuple(str(g) for g in data.get("groups", ())),
+            # Absent from nodes of older versions: none seen.
+            data_losses=wire.field(data, "data_losses", int, what) if "data_losses" in data else 0,
+            last_data_loss=None if loss is None else DataLoss.from_wire(loss),
+            rebuilding=bool(data.get("rebuilding")),
         )

@@ -76,6 +76,10 @@ class Lease:
         self.renewed_until = 0.0  # what the last renewal (or join) earned
         self._held_at: float | None = None  # paused at this lapse (see hold)
         self._expired = False  # our record expired and we wrote it anew: a fence all the same
+        # The medium lost its data (see medium_lost): our record is written anew, no expiry.
+        self._medium_lost = False
+        self.on_data_loss: Callable[[str], None] = lambda _why: None
+        """Told (synchronously) when our record comes back at a lower revision."""
         self.sentry_revision: int | None = None
         self.sentry_until = 0.0
         self._record_lock = asyncio.Lock()
@@ -175,6 +179,7 @@ class Lease:
                 )
             except RevisionMismatchError:
                 revision = await self._rejoin(record)
+            self._medium_lost = False
             self.record, self.record_revision = record, revision
             if not self._expired:  # after an expiry the node fences first (take_expiry)
                 self.renewed_until = sent + self.fence_after
@@ -199,14 +204,35 @@ class Lease:
                 revision=current.revision,
                 ttl=self.failure_timeout,
             )
-        log.warning("node %s lost its membership (expired); fencing, then rejoining", self.node)
-        # The others dropped us and may have given our keys away meanwhile: whatever we
-        # hold in memory is stale even though the new record makes the lease valid again.
-        self._expired = True
-        self._wake()
-        return await self._members_kv.create(
+        old = self.record_revision
+        if self._medium_lost:
+            log.info("node %s writes its member record anew: the medium lost it", self.node)
+        else:
+            log.warning("node %s lost its membership (expired); fencing, then rejoining", self.node)
+            # The others dropped us and may have given our keys away meanwhile: whatever
+            # we hold in memory is stale even though the new record makes the lease valid.
+            self._expired = True
+            self._wake()
+        revision = await self._members_kv.create(
             self.node, record.encode(self.keyring), ttl=self.failure_timeout
         )
+        self._medium_lost = False
+        if old is not None and revision < old:
+            # Revisions only grow: the bucket was re-created empty (the data loss also
+            # suspends the node, so the expiry above changes nothing).
+            self.on_data_loss(
+                f"the member record of {self.node} came back at revision {revision}, "
+                f"below its last one ({old})"
+            )
+        return revision
+
+    def medium_lost(self) -> None:
+        """The medium lost its data: the sentry lease we held is gone with it, and our
+        member record is written anew by the next renewal (no expiry is reported)."""
+        self._medium_lost = True
+        self.sentry_revision = None
+        self.sentry_until = 0.0
+        self._wake()
 
     def take_expiry(self) -> bool:
         """True once after our record expired and was written anew (see :meth:`write_record`):
@@ -268,7 +294,9 @@ class Lease:
 
     async def renew_sentry(self) -> None:
         """Renew the sentry lease (compare-and-set on the revision we hold)."""
-        assert self._control_kv is not None and self.sentry_revision is not None
+        assert self._control_kv is not None
+        if self.sentry_revision is None:
+            return  # given up since this renewal was scheduled (see medium_lost)
         sent = time.monotonic()
         try:
             self.sentry_revision = await self._control_kv.update(

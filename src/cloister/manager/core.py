@@ -52,6 +52,7 @@ from cloister.manager.types import (
     Executor,
     Key,
     ManagerCounters,
+    ManagerTimings,
     OnError,
     OnHandlerTimeout,
     Pickup,
@@ -210,6 +211,8 @@ class DynamicManager:
         self.manager_name = self.name or type(self).__name__
         self.cluster = cluster
         self.counters = ManagerCounters()
+        self.timings = ManagerTimings()
+        """Histograms of callback durations, cast latency and handoff phases (metrics)."""
         # On a node, the manager's tasks die with the node (see Cluster.supervisor).
         self._supervisor = (
             Supervisor(f"manager {self.manager_name}")
@@ -243,6 +246,7 @@ class DynamicManager:
             self._supervisor,
             Ports(put=self._put_fields if cluster is not None else None),
             self.counters,
+            self.timings,
         )
         if self._processes is not None:
             self._engine.on_abandon = self._processes.kill_overdue
@@ -263,6 +267,7 @@ class DynamicManager:
                     flush_interval=self.flush_interval,
                 ),
                 self.counters,
+                self.timings,
             )
         )
         self._router = Router(

@@ -40,7 +40,7 @@ from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
 from cloister.manager.scheduler import TimerWheel
 from cloister.manager.spec import Spec
 from cloister.manager.state import Stored
-from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.types import Key, ManagerCounters, ManagerTimings, Reason
 from cloister.manager.worker import (
     GONE,
     PERFORM_PENDING,
@@ -71,12 +71,18 @@ class Engine:
         supervisor: Supervisor,
         ports: Ports | None = None,
         counters: ManagerCounters | None = None,
+        timings: ManagerTimings | None = None,
     ) -> None:
         self.callbacks = callbacks
         self.options = options
         self.supervisor = supervisor
         self.ports = ports if ports is not None else Ports()
         self.counters = counters if counters is not None else ManagerCounters()
+        self.timings = timings if timings is not None else ManagerTimings()
+        # The histograms at hand: one clock read and one observation per callback.
+        self._timed_perform = self.timings.callbacks["perform"]
+        self._timed_cast = self.timings.callbacks["handle_cast"]
+        self._timed_call = self.timings.callbacks["handle_call"]
         # The right to work; a cluster gives its member lease (see ports.Permit).
         self.permit: Permit = UNBOUNDED
         self.held = False  # a callback waited for the permit: the dispatcher backs off
@@ -399,7 +405,6 @@ class Engine:
             self._run(worker, self.callbacks.perform, None, loop, self._offload_perform)
 
     def _cast(self, worker: Worker, message: Message, loop: asyncio.AbstractEventLoop) -> None:
-        self.counters.casts += 1
         if message.inbox is not None and message.inbox.record.sequence <= worker.watermark:
             self._duplicate(worker, message)  # redelivered after a handoff or crash
             return
@@ -615,7 +620,18 @@ class Engine:
     ) -> None:
         """Carry out a callback's response."""
         worker.failures = 0
+        took = time.monotonic() - started
+        if message is None:
+            self._timed_perform.observe(took)
+        elif message.kind == "cast":
+            self.counters.casts += 1  # handled: a failed try counts as an error or a retry
+            self._timed_cast.observe(took)
+        else:
+            self._timed_call.observe(took)
         if message is not None and message.inbox is not None:
+            stored_at = message.inbox.record.stored_at
+            if stored_at is not None:
+                self.timings.cast_latency.observe(max(0.0, time.time() - stored_at))
             worker.watermark = message.inbox.record.sequence
             ack = self.ports.ack
             assert ack is not None

@@ -43,7 +43,7 @@ from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
 from cloister.manager.spec import make_spec
 from cloister.manager.state import StateTable, Stored, Unstorable
-from cloister.manager.types import Key, ManagerCounters, Reason
+from cloister.manager.types import Key, ManagerCounters, ManagerTimings, Reason
 from cloister.manager.watchdog import Watchdog
 from cloister.manager.worker import GONE, Message, Worker
 from cloister.store.inbox import Inbox
@@ -109,12 +109,14 @@ class ShardRegion:
         lifecycle: Lifecycle,
         options: RegionOptions,
         counters: ManagerCounters,
+        timings: ManagerTimings | None = None,
     ) -> None:
         self.cluster = cluster
         self.engine = engine
         self.lifecycle = lifecycle
         self.options = options
         self.counters = counters
+        self.timings = timings if timings is not None else ManagerTimings()
         self.table: StateTable | None = None
         self.claims: Claims | None = None
         self.inbox: Inbox | None = None
@@ -217,7 +219,9 @@ class ShardRegion:
     async def release(self, topology: Topology) -> None:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
         async with self.lock:
+            began = time.monotonic()
             await self._release(topology)
+            self.timings.handoff["release"].observe(time.monotonic() - began)
 
     async def settle(self, topology: Topology) -> None:
         """Every member acknowledged ``topology``: start what is ours, resume."""
@@ -226,7 +230,9 @@ class ShardRegion:
             if latest is not None and latest.epoch > topology.epoch:
                 return  # a newer epoch was adopted meanwhile; its settle comes next
             try:
+                began = time.monotonic()
                 await self._settle(topology)
+                self.timings.handoff["settle"].observe(time.monotonic() - began)
             except CloisterError as exc:
                 # Taking workers over needs the latest stored state; without it, starting
                 # them would resume from stale payloads. Nothing was started: try again.
@@ -286,7 +292,7 @@ class ShardRegion:
         if self.table is not None:
             # The latest stored payloads and runtime specs (crash takeover, put/delete);
             # a failure propagates: settle() retries rather than resume from stale state.
-            await self.table.load()
+            self._report_lost_state(await self.table.load(), placement)
         mirror = self.table.mirror if self.table is not None else {}
         self.merge_table()
         specs, workers, parked = engine.specs, engine.workers, engine.parked
@@ -328,6 +334,22 @@ class ShardRegion:
             await self.consumers.take(set(moves.owned) - denied)
         await lifecycle.enter(Phase.UP)
 
+    def _report_lost_state(self, lost: set[Any], placement: Placement) -> None:
+        """Say which stored records of our partitions the medium lost (each node reports
+        the partitions it takes, so the cluster's sum counts each record once)."""
+        ours = sorted((i for i in lost if placement.mine(i)), key=repr)
+        if not ours:
+            return
+        self.counters.state_lost += len(ours)
+        log.error(
+            "manager %s on node %s: the medium lost the stored state of %d worker(s) of "
+            "this node's partitions (e.g. %s); they start again from their specs",
+            self.options.name,
+            self.cluster.node,
+            len(ours),
+            ", ".join(repr(i) for i in ours[:5]),
+        )
+
     async def suspend(self, reason: SuspendReason) -> None:
         """The node may not process now (lease lost, short of consensus, stopping)."""
         if self.lifecycle.leaving or self.lifecycle.down:
@@ -352,6 +374,10 @@ class ShardRegion:
             # dropped (its messages are delivered again); the rest is in the state table.
             assert self.table is not None
             self.table.dirty.clear()
+            # Nor from a handoff received before: the stored state is the one to resume
+            # from (and after a medium lost its data, a handed watermark names a sequence
+            # of a log that is gone — it would skip the new log's records as duplicates).
+            self.handed.clear()
             for count, worker_id in enumerate(list(engine.workers), 1):
                 await engine.remove(worker_id, Reason.SUSPEND)
                 if not count % YIELD_EVERY:

@@ -176,8 +176,6 @@ def hold(engine: EngineView, worker: Worker, message: Message | None) -> None:
         worker.mailbox.appendleft(message)
         if message.kind == "call":
             engine.counters.calls -= 1
-        else:
-            engine.counters.casts -= 1
     worker.flags |= QUEUED
     engine.runnable.appendleft(worker)
     engine.held = True

@@ -152,8 +152,12 @@ class StateTable:
         # after a newer one, and the older one would win.
         self._writing = asyncio.Lock()
 
-    async def load(self) -> None:
-        """Re-list the bucket into the mirror.
+    async def load(self) -> set[Any]:
+        """Re-list the bucket into the mirror; return the ids the medium lost.
+
+        Records are never deleted here (a deleted worker leaves a tombstone), so a record
+        the mirror held that the listing no longer has was lost by the medium (a server
+        restarted with an empty store): the caller reports it, never silently resets it.
 
         Every settle reloads, and a manager has many thousands of records: the loop yields
         now and then, so a node's heartbeat never waits for a reload. Records are decoded
@@ -170,7 +174,9 @@ class StateTable:
                 mirror[stored.id] = stored
             if not count % _LOAD_YIELD_EVERY:
                 await asyncio.sleep(0)
+        lost = self.mirror.keys() - mirror.keys()
         self.mirror = mirror
+        return lost
 
     def _decode(self, data: bytes) -> Stored | None:
         try:

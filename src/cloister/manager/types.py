@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Literal, TypeAlias, get_args
 
+from cloister._histogram import Histogram
 from cloister.ring import Key
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Executor",
     "Key",
     "ManagerCounters",
+    "ManagerTimings",
     "OnError",
     "OnHandlerTimeout",
     "Pickup",
@@ -80,6 +82,9 @@ class ManagerCounters:
     nothing in flight or handled (each one healed)."""
     fenced_writes: int = 0
     """State records the medium refused: another node had claimed their partition."""
+    state_lost: int = 0
+    """Stored worker records (payloads, runtime specs) of this node's partitions that the
+    medium lost (a server restarted with an empty store): those workers start afresh."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (status, metrics)."""
@@ -91,3 +96,28 @@ class ManagerCounters:
             raise KeyError(name)
         value: int = getattr(self, name)
         return value
+
+
+CALLBACK_KINDS = ("perform", "handle_cast", "handle_call")
+"""The callbacks :class:`ManagerTimings` times."""
+HANDOFF_PHASES = ("release", "settle")
+"""The phases of a handoff :class:`ManagerTimings` times, once per epoch each."""
+
+
+def _by(names: tuple[str, ...]) -> dict[str, Histogram]:
+    return {name: Histogram() for name in names}
+
+
+@dataclass(slots=True)
+class ManagerTimings:
+    """What a manager times (``manager.timings``; exported as Prometheus histograms)."""
+
+    callbacks: dict[str, Histogram] = field(default_factory=lambda: _by(CALLBACK_KINDS))
+    """Seconds from a callback's start (its queueing on the thread pool, for a sync one)
+    to its result applied, by callback; callbacks that raised are not timed."""
+    cast_latency: Histogram = field(default_factory=Histogram)
+    """Seconds from an inbox record stored by the medium to its ``handle_cast`` applied
+    here (the medium's clock against ours: both wall clocks)."""
+    handoff: dict[str, Histogram] = field(default_factory=lambda: _by(HANDOFF_PHASES))
+    """Seconds each epoch's release (stop and hand over what moved away) and settle
+    (claim, load state, start workers, take partitions) took on this node."""

@@ -103,7 +103,12 @@ class Watchdog:
         engine, consumers = self.engine, self.consumers
         return Sample(
             up=self.lifecycle.phase is Phase.UP,
-            progress=engine.counters.casts + engine.counters.dead_letters + consumers.parked,
+            # Handled, skipped as duplicates, failed (retried) or parked: records moved.
+            progress=engine.counters.casts
+            + engine.counters.duplicates
+            + engine.counters.errors
+            + engine.counters.dead_letters
+            + consumers.parked,
             partitions=len(consumers.partitions),
             counted_in_flight=consumers.in_flight,
         )

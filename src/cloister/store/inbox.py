@@ -383,6 +383,10 @@ class Inbox:
                 log.warning("inbox %r: skipping malformed dead letter %r: %s", self.name, name, exc)
         return sorted(letters, key=lambda letter: letter.at)
 
+    async def dead_letter_count(self) -> int:
+        """How many messages are parked (none decoded: cheap enough to sample)."""
+        return len(await self._require_dead().entries())
+
     async def replay(self, ids: list[str] | None = None) -> int:
         """Put parked messages back into the inbox (all, or those ``ids``); returns how many.
 

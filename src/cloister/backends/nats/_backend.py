@@ -134,6 +134,7 @@ class NatsBackend(Backend):
         self._supervisor = Supervisor(f"nats-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._closed_callbacks: list[Callable[[], None]] = []
+        self._data_loss_callbacks: list[Callable[[str], None]] = []
         self._buckets: dict[str, NatsKV] = {}
         self._logs: dict[str, tuple[NatsLog, float, int]] = {}  # log, dedup window, replicas
         self._watches: set[WatchFeed] = set()
@@ -239,6 +240,11 @@ class NatsBackend(Backend):
         """Call ``callback`` (synchronously, cheap) each time the connection comes back."""
         self._reconnect_callbacks.append(callback)
 
+    def on_data_loss(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` when this node re-creates buckets or logs a restarted
+        server lost (after a reconnect; see :meth:`Backend.on_data_loss`)."""
+        self._data_loss_callbacks.append(callback)
+
     def on_closed(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously, cheap) when the connection to NATS is closed
         for good while this backend was not closed with :meth:`close`.
@@ -338,11 +344,13 @@ class NatsBackend(Backend):
             if created:
                 restored.append(opened.stream)
         if restored:
-            log.warning(
-                "node %s re-created stream(s) %s: the server had lost them",
-                self.node,
-                ", ".join(restored),
-            )
+            why = f"re-created stream(s) {', '.join(restored)}: the server had lost them"
+            log.warning("node %s %s", self.node, why)
+            for callback in list(self._data_loss_callbacks):
+                try:
+                    callback(why)
+                except Exception:
+                    log.exception("data-loss callback of node %s failed", self.node)
             self._run_reconnect_callbacks()  # reconcile again, against the new buckets
 
     # -- request / reply --------------------------------------------------------------

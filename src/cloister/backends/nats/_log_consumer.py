@@ -235,6 +235,7 @@ class NatsLogConsumer(LogConsumer):
                     msg_id,
                     int(meta.num_delivered),
                     ref=msg,
+                    stored_at=meta.timestamp.timestamp(),
                 )
             )
         return records
