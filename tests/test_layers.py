@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"sources", "local"},
     {"manager"},
     {"observer", "metrics", "demo", "testing"},
+    {"client"},
     {"cli", "__init__"},
     {"__main__"},
 ]

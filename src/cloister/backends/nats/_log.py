@@ -12,8 +12,9 @@ Mapping of the contract:
 - ``append`` = a JetStream publish (with ``Nats-Msg-Id`` when a message id is given);
   the sequence is the stream sequence, so it grows within a partition. A duplicate
   returns the first one's sequence. "No responders" (a stream between leaders) and
-  timeouts are retried with backoff for ``2 * op_timeout``; a timed-out append of a
-  record without a message id may then be stored twice (at-least-once).
+  timeouts are retried with backoff for ``2 * op_timeout``, with the same message id; a
+  timed-out append of a record without one may then be stored twice (the inbox always
+  gives one). ``append_many`` pipelines the publishes and appends the failed ones again.
 - ``claim`` = a durable pull consumer ``p<partition>-<consumer>`` (the consumer name
   escaped to what NATS allows) filtered on the partition's subject. A work-queue stream
   refuses a second consumer with an overlapping filter (JetStream error 10100): that
@@ -31,7 +32,10 @@ Mapping of the contract:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Sequence
 
 import nats.errors
 from nats.js import api
@@ -49,6 +53,8 @@ from cloister.backends.nats._streams import (
     wait_for_leader,
 )
 from cloister.errors import BackendError, BackendUnavailableError, ConfigurationError
+
+log = logging.getLogger("cloister.backends.nats")
 
 PARTITIONS = "cloister.partitions"
 
@@ -176,6 +182,45 @@ class NatsLog(Log):
             )
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
             raise translate(exc, what, self._conn.url) from exc
+
+    async def append_many(self, records: Sequence[tuple[int, bytes, str | None]]) -> list[int]:
+        """Pipelined: every record is published before any acknowledgement is awaited
+        (``publish_async``). A record whose acknowledgement failed or did not come within
+        ``op_timeout`` is appended again, with its ``msg_id``, through :meth:`append`
+        and its retries — so a record that was stored and only its ack lost is not stored
+        twice."""
+        subjects = [self.subject(partition) for partition, _, _ in records]
+        for _, _, msg_id in records:
+            if msg_id is not None and (not isinstance(msg_id, str) or not msg_id):
+                raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
+        what = f"append {len(records)} records to log {self.name!r}"
+        pending: list[asyncio.Future[api.PubAck]] = []
+        try:
+            js = self._conn.jetstream(what)
+            for subject, (_, data, msg_id) in zip(subjects, records, strict=True):
+                pending.append(
+                    await js.publish_async(
+                        subject,
+                        bytes(data),
+                        stream=self.stream,
+                        headers=None if msg_id is None else {MSG_ID: msg_id},
+                    )
+                )
+        except (*NATS_ERRORS, BackendUnavailableError) as exc:
+            # The connection broke mid-batch: what was not sent goes through append.
+            log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._op_timeout)
+            for future in late:
+                future.cancel()
+        sequences: list[int] = []
+        for n, (partition, data, msg_id) in enumerate(records):
+            sent = pending[n] if n < len(pending) else None
+            if sent is not None and not sent.cancelled() and sent.exception() is None:
+                sequences.append(int(sent.result().seq))
+            else:
+                sequences.append(await self.append(partition, data, msg_id=msg_id))
+        return sequences
 
     # -- claims -----------------------------------------------------------------------
 
