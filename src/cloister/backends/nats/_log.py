@@ -131,6 +131,7 @@ class NatsLog(Log):
         self._conn = conn
         self._admin = ConsumerAdmin(conn, name, stream)
         self._claims: dict[int, NatsLogConsumer] = {}
+        self._subjects = [f"{prefix}.{partition}" for partition in range(partitions)]
 
     def __repr__(self) -> str:
         return f"<NatsLog {self.stream} ({self.partitions} partitions) of {self._conn.url}>"
@@ -188,36 +189,48 @@ class NatsLog(Log):
         (``publish_async``). A record whose acknowledgement failed or did not come within
         ``op_timeout`` is appended again, with its ``msg_id``, through :meth:`append`
         and its retries — so a record that was stored and only its ack lost is not stored
-        twice."""
-        subjects = [self.subject(partition) for partition, _, _ in records]
-        for _, _, msg_id in records:
-            if msg_id is not None and (not isinstance(msg_id, str) or not msg_id):
+        twice.
+
+        Unlike :meth:`append` the publishes carry no expected-stream header: the
+        partition subjects belong to this stream alone (see ``_names``), and on a
+        batch the header's bytes and the server's check are a sizeable share.
+        """
+        subjects = self._subjects
+        batch: list[tuple[str, bytes, dict[str, str] | None]] = []
+        for partition, data, msg_id in records:
+            if type(partition) is int and 0 <= partition < self.partitions:
+                subject = subjects[partition]
+            else:
+                subject = self.subject(partition)  # raises what is wrong with it
+            if msg_id is None:
+                headers = None
+            elif type(msg_id) is str and msg_id:
+                headers = {MSG_ID: msg_id}
+            else:
                 raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
+            batch.append((subject, bytes(data), headers))
         what = f"append {len(records)} records to log {self.name!r}"
         pending: list[asyncio.Future[api.PubAck]] = []
         try:
-            js = self._conn.jetstream(what)
-            for subject, (_, data, msg_id) in zip(subjects, records, strict=True):
-                pending.append(
-                    await js.publish_async(
-                        subject,
-                        bytes(data),
-                        stream=self.stream,
-                        headers=None if msg_id is None else {MSG_ID: msg_id},
-                    )
-                )
+            publish = self._conn.jetstream(what).publish_async
+            for subject, data, headers in batch:
+                pending.append(await publish(subject, data, headers=headers))
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
             # The connection broke mid-batch: what was not sent goes through append.
             log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self._op_timeout)
-            for future in late:
-                future.cancel()
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                for sent in pending:
+                    if not sent.done():
+                        await asyncio.wait((sent,))  # a failed ack is read below, not raised
+        except TimeoutError:
+            for sent in pending:
+                sent.cancel()  # no ack in time: appended again below
         sequences: list[int] = []
         for n, (partition, data, msg_id) in enumerate(records):
-            sent = pending[n] if n < len(pending) else None
-            if sent is not None and not sent.cancelled() and sent.exception() is None:
-                sequences.append(int(sent.result().seq))
+            acked = pending[n] if n < len(pending) else None
+            if acked is not None and not acked.cancelled() and acked.exception() is None:
+                sequences.append(int(acked.result().seq))
             else:
                 sequences.append(await self.append(partition, data, msg_id=msg_id))
         return sequences
