@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -88,14 +88,24 @@ class SyncClient:
 
     def close(self) -> None:
         """Disconnect and stop the background thread. Safe to call twice, from any thread."""
-        with self._closing:
+        with self._closing:  # from here on no method hands the loop anything new
             if self._closed:
                 return
             self._closed = True
         try:
-            self._submit(self._client.close()).result()
+            self._submit(self._shutdown()).result()
         finally:
             self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        """Close the client, then end what other threads still wait for (they get
+        :class:`NotRunningError`): nothing is left on the loop when it stops."""
+        await self._client.close()
+        current = asyncio.current_task()
+        waiting = [task for task in asyncio.all_tasks() if task is not current]
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
 
     def cast(
         self,
@@ -141,12 +151,19 @@ class SyncClient:
     # -- internals ---------------------------------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            coro.close()
-            raise NotRunningError(f"the client of cluster {self.cluster!r} is closed")
-        future = self._submit(coro)
+        with self._closing:
+            if self._closed:
+                coro.close()
+                raise NotRunningError(f"the client of cluster {self.cluster!r} is closed")
+            future = self._submit(coro)
         try:
             return future.result()
+        except CancelledError:
+            if self._closed:
+                raise NotRunningError(
+                    f"the client of cluster {self.cluster!r} was closed while this waited"
+                ) from None
+            raise
         except BaseException:
             future.cancel()  # interrupted (Ctrl-C) or failed: nothing keeps running for us
             raise
