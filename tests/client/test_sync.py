@@ -40,5 +40,5 @@ def test_close_ends_what_other_threads_wait_for(nats_server: NatsServer) -> None
 
 
 def test_memory_is_refused_with_what_to_use() -> None:
-    with pytest.raises(ConfigurationError, match="cloister.Client"):
+    with pytest.raises(ConfigurationError, match=r"cloister\.Client"):
         SyncClient("shop", backend="memory://sync")
