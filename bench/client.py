@@ -20,7 +20,8 @@ one batch) on two connections open at once, so a machine shared with other work 
 both alike.
 - latency: casts launched on a schedule at half the measured single-cast rate (open
   loop: each cast its own task); latency from the scheduled send to the stored ack —
-  and raw ``js.publish`` on the same schedule, for the machine's own share.
+  and raw ``js.publish`` on the same schedule, in alternating turns, for the machine's
+  own share.
 
 Ratios are taken within each round, and their median reported. Targets (issue 14):
 cast >= 70% of raw-awaited, cast-many >= 70% of raw-pipelined, p99
@@ -160,34 +161,40 @@ async def _paced(send: Any, rate: float, seconds: float) -> list[float]:
     return sorted(samples)
 
 
-async def latency(url: str, rate: float, seconds: float) -> dict[str, float]:
-    """Casts at ``rate`` per second (open loop)."""
+async def latency_pair(
+    url: str,
+    stream: str,
+    prefix: str,
+    messages: list[Any],
+    rate: float,
+    seconds: float,
+    turns: int = 4,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Casts and raw ``js.publish`` at ``rate`` per second (open loop), in alternating
+    turns of ``seconds / turns``: the latencies of each side, over all its turns."""
     from cloister import Client
 
     manager = _manager()
-    async with Client(CLUSTER, backend=url) as client:
-        await client.cast(manager, "warm", 0)
-
-        async def send(n: int) -> None:
-            await client.cast(manager, f"k{n % KEYS}", n)
-
-        return _percentiles(await _paced(send, rate, seconds), rate)
-
-
-async def raw_latency(
-    url: str, stream: str, prefix: str, messages: list[Any], rate: float, seconds: float
-) -> dict[str, float]:
-    """Raw ``js.publish`` at ``rate`` per second (open loop), the same records."""
     nc, js, records = await _raw(url, stream, prefix, messages)
+    ours: list[float] = []
+    raw: list[float] = []
     try:
+        async with Client(CLUSTER, backend=url) as client:
+            await client.cast(manager, "warm", 0)
 
-        async def send(n: int) -> None:
-            subject, data = records[n % len(records)]
-            await js.publish(subject, data)
+            async def cast(n: int) -> None:
+                await client.cast(manager, f"k{n % KEYS}", n)
 
-        return _percentiles(await _paced(send, rate, seconds), rate)
+            async def publish(n: int) -> None:
+                subject, data = records[n % len(records)]
+                await js.publish(subject, data)
+
+            for _ in range(turns):
+                ours += await _paced(cast, rate, seconds / turns)
+                raw += await _paced(publish, rate, seconds / turns)
     finally:
         await nc.close()
+    return _percentiles(sorted(ours), rate), _percentiles(sorted(raw), rate)
 
 
 def _percentiles(samples: list[float], rate: float) -> dict[str, float]:
@@ -262,9 +269,7 @@ def main() -> None:
             )
         median = {case: statistics.median(r[case] for r in rounds) for case in cases}
         half = median["cast"] / 2
-        lat = asyncio.run(latency(url, half, args.seconds))
-        asyncio.run(_purge(url, stream))
-        raw_lat = asyncio.run(raw_latency(url, stream, prefix, messages, half, args.seconds))
+        lat, raw_lat = asyncio.run(latency_pair(url, stream, prefix, messages, half, args.seconds))
         asyncio.run(_purge(url, stream))
 
     # Ratios within a round (the pair ran in alternating turns), then their median: the

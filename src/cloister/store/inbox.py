@@ -231,6 +231,12 @@ class Inbox:
         headers included, against the medium's ``max_payload``
         (:class:`MessageTooLargeError`).
         """
+        return self._record(key, message, msg_id, self.max_record)
+
+    def _record(
+        self, key: Any, message: Any, msg_id: str | None, limit: int | None
+    ) -> tuple[int, bytes, str]:
+        """:meth:`record` with the medium's ``limit`` read once (a batch shares it)."""
         if msg_id is None:
             msg_id = self.new_msg_id()
         elif not isinstance(msg_id, str) or not msg_id:
@@ -242,7 +248,6 @@ class Inbox:
         partition = self.partition_of(key)  # the type check: what the ring can place
         _check_encoded(key)
         data = wire.encode([key, message, msg_id])
-        limit = self.max_record
         if limit is not None:
             size = len(data) + len(msg_id.encode("utf-8", "surrogatepass"))
             if size > limit:
@@ -286,7 +291,8 @@ class Inbox:
         larger than ``max_in_flight`` is sent in slices of that size.
         """
         log_ = self._require_log()
-        records = [self.record(key, message, msg_id) for key, message, msg_id in messages]
+        limit, record = self.max_record, self._record
+        records = [record(key, message, msg_id, limit) for key, message, msg_id in messages]
         sequences: list[int] = []
         step = max(1, self.max_in_flight)
         for start in range(0, len(records), step):

@@ -218,12 +218,7 @@ class NatsLog(Log):
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
             # The connection broke mid-batch: what was not sent goes through append.
             log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                for sent in pending:
-                    if not sent.done():
-                        await asyncio.wait((sent,))  # a failed ack is read below, not raised
-        except TimeoutError:
+        if not await _all_done(pending, self._op_timeout):
             for sent in pending:
                 sent.cancel()  # no ack in time: appended again below
         sequences: list[int] = []
@@ -279,3 +274,29 @@ class NatsLog(Log):
         if info is None:
             return 0
         return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def _all_done(futures: list[asyncio.Future[api.PubAck]], timeout: float) -> bool:
+    """Wait until every future is done (a failed one too), for up to ``timeout`` seconds;
+    False when some are not. One callback per future and one wake-up in all, where
+    awaiting each in turn would wake this task once per acknowledgement."""
+    left = sum(1 for future in futures if not future.done())
+    if not left:
+        return True
+    everything: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def one_done(_: asyncio.Future[api.PubAck]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not everything.done():
+            everything.set_result(None)
+
+    for future in futures:
+        if not future.done():
+            future.add_done_callback(one_done)
+    try:
+        async with asyncio.timeout(timeout):
+            await everything
+    except TimeoutError:
+        return False
+    return True
