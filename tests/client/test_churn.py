@@ -57,11 +57,18 @@ def test_sync_client_from_8_threads_through_kill_leave_and_join(
         untyped: list[BaseException] = []
         epochs: list[tuple[int, frozenset[str]]] = []
         done = threading.Event()
+        # Casting holds at these counts until the fault before it happened, so every
+        # fault falls in the middle of the stream, however fast the machine.
+        killed, left, joined = threading.Event(), threading.Event(), threading.Event()
+        holds = ((2_500, killed), (5_000, left), (7_500, joined))
 
         def produce(thread: int) -> None:
             keys = [key_name(n) for n in range(thread, KEYS, THREADS)]
             mine, outcomes = acked[thread], calls[thread]
             for n in range(CASTS // THREADS):
+                for count, fault in holds:
+                    if progress.casts >= count:
+                        fault.wait(60)
                 key, seq = keys[n % len(keys)], n // len(keys) + 1
                 try:
                     client.cast("orders", key, seq)
@@ -96,11 +103,16 @@ def test_sync_client_from_8_threads_through_kill_leave_and_join(
             wait_for(lambda: progress.reached(2_000), 60, "2,000 casts before the kill")
             quiet = {members for _, members in epochs}
             nodes["a"].kill()  # kill -9
+            killed.set()
             wait_for(lambda: progress.reached(4_500), 60, "4,500 casts before the leave")
             assert nodes["b"].terminate() == 0  # SIGTERM: b hands its keys over and leaves
+            left.set()
             wait_for(lambda: progress.reached(6_500), 60, "6,500 casts before the join")
             spawn_node(node_processes, nats_server, "churn", "d")
+            joined.set()
         finally:
+            for fault in (killed, left, joined):
+                fault.set()  # a failed step must not leave the producers holding
             for thread in producers:
                 thread.join(timeout=120)
             done.set()
