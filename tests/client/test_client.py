@@ -159,3 +159,22 @@ async def test_calls_follow_a_handoff(url: str) -> None:
                 assert await client.call(Ledger, key, "y") == [key, "y"]
             owners = {nodes.managers["a"].owner_of(key) for key in KEYS}
             assert owners == {"a", "b"}
+
+
+class Volatile(Ledger):
+    """``durable = False``: casts go straight to the owner's mailbox, not through an inbox."""
+
+    name = "volatile"
+    durable = False
+
+
+async def test_a_cast_to_a_manager_without_inbox_goes_to_the_owner() -> None:
+    url = f"memory://client-{secrets.token_hex(3)}"
+    async with AsyncExitStack() as stack:
+        nodes = ClusterNodes(stack, url, cluster="shop", timing=MEMORY)
+        for node in "ab":
+            await nodes.start_manager(node, Volatile)
+        await eventually(lambda: nodes.agreed({"a", "b"}), 20, "a and b agree")
+        async with Client("shop", backend=url) as client:
+            assert await client.cast(Volatile, "k1", "direct") == ""  # nothing stored
+            await eventually(lambda: _equal(client.call(Volatile, "k1", "history"), ["direct"]), 10)
