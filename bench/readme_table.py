@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,11 @@ def faults_moved(data: dict[str, Any]) -> str:
     moved = " / ".join(f"{scenario(data, n)['moved_pause_median_s']:.2f}" for n in names)
     stall = max(scenario(data, n)["stall_elsewhere_s"] for n in names)
     return f"{moved} s; stall elsewhere ≤ {stall:.2f} s"
+
+
+def wire_rows(data: dict[str, Any], *names: str) -> list[dict[str, Any]]:
+    by_name = {row["record"]: row for row in data["rows"]}
+    return [by_name[name] for name in names]
 
 
 def peers_row(system: str, kind: str, figure: str, spec: str) -> Cell:
@@ -271,6 +277,65 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
             f"{d['overlaps']} on two nodes at once"
         ),
         lambda d: "—",
+    ),
+    (
+        "client",
+        "casts/s from one client process, each awaited",
+        lambda d: f"{k(d['median_per_s']['cast'])}/s ({d['single_ratio']:.0%})",
+        lambda d: (
+            f"raw nats-py `js.publish` awaited: {k(d['median_per_s']['raw-awaited'])}/s "
+            "(target ≥ 70%)"
+        ),
+    ),
+    (
+        "client",
+        "`cast_many`, batches of 1,000",
+        lambda d: (
+            f"{k(d['median_per_s']['cast-many'])}/s ({d['cast_many_ratio']:.0%}; "
+            f"{d['median_per_s']['cast-many'] / d['median_per_s']['raw-pipelined-msgid']:.0%}"
+            " of raw with a `Nats-Msg-Id` each)"
+        ),
+        lambda d: (
+            f"raw `publish_async` batches: {k(d['median_per_s']['raw-pipelined'])}/s (target ≥ 70%)"
+        ),
+    ),
+    (
+        "client",
+        "p99 cast latency at half the max rate",
+        lambda d: f"{d['latency']['p99_ms']:.1f} ms (p50 {d['latency']['p50_ms']:.1f} ms)",
+        lambda d: (
+            f"raw `js.publish` on the same schedule: {d['raw_latency']['p99_ms']:.1f} ms "
+            "(target ≤ 5 ms)"
+        ),
+    ),
+    (
+        "wire",
+        "decode a record through the schema layer (member / stored worker / inbox record)",
+        lambda d: " / ".join(
+            f"{row['schema_decode_us']:.2f} µs"
+            for row in wire_rows(d, "member", "stored worker", "inbox record")
+        ),
+        lambda d: (
+            "msgpack + hand checks: "
+            + " / ".join(
+                f"{row['old_decode_us']:.2f} µs"
+                for row in wire_rows(d, "member", "stored worker", "inbox record")
+            )
+        ),
+    ),
+    (
+        "wire",
+        "sealing with a cluster secret (HMAC-SHA256), per record, decode + encode",
+        lambda d: (
+            f"+{statistics.median(row['seal_cost_us'] for row in d['rows']):.1f} µs, +41 bytes"
+        ),
+        lambda d: "unsealed",
+    ),
+    (
+        "metrics_overhead",
+        "trivial performs/s with callback timing (the histograms)",
+        lambda d: f"{d['medians']['timed'] / 1000:.0f} k/s",
+        lambda d: f"untimed {d['medians']['untimed'] / 1000:.0f} k/s (costs {d['cost']:.1%})",
     ),
     (
         "peers",

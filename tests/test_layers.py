@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"manager"},
     {"health"},
     {"observer", "metrics", "demo", "testing"},
+    {"client"},
     {"cli", "__init__"},
     {"__main__"},
 ]

@@ -100,6 +100,22 @@ class NotOwnerError(CloisterError):
     """
 
 
+class UnknownWorkerError(CloisterError, KeyError):
+    """A call or cast named an id that has no worker (add it with ``manager.put``).
+
+    It crosses the wire as itself (error kind ``unknown_worker``), so a caller outside
+    the node tells "no such worker" apart from a handler that failed.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown worker"
+
+
+class UnknownManagerError(CloisterError, LookupError):
+    """A client named a manager the cluster does not know: no node ever opened its inbox
+    (check the name, or name the manager by its class)."""
+
+
 class RequestTimeoutError(CloisterError, TimeoutError):
     """A request to another node got no answer in time."""
 

@@ -227,6 +227,8 @@ class Observer:
         backend_options: passed to the backend (credentials, TLS, ...).
         secret: the cluster secret, as for :class:`~cloister.cluster.Cluster` (None reads
             ``CLOISTER_SECRET``): needed to read the records of a cluster that has one.
+        name: the connection's name on the medium (default ``_observer-<random>``); it
+            must not be a member's name — it serves nothing and writes no record.
     """
 
     def __init__(
@@ -237,11 +239,12 @@ class Observer:
         request_timeout: float = 2.0,
         backend_options: dict[str, Any] | None = None,
         secret: str | bytes | Iterable[str | bytes] | None = None,
+        name: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.keyring = Keyring.resolve(secret)
         self.backend_url = backend
-        self.name = f"{OBSERVER_PREFIX}{secrets.token_hex(4)}"
+        self.name = name or f"{OBSERVER_PREFIX}{secrets.token_hex(4)}"
         self.request_timeout = request_timeout
         self._backend_options = dict(backend_options or {})
         self._backend: Backend | None = None
@@ -303,7 +306,7 @@ class Observer:
 
     async def info(self, node: str, *, timeout: float | None = None) -> ClusterInfo:
         """``node``'s own view (its ``cloister.info``); raises the error it produced."""
-        return ClusterInfo.from_wire(await self._ask(node, "cloister.info", timeout))
+        return ClusterInfo.from_wire(await self.ask(node, "cloister.info", timeout=timeout))
 
     async def manager_status(
         self, node: str, *, timeout: float | None = None
@@ -313,17 +316,26 @@ class Observer:
         Raises the error the node produced (unreachable, timeout, malformed answer).
         """
         try:
-            answer = await self._ask(node, MANAGER_STATUS_HANDLER, timeout)
+            answer = await self.ask(node, MANAGER_STATUS_HANDLER, timeout=timeout)
         except UnknownHandlerError:
             return None
         return ManagerStatus.from_wire(answer)
 
-    async def _ask(self, node: str, handler: str, timeout: float | None) -> Any:
-        backend = self._require_backend()
+    async def ask(
+        self, node: str, handler: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run the named ``handler`` on ``node`` with ``payload`` and return its answer.
+
+        Raises what the node answered, typed (:class:`NotOwnerError`,
+        :class:`UnknownHandlerError`, ``UnknownWorkerError``, :class:`RemoteError` ...), or
+        why it could not be asked (:class:`NoSuchNodeError`, :class:`RequestTimeoutError`).
+        ``timeout`` defaults to ``request_timeout``.
+        """
+        backend = self.backend
         timeout = self.request_timeout if timeout is None else timeout
         try:
             reply = await backend.request(
-                node, encode_request(handler, None, self.name, self.keyring), timeout=timeout
+                node, encode_request(handler, payload, self.name, self.keyring), timeout=timeout
             )
         except Exception as exc:
             result = failed(node, exc)
@@ -388,7 +400,7 @@ class Observer:
             )
         return ClusterStatus(
             cluster=self.cluster,
-            backend=self._require_backend().url,
+            backend=self.backend.url,
             epoch=epoch,
             sentry_lease=holder,
             members=tuple(members),
@@ -398,7 +410,12 @@ class Observer:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _require_backend(self) -> Backend:
+    @property
+    def backend(self) -> Backend:
+        """The connected backend (the observer's own connection; it is no member's).
+
+        :class:`NotRunningError` before :meth:`start` and after :meth:`close`.
+        """
         if self._backend is None:
             raise NotRunningError("the observer is not connected; await observer.start() first")
         return self._backend

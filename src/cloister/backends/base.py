@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,6 +271,17 @@ class Log(ABC):
         nothing and returns the first one's sequence.
         """
 
+    async def append_many(self, records: Sequence[tuple[int, bytes, str | None]]) -> list[int]:
+        """Store every ``(partition, data, msg_id)`` durably; their sequences, in order.
+
+        Backends pipeline the batch (NATS: every publish sent before any
+        acknowledgement is awaited), so records of one partition are stored in the order
+        given unless the medium failed one publish and kept a later one; then the failed
+        one is appended again after it (deduplicated by its ``msg_id``). This default
+        appends them one at a time, in order.
+        """
+        return [await self.append(p, data, msg_id=msg_id) for p, data, msg_id in records]
+
     @abstractmethod
     async def claim(self, partition: int, consumer: str) -> LogConsumer:
         """Become ``partition``'s consumer (the same name may re-claim its own claim).
@@ -364,6 +375,12 @@ class Backend(ABC):
         replicas: int | None = None,
     ) -> Log:
         """Open (creating if needed) the partitioned log ``name`` of this cluster."""
+        raise BackendError(f"backend {self.url} does not provide partitioned logs yet")
+
+    async def existing_log(self, name: str) -> Log | None:
+        """Open the log ``name`` as it exists, with its own partition count (and dedup
+        window); None when no such log exists. For producers that know a log by name only
+        (an outside client), and must never create one."""
         raise BackendError(f"backend {self.url} does not provide partitioned logs yet")
 
     @abstractmethod

@@ -570,6 +570,9 @@ class MemoryWorld:
     def bucket(self, cluster: str, name: str) -> _Bucket:
         return self._buckets.setdefault(_names.bucket_name(cluster, name), _Bucket())
 
+    def existing_log(self, cluster: str, name: str) -> _LogData | None:
+        return self._logs.get(_names.log_stream(cluster, name))
+
     def log(self, cluster: str, name: str, partitions: int, dedup_window: float) -> _LogData:
         stream = _names.log_stream(cluster, name)
         data = self._logs.get(stream)
@@ -682,6 +685,12 @@ class MemoryBackend(Backend):
             raise ConfigurationError(f"partitions must be a whole number >= 1, got {partitions!r}")
         await self._io()
         return MemoryLog(self, name, self._world.log(self.cluster, name, partitions, dedup_window))
+
+    async def existing_log(self, name: str) -> Log | None:
+        _names.check_name("log name", name)
+        await self._io()
+        data = self._world.existing_log(self.cluster, name)
+        return None if data is None else MemoryLog(self, name, data)
 
     async def serve(self, handler: RequestHandler) -> None:
         await self._io(streams=False)

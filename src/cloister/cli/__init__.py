@@ -1,9 +1,9 @@
 """The ``cloister`` command line: one entry point, one subcommand per job.
 
 Each subcommand lives in its own module (:mod:`.run`, :mod:`.dev`, :mod:`.node`,
-:mod:`.status`, :mod:`.demo`, :mod:`.bench`) that adds its parser and names the function
-that runs it; this module builds the parser, sets up logging and turns failures into exit
-codes scripts can trust:
+:mod:`.status`, :mod:`.client` (``cast``, ``call``), :mod:`.demo`, :mod:`.bench`) that
+adds its parser and names the function that runs it; this module builds the parser, sets
+up logging and turns failures into exit codes scripts can trust:
 
 - ``0``: done;
 - ``1``: runtime failure (backend unreachable, refused credentials, no members, ...);
@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from cloister import __version__
-from cloister.cli import bench, demo, dev, node, run, status
+from cloister.cli import bench, client, demo, dev, node, run, status
 from cloister.cli.logs import configure_logging
 from cloister.cli.options import (
     EXIT_FAILURE,
@@ -38,7 +38,7 @@ from cloister.errors import CloisterError, ConfigurationError
 __all__ = ["main"]
 
 EXIT_INTERRUPTED = 130
-_COMMANDS = (run, dev, node, status, demo, bench)
+_COMMANDS = (run, dev, node, status, client, demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 
 from cloister.cli.options import EXIT_FAILURE, EXIT_OK, add_common
 
-KNOWN = ("ring", "cluster", "nats_cluster", "manager", "inbox", "seed_flow")
+KNOWN = ("ring", "cluster", "nats_cluster", "manager", "inbox", "seed_flow", "client")
 """The project's benchmarks (some may not be written yet in a given checkout)."""
 
 BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"

@@ -5,7 +5,8 @@ another node — never arbitrary code. Requests and replies are msgpack maps:
 
 - request: ``{"h": handler name, "p": payload, "f": sender}``
 - reply: ``{"r": result}`` or ``{"e": error kind, "m": message}``, the kind one of a
-  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``, ``fenced``)
+  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``,
+  ``fenced``, ``unknown_worker``)
 
 A failing or unknown handler becomes an error *reply*; the caller turns it into a
 :class:`CallResult` with ``error`` set, so one bad node never loses the other replies.
@@ -27,6 +28,7 @@ from cloister.errors import (
     NotOwnerError,
     RemoteError,
     UnknownHandlerError,
+    UnknownWorkerError,
     WireFormatError,
 )
 from cloister.schema import UNSIGNED, Keyring
@@ -44,8 +46,13 @@ _ERRORS: dict[str, type[CloisterError]] = {
     "handler_failed": RemoteError,
     "not_owner": NotOwnerError,
     "fenced": FencedError,
+    "unknown_worker": UnknownWorkerError,
 }
-_KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner", FencedError: "fenced"}
+_KIND_OF: dict[type[CloisterError], str] = {
+    NotOwnerError: "not_owner",
+    FencedError: "fenced",
+    UnknownWorkerError: "unknown_worker",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
-from cloister.errors import HandlerTimeoutError
+from cloister.errors import HandlerTimeoutError, UnknownWorkerError
 from cloister.manager.executor import Item, Raised, Result, ThreadRunner
 from cloister.manager.ports import (
     UNBOUNDED,
@@ -33,7 +33,6 @@ from cloister.manager.ports import (
     Options,
     Permit,
     Ports,
-    UnknownWorkerError,
 )
 from cloister.manager.recovery import discard, failed, halt, hold, rekey
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloister.backends import LogConsumer, LogRecord
-from cloister.errors import CloisterError
 from cloister.manager.state import Stored
 from cloister.manager.types import Executor, Key, OnError, OnHandlerTimeout
 from cloister.store.inbox import InboxMessage
@@ -48,13 +47,6 @@ class Unbounded:
 
 
 UNBOUNDED = Unbounded()
-
-
-class UnknownWorkerError(CloisterError, KeyError):
-    """A call or cast named an id that has no worker."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown worker"
 
 
 @dataclass(frozen=True, slots=True)

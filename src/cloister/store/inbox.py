@@ -17,10 +17,13 @@ source could not turn into an inbox message are parked in the same bucket
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +147,11 @@ class Inbox:
         self.replicas = replicas
         self.max_in_flight = max_in_flight
         self._producing = 0  # puts awaiting the backend's acknowledgement
+        self._waiting = 0  # puts waiting for room
         self._room = asyncio.Event()
+        # Generated message ids: 64 random bits per inbox object, then a counter.
+        self._id_prefix = f"{secrets.token_hex(8)}-"
+        self._id_counter = itertools.count(1)
         self.log: Log | None = None
         self.dead: KeyValue | None = None
         self.bad_letters = 0  # dead letters that could not be read (skipped, logged)
@@ -158,6 +165,20 @@ class Inbox:
             replicas=self.replicas,
         )
         self.dead = await self.backend.kv(f"dead-{self.name}")
+
+    @classmethod
+    async def attach(
+        cls, backend: Backend, name: str, *, max_in_flight: int = 4096
+    ) -> Inbox | None:
+        """The producing side of manager ``name``'s existing inbox, with the partition
+        count it was created with; None when no node ever opened it. Creates nothing
+        (no dead-letter bucket either: an attached inbox only puts)."""
+        log_ = await backend.existing_log(f"inbox-{name}")
+        if log_ is None:
+            return None
+        inbox = cls(backend, name, partitions=log_.partitions, max_in_flight=max_in_flight)
+        inbox.log = log_
+        return inbox
 
     def misplaced(self, message: InboxMessage) -> str | None:
         """Why a decoded record must not reach a worker (None: it may). Its key must be a
@@ -194,31 +215,42 @@ class Inbox:
         limit = self.backend.max_payload
         return None if limit is None else limit - HEADROOM
 
-    async def put(
-        self, key: Any, message: Any, *, msg_id: str | None = None, timeout: float | None = 30.0
-    ) -> int:
-        """Store ``message`` for ``key`` durably; returns its log sequence.
+    def new_msg_id(self) -> str:
+        """A message id no other put uses: this inbox's random prefix and a counter.
 
-        Waits while this node already has ``max_in_flight`` puts outstanding, and raises
-        :class:`BackPressureError` after ``timeout`` seconds of waiting. Checked first:
-        the id (:func:`check_worker_id`), the ``msg_id`` (a str of at most
-        :data:`MAX_MSG_ID_BYTES`) and the record's size, headers included, against the
-        medium's ``max_payload`` (:class:`MessageTooLargeError`).
+        :meth:`put` gives one to every message that comes without, before the first
+        attempt, so every retry of that put — the backend's, or a caller's that passes it
+        back — carries the same id and the medium stores the message once.
         """
-        log_ = self._require_log()
-        if msg_id is not None:
-            if not isinstance(msg_id, str):
-                raise ConfigurationError(f"msg_id must be a str, got {type(msg_id).__name__}")
-            if len(msg_id.encode("utf-8", "surrogatepass")) > MAX_MSG_ID_BYTES:
-                raise ConfigurationError(
-                    f"msg_id {_short(msg_id)} is longer than {MAX_MSG_ID_BYTES} bytes"
-                )
+        return f"{self._id_prefix}{next(self._id_counter)}"
+
+    def record(self, key: Any, message: Any, msg_id: str | None) -> tuple[int, bytes, str]:
+        """``(partition, data, msg_id)``: the record :meth:`put` appends, checked.
+
+        Checked: the id (:func:`check_worker_id`), the ``msg_id`` (a str of at most
+        :data:`MAX_MSG_ID_BYTES`; one is generated when None) and the record's size,
+        headers included, against the medium's ``max_payload``
+        (:class:`MessageTooLargeError`).
+        """
+        return self._record(key, message, msg_id, self.max_record)
+
+    def _record(
+        self, key: Any, message: Any, msg_id: str | None, limit: int | None
+    ) -> tuple[int, bytes, str]:
+        """:meth:`record` with the medium's ``limit`` read once (a batch shares it)."""
+        if msg_id is None:
+            msg_id = self.new_msg_id()
+        elif not isinstance(msg_id, str) or not msg_id:
+            raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r:.80}")
+        elif len(msg_id.encode("utf-8", "surrogatepass")) > MAX_MSG_ID_BYTES:
+            raise ConfigurationError(
+                f"msg_id {_short(msg_id)} is longer than {MAX_MSG_ID_BYTES} bytes"
+            )
         partition = self.partition_of(key)  # the type check: what the ring can place
         _check_encoded(key)
         data = schema.encode(schema.INBOX, [key, message, msg_id], self.backend.keyring)
-        limit = self.max_record
         if limit is not None:
-            size = len(data) + (0 if msg_id is None else len(msg_id.encode()))
+            size = len(data) + len(msg_id.encode("utf-8", "surrogatepass"))
             if size > limit:
                 raise MessageTooLargeError(
                     f"message for worker {_short(key)} is {size} bytes encoded; the medium "
@@ -226,20 +258,65 @@ class Inbox:
                     "for headers): send a smaller message, or store the bulk elsewhere and "
                     "cast a reference"
                 )
+        return partition, data, msg_id
+
+    async def put(
+        self, key: Any, message: Any, *, msg_id: str | None = None, timeout: float | None = 30.0
+    ) -> int:
+        """Store ``message`` for ``key`` durably; returns its log sequence.
+
+        Every message carries a ``msg_id`` (generated when None: see :meth:`new_msg_id`),
+        so a publish the backend retries is stored once, and a duplicate within the dedup
+        window is dropped. Waits while this node already has ``max_in_flight`` puts
+        outstanding, and raises :class:`BackPressureError` after ``timeout`` seconds of
+        waiting. The record is checked first (see :meth:`record`).
+        """
+        log_ = self._require_log()
+        partition, data, msg_id = self.record(key, message, msg_id)
         if self._producing >= self.max_in_flight:
-            await self._wait_for_room(timeout)
+            await self._wait_for_room(1, timeout)
         self._producing += 1
         try:
             return await log_.append(partition, data, msg_id=msg_id)
         finally:
-            self._producing -= 1
-            if self._producing == self.max_in_flight - 1:  # it was full: wake a waiter
-                self._room.set()
+            self._release(1)
 
-    async def _wait_for_room(self, timeout: float | None) -> None:
+    async def put_many(
+        self, messages: Iterable[tuple[Any, Any, str | None]], *, timeout: float | None = 30.0
+    ) -> list[int]:
+        """Store every ``(key, message, msg_id)`` durably, pipelined; their sequences.
+
+        Every record is checked before any is sent (one bad record sends nothing), and
+        each gets a ``msg_id`` as in :meth:`put`. Returns once the medium stored them
+        all; records of one key keep their order (see ``Log.append_many``). A batch
+        larger than ``max_in_flight`` is sent in slices of that size.
+        """
+        log_ = self._require_log()
+        limit, record = self.max_record, self._record
+        records = [record(key, message, msg_id, limit) for key, message, msg_id in messages]
+        sequences: list[int] = []
+        step = max(1, self.max_in_flight)
+        for start in range(0, len(records), step):
+            batch = records[start : start + step]
+            if self._producing + len(batch) > self.max_in_flight:
+                await self._wait_for_room(len(batch), timeout)
+            self._producing += len(batch)
+            try:
+                sequences += await log_.append_many(batch)
+            finally:
+                self._release(len(batch))
+        return sequences
+
+    def _release(self, count: int) -> None:
+        self._producing -= count
+        if self._waiting:  # somebody waits for room: let it look again
+            self._room.set()
+
+    async def _wait_for_room(self, count: int, timeout: float | None) -> None:
+        self._waiting += 1
         try:
             async with asyncio.timeout(timeout):
-                while self._producing >= self.max_in_flight:
+                while self._producing + count > self.max_in_flight and self._producing:
                     self._room.clear()
                     await self._room.wait()
         except TimeoutError:
@@ -248,6 +325,8 @@ class Inbox:
                 f"stayed busy for {timeout}s; the cluster is not keeping up (add nodes or "
                 "slow the producers)"
             ) from None
+        finally:
+            self._waiting -= 1
 
     def decode(self, record: LogRecord) -> InboxMessage:
         """Decode a record; :class:`WireFormatError` when malformed."""

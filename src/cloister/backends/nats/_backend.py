@@ -52,7 +52,8 @@ from cloister.backends.nats._config import NatsOptions, ParsedURL, build_options
 from cloister.backends.nats._connection import NatsConnection
 from cloister.backends.nats._errors import NATS_ERRORS, describe, translate
 from cloister.backends.nats._kv import NatsKV, WatchFeed
-from cloister.backends.nats._log import NatsLog, ensure_log_stream
+from cloister.backends.nats._log import PARTITIONS, NatsLog, ensure_log_stream
+from cloister.backends.nats._streams import stream_info
 from cloister.errors import (
     BackendError,
     BackendUnavailableError,
@@ -316,6 +317,28 @@ class NatsBackend(Backend):
         opened = NatsLog(self._conn, name, stream, prefix, partitions)
         self._logs[name] = (opened, float(dedup_window), replicas)
         return opened
+
+    async def existing_log(self, name: str) -> Log | None:
+        """The stream's metadata holds the partition count (see :mod:`._log`)."""
+        known = self._logs.get(name)
+        if known is not None:
+            return known[0]
+        stream = _names.log_stream(self.cluster, name)
+        info = await stream_info(self._conn, stream, f"open log {name!r}")
+        if info is None:
+            return None
+        found = (info.config.metadata or {}).get(PARTITIONS, "")
+        if not found.isdigit() or int(found) < 1:
+            raise BackendError(
+                f"stream {stream} has no valid partition count ({PARTITIONS}={found!r}): "
+                "it is not a cloister log; remove it (nats stream rm) or use another name"
+            )
+        return await self.log(
+            name,
+            partitions=int(found),
+            dedup_window=float(info.config.duplicate_window or 120.0),
+            replicas=info.config.num_replicas,
+        )
 
     async def _restore_buckets(self) -> None:
         """After a reconnect: re-create buckets and logs a restarted (emptied) server lost."""

@@ -12,8 +12,9 @@ Mapping of the contract:
 - ``append`` = a JetStream publish (with ``Nats-Msg-Id`` when a message id is given);
   the sequence is the stream sequence, so it grows within a partition. A duplicate
   returns the first one's sequence. "No responders" (a stream between leaders) and
-  timeouts are retried with backoff for ``2 * op_timeout``; a timed-out append of a
-  record without a message id may then be stored twice (at-least-once).
+  timeouts are retried with backoff for ``2 * op_timeout``, with the same message id; a
+  timed-out append of a record without one may then be stored twice (the inbox always
+  gives one). ``append_many`` pipelines the publishes and appends the failed ones again.
 - ``claim`` = a durable pull consumer ``p<partition>-<consumer>`` (the consumer name
   escaped to what NATS allows) filtered on the partition's subject. A work-queue stream
   refuses a second consumer with an overlapping filter (JetStream error 10100): that
@@ -31,7 +32,10 @@ Mapping of the contract:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Sequence
 
 import nats.errors
 from nats.js import api
@@ -49,6 +53,8 @@ from cloister.backends.nats._streams import (
     wait_for_leader,
 )
 from cloister.errors import BackendError, BackendUnavailableError, ConfigurationError
+
+log = logging.getLogger("cloister.backends.nats")
 
 PARTITIONS = "cloister.partitions"
 
@@ -125,6 +131,7 @@ class NatsLog(Log):
         self._conn = conn
         self._admin = ConsumerAdmin(conn, name, stream)
         self._claims: dict[int, NatsLogConsumer] = {}
+        self._subjects = [f"{prefix}.{partition}" for partition in range(partitions)]
 
     def __repr__(self) -> str:
         return f"<NatsLog {self.stream} ({self.partitions} partitions) of {self._conn.url}>"
@@ -177,6 +184,52 @@ class NatsLog(Log):
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
             raise translate(exc, what, self._conn.url) from exc
 
+    async def append_many(self, records: Sequence[tuple[int, bytes, str | None]]) -> list[int]:
+        """Pipelined: every record is published before any acknowledgement is awaited
+        (``publish_async``). A record whose acknowledgement failed or did not come within
+        ``op_timeout`` is appended again, with its ``msg_id``, through :meth:`append`
+        and its retries — so a record that was stored and only its ack lost is not stored
+        twice.
+
+        Unlike :meth:`append` the publishes carry no expected-stream header: the
+        partition subjects belong to this stream alone (see ``_names``), and on a
+        batch the header's bytes and the server's check are a sizeable share.
+        """
+        subjects = self._subjects
+        batch: list[tuple[str, bytes, dict[str, str] | None]] = []
+        for partition, data, msg_id in records:
+            if type(partition) is int and 0 <= partition < self.partitions:
+                subject = subjects[partition]
+            else:
+                subject = self.subject(partition)  # raises what is wrong with it
+            if msg_id is None:
+                headers = None
+            elif type(msg_id) is str and msg_id:
+                headers = {MSG_ID: msg_id}
+            else:
+                raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
+            batch.append((subject, bytes(data), headers))
+        what = f"append {len(records)} records to log {self.name!r}"
+        pending: list[asyncio.Future[api.PubAck]] = []
+        try:
+            publish = self._conn.jetstream(what).publish_async
+            for subject, data, headers in batch:
+                pending.append(await publish(subject, data, headers=headers))
+        except (*NATS_ERRORS, BackendUnavailableError) as exc:
+            # The connection broke mid-batch: what was not sent goes through append.
+            log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
+        if not await _all_done(pending, self._op_timeout):
+            for sent in pending:
+                sent.cancel()  # no ack in time: appended again below
+        sequences: list[int] = []
+        for n, (partition, data, msg_id) in enumerate(records):
+            acked = pending[n] if n < len(pending) else None
+            if acked is not None and not acked.cancelled() and acked.exception() is None:
+                sequences.append(int(acked.result().seq))
+            else:
+                sequences.append(await self.append(partition, data, msg_id=msg_id))
+        return sequences
+
     # -- claims -----------------------------------------------------------------------
 
     async def claim(self, partition: int, consumer: str) -> LogConsumer:
@@ -221,3 +274,29 @@ class NatsLog(Log):
         if info is None:
             return 0
         return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def _all_done(futures: list[asyncio.Future[api.PubAck]], timeout: float) -> bool:
+    """Wait until every future is done (a failed one too), for up to ``timeout`` seconds;
+    False when some are not. One callback per future and one wake-up in all, where
+    awaiting each in turn would wake this task once per acknowledgement."""
+    left = sum(1 for future in futures if not future.done())
+    if not left:
+        return True
+    everything: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def one_done(_: asyncio.Future[api.PubAck]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not everything.done():
+            everything.set_result(None)
+
+    for future in futures:
+        if not future.done():
+            future.add_done_callback(one_done)
+    try:
+        async with asyncio.timeout(timeout):
+            await everything
+    except TimeoutError:
+        return False
+    return True
