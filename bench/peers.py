@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -110,18 +111,52 @@ def burners(count: int) -> Iterator[None]:
             proc.wait()
 
 
-def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
-    """Run a producer to its end: (its CPU-seconds from wait4's rusage, its stdout)."""
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True
-    ) as proc:
+class Producer:
+    """A producer process: it connects, prints ``ready``, sends, then prints its own CPU.
+
+    The measured interval starts at ``ready``, so every system's producer is timed and
+    charged from its first message, not from its interpreter's start.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, argv: list[str]) -> Producer:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
         assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"producer {argv[2:4]} failed with exit code {proc.returncode}")
-    return usage.ru_utime + usage.ru_stime, out
+        line = await proc.stdout.readline()
+        if line.strip() != b"ready":
+            await proc.wait()
+            raise RuntimeError(f"producer {argv[2]} failed to start (exit {proc.returncode})")
+        return cls(proc)
+
+    def failed(self) -> bool:
+        return self.proc.returncode not in (None, 0)
+
+    async def finish(self) -> float:
+        """Wait for its end; the CPU-seconds it used from ``ready`` on."""
+        assert self.proc.stdout is not None
+        out = await self.proc.stdout.read()
+        if await self.proc.wait() != 0:
+            raise RuntimeError(f"producer failed with exit code {self.proc.returncode}")
+        cpu: float = json.loads(out.strip().splitlines()[-1])["cpu_seconds"]
+        return cpu
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ready() -> float:
+    """A producer is connected: say so, and return its CPU so far."""
+    print("ready", flush=True)
+    return own_cpu()
+
+
+def report_cpu(since: float) -> None:
+    print(json.dumps({"cpu_seconds": own_cpu() - since}), flush=True)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -181,6 +216,7 @@ async def produce_cloister(args: argparse.Namespace) -> None:
     from cloister import Client
 
     async with Client(args.cluster, backend=args.url) as client:
+        since = ready()
         started = time.monotonic()
         batch: list[tuple[Any, Any, str | None]] = []
         sent: list[asyncio.Future[Any]] = []
@@ -196,6 +232,7 @@ async def produce_cloister(args: argparse.Namespace) -> None:
         if batch:
             await client.cast_many("peers", batch)
         await asyncio.gather(*sent)
+        report_cpu(since)
 
 
 async def produce_amqp(args: argparse.Namespace) -> None:
@@ -205,6 +242,7 @@ async def produce_amqp(args: argparse.Namespace) -> None:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = channel.default_exchange
+        since = ready()
         started = time.monotonic()
         window: list[Any] = []
         for index, key in enumerate(plan(args.messages, args.keys)):
@@ -219,6 +257,7 @@ async def produce_amqp(args: argparse.Namespace) -> None:
                 await asyncio.gather(*window)
                 window.clear()
         await asyncio.gather(*window)
+        report_cpu(since)
 
 
 async def produce_restate(args: argparse.Namespace) -> None:
@@ -234,6 +273,7 @@ async def produce_restate(args: argparse.Namespace) -> None:
             finally:
                 limit.release()
 
+        since = ready()
         started = time.monotonic()
         sent: list[asyncio.Task[None]] = []
         for index, key in enumerate(plan(args.messages, args.keys)):
@@ -242,6 +282,7 @@ async def produce_restate(args: argparse.Namespace) -> None:
             await limit.acquire()
             sent.append(asyncio.create_task(send(key)))
         await asyncio.gather(*sent)
+        report_cpu(since)
 
 
 async def consume_amqp(args: argparse.Namespace) -> None:
@@ -285,7 +326,7 @@ class Pycloister:
         self.name = f"pycloister-{nodes}"
 
     async def run(self, messages: int, keys: int, rate: float | None, server_pid: int) -> Run:
-        from cloister import Observer
+        from cloister.observer import Observer
         from cloister.testing import ProcessGroup
 
         cluster = f"peers{uuid.uuid4().hex[:6]}"
@@ -310,21 +351,18 @@ class Pycloister:
             async with Observer(cluster, backend=self.url) as observer:
                 await self._settled(observer, names, keys)
                 node_pids = {p.pid for p in procs if p.pid is not None}
+                producer = await Producer.start(
+                    [
+                        sys.executable, __file__, "produce-cloister", "--url", self.url,
+                        "--cluster", cluster, "--messages", str(messages),
+                        "--keys", str(keys), *(["--rate", str(rate)] if rate else []),
+                    ]
+                )  # fmt: skip
                 before = cpu_seconds(node_pids | {server_pid})
                 started = time.perf_counter()
-                producer = asyncio.create_task(
-                    asyncio.to_thread(
-                        run_child,
-                        [
-                            sys.executable, __file__, "produce-cloister", "--url", self.url,
-                            "--cluster", cluster, "--messages", str(messages),
-                            "--keys", str(keys), *(["--rate", str(rate)] if rate else []),
-                        ],
-                    )
-                )  # fmt: skip
                 handled = await self._handled(observer, names, messages, producer)
                 seconds = time.perf_counter() - started
-                producer_cpu, _ = await producer
+                producer_cpu = await producer.finish()
                 cpu = cpu_seconds(node_pids | {server_pid}) - before + producer_cpu
                 counters = await observer.managers(names)
             fences = sum(
@@ -359,13 +397,13 @@ class Pycloister:
         raise RuntimeError(f"{self.name}: the nodes never settled {keys} workers")
 
     async def _handled(
-        self, observer: Any, names: list[str], messages: int, producer: asyncio.Task[Any]
+        self, observer: Any, names: list[str], messages: int, producer: Producer
     ) -> int:
         """Wait until the nodes handled ``messages`` casts; the count handled."""
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if producer.done() and producer.exception() is not None:
-                raise producer.exception()  # type: ignore[misc]
+            if producer.failed():
+                raise RuntimeError(f"{self.name}: the producer failed")
             statuses = await observer.managers(names)
             handled = sum(s.counters["casts"] for s in statuses.values() if s is not None)
             if handled >= messages:
@@ -426,25 +464,22 @@ class RabbitPostgres:
                 await proc.stdout.readline()  # "consuming": its queue is declared
                 consumers.append(proc)
             pids = {p.pid for p in consumers} | named_pids(SERVER_PROCESSES[self.name])
+            producer = await Producer.start(
+                [
+                    sys.executable, __file__, "produce-amqp", "--prefix", prefix,
+                    "--messages", str(messages), "--keys", str(keys),
+                    *(["--rate", str(rate)] if rate else []),
+                ]
+            )  # fmt: skip
             before = cpu_seconds(pids)
             started = time.perf_counter()
-            producer = asyncio.create_task(
-                asyncio.to_thread(
-                    run_child,
-                    [
-                        sys.executable, __file__, "produce-amqp", "--prefix", prefix,
-                        "--messages", str(messages), "--keys", str(keys),
-                        *(["--rate", str(rate)] if rate else []),
-                    ],
-                )
-            )  # fmt: skip
             deadline = time.monotonic() + 900
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not producer.failed():
                 if await pg.fetchval(f"SELECT coalesce(sum(n), 0) FROM {table}") >= messages:
                     break
                 await asyncio.sleep(0.05)
             seconds = time.perf_counter() - started
-            producer_cpu, _ = await producer
+            producer_cpu = await producer.finish()
             cpu = cpu_seconds(pids) - before + producer_cpu
             rows = await pg.fetch(f"SELECT key, n FROM {table}")
             exact = {r["key"]: r["n"] for r in rows} == expected_counts(messages, keys)
@@ -533,26 +568,23 @@ class RestateObjects:
             async with httpx.AsyncClient(timeout=10) as http:
                 await self._register(http, admin, sdk)
                 pids = {server.pid, workers.pid}
+                producer = await Producer.start(
+                    [
+                        sys.executable, __file__, "produce-restate",
+                        "--url", f"http://127.0.0.1:{ingress}",
+                        "--messages", str(messages), "--keys", str(keys),
+                        *(["--rate", str(rate)] if rate else []),
+                    ]
+                )  # fmt: skip
                 before = cpu_seconds(pids)
                 started = time.perf_counter()
-                producer = asyncio.create_task(
-                    asyncio.to_thread(
-                        run_child,
-                        [
-                            sys.executable, __file__, "produce-restate",
-                            "--url", f"http://127.0.0.1:{ingress}",
-                            "--messages", str(messages), "--keys", str(keys),
-                            *(["--rate", str(rate)] if rate else []),
-                        ],
-                    )
-                )  # fmt: skip
                 deadline = time.monotonic() + 1800
                 while handled.stat().st_size < messages and time.monotonic() < deadline:
-                    if producer.done() and producer.exception() is not None:
-                        raise producer.exception()  # type: ignore[misc]
+                    if producer.failed():
+                        raise RuntimeError("restate-3: the producer failed")
                     await asyncio.sleep(0.05)
                 seconds = time.perf_counter() - started
-                producer_cpu, _ = await producer
+                producer_cpu = await producer.finish()
                 cpu = cpu_seconds(pids) - before + producer_cpu
                 exact = await self._exact(http, admin, messages, keys)
         finally:
@@ -619,12 +651,14 @@ class RayActors:
             sys.executable, __file__, "drive-ray", "--messages", str(messages),
             "--keys", str(keys), *(["--rate", str(rate)] if rate else []),
         ]  # fmt: skip
-        # The driver starts Ray, so every Ray process is its descendant: wait4's rusage
-        # of the driver counts only itself and the children it reaped, so the driver
-        # reports the CPU of its live descendants itself, before it shuts Ray down.
+        # The driver starts Ray, so every Ray process is its descendant: it measures the
+        # CPU of itself and all of them from its first message on, before it shuts Ray down.
         started = time.perf_counter()
-        _, out = await asyncio.to_thread(run_child, argv)
-        result = json.loads(out.strip().splitlines()[-1])
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray-3: the driver failed with exit code {proc.returncode}")
+        result = json.loads(out.decode().strip().splitlines()[-1])
         return Run(
             self.name,
             "paced" if rate else "quiet",
