@@ -39,6 +39,7 @@ class FakeSource(Source):
 
     def __init__(self, manager: Any, **options: Any) -> None:
         options.setdefault("name", "fake")
+        options.setdefault("mode", "shared")
         super().__init__(manager, **options)
         self.deliveries: list[FakeDelivery] = []
 
@@ -49,6 +50,12 @@ class FakeSource(Source):
         pass
 
     async def _disconnect(self) -> None:
+        pass
+
+    async def _start_partition(self, partition: int) -> None:
+        pass
+
+    async def _stop_partition(self, partition: int) -> None:
         pass
 
     def deliver(self, data: bytes, msg_id: str | None = None) -> FakeDelivery:
