@@ -155,11 +155,12 @@ class SourceOptions(TypedDict, total=False):
 class Delivery(ABC):
     """One broker message on its way into the inbox (from ``partition``, in that mode)."""
 
-    __slots__ = ("meta", "partition")
+    __slots__ = ("meta", "partition", "problem")
 
     def __init__(self, meta: SourceMessage, partition: int | None = None) -> None:
         self.meta = meta
         self.partition = partition
+        self.problem: str | None = None  # set by the broker's side: park it, with this reason
 
     @abstractmethod
     async def ack(self) -> None:
@@ -607,6 +608,10 @@ class Source(ABC):
             self._spawn_release(_Job(delivery))
             return
         meta = delivery.meta
+        if delivery.problem is not None:
+            parking = (_PARKING, delivery.partition)
+            self._enqueue(parking, _Job(delivery, msg_id=meta.msg_id, reason=delivery.problem))
+            return
         try:
             body = self._decode(meta.body)
         except Exception as exc:
