@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 from cloister import DynamicManager, Replace
 from cloister.errors import BackendUnavailableError
-from cloister.sources import SourceMessage
+from cloister.sources import Source, SourceMessage
 from cloister.testing import eventually
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import MEMORY
@@ -60,6 +61,38 @@ class Nodes(ClusterNodes):
         """Every key handled 1..per_key exactly once, in order."""
         expected = list(range(1, per_key + 1))
         return all(self.journal.handled[k] == expected for k in KEYS)
+
+
+async def join_and_leave(
+    nodes: Nodes,
+    leaving: Source,
+    start_source: Callable[[Sink], Awaitable[Source]],
+    publish_round: Callable[[int], Awaitable[int]],
+    per_key: int,
+) -> tuple[int, Source]:
+    """Publish ``per_key`` rounds (one message per key each) while node ``c`` joins (with
+    the source ``start_source`` makes) and node ``a`` leaves (``leaving``, its source,
+    first); returns how many were published and c's source, once all were handled."""
+
+    async def produce() -> int:
+        sent = 0
+        for sequence in range(1, per_key + 1):  # slowly: the topology changes meanwhile
+            sent += await publish_round(sequence)
+            await asyncio.sleep(0.02)
+        return sent
+
+    producing = asyncio.create_task(produce())
+    await asyncio.sleep(0.3)
+    joined = await start_source(await nodes.start_manager("c", nodes.cls))
+    nodes.stack.push_async_callback(joined.stop)
+    await eventually(lambda: len(joined.reading) > 0, what="c reads its partitions")
+    await asyncio.sleep(0.3)
+    await leaving.stop()  # as cloister run stops them: the source, the manager, the node
+    await nodes.managers["a"].stop()
+    await nodes.clusters["a"].stop()
+    count = await producing
+    await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
+    return count, joined
 
 
 def messages(per_key: int) -> Iterator[tuple[str, int]]:

@@ -14,10 +14,12 @@ from typing import Any
 import nats
 import pytest
 
+from cloister.errors import ConfigurationError
 from cloister.sources import JetStreamSource, SourceError, SourceMessage
+from cloister.sources.jetstream import partition_subject
 from cloister.testing import NatsServer, eventually
 
-from .support import Nodes, body, flaky_cast, key_fn, messages
+from .support import KEYS, Nodes, Sink, body, flaky_cast, join_and_leave, key_fn, messages
 
 STREAM = "ORDERS"
 
@@ -50,6 +52,7 @@ async def start_sources(nodes: Nodes, server: NatsServer, **options: Any) -> lis
     sources = []
     for manager in nodes.managers.values():  # one connection per node, one shared durable
         options.setdefault("durable", "inbox")
+        options.setdefault("mode", "shared")
         source = await JetStreamSource.start(
             manager, server.url, stream=STREAM, subject="orders.>", **options
         )
@@ -149,7 +152,9 @@ async def test_a_stream_that_does_not_exist_is_a_clear_error(
 ) -> None:
     (a,) = await nodes.start("a")
     with pytest.raises(SourceError, match="stream 'NOPE' does not exist"):
-        await JetStreamSource.start(a, nats_server.url, stream="NOPE", key=key_fn)
+        await JetStreamSource.start(a, nats_server.url, stream="NOPE", key=key_fn, mode="shared")
+    with pytest.raises(ConfigurationError, match="subject must be their prefix without wildcards"):
+        JetStreamSource(a, nats_server.url, stream=STREAM, subject="orders.>", key=key_fn)
 
 
 async def test_a_message_held_at_stop_is_given_back_at_once(
@@ -170,3 +175,50 @@ async def test_a_message_held_at_stop_is_given_back_at_once(
     await eventually(lambda: nodes.journal.handled["k5"] == [1], timeout=5)
     await eventually(lambda: again.counters["stored"] == 1)
     await drained(js)
+
+
+def partitioned(seq_items: Any) -> list[tuple[str, bytes]]:
+    return [(partition_subject("orders", k, Sink.partitions), body(k, s)) for k, s in seq_items]
+
+
+async def start_partitioned(manager: Sink, server: NatsServer) -> JetStreamSource:
+    return await JetStreamSource.start(
+        manager, server.url, stream=STREAM, subject="orders", durable="inbox", key=key_fn,
+        fetch_timeout=0.2,
+    )  # fmt: skip
+
+
+async def test_partitioned_each_node_fetches_its_partitions_and_order_holds(
+    js: Any, nats_server: NatsServer, nodes: Nodes
+) -> None:
+    managers = await nodes.start("a", "b", "c")
+    sources = [await start_partitioned(m, nats_server) for m in managers]
+    for source in sources:
+        nodes.stack.push_async_callback(source.stop)
+    assert sorted(p for s in sources for p in s.reading) == list(range(Sink.partitions))
+    per_key = 10
+    count = await publish(js, partitioned(messages(per_key)))
+    await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
+    await eventually(lambda: total(sources, "stored") == count, what="all acked")
+    assert nodes.in_order(per_key)
+    assert all(s.counters["received"] > 0 for s in sources)
+    for partition in range(Sink.partitions):
+        await drained(js, f"inbox-{partition}")
+
+
+async def test_partitioned_partitions_move_on_join_and_leave_with_order_kept(
+    js: Any, nats_server: NatsServer, nodes: Nodes
+) -> None:
+    managers = await nodes.start("a", "b")
+    sources = [await start_partitioned(m, nats_server) for m in managers]
+    nodes.stack.push_async_callback(sources[1].stop)
+    per_key = 40
+
+    async def publish_round(seq: int) -> int:
+        return await publish(js, partitioned((k, seq) for k in KEYS))
+
+    def start_source(manager: Sink) -> Any:
+        return start_partitioned(manager, nats_server)
+
+    await join_and_leave(nodes, sources[0], start_source, publish_round, per_key)
+    assert nodes.in_order(per_key)

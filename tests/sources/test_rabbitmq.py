@@ -18,7 +18,7 @@ from cloister.sources import RabbitMQSource, SourceError, SourceMessage
 from cloister.sources.rabbitmq import declare_partition_queues, partition_queue
 from cloister.testing import eventually, unavailable
 
-from .support import KEYS, Nodes, Sink, body, flaky_cast, key_fn, messages
+from .support import KEYS, Nodes, Sink, body, flaky_cast, join_and_leave, key_fn, messages
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -295,32 +295,17 @@ async def test_partitions_move_with_the_ring_and_a_keys_order_survives_it(
     await nodes.start("a", "b")
     sources = await start_sources(nodes, queue, key=key_fn, mode="partitioned", prefetch=20)
     channel = await amqp.channel()
-    await declare_partition_queues(channel, queue, Sink.partitions)
+    await declare_partition_queues(channel, queue, Sink.partitions)  # as a publisher may
     await channel.close()
     per_key = 60
 
-    async def produce() -> int:
-        sent = 0
-        for sequence in range(1, per_key + 1):  # slowly: the topology changes meanwhile
-            sent += await publish(
-                amqp, queue, [(body(k, sequence), f"{k}-{sequence}") for k in KEYS], key=key_of
-            )
-            await asyncio.sleep(0.02)
-        return sent
+    async def publish_round(seq: int) -> int:
+        return await publish(amqp, queue, [(body(k, seq), f"{k}-{seq}") for k in KEYS], key=key_of)
 
-    producing = asyncio.create_task(produce())
-    await asyncio.sleep(0.3)
-    c = await nodes.start_manager("c", nodes.cls)  # a node joins: partitions move to it
-    source_c = await RabbitMQSource.start(c, URL, queue=queue, key=key_fn, prefetch=20)
-    nodes.stack.push_async_callback(source_c.stop)
-    await eventually(lambda: len(source_c.reading) > 0, what="c reads its partitions")
-    await asyncio.sleep(0.3)
-    # a node leaves (its source first, as cloister run stops them): its partitions move
-    await sources[0].stop()
-    await nodes.managers["a"].stop()
-    await nodes.clusters["a"].stop()
-    count = await producing
-    await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
+    def start_source(manager: Sink) -> Any:
+        return RabbitMQSource.start(manager, URL, queue=queue, key=key_fn, prefetch=20)
+
+    count, source_c = await join_and_leave(nodes, sources[0], start_source, publish_round, per_key)
     assert nodes.in_order(per_key)
     assert source_c.counters["received"] > 0
     assert total([*sources, source_c], "stored") >= count

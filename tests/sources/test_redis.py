@@ -5,7 +5,6 @@ A missing server (or redis-py) skips these tests, unless ``CI=true``: then they 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
@@ -17,7 +16,7 @@ from cloister.sources import RedisStreamsSource, SourceError
 from cloister.sources.redis_streams import partition_stream
 from cloister.testing import eventually, unavailable
 
-from .support import KEYS, Nodes, Sink, body, flaky_cast, key_fn, messages
+from .support import KEYS, Nodes, Sink, body, flaky_cast, join_and_leave, key_fn, messages
 
 URL = "redis://127.0.0.1:6379/0"
 FAST = {"block": 0.1, "retry_backoff": (0.01, 0.05)}
@@ -200,25 +199,13 @@ async def test_partitions_move_when_a_node_joins_and_one_leaves_with_order_kept(
     sources = await start_sources(nodes, stream)
     per_key = 40
 
-    async def produce() -> int:
-        sent = 0
-        for sequence in range(1, per_key + 1):
-            sent += await add(redis, stream, [(k, sequence) for k in KEYS])
-            await asyncio.sleep(0.02)
-        return sent
+    async def publish_round(seq: int) -> int:
+        return await add(redis, stream, [(k, seq) for k in KEYS])
 
-    producing = asyncio.create_task(produce())
-    await asyncio.sleep(0.3)
-    c = await nodes.start_manager("c", nodes.cls)
-    source_c = await RedisStreamsSource.start(c, URL, stream=stream, key=key_fn, **FAST)
-    nodes.stack.push_async_callback(source_c.stop)
-    await eventually(lambda: len(source_c.reading) > 0, what="c reads its partitions")
-    await asyncio.sleep(0.3)
-    await sources[0].stop()
-    await nodes.managers["a"].stop()
-    await nodes.clusters["a"].stop()
-    count = await producing
-    await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
+    def start_source(manager: Sink) -> Any:
+        return RedisStreamsSource.start(manager, URL, stream=stream, key=key_fn, **FAST)
+
+    _, source_c = await join_and_leave(nodes, sources[0], start_source, publish_round, per_key)
     assert nodes.in_order(per_key)
     assert source_c.counters["received"] > 0
     await eventually(lambda: all(s.in_flight == 0 for s in (sources[1], source_c)))

@@ -265,7 +265,10 @@ class RabbitMQSource(Source):
 
     async def _disconnect(self) -> None:
         for partition in list(self._partition_channels):
-            await self._forget_partition(partition)
+            try:
+                await self._forget_partition(partition)
+            except Exception as exc:
+                self.log.debug("source %s: closing a channel: %s", self.name, describe(exc))
         channel, self._channel = self._channel, None
         connection, self._connection = self._connection, None
         try:
