@@ -197,6 +197,8 @@ class _Job:
         self.partition = delivery.partition
 
 
+FOLLOW_CHECK_INTERVAL = 1.0  # seconds between checks that we read the partitions we own
+
 _PARKING = object()  # the lane of messages on their way to the dead letters
 
 # The inbox refused the message itself: retrying cannot help, so it is parked.
@@ -377,9 +379,26 @@ class Source(ABC):
         assert cluster is not None and self.partitions is not None
         self._follower = PartitionFollower(self, cluster, self.partitions, self._group)
         cluster.add_hook(self._follower)
-        topology = cluster.topology
-        if cluster.state is State.READY and topology is not None:
-            await self._reassign(self._follower.owned(topology), grow=True)
+        await self._catch_up()
+        self._supervisor.spawn(self._keep_up(), "follow")
+
+    async def _keep_up(self) -> None:
+        """Check every second that we read what the settled topology gives us: heals a
+        settle that ran while the hook was being added, and a partition that could not
+        be opened (the broker was down)."""
+        while not await wait_event(self._stopping, FOLLOW_CHECK_INTERVAL):
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        async with self._moves:
+            # READY means every member acknowledged the topology we hold: its previous
+            # owners have let go. (Checked under the lock: a release may have run.)
+            cluster, follower = self.cluster, self._follower
+            topology = cluster.topology if cluster is not None else None
+            if cluster is None or follower is None or topology is None:
+                return
+            if cluster.state is State.READY and self.state == "running":
+                await self._apply(follower.owned(topology), grow=True)
 
     async def stop(self) -> None:
         """Stop taking messages; let those in flight finish (``drain_timeout``), then close.
@@ -511,15 +530,17 @@ class Source(ABC):
         """Let go of the partitions read now and not ``wanted`` (concurrently, each drained
         first); with ``grow``, start reading the ``wanted`` ones not read yet."""
         async with self._moves:
-            leaving = self._reading - set(wanted)
-            if leaving:
-                await asyncio.gather(*(self._let_go(p) for p in sorted(leaving)))
-            if not grow or self.state != "running":
-                return
-            for partition in sorted(set(wanted) - self._reading):
-                await self._take(partition)
-            if leaving or grow:
-                self.log.info("source %s: %s", self.name, self._describe_mode())
+            await self._apply(wanted, grow=grow)
+
+    async def _apply(self, wanted: Set[int], *, grow: bool) -> None:
+        leaving = self._reading - set(wanted)
+        if leaving:
+            await asyncio.gather(*(self._let_go(p) for p in sorted(leaving)))
+        taking = sorted(set(wanted) - self._reading) if grow and self.state == "running" else []
+        for partition in taking:
+            await self._take(partition)
+        if leaving or taking:
+            self.log.info("source %s: %s", self.name, self._describe_mode())
 
     async def _take(self, partition: int) -> None:
         self._letting_go[partition] = asyncio.Event()
@@ -527,35 +548,23 @@ class Source(ABC):
         try:
             await self._start_partition(partition)
         except Exception as exc:
-            # It stays ours: the broker keeps its messages, the next settle tries again.
+            # It stays ours: the broker keeps its messages, _keep_up tries again.
             self._reading.discard(partition)
             self._letting_go.pop(partition).set()
+            try:
+                await self._stop_partition(partition)
+                await self._forget_partition(partition)
+            except Exception as error:
+                self.log.debug("source %s: cleaning up: %s", self.name, describe(error))
             self.log.warning(
-                "source %s: cannot read partition %d now (%s); retrying on the next topology "
-                "change",
+                "source %s: cannot read partition %d now (%s); trying again in %ss",
                 self.name,
                 partition,
                 describe(exc),
+                FOLLOW_CHECK_INTERVAL,
             )
-            self._supervisor.spawn(self._take_later(partition), "partition retry")
             return
         self.counters["partitions_taken"] += 1
-
-    async def _take_later(self, partition: int) -> None:
-        pauses = Backoff(*self.retry_backoff).delays()
-        while not await wait_event(self._stopping, next(pauses)):
-            follower, cluster = self._follower, self.cluster
-            topology = cluster.topology if cluster is not None else None
-            if follower is None or topology is None:
-                return
-            if partition in self._reading or partition not in follower.owned(topology):
-                return
-            async with self._moves:
-                if self.state != "running" or partition in self._reading:
-                    return
-                await self._take(partition)
-                if partition in self._reading:
-                    return
 
     async def _let_go(self, partition: int) -> None:
         """Stop reading ``partition``, let what is in flight be stored (``drain_timeout``),

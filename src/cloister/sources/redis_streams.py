@@ -97,7 +97,7 @@ class _StreamDelivery(Delivery):
 
     async def ack(self) -> None:
         self.source._holding.discard((self.stream, self.entry_id))
-        await self.source._client().xack(self.stream, self.source.group, self.entry_id)
+        await self.source._acks.ack(self.stream, self.entry_id)
 
     async def release(self) -> None:
         # It stays pending: the partition's next owner claims it as it takes over (shared
@@ -109,6 +109,47 @@ class _StreamDelivery(Delivery):
         await source._client().xclaim(
             self.stream, source.group, source.consumer, 0, [self.entry_id], justid=True
         )  # resets the idle time: the periodic claim leaves it to us
+
+
+class _Acks:
+    """XACKs gathered while one is on the wire and sent together, one pipeline per
+    round: a node acknowledging thousands of entries a second needs a few connections,
+    not one per entry."""
+
+    def __init__(self, source: RedisStreamsSource) -> None:
+        self.source = source
+        self.pending: dict[str, list[bytes]] = {}
+        self.waiting: list[asyncio.Future[None]] = []
+        self.wake = asyncio.Event()
+
+    async def ack(self, stream: str, entry_id: bytes) -> None:
+        """Acknowledge ``entry_id`` of ``stream``; returns once Redis confirmed it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(stream, []).append(entry_id)
+        self.waiting.append(done)
+        self.wake.set()
+        await done
+
+    async def run(self) -> None:
+        """Send what was gathered, round after round, until cancelled."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            pending, self.pending = self.pending, {}
+            waiting, self.waiting = self.waiting, []
+            try:
+                async with self.source._client().pipeline(transaction=False) as pipe:
+                    for stream, ids in pending.items():
+                        pipe.xack(stream, self.source.group, *ids)
+                    await pipe.execute()
+            except Exception as exc:
+                for done in waiting:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for done in waiting:
+                if not done.done():
+                    done.set_result(None)
 
 
 class RedisStreamsSource(Source):
@@ -194,6 +235,7 @@ class RedisStreamsSource(Source):
         self._read_done = asyncio.Event()
         self._room = asyncio.Event()
         self._holding: set[tuple[str, bytes]] = set()  # (stream, entry id) in flight here
+        self._acks = _Acks(self)
 
     def stream_of(self, partition: int) -> str:
         """The name of ``partition``'s stream."""
@@ -209,7 +251,11 @@ class RedisStreamsSource(Source):
     async def _connect(self) -> None:
         redis = import_redis()
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.url, decode_responses=False)
+            # a blocking pool: a burst waits for a connection instead of failing
+            pool = redis.BlockingConnectionPool.from_url(
+                self.url, decode_responses=False, max_connections=16, timeout=self.put_timeout
+            )
+            self._redis = redis.Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except Exception as exc:
@@ -226,6 +272,7 @@ class RedisStreamsSource(Source):
             await self._ensure_group(stream)
         if self.partitions is None:
             self._open[self.stream] = None
+        self._supervisor.spawn(self._acks.run(), "ack")
         self._supervisor.spawn(self._read_loop(), "read")
         self._supervisor.spawn(self._claim_loop(), "claim")
 
@@ -387,6 +434,7 @@ class RedisStreamsSource(Source):
         try:
             if redis is not None and self._owns_redis:
                 await redis.aclose()
+                await redis.connection_pool.disconnect()
         except Exception as exc:
             self.log.debug("source %s: closing the connection: %s", self.name, describe(exc))
 
