@@ -95,6 +95,11 @@ async def join_and_leave(
     return count, joined
 
 
+def every_partition_read(sources: list[Any]) -> bool:
+    """Each partition read by exactly one of ``sources``."""
+    return sorted(p for s in sources for p in s.reading) == list(range(Sink.partitions))
+
+
 def messages(per_key: int) -> Iterator[tuple[str, int]]:
     """(key, sequence) for every key, interleaved: sequence 1 of every key, then 2, ..."""
     for sequence in range(1, per_key + 1):

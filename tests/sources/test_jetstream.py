@@ -19,7 +19,17 @@ from cloister.sources import JetStreamSource, SourceError, SourceMessage
 from cloister.sources.jetstream import partition_subject
 from cloister.testing import NatsServer, eventually
 
-from .support import KEYS, Nodes, Sink, body, flaky_cast, join_and_leave, key_fn, messages
+from .support import (
+    KEYS,
+    Nodes,
+    Sink,
+    body,
+    every_partition_read,
+    flaky_cast,
+    join_and_leave,
+    key_fn,
+    messages,
+)
 
 STREAM = "ORDERS"
 
@@ -195,7 +205,7 @@ async def test_partitioned_each_node_fetches_its_partitions_and_order_holds(
     sources = [await start_partitioned(m, nats_server) for m in managers]
     for source in sources:
         nodes.stack.push_async_callback(source.stop)
-    assert sorted(p for s in sources for p in s.reading) == list(range(Sink.partitions))
+    await eventually(lambda: every_partition_read(sources), what="every partition read")
     per_key = 10
     count = await publish(js, partitioned(messages(per_key)))
     await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")

@@ -18,7 +18,17 @@ from cloister.sources import RabbitMQSource, SourceError, SourceMessage
 from cloister.sources.rabbitmq import declare_partition_queues, partition_queue
 from cloister.testing import eventually, unavailable
 
-from .support import KEYS, Nodes, Sink, body, flaky_cast, join_and_leave, key_fn, messages
+from .support import (
+    KEYS,
+    Nodes,
+    Sink,
+    body,
+    every_partition_read,
+    flaky_cast,
+    join_and_leave,
+    key_fn,
+    messages,
+)
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -268,10 +278,10 @@ async def test_partitioned_by_default_every_node_reads_its_own_partitions_in_ord
     managers = await nodes.start("a", "b", "c")
     sources = await start_sources(nodes, queue, key=key_fn, mode="partitioned")
     assert all(s.mode == "partitioned" for s in sources)
-    # each node reads exactly the partitions whose workers it runs, and together all
+    # together they read every partition, each node those whose workers it runs
+    await eventually(lambda: every_partition_read(sources), what="every partition read")
     for manager, source in zip(managers, sources, strict=True):
         assert source.reading == frozenset(manager._region.consumers.partitions)  # type: ignore[union-attr]
-    assert sorted(p for s in sources for p in s.reading) == list(range(Sink.partitions))
     per_key = 20
     items = [(body(k, s), f"{k}-{s}") for k, s in messages(per_key)]
     count = await publish(amqp, queue, items, key=key_of)

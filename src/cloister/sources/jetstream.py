@@ -288,9 +288,18 @@ class JetStreamSource(Source):
 
     async def _end_pulling(self, pulling: asyncio.Task[None]) -> None:
         self._room.set()
-        # a fetch under way returns within fetch_timeout; what it brings is given back
-        done, _ = await asyncio.wait({pulling}, timeout=self.fetch_timeout + 1.0)
+        # A fetch under way returns within fetch_timeout (later on a loaded machine); what
+        # it brings is given back (nak). Cancelled, it would leave what the server sent
+        # unanswered until ack_wait, and a key's next messages would overtake those.
+        done, _ = await asyncio.wait({pulling}, timeout=self.fetch_timeout + self.drain_timeout)
         if not done:
+            self.log.warning(
+                "source %s: a fetch did not return in %ss; what it held comes back after "
+                "ack_wait (%ss)",
+                self.name,
+                self.fetch_timeout + self.drain_timeout,
+                self.ack_wait,
+            )
             pulling.cancel()
 
     async def _disconnect(self) -> None:
