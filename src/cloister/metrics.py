@@ -11,6 +11,8 @@ them on ``http://HOST:PORT/metrics``; in your own process::
     async with serve_metrics(cluster, port=9464) as metrics:
         manager = await Processor.start(cluster)
         metrics.attach(manager)
+        source = await RabbitMQSource.start(manager, queue="orders", key=key)
+        metrics.attach_source(source)              # any number of sources
         ...
 
 Every series has the labels ``cluster`` and ``node``; the manager's also ``manager``:
@@ -48,7 +50,17 @@ metric                                            type     meaning
                                                            taken_over, duplicates,
                                                            retries, dead_letters,
                                                            late_results, fenced_writes
+``cloister_source_received_total{source}`` ...    counter  one per source counter: received,
+                                                           stored, parked, released, failed,
+                                                           ack_errors, partitions_taken,
+                                                           partitions_released
+``cloister_source_in_flight{source}``             gauge    received, not acknowledged or
+                                                           given back yet
+``cloister_source_partitions{source}``            gauge    partitions this node reads
 ================================================  =======  =================================
+
+A source's figures add up at every scrape: ``received == stored + parked + released +
+in_flight`` (one snapshot of its counters).
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
 :func:`require_prometheus` says so clearly when it is missing.
@@ -71,6 +83,7 @@ from cloister.errors import CloisterError, ConfigurationError
 if TYPE_CHECKING:
     from cloister.cluster import Cluster
     from cloister.manager import DynamicManager
+    from cloister.sources import Source
 
 __all__ = [
     "MANAGER_STATES",
@@ -111,6 +124,18 @@ _MANAGER_COUNTERS = {
 }
 
 
+_SOURCE_COUNTERS = {
+    "received": "Broker messages a source received on this node.",
+    "stored": "Messages stored in the inbox, then acknowledged to the broker.",
+    "parked": "Malformed messages parked in the dead letters, then acknowledged.",
+    "released": "Messages given back to the broker unacknowledged (or taken back by it).",
+    "failed": "Failed attempts to store a message (retried).",
+    "ack_errors": "Stored messages whose ack was lost (redelivered, dropped as copies).",
+    "partitions_taken": "Broker partitions this node started reading.",
+    "partitions_released": "Broker partitions this node let go of.",
+}
+
+
 class MetricsUnavailableError(ConfigurationError):
     """Metrics were asked for but ``prometheus_client`` is not installed."""
 
@@ -140,6 +165,8 @@ class NodeCollector:
     def __init__(self, cluster: Cluster, manager: DynamicManager | None = None) -> None:
         self.cluster = cluster
         self.manager = manager
+        self.sources: list[Source] = []
+        """The sources reported (see :meth:`NodeMetrics.attach_source`)."""
         self.inbox_depth: int | None = None
         """The last sampled inbox depth (None before the first sample, or no inbox)."""
         self._rehash_began: float | None = None
@@ -205,6 +232,8 @@ class NodeCollector:
         )
         if self._last_rehash is not None:
             yield labels.gauge("last_rehash_seconds", "The last rehash.", self._last_rehash)
+        if self.sources:
+            yield from self._collect_sources(labels)
         manager = self.manager
         if manager is None:
             return
@@ -225,6 +254,28 @@ class NodeCollector:
                 self.inbox_depth,
             )
         yield from labels.counters("manager_", manager.counters.as_dict(), _MANAGER_COUNTERS)
+
+    def _collect_sources(self, labels: _Labels) -> Iterator[Any]:
+        """One family per figure, one sample per source (a snapshot each: they add up)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        names = [*labels.names, "source"]
+        snapshots = [(s.name, dict(s.counters), s.in_flight, len(s.reading)) for s in self.sources]
+        for key, doc in _SOURCE_COUNTERS.items():
+            family = CounterMetricFamily(f"cloister_source_{key}", doc, labels=names)
+            for name, counters, _, _ in snapshots:
+                family.add_metric([*labels.values, name], counters.get(key, 0))
+            yield family
+        gauges = (
+            ("in_flight", "Messages received and not acknowledged or given back yet."),
+            ("partitions", "Broker partitions this node reads (0 in shared mode)."),
+        )
+        for metric, doc in gauges:
+            gauge = GaugeMetricFamily(f"cloister_source_{metric}", doc, labels=names)
+            for name, _, in_flight, partitions in snapshots:
+                value = in_flight if metric == "in_flight" else partitions
+                gauge.add_metric([*labels.values, name], float(value))
+            yield gauge
 
 
 class _Labels:
@@ -339,6 +390,16 @@ class NodeMetrics:
             self._sampler = asyncio.get_running_loop().create_task(
                 self._sample(manager), name="cloister metrics inbox sampler"
             )
+
+    def attach_source(self, source: Source) -> None:
+        """Report ``source`` too (``cloister_source_*{source=<its name>}``)."""
+        if source not in self.collector.sources:
+            self.collector.sources.append(source)
+
+    def detach_source(self, source: Source) -> None:
+        """Stop reporting ``source`` (no error if it was not attached)."""
+        if source in self.collector.sources:
+            self.collector.sources.remove(source)
 
     async def close(self) -> None:
         """Stop sampling and serving. Safe to call twice."""

@@ -17,15 +17,19 @@ from cloister.sources import MissingDependencyError, RabbitMQSource, Source, Sou
 from cloister.sources.base import Delivery
 from cloister.testing import eventually
 
-from .support import Nodes, body, flaky_cast, key_fn
+from .support import Nodes, Sink, body, flaky_cast, key_fn
 
 
 class FakeDelivery(Delivery):
-    __slots__ = ("outcome",)
+    __slots__ = ("gone", "outcome")
 
-    def __init__(self, meta: SourceMessage) -> None:
-        super().__init__(meta)
+    def __init__(self, meta: SourceMessage, partition: int | None = None) -> None:
+        super().__init__(meta, partition)
         self.outcome: str | None = None
+        self.gone = False  # the broker took it back (its channel closed)
+
+    def stale(self) -> bool:
+        return self.gone
 
     async def ack(self) -> None:
         self.outcome = "acked"
@@ -42,6 +46,7 @@ class FakeSource(Source):
         options.setdefault("mode", "shared")
         super().__init__(manager, **options)
         self.deliveries: list[FakeDelivery] = []
+        self.opened: list[int] = []  # partitions, in the order they were started
 
     async def _connect(self) -> None:
         pass
@@ -53,13 +58,16 @@ class FakeSource(Source):
         pass
 
     async def _start_partition(self, partition: int) -> None:
-        pass
+        self.opened.append(partition)
 
     async def _stop_partition(self, partition: int) -> None:
         pass
 
-    def deliver(self, data: bytes, msg_id: str | None = None) -> FakeDelivery:
-        delivery = FakeDelivery(SourceMessage(source=self.name, body=data, msg_id=msg_id))
+    def deliver(
+        self, data: bytes, msg_id: str | None = None, partition: int | None = None
+    ) -> FakeDelivery:
+        meta = SourceMessage(source=self.name, body=data, msg_id=msg_id)
+        delivery = FakeDelivery(meta, partition)
         self.deliveries.append(delivery)
         self._accept(delivery)
         return delivery
@@ -222,3 +230,93 @@ async def test_a_source_may_be_given_the_inbox_itself(nodes: Nodes) -> None:
         await settled(source)
     assert delivery.outcome == "acked" and source.counters["stored"] == 1
     await eventually(lambda: nodes.journal.handled["k1"] == [1], what="k1 handled")
+
+
+def adds_up(source: Source) -> bool:
+    c = source.counters
+    return c["received"] == c["stored"] + c["parked"] + c["released"] + source.in_flight
+
+
+async def test_the_counters_add_up_whatever_happens_to_a_message(nodes: Nodes) -> None:
+    (a,) = await nodes.start("a")
+    failures = [0]
+    flaky_cast(a, failures)
+    source = await FakeSource.start(a, key=key_fn, retry_backoff=(0.01, 0.01))
+    source.deliver(body("k1", 1))  # stored
+    source.deliver(b"\xff")  # parked
+    await settled(source)
+    assert adds_up(source) and source.in_flight == 0
+    failures[0] = 10**9  # the inbox is down: the next ones are held
+    held = [source.deliver(body("k2", s)) for s in (1, 2, 3)]
+    await eventually(lambda: source.counters["failed"] >= 2)
+    held[2].gone = True  # and the broker took one back (a closed channel)
+    assert adds_up(source) and source.in_flight == 3
+    await source.stop()  # what is held is given back
+    assert source.counters == source.counters | {
+        "received": 5, "stored": 1, "parked": 1, "released": 3,
+    }  # fmt: skip
+    assert adds_up(source) and source.in_flight == 0
+
+
+async def test_partitioned_a_source_reads_what_the_ring_gives_and_retries_in_place(
+    nodes: Nodes,
+) -> None:
+    a, b = await nodes.start("a", "b")
+    failures = [0]
+    flaky_cast(a, failures)
+    source = await FakeSource.start(
+        a, key=key_fn, mode="partitioned", requeue_after=0, retry_backoff=(0.01, 0.01)
+    )
+    mine = set(a._region.consumers.partitions)  # type: ignore[union-attr]
+    await eventually(lambda: source.reading == mine, what="a reads its partitions")
+    assert sorted(source.opened) == sorted(mine)
+    theirs = next(p for p in range(Sink.partitions) if p not in mine)
+    stray = source.deliver(body("k1", 1), partition=theirs)  # not ours: given back at once
+    await eventually(lambda: stray.outcome == "released")
+    # while a partition is ours, a message the inbox refuses is retried in place (never
+    # given back, even with requeue_after=0: the key's next ones would overtake it)
+    partition = min(mine)
+    failures[0] = 10**9
+    held = source.deliver(body("k9", 1), partition=partition)
+    await eventually(lambda: source.counters["failed"] >= 5)
+    assert held.outcome is None and source.counters["released"] == 1
+    failures[0] = 0
+    await eventually(lambda: held.outcome == "acked")
+    # a node joins and takes partitions over: a lets them go before it acknowledges
+    await nodes.start("c")
+    await eventually(lambda: source.reading < mine, what="a gave partitions up")
+    assert source.counters["partitions_released"] == len(mine - source.reading)
+    await source.stop()
+    assert source.reading == frozenset() and adds_up(source)
+    assert b is not None
+
+
+async def test_source_metrics_are_served_and_add_up(nodes: Nodes) -> None:
+    import urllib.request
+
+    from cloister.metrics import serve_metrics
+
+    (a,) = await nodes.start("a")
+    cluster = nodes.clusters["a"]
+    async with serve_metrics(cluster, port=0, host="127.0.0.1") as metrics:
+        source = await FakeSource.start(a, key=key_fn, name="orders")
+        metrics.attach_source(source)
+        source.deliver(body("k1", 1))
+        source.deliver(b"not json")
+        await settled(source)
+        url = f"http://127.0.0.1:{metrics.port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+        await source.stop()
+    labels = f'cluster="{cluster.name}",node="a",source="orders"'
+    figures = {
+        name: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cloister_source_") and labels in line
+        for name in [line.split("{", 1)[0]]
+    }
+    assert figures["cloister_source_received_total"] == 2
+    assert figures["cloister_source_stored_total"] == 1
+    assert figures["cloister_source_parked_total"] == 1
+    assert figures["cloister_source_released_total"] == 0
+    assert figures["cloister_source_in_flight"] == 0
+    assert figures["cloister_source_partitions"] == 0  # shared mode
