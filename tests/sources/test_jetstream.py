@@ -15,8 +15,7 @@ import nats
 import pytest
 
 from cloister.errors import ConfigurationError
-from cloister.sources import JetStreamSource, SourceError, SourceMessage
-from cloister.sources.jetstream import partition_subject
+from cloister.sources import JetStreamSource, SourceError, SourceMessage, partition_name
 from cloister.testing import NatsServer, eventually
 
 from .support import (
@@ -188,7 +187,7 @@ async def test_a_message_held_at_stop_is_given_back_at_once(
 
 
 def partitioned(seq_items: Any) -> list[tuple[str, bytes]]:
-    return [(partition_subject("orders", k, Sink.partitions), body(k, s)) for k, s in seq_items]
+    return [(partition_name("orders", k, Sink.partitions), body(k, s)) for k, s in seq_items]
 
 
 async def start_partitioned(manager: Sink, server: NatsServer) -> JetStreamSource:

@@ -81,7 +81,8 @@ def test_rabbitmq_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
     tmp_path: Path,
 ) -> None:
     aio_pika = _import("aio_pika")
-    from cloister.sources.rabbitmq import declare_partition_queues, partition_queue
+    from cloister.sources import partition_name
+    from cloister.sources.rabbitmq import declare_partition_queues
 
     url, queue = "amqp://guest:guest@127.0.0.1:5672/", f"cloister-proc-{uuid.uuid4().hex[:8]}"
 
@@ -108,7 +109,7 @@ def test_rabbitmq_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
                     *(
                         channel.default_exchange.publish(
                             aio_pika.Message(encode(k, s), message_id=f"{k}-{s}"),
-                            routing_key=partition_queue(queue, k, PARTITIONS),
+                            routing_key=partition_name(queue, k, PARTITIONS),
                         )
                         for k, s in items[start : start + 1000]
                     )
@@ -131,7 +132,7 @@ def test_redis_streams_keep_order_spread_the_intake_and_lose_nothing_to_a_kill(
     tmp_path: Path,
 ) -> None:
     aioredis = _import("redis.asyncio")
-    from cloister.sources.redis_streams import partition_stream
+    from cloister.sources import partition_name
 
     url, stream = "redis://127.0.0.1:6379/0", f"cloister-proc-{uuid.uuid4().hex[:8]}"
 
@@ -140,7 +141,7 @@ def test_redis_streams_keep_order_spread_the_intake_and_lose_nothing_to_a_kill(
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for k, s in items:
-                    to = partition_stream(stream, k, PARTITIONS)
+                    to = partition_name(stream, k, PARTITIONS)
                     pipe.xadd(to, {"body": encode(k, s), "msg_id": f"{k}-{s}"})
                 await pipe.execute()
         finally:
@@ -174,7 +175,7 @@ def test_jetstream_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
 ) -> None:
     import nats
 
-    from cloister.sources.jetstream import partition_subject
+    from cloister.sources import partition_name
 
     stream, subject = "ORDERS", "orders"
     env = {"SOURCE_KIND": "jetstream", "SOURCE_NAME": stream, "SOURCE_SUBJECT": subject}
@@ -192,7 +193,7 @@ def test_jetstream_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
                 await asyncio.gather(
                     *(
                         js.publish(
-                            partition_subject(subject, k, PARTITIONS),
+                            partition_name(subject, k, PARTITIONS),
                             encode(k, s),
                             headers={"Nats-Msg-Id": f"{k}-{s}"},
                         )

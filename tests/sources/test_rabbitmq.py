@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from cloister.sources import RabbitMQSource, SourceError, SourceMessage
-from cloister.sources.rabbitmq import declare_partition_queues, partition_queue
+from cloister.sources import RabbitMQSource, SourceError, SourceMessage, partition_name
+from cloister.sources.rabbitmq import declare_partition_queues
 from cloister.testing import eventually, unavailable
 
 from .support import (
@@ -81,7 +81,7 @@ async def publish(
     pending: list[Any] = []
     for data, msg_id in items:
         message = aio_pika.Message(data, message_id=msg_id, content_type="application/json")
-        to = queue if key is None else partition_queue(queue, key(data), Sink.partitions)
+        to = queue if key is None else partition_name(queue, key(data), Sink.partitions)
         pending.append(channel.default_exchange.publish(message, routing_key=to))
         if len(pending) >= 500:
             await asyncio.gather(*pending)

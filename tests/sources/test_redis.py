@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from cloister.sources import RedisStreamsSource, SourceError
-from cloister.sources.redis_streams import partition_stream
+from cloister.sources import RedisStreamsSource, SourceError, partition_name
 from cloister.testing import eventually, unavailable
 
 from .support import (
@@ -72,7 +71,7 @@ async def add(
     count = 0
     async with redis.pipeline(transaction=False) as pipe:
         for key, seq in items:
-            to = stream if shared else partition_stream(stream, key, Sink.partitions)
+            to = stream if shared else partition_name(stream, key, Sink.partitions)
             pipe.xadd(to, {"body": body(key, seq), "msg_id": f"{key}-{seq}", "origin": "test"})
             count += 1
         await pipe.execute()
@@ -131,7 +130,7 @@ async def test_poison_entries_are_parked_with_the_reason_and_acknowledged(
 ) -> None:
     (a,) = await nodes.start("a")
     (source,) = await start_sources(nodes, stream)
-    target = partition_stream(stream, "k1", Sink.partitions)
+    target = partition_name(stream, "k1", Sink.partitions)
     await redis.xadd(target, {"body": body("k1", 1)})
     await redis.xadd(target, {"body": b"\xff not json", "msg_id": "bad"})
     await redis.xadd(target, {"payload": b"{}", "msg_id": "nobody"})

@@ -16,7 +16,7 @@ worker that owns its key (the broker in ``seed/zero-cost-distribution.md``)::
 - :class:`RedisStreamsSource`: Redis streams through a consumer group (redis-py;
   ``pip install pycloister[redis]``).
 - By default a source reads partitions (one queue, stream or subject per partition; a
-  publisher sends key ``k`` to :func:`partition_of` ``(k, partitions)``) and each node
+  publisher sends key ``k`` to :func:`partition_name` ``(prefix, k, partitions)``) and each node
   reads the partitions the ring gives it: a key's order is kept and the intake spreads
   (:mod:`cloister.sources.partitions`). ``mode="shared"`` reads one queue, competing.
 - A source takes the manager (anything with an ``inbox``: :class:`HasInbox`) or the
@@ -37,7 +37,7 @@ from cloister.sources.base import (
 )
 from cloister.sources.decoding import Decoder
 from cloister.sources.jetstream import JetStreamSource
-from cloister.sources.partitions import partition_of
+from cloister.sources.partitions import partition_name, partition_of
 from cloister.sources.rabbitmq import RabbitMQSource
 from cloister.sources.redis_streams import RedisStreamsSource
 
@@ -53,5 +53,6 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceMessage",
+    "partition_name",
     "partition_of",
 ]

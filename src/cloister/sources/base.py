@@ -41,13 +41,13 @@ What happens to a message:
   back, and its message id makes the inbox drop the copy.
 
 Per-key order (``mode="partitioned"``, the default): the broker side is split into
-``partitions`` (one queue, stream or subject each; publishers send key ``k`` to
-``partition_of(k, partitions)``) and each node reads only the partitions the cluster's ring
-gives it (:mod:`cloister.sources.partitions`). One node at a time stores a partition's
-messages, in delivery order per key (different keys concurrently); a message the inbox
-cannot take is retried in place, never given back while the partition is ours, so nothing
-overtakes it. On a topology change the old owner lets go (stores or gives back what it
-holds) before the new one starts. ``mode="shared"``: every node reads one queue, as
+``partitions`` (one queue, stream or subject each, ``<prefix>.<p>``; publishers send key
+``k`` to ``partition_name(prefix, k, partitions)``) and each node reads only the partitions
+the cluster's ring gives it (:mod:`cloister.sources.partitions`). One node at a time
+stores a partition's messages, in delivery order per key (different keys concurrently); a
+message the inbox cannot take is retried in place, never given back while the partition is
+ours, so nothing overtakes it. On a topology change the old owner lets go (stores or gives
+back what it holds) before the new one starts. ``mode="shared"``: every node reads one queue, as
 competing consumers — the load spreads but two messages for one key in flight on two nodes
 can be stored in either order, and a message given back to the broker is stored after the
 ones behind it.

@@ -13,9 +13,9 @@ Every node runs the source with the same ``durable`` name::
 By default (``mode="partitioned"``) a publisher sends a key's messages to its partition's
 subject, ``orders.<partition>`` (the stream captures ``orders.*``)::
 
-    from cloister.sources.jetstream import partition_subject
+    from cloister.sources import partition_name
 
-    await js.publish(partition_subject("orders", order_id, partitions=128), body)
+    await js.publish(partition_name("orders", order_id, partitions=128), body)
 
 and the source reads each partition through its own durable pull consumer
 (``<durable>-<partition>``, filtered on that subject, created from the start of the
@@ -54,14 +54,8 @@ from cloister.sources.base import (
     SourceOptions,
     describe,
 )
-from cloister.sources.partitions import partition_of
 
 MSG_ID_HEADER = "Nats-Msg-Id"
-
-
-def partition_subject(subject: str, key: Any, partitions: int) -> str:
-    """The subject a publisher sends ``key``'s messages to: ``<subject>.<partition>``."""
-    return f"{subject}.{partition_of(key, partitions)}"
 
 
 class _JetStreamDelivery(Delivery):

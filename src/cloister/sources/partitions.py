@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from cloister.cluster import Cluster, Topology
 
 
+def partition_name(prefix: str, key: Any, partitions: int) -> str:
+    """Where a publisher sends ``key``'s messages: ``<prefix>.<partition_of(key)>`` — the
+    RabbitMQ queue, Redis stream or NATS subject of the key's partition."""
+    return f"{prefix}.{partition_of(key, partitions)}"
+
+
 def partition_of(key: Any, partitions: int) -> int:
     """The partition a publisher sends ``key``'s messages to: ``key_hash(key) %
     partitions`` — the same function that places the key's worker and inbox partition

@@ -15,11 +15,11 @@ every node as it starts), and each node consumes only the partitions the ring gi
 Publishers send a key's messages to its partition's queue through the default exchange —
 no plugin needed::
 
-    from cloister.sources.rabbitmq import partition_queue
+    from cloister.sources import partition_name
 
     await channel.default_exchange.publish(
         aio_pika.Message(body, message_id=msg_id),
-        routing_key=partition_queue("orders", order_id, partitions=128),
+        routing_key=partition_name("orders", order_id, partitions=128),
     )
 
 A key's messages are then stored in the order they were published, and the intake spreads
@@ -56,14 +56,8 @@ from cloister.sources.base import (
     describe,
     mask_url,
 )
-from cloister.sources.partitions import partition_of
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def partition_queue(queue: str, key: Any, partitions: int) -> str:
-    """The queue a publisher sends ``key``'s messages to: ``<queue>.<partition>``."""
-    return f"{queue}.{partition_of(key, partitions)}"
 
 
 async def declare_partition_queues(

@@ -14,9 +14,9 @@ By default (``mode="partitioned"``) the source reads one stream per partition,
 ring gives it. A publisher adds a key's entries to its partition's stream, the body in the
 field ``body``::
 
-    from cloister.sources.redis_streams import partition_stream
+    from cloister.sources import partition_name
 
-    await redis.xadd(partition_stream("orders", order_id, partitions=128),
+    await redis.xadd(partition_name("orders", order_id, partitions=128),
                      {"body": json.dumps(order), "msg_id": f"order-{order_id}-{seq}"})
 
 An entry is acknowledged (``XACK``) only after the inbox stored it; a malformed one (no
@@ -58,14 +58,8 @@ from cloister.sources.base import (
     describe,
     mask_url,
 )
-from cloister.sources.partitions import partition_of
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-
-
-def partition_stream(stream: str, key: Any, partitions: int) -> str:
-    """The stream a publisher adds ``key``'s entries to: ``<stream>.<partition>``."""
-    return f"{stream}.{partition_of(key, partitions)}"
 
 
 def import_redis() -> Any:
