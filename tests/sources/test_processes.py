@@ -56,6 +56,11 @@ def received(run: FaultRun, node: str) -> int:
     return 0
 
 
+def fault_run(workdir: Path, env: dict[str, str]) -> FaultRun:
+    """3 nodes of the source app (the run starts them) on one nats-server, 300 keys."""
+    return FaultRun(workdir, f"src-{uuid.uuid4().hex[:6]}", app=APP, servers=1, env=env, keys=KEYS)
+
+
 def scenario(run: FaultRun, publish: Publish, per_key: int) -> None:
     """Order and spread with all three nodes, then a SIGKILL mid-stream: nothing lost."""
     run.start_nodes()
@@ -120,9 +125,7 @@ def test_rabbitmq_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
     asyncio.run(broker(declare))
     env = {"SOURCE_KIND": "rabbitmq", "SOURCE_URL": url, "SOURCE_NAME": queue}
     try:
-        with FaultRun(
-            tmp_path, f"src-{uuid.uuid4().hex[:6]}", app=APP, servers=1, env=env, keys=KEYS
-        ) as run:
+        with fault_run(tmp_path, env) as run:
             scenario(run, publish, per_key=67)  # 20,100 messages, then 20,100 more
     finally:
         asyncio.run(broker(delete))
@@ -162,9 +165,7 @@ def test_redis_streams_keep_order_spread_the_intake_and_lose_nothing_to_a_kill(
     except Exception as exc:
         unavailable(f"no Redis at {url}: {exc}")
     try:
-        with FaultRun(
-            tmp_path, f"src-{uuid.uuid4().hex[:6]}", app=APP, servers=1, env=env, keys=KEYS
-        ) as run:
+        with fault_run(tmp_path, env) as run:
             scenario(run, publish, per_key=20)  # 6,000 messages, then 6,000 more
     finally:
         asyncio.run(clean())
@@ -180,9 +181,7 @@ def test_jetstream_keeps_order_spreads_the_intake_and_loses_nothing_to_a_kill(
     stream, subject = "ORDERS", "orders"
     env = {"SOURCE_KIND": "jetstream", "SOURCE_NAME": stream, "SOURCE_SUBJECT": subject}
 
-    with FaultRun(
-        tmp_path, f"src-{uuid.uuid4().hex[:6]}", app=APP, servers=1, env=env, keys=KEYS
-    ) as run:
+    with fault_run(tmp_path, env) as run:
 
         async def publish(items: list[tuple[str, int]]) -> None:
             nc = await nats.connect(run.nats.url)

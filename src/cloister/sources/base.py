@@ -205,6 +205,24 @@ _PARKING = object()  # the lane of messages on their way to the dead letters
 _REFUSED = (WireFormatError, ConfigurationError, TypeError)
 
 
+def check_names(**values: Any) -> None:
+    """Each of ``values`` (option name -> value) is a non-empty string."""
+    for option, value in values.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
+
+
+def check_batch(batch: Any, max_in_flight: Any, *, batches: int) -> int:
+    """Check ``batch`` (messages per read) and ``max_in_flight`` (None: ``batches`` x
+    batch); returns max_in_flight."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
+    max_in_flight = batches * batch if max_in_flight is None else max_in_flight
+    if not isinstance(max_in_flight, int) or max_in_flight < batch:
+        raise ConfigurationError(f"max_in_flight must be an int >= batch, got {max_in_flight!r}")
+    return max_in_flight
+
+
 def describe(exc: BaseException) -> str:
     """``TypeName: message`` for dead-letter reasons and logs."""
     text = str(exc)

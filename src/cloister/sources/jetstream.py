@@ -52,6 +52,8 @@ from cloister.sources.base import (
     SourceError,
     SourceMessage,
     SourceOptions,
+    check_batch,
+    check_names,
     describe,
 )
 
@@ -112,16 +114,8 @@ class JetStreamSource(Source):
         fetch_timeout: float = 1.0,
         **options: Unpack[SourceOptions],
     ) -> None:
-        for option, value in (("stream", stream), ("durable", durable)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
-        if not isinstance(batch, int) or batch < 1:
-            raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
-        max_in_flight = 2 * batch if max_in_flight is None else max_in_flight
-        if not isinstance(max_in_flight, int) or max_in_flight < batch:
-            raise ConfigurationError(
-                f"max_in_flight must be an int >= batch, got {max_in_flight!r}"
-            )
+        check_names(stream=stream, durable=durable)
+        max_in_flight = check_batch(batch, max_in_flight, batches=2)
         if not ack_wait > 0 or not fetch_timeout > 0:
             raise ConfigurationError("ack_wait and fetch_timeout must be > 0 seconds")
         options.setdefault("name", f"jetstream.{stream}.{durable}")

@@ -55,6 +55,8 @@ from cloister.sources.base import (
     SourceError,
     SourceMessage,
     SourceOptions,
+    check_batch,
+    check_names,
     describe,
     mask_url,
 )
@@ -188,16 +190,8 @@ class RedisStreamsSource(Source):
         redis: Any = None,
         **options: Unpack[SourceOptions],
     ) -> None:
-        for option, value in (("stream", stream), ("group", group), ("field", field)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
-        if not isinstance(batch, int) or batch < 1:
-            raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
-        max_in_flight = 4 * batch if max_in_flight is None else max_in_flight
-        if not isinstance(max_in_flight, int) or max_in_flight < batch:
-            raise ConfigurationError(
-                f"max_in_flight must be an int >= batch, got {max_in_flight!r}"
-            )
+        check_names(stream=stream, group=group, field=field)
+        max_in_flight = check_batch(batch, max_in_flight, batches=4)
         for option, seconds in (
             ("block", block),
             ("claim_idle", claim_idle),
