@@ -179,7 +179,7 @@ class Delivery(ABC):
 
 
 class _Job:
-    __slots__ = ("delivery", "key", "message", "msg_id", "partition", "reason")
+    __slots__ = ("delivery", "done", "key", "message", "msg_id", "partition", "reason")
 
     def __init__(
         self,
@@ -195,6 +195,7 @@ class _Job:
         self.msg_id = msg_id
         self.reason = reason  # set: park instead of store
         self.partition = delivery.partition
+        self.done = False  # stored or parked (and counted): never given back
 
 
 FOLLOW_CHECK_INTERVAL = 1.0  # seconds between checks that we read the partitions we own
@@ -449,7 +450,8 @@ class Source(ABC):
                     self.drain_timeout,
                 )
             await self._supervisor.close()
-            leftovers = [job for lane in self._lanes.values() for job in lane]
+            # (a lane cancelled while it acked its head: that one is stored, not given back)
+            leftovers = [job for lane in self._lanes.values() for job in lane if not job.done]
             self._lanes.clear()
             self._in_flight = 0
             self._load.clear()
@@ -775,6 +777,7 @@ class Source(ABC):
                     return
         if first_failure is not None:
             self.log.info("source %s: stored %s after retrying", self.name, _label(job))
+        job.done = True
         if job.reason is None:
             self.counters["stored"] += 1
         else:
