@@ -59,8 +59,20 @@ class Nodes(ClusterNodes):
 
     def in_order(self, per_key: int) -> bool:
         """Every key handled 1..per_key exactly once, in order."""
+        return not self.disorder(per_key)
+
+    def out_of_order(self, per_key: int) -> dict[Any, list[Any]]:
+        """The keys whose messages were not *first* handled 1..per_key in order (a message
+        handled again — at-least-once, after a rehash — is allowed), with their first
+        handlings. Also lists keys that miss messages."""
         expected = list(range(1, per_key + 1))
-        return all(self.journal.handled[k] == expected for k in KEYS)
+        firsts = {k: list(dict.fromkeys(self.journal.handled[k])) for k in KEYS}
+        return {k: seqs for k, seqs in firsts.items() if seqs != expected}
+
+    def disorder(self, per_key: int) -> dict[Any, list[Any]]:
+        """The keys not handled 1..per_key exactly once in order, with what they got."""
+        expected = list(range(1, per_key + 1))
+        return {k: self.journal.handled[k] for k in KEYS if self.journal.handled[k] != expected}
 
 
 async def join_and_leave(

@@ -97,7 +97,7 @@ async def test_every_message_is_stored_once_and_handled_in_order_per_key(
     count = await publish(js, [(f"orders.{k}", body(k, s)) for k, s in messages(per_key)])
     await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
     await eventually(lambda: total(sources, "stored") == count, what="all acked")
-    assert nodes.in_order(per_key)
+    assert nodes.in_order(per_key), nodes.disorder(per_key)
     assert total(sources, "received") == count and total(sources, "parked") == 0
     assert sum(1 for s in sources if s.counters["received"]) >= 2  # the durable is shared
     await drained(js)  # everything acknowledged
@@ -209,7 +209,7 @@ async def test_partitioned_each_node_fetches_its_partitions_and_order_holds(
     count = await publish(js, partitioned(messages(per_key)))
     await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
     await eventually(lambda: total(sources, "stored") == count, what="all acked")
-    assert nodes.in_order(per_key)
+    assert not nodes.out_of_order(per_key), str(nodes.out_of_order(per_key))[:2000]
     assert all(s.counters["received"] > 0 for s in sources)
     for partition in range(Sink.partitions):
         await drained(js, f"inbox-{partition}")
@@ -230,4 +230,4 @@ async def test_partitioned_partitions_move_on_join_and_leave_with_order_kept(
         return start_partitioned(manager, nats_server)
 
     await join_and_leave(nodes, sources[0], start_source, publish_round, per_key)
-    assert nodes.in_order(per_key)
+    assert not nodes.out_of_order(per_key), str(nodes.out_of_order(per_key))[:2000]
