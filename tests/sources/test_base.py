@@ -11,9 +11,20 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cloister.cluster.placement import Placement
 from cloister.errors import ConfigurationError
-from cloister.sources import MissingDependencyError, RabbitMQSource, Source, SourceMessage
+from cloister.ring import HashRing
+from cloister.sources import (
+    MissingDependencyError,
+    RabbitMQSource,
+    Source,
+    SourceMessage,
+    partition_name,
+    partition_of,
+)
 from cloister.sources.base import Delivery
 from cloister.testing import eventually
 
@@ -320,3 +331,15 @@ async def test_source_metrics_are_served_and_add_up(nodes: Nodes) -> None:
     assert figures["cloister_source_released_total"] == 0
     assert figures["cloister_source_in_flight"] == 0
     assert figures["cloister_source_partitions"] == 0  # shared mode
+
+
+@given(
+    key=st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1)),
+    partitions=st.integers(1, 4096),
+)
+def test_publishers_route_a_key_to_the_partition_that_places_its_worker(
+    key: Any, partitions: int
+) -> None:
+    placement = Placement(HashRing(["a", "b", "c"]), partitions, "a")
+    assert partition_of(key, partitions) == placement.partition_of(key)
+    assert partition_name("orders", key, partitions) == f"orders.{placement.partition_of(key)}"
