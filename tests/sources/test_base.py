@@ -343,3 +343,15 @@ def test_publishers_route_a_key_to_the_partition_that_places_its_worker(
     placement = Placement(HashRing(["a", "b", "c"]), partitions, "a")
     assert partition_of(key, partitions) == placement.partition_of(key)
     assert partition_name("orders", key, partitions) == f"orders.{placement.partition_of(key)}"
+
+
+async def test_a_source_on_a_node_that_died_gives_its_partitions_back(nodes: Nodes) -> None:
+    # A dead node calls no hook; its source, still alive in the process, lets go anyway.
+    a, _ = await nodes.start("a", "b")
+    source = await FakeSource.start(a, key=key_fn, mode="partitioned")
+    await eventually(lambda: len(source.reading) > 0, what="a reads its partitions")
+    taken = source.counters["partitions_taken"]
+    nodes.world.crash("a")
+    await eventually(lambda: source.reading == frozenset(), what="a's source let go")
+    assert source.counters["partitions_released"] == taken
+    await source.stop()

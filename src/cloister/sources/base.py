@@ -414,9 +414,13 @@ class Source(ABC):
             # owners have let go. (Checked under the lock: a release may have run.)
             cluster, follower = self.cluster, self._follower
             topology = cluster.topology if cluster is not None else None
-            if cluster is None or follower is None or topology is None:
+            if cluster is None or follower is None:
                 return
-            if cluster.state is State.READY and self.state == "running":
+            if cluster.crashed or cluster.state in (State.STOPPING, State.STOPPED):
+                # a dead node calls no hook: give its partitions back for the next owner
+                # (a RabbitMQ single-active-consumer would wait on us as long as we live)
+                await self._apply(set(), grow=False)
+            elif topology is not None and cluster.state is State.READY and self.state == "running":
                 await self._apply(follower.owned(topology), grow=True)
 
     async def stop(self) -> None:
