@@ -1,7 +1,8 @@
 """The seed's application, as ``cloister run seed_app:SeedApp`` runs it on every node.
 
 A ``DynamicManager`` over ``SEED_KEYS`` keys; a RabbitMQ source on every node feeds the
-durable inbox (one active consumer at a time, so the queue's per-key order is kept); each
+durable inbox, with default settings: partitioned, each node reading the partition queues
+``SEED_QUEUE.<p>`` of the keys it runs (one reader per partition keeps a key's order); each
 ``handle_cast`` appends the message's sequence number to its key's payload and records
 ``key seq node start end`` (monotonic clock, shared by the processes of one machine) in
 this node's journal, flushed before it returns — so a SIGKILL loses no record of a message
@@ -19,6 +20,7 @@ from cloister import DynamicManager, Replace
 from cloister.sources import RabbitMQSource
 
 KEYS = int(os.environ.get("SEED_KEYS", "10000"))
+PARTITIONS = int(os.environ.get("SEED_PARTITIONS", "64"))
 
 
 def route(body: Any, meta: Any) -> tuple[str, int, str]:
@@ -30,7 +32,7 @@ class SeedApp(DynamicManager):
     """handle_cast appends each message's sequence number to the key's payload."""
 
     name = "seed"
-    partitions = 64
+    partitions = PARTITIONS  # the source reads as many partition queues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,7 +57,6 @@ class SeedApp(DynamicManager):
                 os.environ.get("SEED_AMQP", "amqp://guest:guest@127.0.0.1:5672/"),
                 queue=os.environ["SEED_QUEUE"],
                 key=route,
-                single_active_consumer=True,
             )
         elif state == "down" and self.source is not None:
             await self.source.stop()

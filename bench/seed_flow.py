@@ -3,8 +3,10 @@
 Three ``cloister run seed_app:SeedApp`` node processes on a 3-server NATS cluster (R3
 storage); a ``DynamicManager`` over 10,000 keys whose ``handle_cast`` appends each
 message's sequence number to the key's payload. Messages are published into RabbitMQ at a
-steady rate, each carrying its key and per-key sequence number. At 30% of the stream one
-node is killed with SIGKILL, at 60% a new one starts, at 80% another gets SIGTERM. At the
+steady rate, each carrying its key and per-key sequence number, to its key's partition
+queue (``cloister.sources.partition_name``: the sources' default, partitioned mode). At 30%
+of the stream one node is killed with SIGKILL, at 60% a new one starts, at 80% another gets
+SIGTERM. At the
 end, from the nodes' journals (see ``seed_app.py``): every message handled (none lost),
 per-key order kept, duplicates counted (with msg_id: zero expected), and no key ever
 handled on two nodes at the same instant.
@@ -128,10 +130,15 @@ async def final_state(url: str, per_key: dict[str, int]) -> dict[str, Any]:
     }
 
 
+PARTITIONS = 64  # SeedApp's partitions (passed to it as SEED_PARTITIONS)
+
+
 async def publish(
     url: str, queue: str, plan: list[tuple[str, int]], rate: float, progress: list[int]
 ) -> None:
     import aio_pika
+
+    from cloister.sources import partition_name
 
     connection = await aio_pika.connect_robust(url)
     async with connection:
@@ -151,7 +158,7 @@ async def publish(
                         message_id=f"{key}:{seq}",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     ),
-                    routing_key=queue,
+                    routing_key=partition_name(queue, key, PARTITIONS),
                 )
             )
             if len(window) >= 100:
@@ -165,12 +172,12 @@ async def publish(
 async def declare(url: str, queue: str) -> None:
     import aio_pika
 
+    from cloister.sources.rabbitmq import declare_partition_queues
+
     connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel()
-        await channel.declare_queue(
-            queue, durable=True, arguments={"x-single-active-consumer": True}
-        )
+        await declare_partition_queues(channel, queue, PARTITIONS)
 
 
 async def delete_queue(url: str, queue: str) -> None:
@@ -179,7 +186,8 @@ async def delete_queue(url: str, queue: str) -> None:
     connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(queue)
+        for partition in range(PARTITIONS):
+            await channel.queue_delete(f"{queue}.{partition}")
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,6 +212,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             "SEED_KEYS": str(args.keys),
             "SEED_QUEUE": queue,
+            "SEED_PARTITIONS": str(PARTITIONS),
             "SEED_AMQP": args.amqp,
             "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         }

@@ -50,6 +50,7 @@ class FakeSource:
 
     name = "orders"
     in_flight = 2
+    reading = frozenset({3, 5})
 
     def __init__(self) -> None:
         self.counters = {"received": 7, "stored": 4, "parked": 1, "released": 0, "failed": 3}

@@ -14,51 +14,13 @@ them on ``http://HOST:PORT/metrics``, next to the probes ``/healthz`` and ``/rea
     async with serve_metrics(cluster, port=9464) as metrics:
         manager = await Processor.start(cluster)
         metrics.attach(manager)
+        source = await RabbitMQSource.start(manager, "amqp://...", queue="orders", key=key)
+        report_source(source)                      # any number of sources
         ...
 
 Every series has the labels ``cluster`` and ``node``; the manager's also ``manager``, a
 source's also ``source``:
 
-metric                                            type     meaning
-================================================  =======  =================================
-``cloister_node_state{state}``                    gauge    1 for the node's state, else 0
-``cloister_epoch``                                gauge    the epoch this node adopted
-``cloister_members``                              gauge    members of that epoch
-``cloister_consensus``                            gauge    members needed before ready
-``cloister_is_sentry``                            gauge    1 while this node is the sentry
-``cloister_epochs_adopted_total``                 counter  topology changes seen
-``cloister_fenced_total``                         counter  self-fencings (renewal failed)
-``cloister_heartbeat_failures_total``             counter  failed membership renewals
-``cloister_bad_records_total``                    counter  malformed records ignored
-``cloister_malformed_records_total{kind}``        counter  the same by kind: member,
-                                                           ghost_member, epoch, sentry
-``cloister_unauthenticated_records_total{kind}``  counter  records and requests refused for a
-                                                           missing or bad tag (a cluster
-                                                           secret is set), each once, by
-                                                           kind: member, epoch, sentry, claim,
-                                                           state, inbox, dead_letter, table,
-                                                           request, reply
-``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
-                                                           tick (a callback held it)
-``cloister_event_loop_stalls_total``              counter  loop held longer than 0.25 s (each
-                                                           logged once, naming the code)
-``cloister_rehash_seconds``                       summary  time from leaving ``ready`` (or
-                                                           ``assembling``) to ``ready`` again:
-                                                           the longest a moved key can pause
-``cloister_last_rehash_seconds``                  gauge    the last such pause
-``cloister_manager_state{state}``                 gauge    1 for the manager's state
-``cloister_manager_workers``                      gauge    live (owned) workers here
-``cloister_manager_inbox_depth``                  gauge    inbox backlog of this node's partitions
-                                                           (whole cluster; sampled)
-``cloister_manager_performs_total`` ...           counter  one per manager counter:
-                                                           performs, calls, casts, errors
-                                                           (callbacks that raised),
-                                                           timeouts, handed_off,
-                                                           taken_over, duplicates,
-                                                           retries, dead_letters,
-                                                           late_results, fenced_writes
-================================================  =======  =================================
-=======
 =================================================  =========  ==============================
 metric                                             type       meaning
 =================================================  =========  ==============================
@@ -121,11 +83,17 @@ metric                                             type       meaning
                                                               released, ack_errors
 ``cloister_source_in_flight``                      gauge      received, not yet acked or
                                                               given back
+``cloister_source_partitions``                     gauge      broker partitions this node
+                                                              reads (0 in shared mode)
+``cloister_source_moves_total{direction}``         counter    partitions taken / released
 =================================================  =========  ==============================
 
 A source's series appear once it is reported: ``cloister.metrics.report_source(source)``
 (every node of the process exports it until the source is gone), e.g. from the
 ``start`` of the manager a ``cloister run`` application defines.
+
+A source's figures add up at every scrape: ``received == stored + parked + released +
+in_flight`` (one snapshot of its counters).
 
 ``prometheus_client`` is optional (``pip install 'pycloister[metrics]'``);
 :func:`require_prometheus` says so clearly when it is missing.
@@ -207,6 +175,9 @@ class MetricSource(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    @property
+    def reading(self) -> frozenset[int]: ...
 
 
 class MetricsUnavailableError(ConfigurationError):
@@ -388,13 +359,28 @@ class NodeCollector:
             "Broker messages of this source by outcome: received, stored, parked (dead "
             "letters), failed (tries to store), released (given back), ack_errors.",
             "outcome",
-            counts,
+            {outcome: counts.get(outcome, 0) for outcome in SOURCE_OUTCOMES},
             SOURCE_OUTCOMES,
         )
         yield labels.gauge(
             "source_in_flight",
             "Messages received and neither acknowledged nor given back yet.",
             source.in_flight,
+        )
+        yield labels.gauge(
+            "source_partitions",
+            "Broker partitions this node reads (0 in shared mode).",
+            len(source.reading),
+        )
+        yield labels.labelled_counter(
+            "source_moves",
+            "Broker partitions this node started reading (taken) or let go of (released).",
+            "direction",
+            {
+                "taken": counts.get("partitions_taken", 0),
+                "released": counts.get("partitions_released", 0),
+            },
+            ("taken", "released"),
         )
 
 

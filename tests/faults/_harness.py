@@ -78,6 +78,8 @@ class FaultRun:
         special: ``key:seq:seconds``, a message whose handler sleeps.
         keys, interval: the producer casts to ``keys`` keys, one cast per key every
             ``interval`` seconds.
+        app: the ``cloister run`` application (a :class:`~tests.faults.app.FaultApp`).
+        servers: NATS servers (streams are replicated on up to 3 of them).
     """
 
     def __init__(
@@ -90,14 +92,22 @@ class FaultRun:
         special: str | None = None,
         keys: int = 30,
         interval: float = 0.3,
+        app: str = APP,
+        servers: int = 3,
     ) -> None:
         self.workdir = workdir
+        self.app = app  # a FaultApp (its journal is what the checker reads)
+        self.replicas = min(3, servers)
         self.name = name
         self.env = dict(env or {})
         self.special = special
         self.keys = keys
         self.interval = interval
-        self.nats = NatsCluster(3, base_dir=workdir / "nats")
+        self.nats: NatsCluster | NatsServer = (
+            NatsCluster(servers, base_dir=workdir / "nats")
+            if servers > 1
+            else NatsServer(base_dir=workdir / "nats")  # (a cluster of one forms no quorum)
+        )
         self.group = ProcessGroup(log_dir=workdir / "logs")
         self.netns = Netns((*NODES, "d")) if netns else None
         self.nodes: dict[str, NodeProcess] = {}
@@ -160,9 +170,9 @@ class FaultRun:
     def spawn(self, node: str) -> NodeProcess:
         """Start ``cloister run`` of the app as ``node`` (without waiting)."""
         argv = [
-            sys.executable, "-m", "cloister", "run", APP,
+            sys.executable, "-m", "cloister", "run", self.app,
             "--cluster", self.name, "--backend", self.backend_url(node), "--name", node,
-            "--consensus", "2", "--replicas", "3",
+            "--consensus", "2", "--replicas", str(self.replicas),
             "--heartbeat", str(HEARTBEAT), "--failure-timeout", str(FAILURE_TIMEOUT),
         ]  # fmt: skip
         if self.netns is not None:
@@ -337,7 +347,7 @@ class FaultRun:
         return asyncio.run(self._final_payloads(timeout, quiet))
 
     async def _final_payloads(self, timeout: float, quiet: float) -> dict[str, list[int]]:
-        backend = open_backend(self.nats.url, self.name, "checker", replicas=3)
+        backend = open_backend(self.nats.url, self.name, "checker", replicas=self.replicas)
         await backend.connect()
         try:
             kv = await backend.kv(f"mgr-{MANAGER}")

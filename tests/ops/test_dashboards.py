@@ -16,6 +16,7 @@ import nats
 import pytest
 import yaml
 
+from cloister.sources import partition_name
 from cloister.testing import NatsServer, ProcessGroup, eventually, free_port, in_ci
 from tests.cli.support import cli_env
 
@@ -51,7 +52,7 @@ class Shop(DynamicManager):
         manager = await super().start(cluster, **options)
         nc = await nats.connect(os.environ["ORDERS_URL"])
         source = await JetStreamSource.start(
-            manager, nc=nc, stream="ORDERS", durable="shop",
+            manager, nc=nc, stream="ORDERS", durable="shop", subject="orders",
             key=lambda body, meta: (body["key"], body["n"]),
         )
         report_source(source)
@@ -126,7 +127,8 @@ async def test_every_metric_the_dashboard_and_the_rules_use_is_exported(
         )
         await node.wait_for_line_async(r"^manager up workers=8 ", timeout=30)
         for n in range(5):  # through the source, so that its counters and the latency move
-            await js.publish(f"orders.k{n}", json.dumps({"key": f"k{n}", "n": 1}).encode())
+            subject = partition_name("orders", f"k{n}", 4)  # Shop.partitions
+            await js.publish(subject, json.dumps({"key": f"k{n}", "n": 1}).encode())
         wanted = metrics_used()
         missing: set[str] = set()
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 from cloister import DynamicManager, Replace
 from cloister.errors import BackendUnavailableError
-from cloister.sources import SourceMessage
+from cloister.sources import Source, SourceMessage
 from cloister.testing import eventually
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import MEMORY
@@ -58,8 +59,57 @@ class Nodes(ClusterNodes):
 
     def in_order(self, per_key: int) -> bool:
         """Every key handled 1..per_key exactly once, in order."""
+        return not self.disorder(per_key)
+
+    def out_of_order(self, per_key: int) -> dict[Any, list[Any]]:
+        """The keys whose messages were not *first* handled 1..per_key in order (a message
+        handled again — at-least-once, after a rehash — is allowed), with their first
+        handlings. Also lists keys that miss messages."""
         expected = list(range(1, per_key + 1))
-        return all(self.journal.handled[k] == expected for k in KEYS)
+        firsts = {k: list(dict.fromkeys(self.journal.handled[k])) for k in KEYS}
+        return {k: seqs for k, seqs in firsts.items() if seqs != expected}
+
+    def disorder(self, per_key: int) -> dict[Any, list[Any]]:
+        """The keys not handled 1..per_key exactly once in order, with what they got."""
+        expected = list(range(1, per_key + 1))
+        return {k: self.journal.handled[k] for k in KEYS if self.journal.handled[k] != expected}
+
+
+async def join_and_leave(
+    nodes: Nodes,
+    leaving: Source,
+    start_source: Callable[[Sink], Awaitable[Source]],
+    publish_round: Callable[[int], Awaitable[int]],
+    per_key: int,
+) -> tuple[int, Source]:
+    """Publish ``per_key`` rounds (one message per key each) while node ``c`` joins (with
+    the source ``start_source`` makes) and node ``a`` leaves (``leaving``, its source,
+    first); returns how many were published and c's source, once all were handled."""
+
+    async def produce() -> int:
+        sent = 0
+        for sequence in range(1, per_key + 1):  # slowly: the topology changes meanwhile
+            sent += await publish_round(sequence)
+            await asyncio.sleep(0.02)
+        return sent
+
+    producing = asyncio.create_task(produce())
+    await asyncio.sleep(0.3)
+    joined = await start_source(await nodes.start_manager("c", nodes.cls))
+    nodes.stack.push_async_callback(joined.stop)
+    await eventually(lambda: len(joined.reading) > 0, what="c reads its partitions")
+    await asyncio.sleep(0.3)
+    await leaving.stop()  # as cloister run stops them: the source, the manager, the node
+    await nodes.managers["a"].stop()
+    await nodes.clusters["a"].stop()
+    count = await producing
+    await eventually(lambda: nodes.journal.total() >= count, timeout=30, what="all handled")
+    return count, joined
+
+
+def every_partition_read(sources: list[Any]) -> bool:
+    """Each partition read by exactly one of ``sources``."""
+    return sorted(p for s in sources for p in s.reading) == list(range(Sink.partitions))
 
 
 def messages(per_key: int) -> Iterator[tuple[str, int]]:

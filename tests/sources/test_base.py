@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -11,21 +12,36 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cloister.cluster.placement import Placement
 from cloister.errors import ConfigurationError
-from cloister.sources import MissingDependencyError, RabbitMQSource, Source, SourceMessage
+from cloister.ring import HashRing
+from cloister.sources import (
+    MissingDependencyError,
+    RabbitMQSource,
+    Source,
+    SourceMessage,
+    partition_name,
+    partition_of,
+)
 from cloister.sources.base import Delivery
 from cloister.testing import eventually
 
-from .support import Nodes, body, flaky_cast, key_fn
+from .support import Nodes, Sink, body, flaky_cast, key_fn
 
 
 class FakeDelivery(Delivery):
-    __slots__ = ("outcome",)
+    __slots__ = ("gone", "outcome")
 
-    def __init__(self, meta: SourceMessage) -> None:
-        super().__init__(meta)
+    def __init__(self, meta: SourceMessage, partition: int | None = None) -> None:
+        super().__init__(meta, partition)
         self.outcome: str | None = None
+        self.gone = False  # the broker took it back (its channel closed)
+
+    def stale(self) -> bool:
+        return self.gone
 
     async def ack(self) -> None:
         self.outcome = "acked"
@@ -39,8 +55,10 @@ class FakeSource(Source):
 
     def __init__(self, manager: Any, **options: Any) -> None:
         options.setdefault("name", "fake")
+        options.setdefault("mode", "shared")
         super().__init__(manager, **options)
         self.deliveries: list[FakeDelivery] = []
+        self.opened: list[int] = []  # partitions, in the order they were started
 
     async def _connect(self) -> None:
         pass
@@ -51,8 +69,17 @@ class FakeSource(Source):
     async def _disconnect(self) -> None:
         pass
 
-    def deliver(self, data: bytes, msg_id: str | None = None) -> FakeDelivery:
-        delivery = FakeDelivery(SourceMessage(source=self.name, body=data, msg_id=msg_id))
+    async def _start_partition(self, partition: int) -> None:
+        self.opened.append(partition)
+
+    async def _stop_partition(self, partition: int) -> None:
+        pass
+
+    def deliver(
+        self, data: bytes, msg_id: str | None = None, partition: int | None = None
+    ) -> FakeDelivery:
+        meta = SourceMessage(source=self.name, body=data, msg_id=msg_id)
+        delivery = FakeDelivery(meta, partition)
         self.deliveries.append(delivery)
         self._accept(delivery)
         return delivery
@@ -215,3 +242,120 @@ async def test_a_source_may_be_given_the_inbox_itself(nodes: Nodes) -> None:
         await settled(source)
     assert delivery.outcome == "acked" and source.counters["stored"] == 1
     await eventually(lambda: nodes.journal.handled["k1"] == [1], what="k1 handled")
+
+
+def adds_up(source: Source) -> bool:
+    c = source.counters
+    return c["received"] == c["stored"] + c["parked"] + c["released"] + source.in_flight
+
+
+async def test_the_counters_add_up_whatever_happens_to_a_message(nodes: Nodes) -> None:
+    (a,) = await nodes.start("a")
+    failures = [0]
+    flaky_cast(a, failures)
+    source = await FakeSource.start(a, key=key_fn, retry_backoff=(0.01, 0.01))
+    source.deliver(body("k1", 1))  # stored
+    source.deliver(b"\xff")  # parked
+    await settled(source)
+    assert adds_up(source) and source.in_flight == 0
+    failures[0] = 10**9  # the inbox is down: the next ones are held
+    held = [source.deliver(body("k2", s)) for s in (1, 2, 3)]
+    await eventually(lambda: source.counters["failed"] >= 2)
+    held[2].gone = True  # and the broker took one back (a closed channel)
+    assert adds_up(source) and source.in_flight == 3
+    await source.stop()  # what is held is given back
+    assert source.counters == source.counters | {
+        "received": 5, "stored": 1, "parked": 1, "released": 3,
+    }  # fmt: skip
+    assert adds_up(source) and source.in_flight == 0
+
+
+async def test_partitioned_a_source_reads_what_the_ring_gives_and_retries_in_place(
+    nodes: Nodes,
+) -> None:
+    a, b = await nodes.start("a", "b")
+    failures = [0]
+    flaky_cast(a, failures)
+    source = await FakeSource.start(
+        a, key=key_fn, mode="partitioned", requeue_after=0, retry_backoff=(0.01, 0.01)
+    )
+    mine = set(a._region.consumers.partitions)  # type: ignore[union-attr]
+    await eventually(lambda: source.reading == mine, what="a reads its partitions")
+    assert sorted(source.opened) == sorted(mine)
+    theirs = next(p for p in range(Sink.partitions) if p not in mine)
+    stray = source.deliver(body("k1", 1), partition=theirs)  # not ours: given back at once
+    await eventually(lambda: stray.outcome == "released")
+    # while a partition is ours, a message the inbox refuses is retried in place (never
+    # given back, even with requeue_after=0: the key's next ones would overtake it)
+    partition = min(mine)
+    failures[0] = 10**9
+    held = source.deliver(body("k9", 1), partition=partition)
+    await eventually(lambda: source.counters["failed"] >= 5)
+    assert held.outcome is None and source.counters["released"] == 1
+    failures[0] = 0
+    await eventually(lambda: held.outcome == "acked")
+    # a node joins and takes partitions over: a lets them go before it acknowledges
+    await nodes.start("c")
+    await eventually(lambda: source.reading < mine, what="a gave partitions up")
+    assert source.counters["partitions_released"] == len(mine - source.reading)
+    await source.stop()
+    assert source.reading == frozenset() and adds_up(source)
+    assert b is not None
+
+
+async def test_source_metrics_are_served_and_add_up(nodes: Nodes) -> None:
+    import urllib.request
+
+    from cloister.metrics import report_source, serve_metrics
+
+    (a,) = await nodes.start("a")
+    cluster = nodes.clusters["a"]
+    async with serve_metrics(cluster, port=0, host="127.0.0.1") as metrics:
+        source = await FakeSource.start(a, key=key_fn, name="orders")
+        report_source(source)
+        source.deliver(body("k1", 1))
+        source.deliver(b"not json")
+        await settled(source)
+        url = f"http://127.0.0.1:{metrics.port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+        await source.stop()
+    wanted = {"cluster": cluster.name, "node": "a", "source": "orders"}
+    figures: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(cloister_source_\w+)\{(.*)\} (\S+)", line)
+        if match is None:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
+        if all(found.get(k) == v for k, v in wanted.items()):
+            figures[match[1], found.get("outcome", "")] = float(match[3])
+    outcome = "cloister_source_messages_total"
+    assert figures[outcome, "received"] == 2
+    assert figures[outcome, "stored"] == 1
+    assert figures[outcome, "parked"] == 1
+    assert figures[outcome, "released"] == 0
+    assert figures["cloister_source_in_flight", ""] == 0
+    assert figures["cloister_source_partitions", ""] == 0  # shared mode
+
+
+@given(
+    key=st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1)),
+    partitions=st.integers(1, 4096),
+)
+def test_publishers_route_a_key_to_the_partition_that_places_its_worker(
+    key: Any, partitions: int
+) -> None:
+    placement = Placement(HashRing(["a", "b", "c"]), partitions, "a")
+    assert partition_of(key, partitions) == placement.partition_of(key)
+    assert partition_name("orders", key, partitions) == f"orders.{placement.partition_of(key)}"
+
+
+async def test_a_source_on_a_node_that_died_gives_its_partitions_back(nodes: Nodes) -> None:
+    # A dead node calls no hook; its source, still alive in the process, lets go anyway.
+    a, _ = await nodes.start("a", "b")
+    source = await FakeSource.start(a, key=key_fn, mode="partitioned")
+    await eventually(lambda: len(source.reading) > 0, what="a reads its partitions")
+    taken = source.counters["partitions_taken"]
+    nodes.world.crash("a")
+    await eventually(lambda: source.reading == frozenset(), what="a's source let go")
+    assert source.counters["partitions_released"] == taken
+    await source.stop()

@@ -40,12 +40,20 @@ What happens to a message:
   acknowledged from us is ever lost; a message that is stored but whose ack is lost comes
   back, and its message id makes the inbox drop the copy.
 
-Per-key order: messages a node receives are stored in delivery order per key (different
-keys are stored concurrently). Several nodes take from one queue at once, so two messages
-for the same key that are in flight on two nodes at the same moment can be stored in
-either order, and a message given back to the broker is stored after the ones behind it.
-When the order of a key's messages matters beyond that, see each source's options (for
-RabbitMQ, ``single_active_consumer=True``).
+Per-key order (``mode="partitioned"``, the default): the broker side is split into
+``partitions`` (one queue, stream or subject each, ``<prefix>.<p>``; publishers send key
+``k`` to ``partition_name(prefix, k, partitions)``) and each node reads only the partitions
+the cluster's ring gives it (:mod:`cloister.sources.partitions`). One node at a time
+stores a partition's messages, in delivery order per key (different keys concurrently); a
+message the inbox cannot take is retried in place, never given back while the partition is
+ours, so nothing overtakes it. On a topology change the old owner lets go (stores or gives
+back what it holds) before the new one starts. ``mode="shared"``: every node reads one queue, as
+competing consumers — the load spreads but two messages for one key in flight on two nodes
+can be stored in either order, and a message given back to the broker is stored after the
+ones behind it.
+
+Counters add up: ``received == stored + parked + released + in_flight`` at every moment
+(``released``: given back to the broker, or taken back by it when a channel closed).
 
 Lifecycle: ``source = await XSource.start(manager, ...)`` then ``await source.stop()``, or
 ``async with XSource(manager, ...) as source``. Stop the sources before the manager (a
@@ -61,13 +69,14 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Set
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, TypedDict
 
 from cloister._backoff import Backoff
 from cloister._tasks import Supervisor, wait_event
+from cloister.cluster.states import State
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
@@ -76,7 +85,11 @@ from cloister.errors import (
 )
 from cloister.ring import key_hash
 from cloister.sources.decoding import Decoder, resolve_decoder
+from cloister.sources.partitions import PartitionFollower
 from cloister.store.inbox import Inbox
+
+if TYPE_CHECKING:
+    from cloister.cluster import Cluster
 
 
 class HasInbox(Protocol):
@@ -120,9 +133,17 @@ KeyFunction = Callable[[Any, SourceMessage], KeyResult]
 """``key(body, meta)`` -> ``(key, message)`` or ``(key, message, msg_id)``."""
 
 
+Mode = Literal["partitioned", "shared"]
+"""``partitioned``: one broker queue per partition, each read by its owner only (per-key
+order); ``shared``: one queue, every node competing for its messages (no order)."""
+
+
 class SourceOptions(TypedDict, total=False):
     """The options every source takes (see :class:`Source`)."""
 
+    mode: Mode
+    partitions: int | None
+    cluster: Cluster | None
     decode: str | Decoder
     name: str
     put_timeout: float
@@ -132,12 +153,14 @@ class SourceOptions(TypedDict, total=False):
 
 
 class Delivery(ABC):
-    """One broker message on its way into the inbox."""
+    """One broker message on its way into the inbox (from ``partition``, in that mode)."""
 
-    __slots__ = ("meta",)
+    __slots__ = ("meta", "partition", "problem")
 
-    def __init__(self, meta: SourceMessage) -> None:
+    def __init__(self, meta: SourceMessage, partition: int | None = None) -> None:
         self.meta = meta
+        self.partition = partition
+        self.problem: str | None = None  # set by the broker's side: park it, with this reason
 
     @abstractmethod
     async def ack(self) -> None:
@@ -156,7 +179,7 @@ class Delivery(ABC):
 
 
 class _Job:
-    __slots__ = ("delivery", "key", "message", "msg_id", "reason")
+    __slots__ = ("delivery", "done", "key", "message", "msg_id", "partition", "reason")
 
     def __init__(
         self,
@@ -171,12 +194,34 @@ class _Job:
         self.message = message
         self.msg_id = msg_id
         self.reason = reason  # set: park instead of store
+        self.partition = delivery.partition
+        self.done = False  # stored or parked (and counted): never given back
 
+
+FOLLOW_CHECK_INTERVAL = 1.0  # seconds between checks that we read the partitions we own
 
 _PARKING = object()  # the lane of messages on their way to the dead letters
 
 # The inbox refused the message itself: retrying cannot help, so it is parked.
 _REFUSED = (WireFormatError, ConfigurationError, TypeError)
+
+
+def check_names(**values: Any) -> None:
+    """Each of ``values`` (option name -> value) is a non-empty string."""
+    for option, value in values.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
+
+
+def check_batch(batch: Any, max_in_flight: Any, *, batches: int) -> int:
+    """Check ``batch`` (messages per read) and ``max_in_flight`` (None: ``batches`` x
+    batch); returns max_in_flight."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
+    max_in_flight = batches * batch if max_in_flight is None else max_in_flight
+    if not isinstance(max_in_flight, int) or max_in_flight < batch:
+        raise ConfigurationError(f"max_in_flight must be an int >= batch, got {max_in_flight!r}")
+    return max_in_flight
 
 
 def describe(exc: BaseException) -> str:
@@ -196,6 +241,12 @@ class Source(ABC):
     Options common to all sources:
 
     - ``key``: the key function (see the module documentation).
+    - ``mode``: ``"partitioned"`` (default: per-key order, see the module documentation)
+      or ``"shared"`` (one queue, competing consumers, no order).
+    - ``partitions``: how many partitions the broker side has (partitioned mode; default:
+      the target's, i.e. the manager's inbox partitions, so a node reads the partitions of
+      the keys it runs). ``cluster``: the cluster whose ring places them (default: the
+      manager's).
     - ``decode``: ``"json"`` (default), ``"msgpack"``, ``"bytes"`` (the body as is) or a
       function ``bytes -> value``.
     - ``name``: names the source in logs (``cloister.sources.<name>``) and dead letters.
@@ -206,7 +257,10 @@ class Source(ABC):
     - ``drain_timeout``: seconds :meth:`stop` lets messages in flight finish (default 5).
 
     ``counters``: ``received``, ``stored``, ``parked``, ``failed`` (failed attempts to
-    store), ``released`` (given back unacknowledged), ``ack_errors``.
+    store), ``released`` (given back unacknowledged, or taken back by the broker),
+    ``ack_errors`` (stored, but the ack was lost: the broker delivers it again and the
+    inbox drops the copy), ``partitions_taken``, ``partitions_released``. Always
+    ``received == stored + parked + released + in_flight``.
     """
 
     kind: ClassVar[str] = "source"
@@ -217,6 +271,9 @@ class Source(ABC):
         *,
         key: KeyFunction,
         name: str,
+        mode: Mode = "partitioned",
+        partitions: int | None = None,
+        cluster: Cluster | None = None,
         decode: str | Decoder = "json",
         put_timeout: float = 30.0,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
@@ -238,6 +295,28 @@ class Source(ABC):
         ):
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigurationError(f"{option} must be a number >= 0, got {value!r}")
+        if mode not in ("partitioned", "shared"):
+            raise ConfigurationError(f"mode must be 'partitioned' or 'shared', got {mode!r}")
+        self.mode: Mode = mode
+        self.cluster = cluster if cluster is not None else getattr(target, "cluster", None)
+        if partitions is None:
+            partitions = getattr(target, "partitions", None)
+        if mode == "partitioned":
+            if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
+                raise ConfigurationError(
+                    f"partitions must be a whole number >= 1, got {partitions!r} (a "
+                    "partitioned source reads as many broker partitions as its target's "
+                    "inbox has unless you give partitions=N)"
+                )
+            if self.cluster is None:
+                raise ConfigurationError(
+                    f"source {name!r}: mode='partitioned' reads the partitions the cluster's "
+                    "ring gives this node; give it a manager started in a cluster, or "
+                    "cluster=..., or use mode='shared'"
+                )
+        self.partitions: int | None = partitions if mode == "partitioned" else None
+        placement_group = getattr(target, "placement_group", None)
+        self._group: str | None = placement_group() if callable(placement_group) else None
         self.target = target
         self.name = name
         self.log = logging.getLogger(f"cloister.sources.{name}")
@@ -254,6 +333,8 @@ class Source(ABC):
             "failed": 0,
             "released": 0,
             "ack_errors": 0,
+            "partitions_taken": 0,
+            "partitions_released": 0,
         }
         self.state = "new"  # -> running -> stopping -> stopped
         self._lanes: dict[Any, deque[_Job]] = {}
@@ -263,6 +344,14 @@ class Source(ABC):
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._supervisor = Supervisor(f"source {name}")
+        # partitioned mode: the partitions read now, their messages in flight, and an
+        # event set when one must let go (a job retrying its store gives it back then)
+        self._reading: set[int] = set()
+        self._load: dict[int, int] = {}
+        self._letting_go: dict[int, asyncio.Event] = {}
+        self._progress = asyncio.Event()
+        self._moves = asyncio.Lock()
+        self._follower: PartitionFollower | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -295,7 +384,44 @@ class Source(ABC):
             self.state = "stopped"
             self._stopped.set()
             raise
-        self.log.info("source %s started", self.name)
+        if self.partitions is not None:
+            await self._follow()
+        self.log.info("source %s started (%s)", self.name, self._describe_mode())
+
+    def _describe_mode(self) -> str:
+        if self.partitions is None:
+            return "shared queue"
+        return f"{len(self._reading)} of {self.partitions} partitions here"
+
+    async def _follow(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None and self.partitions is not None
+        self._follower = PartitionFollower(self, cluster, self.partitions, self._group)
+        cluster.add_hook(self._follower)
+        await self._catch_up()
+        self._supervisor.spawn(self._keep_up(), "follow")
+
+    async def _keep_up(self) -> None:
+        """Check every second that we read what the settled topology gives us: heals a
+        settle that ran while the hook was being added, and a partition that could not
+        be opened (the broker was down)."""
+        while not await wait_event(self._stopping, FOLLOW_CHECK_INTERVAL):
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        async with self._moves:
+            # READY means every member acknowledged the topology we hold: its previous
+            # owners have let go. (Checked under the lock: a release may have run.)
+            cluster, follower = self.cluster, self._follower
+            topology = cluster.topology if cluster is not None else None
+            if cluster is None or follower is None:
+                return
+            if cluster.crashed or cluster.state in (State.STOPPING, State.STOPPED):
+                # a dead node calls no hook: give its partitions back for the next owner
+                # (a RabbitMQ single-active-consumer would wait on us as long as we live)
+                await self._apply(set(), grow=False)
+            elif topology is not None and cluster.state is State.READY and self.state == "running":
+                await self._apply(follower.owned(topology), grow=True)
 
     async def stop(self) -> None:
         """Stop taking messages; let those in flight finish (``drain_timeout``), then close.
@@ -312,6 +438,9 @@ class Source(ABC):
         self.state = "stopping"
         self._stopping.set()
         try:
+            if self._follower is not None and self.cluster is not None:
+                self.cluster.remove_hook(self._follower)
+            await self._reassign(set(), grow=False)
             try:
                 await self._stop_intake()
             except Exception as exc:
@@ -325,9 +454,11 @@ class Source(ABC):
                     self.drain_timeout,
                 )
             await self._supervisor.close()
-            leftovers = [job for lane in self._lanes.values() for job in lane]
+            # (a lane cancelled while it acked its head: that one is stored, not given back)
+            leftovers = [job for lane in self._lanes.values() for job in lane if not job.done]
             self._lanes.clear()
             self._in_flight = 0
+            self._load.clear()
             for job in leftovers:
                 await self._release(job, quiet=True)
         finally:
@@ -399,23 +530,133 @@ class Source(ABC):
     async def _disconnect(self) -> None:
         """Close what :meth:`_connect` opened (safe to call after a failed connect)."""
 
+    @abstractmethod
+    async def _start_partition(self, partition: int) -> None:
+        """Partitioned mode: start reading ``partition`` (deliveries carry it)."""
+
+    @abstractmethod
+    async def _stop_partition(self, partition: int) -> None:
+        """Partitioned mode: receive nothing more from ``partition`` (what is in flight
+        may still be acknowledged or given back)."""
+
+    async def _forget_partition(self, partition: int) -> None:  # noqa: B027 - optional hook
+        """Partitioned mode: ``partition`` is let go; close what reading it needed (the
+        broker takes back whatever is still unacknowledged)."""
+
+    # -- partitions ---------------------------------------------------------------------------
+
+    @property
+    def reading(self) -> frozenset[int]:
+        """The partitions this node reads now (empty in shared mode)."""
+        return frozenset(self._reading)
+
+    async def _reassign(self, wanted: Set[int], *, grow: bool) -> None:
+        """Let go of the partitions read now and not ``wanted`` (concurrently, each drained
+        first); with ``grow``, start reading the ``wanted`` ones not read yet."""
+        async with self._moves:
+            await self._apply(wanted, grow=grow)
+
+    async def _apply(self, wanted: Set[int], *, grow: bool) -> None:
+        leaving = self._reading - set(wanted)
+        if leaving:
+            await asyncio.gather(*(self._let_go(p) for p in sorted(leaving)))
+        taking = sorted(set(wanted) - self._reading) if grow and self.state == "running" else []
+        for partition in taking:
+            await self._take(partition)
+        if leaving or taking:
+            self.log.info("source %s: %s", self.name, self._describe_mode())
+
+    async def _take(self, partition: int) -> None:
+        self._letting_go[partition] = asyncio.Event()
+        self._reading.add(partition)
+        try:
+            await self._start_partition(partition)
+        except Exception as exc:
+            # It stays ours: the broker keeps its messages, _keep_up tries again.
+            self._reading.discard(partition)
+            self._letting_go.pop(partition).set()
+            try:
+                await self._stop_partition(partition)
+                await self._forget_partition(partition)
+            except Exception as error:
+                self.log.debug("source %s: cleaning up: %s", self.name, describe(error))
+            self.log.warning(
+                "source %s: cannot read partition %d now (%s); trying again in %ss",
+                self.name,
+                partition,
+                describe(exc),
+                FOLLOW_CHECK_INTERVAL,
+            )
+            return
+        self.counters["partitions_taken"] += 1
+
+    async def _let_go(self, partition: int) -> None:
+        """Stop reading ``partition``, let what is in flight be stored (``drain_timeout``),
+        give back the rest, then close what reading it needed."""
+        self._reading.discard(partition)
+        try:
+            await self._stop_partition(partition)
+        except Exception as exc:
+            self.log.warning(
+                "source %s: stopping partition %d failed: %s", self.name, partition, describe(exc)
+            )
+        if not await self._drained(partition, self.drain_timeout):
+            self.log.warning(
+                "source %s: partition %d still has %d message(s) in flight after %ss; giving "
+                "them back",
+                self.name,
+                partition,
+                self._load.get(partition, 0),
+                self.drain_timeout,
+            )
+        letting_go = self._letting_go.pop(partition, None)
+        if letting_go is not None:
+            letting_go.set()  # the jobs still queued or retrying give their message back
+        # a store under way ends within put_timeout; an ack after the close is lost and the
+        # next owner's copy is dropped by its msg_id
+        await self._drained(partition, min(self.drain_timeout, self.put_timeout))
+        try:
+            await self._forget_partition(partition)
+        except Exception as exc:
+            self.log.warning(
+                "source %s: closing partition %d failed: %s", self.name, partition, describe(exc)
+            )
+        self.counters["partitions_released"] += 1
+
+    async def _drained(self, partition: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._load.get(partition, 0):
+            self._progress.clear()
+            left = deadline - time.monotonic()
+            if left <= 0 or not await wait_event(self._progress, left):
+                return not self._load.get(partition, 0)
+        return True
+
     def _accept(self, delivery: Delivery) -> None:
         """A delivery arrived: decode and key it now (in order), store it in its key's lane."""
         self.counters["received"] += 1
-        if self.state != "running":  # arrived while stopping: give it back at once
+        if self.state != "running" or (
+            delivery.partition is not None and delivery.partition not in self._reading
+        ):  # arrived while stopping or letting its partition go: give it back at once
             self._spawn_release(_Job(delivery))
             return
         meta = delivery.meta
+        if delivery.problem is not None:
+            parking = (_PARKING, delivery.partition)
+            self._enqueue(parking, _Job(delivery, msg_id=meta.msg_id, reason=delivery.problem))
+            return
         try:
             body = self._decode(meta.body)
         except Exception as exc:
             reason = f"undecodable body ({self._decoder_name}): {describe(exc)}"
-            self._enqueue(_PARKING, _Job(delivery, msg_id=meta.msg_id, reason=reason))
+            parking = (_PARKING, delivery.partition)
+            self._enqueue(parking, _Job(delivery, msg_id=meta.msg_id, reason=reason))
             return
         try:
             key, message, msg_id = self._apply_key(body, meta)
         except _Malformed as exc:
-            self._enqueue(_PARKING, _Job(delivery, msg_id=meta.msg_id, reason=str(exc)))
+            parking = (_PARKING, delivery.partition)
+            self._enqueue(parking, _Job(delivery, msg_id=meta.msg_id, reason=str(exc)))
             return
         self._enqueue(key, _Job(delivery, key, message, msg_id))
 
@@ -443,6 +684,8 @@ class Source(ABC):
 
     def _enqueue(self, lane_key: Any, job: _Job) -> None:
         self._in_flight += 1
+        if job.partition is not None:
+            self._load[job.partition] = self._load.get(job.partition, 0) + 1
         lane = self._lanes.get(lane_key)
         if lane is not None:
             lane.append(job)
@@ -461,6 +704,13 @@ class Source(ABC):
                 await self._release(job)
             lane.popleft()
             self._in_flight -= 1
+            if job.partition is not None:
+                left = self._load.get(job.partition, 0) - 1
+                if left > 0:
+                    self._load[job.partition] = left
+                else:
+                    self._load.pop(job.partition, None)
+                self._progress.set()
             self._job_done()
         del self._lanes[lane_key]
         if not self._lanes:
@@ -477,9 +727,18 @@ class Source(ABC):
         delivery = job.delivery
         pauses = Backoff(*self.retry_backoff).delays()
         first_failure: float | None = None
+        shared = job.partition is None
+        # partitioned: given back only when the partition is let go (see _let_go)
+        letting_go = (
+            self._stopping if job.partition is None else self._letting_go.get(job.partition)
+        )
         while True:
             if delivery.stale():
                 self.log.debug("source %s: %s went back to the broker", self.name, _label(job))
+                self.counters["released"] += 1  # the broker took it back (channel closed)
+                return
+            if letting_go is None or (not shared and letting_go.is_set()):
+                await self._release(job, quiet=True)
                 return
             try:
                 if job.reason is None:
@@ -511,15 +770,18 @@ class Source(ABC):
                     )
                 else:
                     self.log.debug("source %s: still failing: %s", self.name, describe(exc))
-                give_back = now - first_failure >= self.requeue_after
+                # partitioned: nobody else reads the partition, and giving it back would
+                # let the key's next messages overtake it: retry in place while it is ours
+                give_back = shared and now - first_failure >= self.requeue_after
                 if not give_back:
                     await self._touch(delivery)
                 # back off before giving it back too: the broker may hand it to us at once
-                if await wait_event(self._stopping, next(pauses)) or give_back:
+                if await wait_event(letting_go, next(pauses)) or give_back:
                     await self._release(job)
                     return
         if first_failure is not None:
             self.log.info("source %s: stored %s after retrying", self.name, _label(job))
+        job.done = True
         if job.reason is None:
             self.counters["stored"] += 1
         else:

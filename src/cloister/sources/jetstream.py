@@ -1,15 +1,28 @@
 """A NATS JetStream stream (one you already have) as a source.
 
-Every node runs the source with the same ``durable`` name: they share one durable pull
-consumer, and JetStream hands each message to one of them::
+Every node runs the source with the same ``durable`` name::
 
     def key(body, meta):                      # meta.subject, meta.sequence, meta.headers
         return body["key"], body["seq"]
 
     source = await JetStreamSource.start(
-        manager, servers="nats://127.0.0.1:4222", stream="ORDERS", subject="orders.>",
+        manager, servers="nats://127.0.0.1:4222", stream="ORDERS", subject="orders",
         durable="orders-inbox", key=key,
     )
+
+By default (``mode="partitioned"``) a publisher sends a key's messages to its partition's
+subject, ``orders.<partition>`` (the stream captures ``orders.*``)::
+
+    from cloister.sources import partition_name
+
+    await js.publish(partition_name("orders", order_id, partitions=128), body)
+
+and the source reads each partition through its own durable pull consumer
+(``<durable>-<partition>``, filtered on that subject, created from the start of the
+stream when missing); each node fetches only from the partitions the ring gives it, so a
+key's messages are stored in the order the stream holds them. ``mode="shared"``: every
+node fetches from one durable consumer (``subject``, if given, is its filter, wildcards
+allowed) and JetStream hands each message to one of them — no order between nodes.
 
 A message is acknowledged only after the inbox stored it; a malformed one is parked and
 acknowledged; one the inbox cannot take right now stays unacknowledged (kept alive with
@@ -39,6 +52,8 @@ from cloister.sources.base import (
     SourceError,
     SourceMessage,
     SourceOptions,
+    check_batch,
+    check_names,
     describe,
 )
 
@@ -48,8 +63,8 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 class _JetStreamDelivery(Delivery):
     __slots__ = ("msg",)
 
-    def __init__(self, meta: SourceMessage, msg: Any) -> None:
-        super().__init__(meta)
+    def __init__(self, meta: SourceMessage, msg: Any, partition: int | None) -> None:
+        super().__init__(meta, partition)
         self.msg = msg
 
     async def ack(self) -> None:
@@ -67,11 +82,14 @@ class JetStreamSource(Source):
 
     - ``servers``: NATS URL(s) (default ``nats://127.0.0.1:4222``), or ``nc``: a connected
       ``nats.aio.client.Client`` of yours (then it is not closed on stop).
-    - ``stream``: the stream, which must exist; ``subject``: a filter inside it (default:
-      all of it).
-    - ``durable``: the consumer's name, the same on every node (default ``"cloister"``).
-      Created if missing (explicit acks, unlimited deliveries, ``ack_wait``,
-      ``max_ack_pending``, from the start of the stream); an existing one is used as it is.
+    - ``stream``: the stream, which must exist.
+    - ``subject``: partitioned mode (the default): the prefix of the partition subjects
+      ``<subject>.<p>`` (required, no wildcards); shared mode: a filter inside the stream
+      (default: all of it).
+    - ``durable``: the consumer's name, the same on every node (default ``"cloister"``;
+      partitioned: ``<durable>-<p>`` per partition). Created if missing (explicit acks,
+      unlimited deliveries, ``ack_wait``, ``max_ack_pending``, from the start of the
+      stream); an existing one is used as it is.
     - ``batch``: messages per fetch (default 100); ``max_in_flight``: messages this node
       holds unacknowledged at most (default 2 x batch).
     - plus the options of :class:`~cloister.sources.Source` (``key``, ``decode``, ...).
@@ -96,20 +114,20 @@ class JetStreamSource(Source):
         fetch_timeout: float = 1.0,
         **options: Unpack[SourceOptions],
     ) -> None:
-        for option, value in (("stream", stream), ("durable", durable)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"{option} must be a non-empty string, got {value!r}")
-        if not isinstance(batch, int) or batch < 1:
-            raise ConfigurationError(f"batch must be an int >= 1, got {batch!r}")
-        max_in_flight = 2 * batch if max_in_flight is None else max_in_flight
-        if not isinstance(max_in_flight, int) or max_in_flight < batch:
-            raise ConfigurationError(
-                f"max_in_flight must be an int >= batch, got {max_in_flight!r}"
-            )
+        check_names(stream=stream, durable=durable)
+        max_in_flight = check_batch(batch, max_in_flight, batches=2)
         if not ack_wait > 0 or not fetch_timeout > 0:
             raise ConfigurationError("ack_wait and fetch_timeout must be > 0 seconds")
         options.setdefault("name", f"jetstream.{stream}.{durable}")
         super().__init__(target, key=key, **options)
+        if self.partitions is not None and (
+            not isinstance(subject, str) or not subject or any(c in subject for c in "*> ")
+        ):
+            raise ConfigurationError(
+                f"source {self.name}: partitioned mode reads the subjects <subject>.<p>: "
+                f"subject must be their prefix without wildcards (e.g. 'orders' for a "
+                f"stream on 'orders.*'), got {subject!r}; or use mode='shared'"
+            )
         self.servers = servers
         self.stream = stream
         self.subject = subject
@@ -124,6 +142,10 @@ class JetStreamSource(Source):
         self._sub: Any = None
         self._pulling: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
+        self._js: Any = None
+        # partitioned mode: a subscription and a fetch task per partition read
+        self._partition_subs: dict[int, Any] = {}
+        self._partition_pulls: dict[int, asyncio.Task[None]] = {}
 
     async def _connect(self) -> None:
         if self._nc is None:
@@ -144,55 +166,77 @@ class JetStreamSource(Source):
                 f"source {self.name}: stream {self.stream!r} does not exist; a JetStream "
                 "source reads a stream you created"
             ) from None
-        await self._ensure_consumer(js)
+        self._js = js
+        if self.partitions is not None:
+            return  # each partition's consumer is made as the partition is taken
+        await self._ensure_consumer(js, self.durable, self.subject)
         self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
-        self._pulling = self._supervisor.spawn(self._pull_loop(), "fetch")
+        self._pulling = self._supervisor.spawn(self._pull_loop(self._sub, None), "fetch")
 
-    async def _ensure_consumer(self, js: Any) -> None:
+    async def _start_partition(self, partition: int) -> None:
+        durable = f"{self.durable}-{partition}"
+        await self._ensure_consumer(self._js, durable, f"{self.subject}.{partition}")
+        sub = await self._js.pull_subscribe_bind(durable=durable, stream=self.stream)
+        self._partition_subs[partition] = sub
+        self._partition_pulls[partition] = self._supervisor.spawn(
+            self._pull_loop(sub, partition), f"fetch {partition}"
+        )
+
+    async def _stop_partition(self, partition: int) -> None:
+        pulling = self._partition_pulls.pop(partition, None)
+        if pulling is not None:
+            await self._end_pulling(pulling)
+
+    async def _forget_partition(self, partition: int) -> None:
+        sub = self._partition_subs.pop(partition, None)
+        if sub is not None:
+            await sub.unsubscribe()  # the durable consumer stays, for the next owner
+
+    async def _ensure_consumer(self, js: Any, durable: str, subject: str | None) -> None:
         try:
-            info = await js.consumer_info(self.stream, self.durable)
+            info = await js.consumer_info(self.stream, durable)
         except NotFoundError:
             config = api.ConsumerConfig(
-                durable_name=self.durable,
+                durable_name=durable,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 deliver_policy=api.DeliverPolicy.ALL,
                 ack_wait=self.ack_wait,
                 max_deliver=-1,  # never let the server drop a message we did not store
                 max_ack_pending=self.max_ack_pending,
-                filter_subject=self.subject,
+                filter_subject=subject,
             )
             try:
                 await js.add_consumer(self.stream, config=config)
             except Exception as exc:  # another node may have created it a moment ago
                 try:
-                    await js.consumer_info(self.stream, self.durable)
+                    await js.consumer_info(self.stream, durable)
                 except NotFoundError:
                     raise SourceError(
-                        f"source {self.name}: cannot create consumer {self.durable!r} on "
+                        f"source {self.name}: cannot create consumer {durable!r} on "
                         f"stream {self.stream!r} ({describe(exc)})"
                     ) from exc
             return
-        wanted = self.subject
+        wanted = subject
         have = info.config.filter_subject
         if wanted is not None and have != wanted:
             self.log.warning(
                 "source %s: consumer %s exists with filter %r, not %r; using it as it is",
                 self.name,
-                self.durable,
+                durable,
                 have,
                 wanted,
             )
 
-    async def _pull_loop(self) -> None:
+    async def _pull_loop(self, sub: Any, partition: int | None) -> None:
         backoff = Backoff(*self.retry_backoff)
-        while self.state == "running":
+        while self.state == "running" and (partition is None or partition in self._reading):
             room = self.max_in_flight - self.in_flight
             if room < self.batch:
                 self._room.clear()
                 await self._room.wait()
                 continue
             try:
-                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+                msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:
@@ -201,9 +245,9 @@ class JetStreamSource(Source):
                 continue
             backoff.reset()
             for msg in msgs:
-                self._accept(self._delivery(msg))
+                self._accept(self._delivery(msg, partition))
 
-    def _delivery(self, msg: Any) -> _JetStreamDelivery:
+    def _delivery(self, msg: Any, partition: int | None) -> _JetStreamDelivery:
         metadata = msg.metadata
         headers = msg.headers or {}
         sequence = metadata.sequence.stream
@@ -219,7 +263,7 @@ class JetStreamSource(Source):
             content_type=headers.get("Content-Type"),
             raw=msg,
         )
-        return _JetStreamDelivery(meta, msg)
+        return _JetStreamDelivery(meta, msg, partition)
 
     def _job_done(self) -> None:
         if self.max_in_flight - self.in_flight >= self.batch:
@@ -227,15 +271,31 @@ class JetStreamSource(Source):
 
     async def _stop_intake(self) -> None:
         pulling, self._pulling = self._pulling, None
-        if pulling is None:
-            return
+        if pulling is not None:
+            await self._end_pulling(pulling)
+
+    async def _end_pulling(self, pulling: asyncio.Task[None]) -> None:
         self._room.set()
-        # a fetch under way returns within fetch_timeout; what it brings is given back
-        done, _ = await asyncio.wait({pulling}, timeout=self.fetch_timeout + 1.0)
+        # A fetch under way returns within fetch_timeout (later on a loaded machine); what
+        # it brings is given back (nak). Cancelled, it would leave what the server sent
+        # unanswered until ack_wait, and a key's next messages would overtake those.
+        done, _ = await asyncio.wait({pulling}, timeout=self.fetch_timeout + self.drain_timeout)
         if not done:
+            self.log.warning(
+                "source %s: a fetch did not return in %ss; what it held comes back after "
+                "ack_wait (%ss)",
+                self.name,
+                self.fetch_timeout + self.drain_timeout,
+                self.ack_wait,
+            )
             pulling.cancel()
 
     async def _disconnect(self) -> None:
+        for partition in list(self._partition_subs):
+            try:
+                await self._forget_partition(partition)
+            except Exception as exc:
+                self.log.debug("source %s: unsubscribe: %s", self.name, describe(exc))
         sub, self._sub = self._sub, None
         nc, self._nc = self._nc, None
         try:

@@ -1,6 +1,6 @@
 """A RabbitMQ queue as a source (aio-pika, robust connection): ``pip install pycloister[rabbitmq]``.
 
-Start one on every node; RabbitMQ spreads the queue's messages over them::
+Start one on every node::
 
     def key(body, meta):                      # meta: SourceMessage
         return body["key"], body["seq"]       # -> handle_cast(body["seq"], body["key"], ...)
@@ -9,15 +9,33 @@ Start one on every node; RabbitMQ spreads the queue's messages over them::
     ...
     await source.stop()
 
+By default (``mode="partitioned"``) the source reads one queue per partition,
+``orders.0`` ... ``orders.<partitions-1>`` (declared durable, single-active-consumer, by
+every node as it starts), and each node consumes only the partitions the ring gives it.
+Publishers send a key's messages to its partition's queue through the default exchange —
+no plugin needed::
+
+    from cloister.sources import partition_name
+
+    await channel.default_exchange.publish(
+        aio_pika.Message(body, message_id=msg_id),
+        routing_key=partition_name("orders", order_id, partitions=128),
+    )
+
+A key's messages are then stored in the order they were published, and the intake spreads
+over the nodes as the workers do. Single-active-consumer on every partition queue is the
+broker's own guard: should two nodes ever subscribe to one partition (one leaving, one
+taking over), RabbitMQ feeds one of them only.
+
 Each message is acknowledged only after the inbox stored it; a malformed one is parked
 and acknowledged; one the inbox cannot take right now stays unacknowledged and is
 retried, then requeued (``basic.nack`` with requeue). The default message id (the dedup
 id) is the AMQP ``message_id`` property when the publisher set one.
 
-With several nodes consuming, two messages for one key may be stored out of order when
-they are in flight on two nodes at once. ``single_active_consumer=True`` (declared with
-the queue) makes RabbitMQ feed one node at a time, the others standing by, which keeps
-the queue's order exactly; the inbox still spreads the work over every node.
+``mode="shared"`` reads the one queue ``queue`` as competing consumers: the load spreads,
+but two messages for one key may be stored out of order when they are in flight on two
+nodes at once. ``single_active_consumer=True`` (declared with the queue) makes RabbitMQ
+feed one node at a time, which keeps the queue's order but lets one node read everything.
 """
 
 from __future__ import annotations
@@ -42,6 +60,19 @@ from cloister.sources.base import (
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
+async def declare_partition_queues(
+    channel: Any, queue: str, partitions: int, arguments: dict[str, Any] | None = None
+) -> list[Any]:
+    """Declare the partition queues ``<queue>.0`` ... (durable, single-active-consumer,
+    plus ``arguments``) on an aio-pika ``channel``, as the source does when it starts;
+    a publisher that may run first calls it so that nothing it sends is unroutable."""
+    declared = {**(arguments or {}), "x-single-active-consumer": True}
+    return [
+        await channel.declare_queue(f"{queue}.{p}", durable=True, arguments=declared)
+        for p in range(partitions)
+    ]
+
+
 def import_aio_pika() -> Any:
     """The ``aio_pika`` module, or a clear error naming the extra to install."""
     try:
@@ -56,8 +87,8 @@ def import_aio_pika() -> Any:
 class _AmqpDelivery(Delivery):
     __slots__ = ("message",)
 
-    def __init__(self, meta: SourceMessage, message: Any) -> None:
-        super().__init__(meta)
+    def __init__(self, meta: SourceMessage, message: Any, partition: int | None) -> None:
+        super().__init__(meta, partition)
         self.message = message
 
     async def ack(self) -> None:
@@ -75,11 +106,15 @@ class RabbitMQSource(Source):
 
     - ``url``: the broker (default ``amqp://guest:guest@127.0.0.1:5672/``), or
       ``connection``: an aio-pika connection of yours (then it is not closed on stop).
-    - ``queue``: the queue to consume.
-    - ``prefetch``: unacknowledged messages this node holds at most (default 256).
-    - ``declare``: declare the queue (durable) if it does not exist (default True); with
-      False it must exist. ``arguments`` and ``single_active_consumer`` go into the
-      declaration (a queue that exists with other arguments is refused by RabbitMQ).
+    - ``queue``: the queue to consume (shared mode), or the prefix of the partition queues
+      ``<queue>.<p>`` (partitioned mode, the default; see the module documentation).
+    - ``prefetch``: unacknowledged messages this node holds at most, per partition in
+      partitioned mode (default 256).
+    - ``declare``: declare the queue(s) (durable) if they do not exist (default True); with
+      False they must exist. ``arguments`` go into the declaration, and
+      ``single_active_consumer`` too in shared mode (every partition queue is
+      single-active-consumer); a queue that exists with other arguments is refused by
+      RabbitMQ.
     - plus the options of :class:`~cloister.sources.Source` (``key``, ``decode``, ...).
     """
 
@@ -117,6 +152,9 @@ class RabbitMQSource(Source):
         self._channel: Any = None
         self._queue: Any = None
         self._consumer_tag: str | None = None
+        # partitioned mode: a channel per partition read (closing it gives back the rest)
+        self._partition_channels: dict[int, Any] = {}
+        self._partition_consumers: dict[int, tuple[Any, str]] = {}
 
     async def _connect(self) -> None:
         aio_pika = import_aio_pika()
@@ -130,6 +168,9 @@ class RabbitMQSource(Source):
                 ) from exc
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.prefetch)
+        if self.partitions is not None:
+            await self._declare_partitions()
+            return
         try:
             if self.declare:
                 self._queue = await self._channel.declare_queue(
@@ -149,7 +190,55 @@ class RabbitMQSource(Source):
             ) from exc
         self._consumer_tag = await self._queue.consume(self._on_message)
 
+    async def _declare_partitions(self) -> None:
+        assert self.partitions is not None
+        try:
+            if self.declare:
+                await declare_partition_queues(
+                    self._channel, self.queue_name, self.partitions, self.arguments
+                )
+            else:
+                for p in range(self.partitions):
+                    await self._channel.get_queue(f"{self.queue_name}.{p}", ensure=True)
+        except Exception as exc:
+            hint = (
+                "one exists with other arguments (a queue first declared without "
+                "single-active-consumer?); delete it or pass declare=False to use them as "
+                "they are"
+                if self.declare
+                else "one does not exist; create them or pass declare=True"
+            )
+            raise SourceError(
+                f"source {self.name}: cannot use the partition queues "
+                f"{self.queue_name}.0..{self.partitions - 1} ({describe(exc)}): {hint}"
+            ) from exc
+
+    async def _start_partition(self, partition: int) -> None:
+        channel = await self._connection.channel()
+        self._partition_channels[partition] = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.get_queue(f"{self.queue_name}.{partition}", ensure=False)
+
+        async def on_message(message: Any) -> None:
+            self._accept(self._delivery(message, partition))
+
+        self._partition_consumers[partition] = (queue, await queue.consume(on_message))
+
+    async def _stop_partition(self, partition: int) -> None:
+        consumer = self._partition_consumers.pop(partition, None)
+        if consumer is not None:
+            queue, tag = consumer
+            await queue.cancel(tag)
+
+    async def _forget_partition(self, partition: int) -> None:
+        channel = self._partition_channels.pop(partition, None)
+        if channel is not None and not channel.is_closed:
+            await channel.close()  # whatever is still unacknowledged goes back, in order
+
     async def _on_message(self, message: Any) -> None:
+        self._accept(self._delivery(message, None))
+
+    def _delivery(self, message: Any, partition: int | None) -> _AmqpDelivery:
         headers = message.headers
         meta = SourceMessage(
             source=self.name,
@@ -161,7 +250,7 @@ class RabbitMQSource(Source):
             content_type=message.content_type,
             raw=message,
         )
-        self._accept(_AmqpDelivery(meta, message))
+        return _AmqpDelivery(meta, message, partition)
 
     async def _stop_intake(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
@@ -169,6 +258,11 @@ class RabbitMQSource(Source):
             await self._queue.cancel(tag)
 
     async def _disconnect(self) -> None:
+        for partition in list(self._partition_channels):
+            try:
+                await self._forget_partition(partition)
+            except Exception as exc:
+                self.log.debug("source %s: closing a channel: %s", self.name, describe(exc))
         channel, self._channel = self._channel, None
         connection, self._connection = self._connection, None
         try:
