@@ -27,6 +27,9 @@ metric                                            type     meaning
 ``cloister_fenced_total``                         counter  self-fencings (renewal failed)
 ``cloister_heartbeat_failures_total``             counter  failed membership renewals
 ``cloister_bad_records_total``                    counter  malformed records ignored
+``cloister_requests_refused_total``               counter  requests refused unrun (``busy``):
+                                                           at ``max_concurrent_requests``
+                                                           or their queue full
 ``cloister_malformed_records_total{kind}``        counter  the same by kind: member,
                                                            ghost_member, epoch, sentry
 ``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
@@ -91,6 +94,7 @@ _CLUSTER_COUNTERS = {
     "fenced": "Times this node fenced itself because it could not renew its membership.",
     "heartbeat_failures": "Membership renewals that failed.",
     "bad_records": "Malformed member or control records ignored.",
+    "requests_refused": "Requests refused unrun (busy): at max_concurrent_requests or queue full.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",

@@ -300,7 +300,7 @@ class Observer:
         timeout = self.request_timeout if timeout is None else timeout
         try:
             reply = await backend.request(
-                node, encode_request(handler, None, self.name), timeout=timeout
+                node, encode_request(handler, None, self.name, timeout), timeout=timeout
             )
         except Exception as exc:
             result = failed(node, exc)

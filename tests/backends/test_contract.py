@@ -22,6 +22,7 @@ from cloister.backends import (
     LogConsumer,
     LogRecord,
     PartitionBusyError,
+    ServeLimits,
     open_backend,
 )
 from cloister.errors import (
@@ -383,6 +384,31 @@ async def test_requests_are_answered_concurrently(connect: Connect) -> None:
     slow = asyncio.ensure_future(client.request("n1", b"wait", timeout=2))
     assert await client.request("n1", b"go", timeout=2) == b"go"
     assert await slow == b"wait"
+
+
+async def test_requests_past_the_limit_are_refused_at_once(connect: Connect) -> None:
+    server, client = await connect(node="n1"), await connect(node="n2")
+    release = asyncio.Event()
+    refused: list[bytes] = []
+
+    async def held(payload: bytes) -> bytes:
+        await release.wait()
+        return b"ran:" + payload
+
+    def refuse(payload: bytes) -> bytes:
+        refused.append(payload)
+        return b"busy"
+
+    await server.serve(held, ServeLimits(2, 1024 * 1024, refuse))
+    running = [asyncio.ensure_future(client.request("n1", b"%d" % i, timeout=5)) for i in (1, 2)]
+    await asyncio.sleep(0.2)  # both are running (and holding the two slots)
+    started = time.monotonic()
+    assert await client.request("n1", b"3", timeout=5) == b"busy"
+    assert time.monotonic() - started < 1.0, "a refusal must be fast"
+    assert refused == [b"3"]
+    release.set()
+    assert await asyncio.gather(*running) == [b"ran:1", b"ran:2"]
+    assert await client.request("n1", b"4", timeout=5) == b"ran:4", "slots are given back"
 
 
 async def test_request_to_nobody_fails_fast(connect: Connect) -> None:

@@ -374,6 +374,7 @@ def test_counters_as_dict() -> None:
         "bad_records": 0,
         "fenced": 2,
         "heartbeat_failures": 0,
+        "requests_refused": 0,
     }
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):

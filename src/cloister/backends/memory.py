@@ -52,6 +52,7 @@ from cloister.backends.base import (
     MessageHandler,
     PartitionBusyError,
     RequestHandler,
+    ServeLimits,
     Subscription,
 )
 from cloister.errors import (
@@ -543,6 +544,8 @@ class MemoryBackend(Backend):
         self._supervisor = Supervisor(f"memory-backend {node}")
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._closed_callbacks: list[Callable[[], None]] = []
+        self._serve_limits: ServeLimits | None = None
+        self._requests_running = 0  # requests to this node whose handler runs
         self.crashed = False
         self.partitioned = False
         self.latency = 0.0
@@ -625,8 +628,9 @@ class MemoryBackend(Backend):
         await self._io()
         return MemoryLog(self, name, self._world.log(self.cluster, name, partitions, dedup_window))
 
-    async def serve(self, handler: RequestHandler) -> None:
+    async def serve(self, handler: RequestHandler, limits: ServeLimits | None = None) -> None:
         await self._io(streams=False)
+        self._serve_limits = limits
         self._world._servers[self._subject] = (self, handler)
 
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
@@ -635,22 +639,34 @@ class MemoryBackend(Backend):
         if target is None:
             raise NoSuchNodeError(f"no responders for node {node!r} in cluster {self.cluster!r}")
         server, handler = target
+        limits = server._serve_limits
+        if (
+            limits is not None
+            and server.reachable
+            and server._requests_running >= limits.max_concurrent
+        ):
+            # As on NATS: the serving node refuses at once what it has no room for.
+            return limits.refuse(bytes(payload))
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
 
         async def answer() -> None:
-            if server.latency:
-                await asyncio.sleep(server.latency)
             try:
-                result = await handler(bytes(payload))
-            except Exception as exc:
-                if not reply.done():
-                    reply.set_exception(RemoteError(f"node {node} failed: {exc!r}"))
-                raise
+                if server.latency:
+                    await asyncio.sleep(server.latency)
+                try:
+                    result = await handler(bytes(payload))
+                except Exception as exc:
+                    if not reply.done():
+                        reply.set_exception(RemoteError(f"node {node} failed: {exc!r}"))
+                    raise
+            finally:
+                server._requests_running -= 1
             if server.reachable and self.reachable and not reply.done():
                 reply.set_result(result)
 
         if server.reachable:
+            server._requests_running += 1  # counted from now, as it is on NATS
             server._supervisor.spawn(answer(), f"request to {node}")
         try:
             async with asyncio.timeout(timeout):

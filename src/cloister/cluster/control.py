@@ -47,6 +47,9 @@ class ClusterCounters:
     bad_records: int = 0
     fenced: int = 0
     heartbeat_failures: int = 0
+    requests_refused: int = 0
+    """Requests from other nodes refused unrun (``busy``): the node ran its
+    ``max_concurrent_requests`` already, or their queue was full."""
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
 

@@ -121,12 +121,10 @@ class Lease:
         existing = await self._members_kv.get(self.node)
         if existing is None:
             return None
+        timeout = min(1.0, self.heartbeat)
         try:
-            await backend.request(
-                self.node,
-                encode_request("cloister.ping", None, self.node),
-                timeout=min(1.0, self.heartbeat),
-            )
+            ping = encode_request("cloister.ping", None, self.node, timeout)
+            await backend.request(self.node, ping, timeout=timeout)
         except BackendError:
             raise
         except CloisterError:

@@ -23,7 +23,12 @@ from cloister.cluster.rpc import (
     encode_request,
     failed,
 )
-from cloister.errors import CloisterError, ClusterNotReadyError, WireFormatError
+from cloister.errors import (
+    CloisterError,
+    ClusterNotReadyError,
+    RequestTimeoutError,
+    WireFormatError,
+)
 
 log = logging.getLogger("cloister.cluster")
 
@@ -34,10 +39,18 @@ MULTICAST_TOPIC = "multicast"
 class Requests:
     """Sends this node's requests; ``backend()`` raises when the node is not running."""
 
-    def __init__(self, node: str, handlers: Handlers, backend: Callable[[], Backend]) -> None:
+    def __init__(
+        self,
+        node: str,
+        handlers: Handlers,
+        backend: Callable[[], Backend],
+        multicast_timeout: float,
+    ) -> None:
         self.node = node
         self.handlers = handlers
         self._backend = backend
+        # Multicasts are handled one at a time, in order: one that hangs would stop the rest.
+        self._multicast_timeout = multicast_timeout
 
     async def call_one(self, node: str, handler: str, payload: Any, timeout: float) -> CallResult:
         """``handler`` on ``node`` (in process for this node); never raises but NotRunning."""
@@ -52,7 +65,7 @@ class Requests:
                 return failed(node, exc)
         try:
             reply = await backend.request(
-                node, encode_request(handler, payload, self.node), timeout=timeout
+                node, encode_request(handler, payload, self.node, timeout), timeout=timeout
             )
         except Exception as exc:
             return failed(node, exc)
@@ -84,14 +97,15 @@ class Requests:
             message = wire.decode_map(data, "multicast", ("h",))
             name = wire.field(message, "h", str, "multicast")
         except WireFormatError as exc:
-            self.handlers.errors += 1
-            log.warning("node %s rejected a malformed multicast: %s", self.node, exc)
+            self.handlers.malformed("multicast", exc)
             return
         targets = message.get("to")
         if targets is not None and self.node not in targets:
             return
         try:
-            await self.handlers.invoke(name, message.get("p"))
+            await self.handlers.run(name, message.get("p"), self._multicast_timeout)
+        except RequestTimeoutError:
+            pass  # counted and logged by run()
         except Exception:
             self.handlers.errors += 1
             log.exception("multicast handler %r failed on node %s", name, self.node)

@@ -3,29 +3,42 @@
 Only handlers registered by name (``cluster.handle("name")(fn)``) can be invoked from
 another node — never arbitrary code. Requests and replies are msgpack maps:
 
-- request: ``{"h": handler name, "p": payload, "f": sender}``
+- request: ``{"h": handler name, "p": payload, "f": sender, "t": seconds the caller waits}``
 - reply: ``{"r": result}`` or ``{"e": error kind, "m": message}``, the kind one of a
-  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``, ``fenced``)
+  closed list (``unknown_handler``, ``bad_request``, ``handler_failed``, ``not_owner``,
+  ``fenced``, ``busy``, ``timeout``)
 
 A failing or unknown handler becomes an error *reply*; the caller turns it into a
 :class:`CallResult` with ``error`` set, so one bad node never loses the other replies.
+
+A node runs at most ``max_concurrent_requests`` handlers at once; the backend answers
+what comes beyond that with :meth:`Handlers.refuse` (``busy``, raised as
+:class:`~cloister.errors.NodeBusyError` by the caller) without running it. A handler
+runs no longer than its caller waits (``"t"``, capped at :data:`MAX_HANDLER_SECONDS`):
+past that nobody reads its reply, and it would hold a slot for nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cloister import wire
+from cloister.cluster.control import ClusterCounters
 from cloister.errors import (
     CloisterError,
     ConfigurationError,
     FencedError,
+    NodeBusyError,
     NotOwnerError,
     RemoteError,
+    RequestTimeoutError,
     UnknownHandlerError,
     WireFormatError,
 )
@@ -43,8 +56,34 @@ _ERRORS: dict[str, type[CloisterError]] = {
     "handler_failed": RemoteError,
     "not_owner": NotOwnerError,
     "fenced": FencedError,
+    "busy": NodeBusyError,
+    "timeout": RequestTimeoutError,
 }
 _KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner", FencedError: "fenced"}
+
+MAX_HANDLER_SECONDS = 60.0
+"""The longest a handler runs for one request, whatever the caller says it waits."""
+
+GRACE_SECONDS = 1.0
+"""How much longer than its caller waits a handler may run (its reply still in flight)."""
+
+LOG_INTERVAL = 60.0
+"""Seconds between two warnings about refused or malformed requests (each is counted):
+a flood must not flood the log."""
+
+
+class _Quiet:
+    """True at most once per :data:`LOG_INTERVAL`: when to log a repeated warning."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < LOG_INTERVAL:
+            return False
+        self._last = now
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,19 +109,52 @@ class CallResult:
 class Handlers:
     """The registry of named handlers on one node, and the request dispatcher."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(
+        self,
+        node: str,
+        *,
+        max_concurrent: int = 256,
+        default_timeout: float = 5.0,
+        counters: ClusterCounters | None = None,
+    ) -> None:
         self.node = node
+        self.counters = ClusterCounters() if counters is None else counters
+        self.max_concurrent = max_concurrent
+        self.default_timeout = default_timeout
+        #: Handlers that failed and requests that could not be decoded.
         self.errors = 0
+        self._refusals_log = _Quiet()
+        self._malformed_log = _Quiet()
+        self._busy_reply = wire.encode(
+            {
+                "e": "busy",
+                "m": f"node {node} is busy: it runs {max_concurrent} requests at once "
+                "(max_concurrent_requests) and refused this one; retry after a pause",
+            }
+        )
         self._handlers: dict[str, Handler] = {}
+        self._exempt: set[str] = set()
 
-    def register(self, name: str, fn: Handler, *, builtin: bool = False) -> None:
-        """Register ``fn`` under ``name``; names starting ``cloister.`` are reserved."""
+    def register(
+        self, name: str, fn: Handler, *, builtin: bool = False, exempt: bool = False
+    ) -> None:
+        """Register ``fn`` under ``name``; names starting ``cloister.`` are reserved.
+
+        ``exempt`` (built-in, synchronous and cheap handlers only: ping, info) is answered
+        even when the node is busy, so a flooded node still says it is alive.
+        """
         if not isinstance(name, str) or not name:
             raise ConfigurationError("a handler name must be a non-empty string")
         if name.startswith("cloister.") and not builtin:
             raise ConfigurationError(f"handler name {name!r}: the 'cloister.' prefix is reserved")
         if name in self._handlers:
             raise ConfigurationError(f"a handler named {name!r} is already registered")
+        if exempt:
+            if not builtin or inspect.iscoroutinefunction(fn):
+                raise ConfigurationError(
+                    f"handler {name!r}: only synchronous built-in handlers can be exempt"
+                )
+            self._exempt.add(name)
         self._handlers[name] = fn
 
     async def invoke(self, name: str, payload: Any) -> Any:
@@ -98,37 +170,114 @@ class Handlers:
             result = await result
         return result
 
+    def refuse(self, request: bytes) -> bytes:
+        """The reply to a request the node has no room for: an exempt handler's answer
+        (ping, info), else ``busy`` (counted; logged once a minute, as a flood must not
+        flood the log). Cheap and synchronous: it runs for every refusal."""
+        if self._exempt and request:
+            answer = self._answer_exempt(request)
+            if answer is not None:
+                return answer
+        self.counters.requests_refused += 1
+        if self._refusals_log.due():
+            log.warning(
+                "node %s is busy: %d requests running, refusing more (%d refused so far; "
+                "logged once a minute)",
+                self.node,
+                self.max_concurrent,
+                self.counters.requests_refused,
+            )
+        return self._busy_reply
+
+    def _answer_exempt(self, request: bytes) -> bytes | None:
+        try:
+            message = wire.decode_map(request, "request", ("h",))
+        except WireFormatError:
+            return None  # refused as busy: decoding it is all the work it gets
+        name = message.get("h")
+        if not isinstance(name, str) or name not in self._exempt:
+            return None
+        try:
+            return wire.encode({"r": self._handlers[name](message.get("p"))})
+        except Exception as exc:
+            return self._failed(name, exc)
+
+    def malformed(self, what: str, exc: WireFormatError) -> None:
+        """Count a request or multicast that could not be decoded; log once a minute."""
+        self.errors += 1
+        if self._malformed_log.due():
+            log.warning(
+                "node %s rejected a malformed %s (%d errors so far; logged once a minute): %s",
+                self.node,
+                what,
+                self.errors,
+                exc,
+            )
+
+    def _failed(self, name: str, exc: Exception) -> bytes:
+        """The reply to a handler that raised something unexpected (counted, logged)."""
+        self.errors += 1
+        log.exception("handler %r failed on node %s", name, self.node)
+        return self._error_reply("handler_failed", name, exc)
+
+    def _error_reply(self, kind: str, name: str, exc: Exception) -> bytes:
+        return wire.encode({"e": kind, "m": f"handler {name!r} on node {self.node} raised {exc!r}"})
+
+    def _deadline(self, message: dict[str, Any]) -> float:
+        """Seconds the handler of ``message`` may run: what its caller waits, bounded."""
+        waits = message.get("t")
+        if isinstance(waits, bool) or not isinstance(waits, int | float) or not waits > 0:
+            waits = self.default_timeout  # an old or foreign caller: our own default
+        if math.isnan(waits):
+            waits = self.default_timeout
+        return min(float(waits) + GRACE_SECONDS, MAX_HANDLER_SECONDS)
+
+    async def run(self, name: str, payload: Any, deadline: float) -> Any:
+        """``invoke``, abandoned (cancelled) past ``deadline`` seconds: then counted,
+        logged and :class:`RequestTimeoutError`."""
+        scope = asyncio.timeout(deadline)
+        try:
+            async with scope:
+                return await self.invoke(name, payload)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the handler's own
+        self.errors += 1
+        log.warning(
+            "handler %r on node %s ran past %gs (what its caller waits); abandoned",
+            name,
+            self.node,
+            deadline,
+        )
+        raise RequestTimeoutError(
+            f"handler {name!r} on node {self.node} ran past {deadline:g}s and was abandoned"
+        )
+
     async def answer(self, request: bytes) -> bytes:
         """Decode a request, run its handler, encode the reply. Never raises."""
         try:
             message = wire.decode_map(request, "request", ("h",))
             name = wire.field(message, "h", str, "request")
         except WireFormatError as exc:
-            self.errors += 1
-            log.warning("rejected a malformed request: %s", exc)
+            self.malformed("request", exc)
             return wire.encode({"e": "bad_request", "m": str(exc)})
         try:
-            result = await self.invoke(name, message.get("p"))
+            result = await self.run(name, message.get("p"), self._deadline(message))
             return wire.encode({"r": result})
+        except RequestTimeoutError as exc:  # ours, or one the handler met itself
+            return wire.encode({"e": "timeout", "m": str(exc)})
         except UnknownHandlerError as exc:
             return wire.encode({"e": "unknown_handler", "m": str(exc)})
         except CloisterError as exc:  # an expected refusal (not owner, unknown worker...)
             log.debug("handler %r on node %s refused: %r", name, self.node, exc)
-            kind = _KIND_OF.get(type(exc), "handler_failed")
-            return wire.encode(
-                {"e": kind, "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
-            )
+            return self._error_reply(_KIND_OF.get(type(exc), "handler_failed"), name, exc)
         except Exception as exc:
-            self.errors += 1
-            log.exception("handler %r failed on node %s", name, self.node)
-            return wire.encode(
-                {"e": "handler_failed", "m": f"handler {name!r} on node {self.node} raised {exc!r}"}
-            )
+            return self._failed(name, exc)
 
 
-def encode_request(name: str, payload: Any, sender: str) -> bytes:
-    """The request envelope for handler ``name``."""
-    return wire.encode({"h": name, "p": payload, "f": sender})
+def encode_request(name: str, payload: Any, sender: str, timeout: float) -> bytes:
+    """The request envelope for handler ``name``, whose caller waits ``timeout`` seconds."""
+    return wire.encode({"h": name, "p": payload, "f": sender, "t": timeout})
 
 
 def decode_reply(node: str, reply: bytes) -> CallResult:
