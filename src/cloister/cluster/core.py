@@ -444,6 +444,15 @@ class Cluster(RemoteCalls):
         return await open_table(self.backend, name, replicas=replicas)
 
     @property
+    def incarnation(self) -> int:
+        """This process's incarnation of the node name: a random number drawn on every
+        start, in the member record. What the node holds on the medium in its own name
+        (inbox claims) is named with it too, so that a process that took the name over
+        and the one it replaced never touch each other's. 0 before :meth:`start`."""
+        record = self._lease.record
+        return 0 if record is None else record.incarnation
+
+    @property
     def crashed(self) -> bool:
         """True once this node died: its connection to the medium closed for good, or a
         task it cannot live without (heartbeat, control loop, watches) ended."""

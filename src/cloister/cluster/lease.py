@@ -183,8 +183,9 @@ class Lease:
                 other = None
             if other is not None and other.incarnation != record.incarnation:
                 raise NodeNameTakenError(
-                    f"another process took over node name {self.node!r}; "
-                    "this one stops claiming keys"
+                    f"another process took over node name {self.node!r} while this one "
+                    "was presumed dead (paused or cut off past its lease); this one stops, "
+                    "its keys are the new process's now"
                 )
             return await self._members_kv.update(
                 self.node, record.encode(), revision=current.revision, ttl=self.failure_timeout
@@ -218,9 +219,9 @@ class Lease:
             delay = self.heartbeat
             for outcome in await asyncio.gather(*renewals, return_exceptions=True):
                 if isinstance(outcome, NodeNameTakenError):
-                    log.error("%s", outcome)
                     self.renewed_until = 0.0
-                elif isinstance(outcome, BackendError):
+                    raise outcome  # replaced: the node stops (a critical task ended)
+                if isinstance(outcome, BackendError):
                     self._counters.heartbeat_failures += 1
                     log.warning("node %s failed to renew its lease: %s", self.node, outcome)
                     delay = self.heartbeat / 4

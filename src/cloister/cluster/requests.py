@@ -16,6 +16,7 @@ from cloister import wire
 from cloister.backends import Backend
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.rpc import (
+    RESERVED,
     CallResult,
     Handler,
     Handlers,
@@ -26,6 +27,7 @@ from cloister.cluster.rpc import (
 from cloister.errors import (
     CloisterError,
     ClusterNotReadyError,
+    ConfigurationError,
     RequestTimeoutError,
     WireFormatError,
 )
@@ -82,6 +84,11 @@ class Requests:
 
     async def multicast(self, handler: str, payload: Any, nodes: Iterable[str] | None) -> None:
         """Publish ``handler(payload)`` to every node (or ``nodes``)."""
+        if handler.startswith(RESERVED):
+            raise ConfigurationError(
+                f"cannot multicast {handler!r}: the library's own handlers are called by "
+                "request only (use multicall)"
+            )
         backend = self._backend()
         message = {
             "h": handler,
@@ -96,16 +103,27 @@ class Requests:
         try:
             message = wire.decode_map(data, "multicast", ("h",))
             name = wire.field(message, "h", str, "multicast")
+            targets = message.get("to")
+            if targets is not None and not (
+                isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+            ):
+                raise WireFormatError("multicast: field 'to' should be None or a list of str")
+            if name.startswith(RESERVED):
+                raise WireFormatError(
+                    f"multicast: {name[:100]!r} is one of the library's own handlers, "
+                    "which are called by request only"
+                )
         except WireFormatError as exc:
             self.handlers.malformed("multicast", exc)
             return
-        targets = message.get("to")
         if targets is not None and self.node not in targets:
             return
         try:
             await self.handlers.run(name, message.get("p"), self._multicast_timeout)
         except RequestTimeoutError:
             pass  # counted and logged by run()
+        except CloisterError as exc:  # a refusal (bad payload, not owner...): no traceback
+            self.handlers.refused_multicast(name, exc)
         except Exception:
             self.handlers.errors += 1
             log.exception("multicast handler %r failed on node %s", name, self.node)

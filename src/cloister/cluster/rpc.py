@@ -61,6 +61,9 @@ _ERRORS: dict[str, type[CloisterError]] = {
 }
 _KIND_OF: dict[type[CloisterError], str] = {NotOwnerError: "not_owner", FencedError: "fenced"}
 
+RESERVED = "cloister."
+"""The prefix of the library's own handler names (registered with ``builtin=True``)."""
+
 MAX_HANDLER_SECONDS = 60.0
 """The longest a handler runs for one request, whatever the caller says it waits."""
 
@@ -123,8 +126,7 @@ class Handlers:
         self.default_timeout = default_timeout
         #: Handlers that failed and requests that could not be decoded.
         self.errors = 0
-        self._refusals_log = _Quiet()
-        self._malformed_log = _Quiet()
+        self._quiet: dict[str, _Quiet] = {}  # by what is logged: one a minute of each
         self._busy_reply = wire.encode(
             {
                 "e": "busy",
@@ -145,7 +147,7 @@ class Handlers:
         """
         if not isinstance(name, str) or not name:
             raise ConfigurationError("a handler name must be a non-empty string")
-        if name.startswith("cloister.") and not builtin:
+        if name.startswith(RESERVED) and not builtin:
             raise ConfigurationError(f"handler name {name!r}: the 'cloister.' prefix is reserved")
         if name in self._handlers:
             raise ConfigurationError(f"a handler named {name!r} is already registered")
@@ -179,7 +181,7 @@ class Handlers:
             if answer is not None:
                 return answer
         self.counters.requests_refused += 1
-        if self._refusals_log.due():
+        if self._due("busy"):
             log.warning(
                 "node %s is busy: %d requests running, refusing more (%d refused so far; "
                 "logged once a minute)",
@@ -205,7 +207,7 @@ class Handlers:
     def malformed(self, what: str, exc: WireFormatError) -> None:
         """Count a request or multicast that could not be decoded; log once a minute."""
         self.errors += 1
-        if self._malformed_log.due():
+        if self._due(f"malformed {what}"):
             log.warning(
                 "node %s rejected a malformed %s (%d errors so far; logged once a minute): %s",
                 self.node,
@@ -213,6 +215,28 @@ class Handlers:
                 self.errors,
                 exc,
             )
+
+    def refused_multicast(self, name: str, exc: CloisterError) -> None:
+        """Count a multicast its handler refused (a payload it could not take, say);
+        log it once a minute per handler, without a traceback: senders repeat."""
+        self.errors += 1
+        if self._due(f"multicast {name}"):
+            log.warning(
+                "multicast handler %r on node %s refused a message (%d errors so far; logged "
+                "once a minute): %s",
+                name[:100],
+                self.node,
+                self.errors,
+                exc,
+            )
+
+    def _due(self, what: str) -> bool:
+        quiet = self._quiet.get(what)
+        if quiet is None:
+            if len(self._quiet) >= 1000:  # names come from the wire: keep the map bounded
+                self._quiet.clear()
+            quiet = self._quiet[what] = _Quiet()
+        return quiet.due()
 
     def _failed(self, name: str, exc: Exception) -> bytes:
         """The reply to a handler that raised something unexpected (counted, logged)."""

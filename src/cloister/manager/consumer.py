@@ -42,8 +42,21 @@ abandoned (their acks are dropped), the others' acks go on — or wait, when its
 ``unavailable`` says their state is not stored yet; ``BackendError``: they all wait."""
 
 
+def claimant_name(node: str, incarnation: int) -> str:
+    """The name this process claims inbox partitions under: the node name and its
+    incarnation (fixed width, so the name is unambiguous). A process that took the node's
+    name over after this one was presumed dead claims under another name and evicts
+    this one's claims; should this one wake up and release its claims, it deletes its
+    own, never the new process's."""
+    return f"{node}.{incarnation & 0xFFFFFFFF:08x}"
+
+
 class PartitionConsumers:
-    """Owner of this node's partition claims, fetch loops and acks."""
+    """Owner of this node's partition claims, fetch loops and acks.
+
+    ``claimant`` is the name the claims are made under (:func:`claimant_name`; the node
+    name when None, as for a manager without a cluster).
+    """
 
     def __init__(
         self,
@@ -55,9 +68,11 @@ class PartitionConsumers:
         max_in_flight: int = 4096,
         batch: int = 256,
         before_ack: BeforeAck | None = None,
+        claimant: str | None = None,
     ) -> None:
         self.inbox = inbox
         self.node = node
+        self.claimant = node if claimant is None else claimant
         self.max_in_flight = max_in_flight
         self.batch = batch
         self.in_flight = 0
@@ -115,10 +130,10 @@ class PartitionConsumers:
         assert log_ is not None
         try:
             for holder in await log_.claimants(partition):
-                if holder != self.node:
+                if holder != self.claimant:
                     log.info("partition %d: evicting the stale claim of %s", partition, holder)
                     await log_.evict(partition, holder)
-            consumer = await log_.claim(partition, self.node)
+            consumer = await log_.claim(partition, self.claimant)
         except BackendError as exc:  # PartitionBusyError included
             log.warning("partition %d not claimed yet (%s); retrying", partition, exc)
             return False

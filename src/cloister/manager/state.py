@@ -140,6 +140,9 @@ class StateTable:
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
+        # (key, revision) of the malformed records already counted and logged: every
+        # settle reloads the bucket, and one bad record is reported once, not per settle.
+        self._reported: set[tuple[str, int]] = set()
         self.unstorable: dict[Any, Unstorable] = {}
         self.unstorable_records = 0
         self.on_unstorable: Callable[[Any, Stored | None], None] | None = None
@@ -160,21 +163,26 @@ class StateTable:
         for count, entry in enumerate(entries.values(), 1):
             if is_claim_key(entry.key):
                 continue  # a partition claim (same bucket, for the medium's guard check)
-            stored = self._decode(entry.value)
+            stored = self._decode(entry.key, entry.revision, entry.value)
             if stored is not None:
                 mirror[stored.id] = stored
             if not count % _LOAD_YIELD_EVERY:
                 await asyncio.sleep(0)
         self.mirror = mirror
 
-    def _decode(self, data: bytes) -> Stored | None:
+    def _decode(self, key: str, revision: int, data: bytes) -> Stored | None:
         try:
             stored = Stored.decode(data)
             check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
             return stored
         except (WireFormatError, InvalidIdError) as exc:
+            if (key, revision) in self._reported:
+                return None
+            if len(self._reported) >= 10_000:  # written from outside: keep it bounded
+                self._reported.clear()
+            self._reported.add((key, revision))
             self.bad_records += 1
-            log.warning("ignoring a malformed stored worker: %s", exc)
+            log.warning("ignoring a malformed stored worker (key %s): %s", key[:100], exc)
             return None
 
     async def write(self, stored: Stored, *, guarded: bool = True) -> None:
