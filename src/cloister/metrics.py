@@ -30,6 +30,8 @@ metric                                            type     meaning
 ``cloister_requests_refused_total``               counter  requests refused unrun (``busy``):
                                                            at ``max_concurrent_requests``
                                                            or their queue full
+``cloister_request_errors_total``                 counter  requests and multicasts that were
+                                                           undecodable, refused or failed
 ``cloister_malformed_records_total{kind}``        counter  the same by kind: member,
                                                            ghost_member, epoch, sentry
 ``cloister_event_loop_lag_seconds``               gauge    how late the event loop ran its last
@@ -95,6 +97,7 @@ _CLUSTER_COUNTERS = {
     "heartbeat_failures": "Membership renewals that failed.",
     "bad_records": "Malformed member or control records ignored.",
     "requests_refused": "Requests refused unrun (busy): at max_concurrent_requests or queue full.",
+    "request_errors": "Requests and multicasts undecodable, refused or failed by their handler.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",

@@ -3,6 +3,7 @@ an app run by ``cloister run``; a cast from outside."""
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,17 @@ async def cast(url: str, cluster: str, key: str, message: Any, msg_id: str | Non
         await inbox.put(key, message, msg_id=msg_id, timeout=10)
     finally:
         await backend.close()
+
+
+def metric(node: NodeProcess, name: str) -> float:
+    """The sum of the series ``name`` (every label set) that node serves on the metrics
+    port it printed (started with ``--metrics-port 0``)."""
+    port = int(node.wait_for_line(r"^metrics port=(\d+)", timeout=5).group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == name or series.startswith(name + "{"):
+            total += float(value)
+    return total

@@ -28,7 +28,7 @@ from cloister.cluster.control import EPOCH_KEY, SENTRY_KEY
 from cloister.cluster.rpc import encode_request
 from cloister.manager.state import storage_key
 from cloister.testing import NatsServer, NodeProcess, ProcessGroup, wait_for
-from tests.hostile.support import cast, member, run_app
+from tests.hostile.support import cast, member, metric, run_app
 from tests.nats.support import Nodes
 
 CLUSTER = "garbage"
@@ -134,7 +134,9 @@ class Cluster:
         self.group, self.directory = group, directory
         self.nodes = Nodes(group, url, CLUSTER)
         for name in NODES:
-            self.nodes.procs[name] = run_app(group, directory, APP, url, CLUSTER, name=name)
+            self.nodes.procs[name] = run_app(
+                group, directory, APP, url, CLUSTER, "--metrics-port", "0", name=name
+            )
         self.casts = itertools.count(1)
 
     def proc(self, name: str) -> NodeProcess:
@@ -248,6 +250,8 @@ def test_garbage_everywhere_kills_no_node(cluster: Cluster) -> None:
     cluster.survived("garbage requests and multicasts")
     cluster.logged_once("rejected a malformed request", "garbage requests")
     cluster.logged_once("rejected a malformed multicast", "garbage multicasts")
+    for name in NODES:  # counted: every bad request and multicast
+        assert metric(cluster.proc(name), "cloister_request_errors_total") >= 10
 
     # 2. the members and control buckets
     for key, value in [
@@ -259,6 +263,10 @@ def test_garbage_everywhere_kills_no_node(cluster: Cluster) -> None:
     asyncio.run(_kv_put(url, "control", SENTRY_KEY, _deep(5000)))
     asyncio.run(_kv_put(url, "control", EPOCH_KEY, b"\xc1 not an epoch"))
     cluster.survived("garbage control records")
+    for name in NODES:
+        assert metric(cluster.proc(name), "cloister_bad_records_total") >= 3
+    counts = cluster.lines("ignoring a malformed member record")
+    assert counts == {"a": 3, "b": 3}, counts  # three bad records, each logged once
 
     # 3. the state bucket of the manager: worker records, claims, foreign keys
     for key, value in [
@@ -287,6 +295,7 @@ def test_garbage_everywhere_kills_no_node(cluster: Cluster) -> None:
         wait_for(parked, 20, f"all {sent} garbage inbox records parked as dead letters")
     finally:
         print(f"\ndead letters: {answers[-1:]}")
+    cluster.logged_once("parked as a dead letter", "garbage inbox records")
 
     # 5. the dead-letter bucket: a node still lists (skipping) the malformed letters
     for key, value in [("9-9", b"\xc1"), ("9-10", _deep(5000)), ("9-11", msgpack.packb([1]))]:

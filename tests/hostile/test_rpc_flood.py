@@ -25,7 +25,7 @@ from cloister.errors import ConfigurationError, NodeBusyError, RequestTimeoutErr
 from cloister.testing import NatsServer, ProcessGroup, eventually
 from tests._support.timing import FAST
 from tests.cli.support import cloister
-from tests.hostile.support import cast, run_app
+from tests.hostile.support import cast, metric, run_app
 
 # -- on the memory backend: the rules -----------------------------------------------------
 
@@ -258,17 +258,7 @@ def test_a_flood_of_requests_keeps_the_node_flat_alive_and_answering(
     for seq in (1, 2, 3):
         node.wait_for_line(rf"^cast handled {seq}$", timeout=20)
     # the refusals are counted, in the metric too, and logged once (not once each)
-    port = int(node.wait_for_line(r"^metrics port=(\d+)", timeout=5).group(1))
-    metrics = _scrape(port)
-    refused = float(metrics.split("cloister_requests_refused_total{")[1].split("} ")[1].split()[0])
-    assert refused >= replies["busy"], metrics
+    refused = metric(node, "cloister_requests_refused_total")
+    assert refused >= replies["busy"], refused
     logged = [line for line in node.lines if "is busy" in line.text]
     assert len(logged) == 1, logged
-
-
-def _scrape(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-        text: str = answer.read().decode()
-    return text

@@ -48,6 +48,9 @@ class ClusterCounters:
     fenced: int = 0
     heartbeat_failures: int = 0
     requests_refused: int = 0
+    request_errors: int = 0
+    """Requests and multicasts from the wire that could not be decoded, that their
+    handler refused or failed on, or that ran past their deadline."""
     """Requests from other nodes refused unrun (``busy``): the node ran its
     ``max_concurrent_requests`` already, or their queue was full."""
     malformed: dict[str, int] = field(default_factory=dict)

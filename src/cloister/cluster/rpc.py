@@ -24,12 +24,12 @@ import asyncio
 import inspect
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cloister import wire
+from cloister._quiet import QuietByKind
 from cloister.cluster.control import ClusterCounters
 from cloister.errors import (
     CloisterError,
@@ -70,24 +70,6 @@ MAX_HANDLER_SECONDS = 60.0
 GRACE_SECONDS = 1.0
 """How much longer than its caller waits a handler may run (its reply still in flight)."""
 
-LOG_INTERVAL = 60.0
-"""Seconds between two warnings about refused or malformed requests (each is counted):
-a flood must not flood the log."""
-
-
-class _Quiet:
-    """True at most once per :data:`LOG_INTERVAL`: when to log a repeated warning."""
-
-    def __init__(self) -> None:
-        self._last: float | None = None
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if self._last is not None and now - self._last < LOG_INTERVAL:
-            return False
-        self._last = now
-        return True
-
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
@@ -124,9 +106,7 @@ class Handlers:
         self.counters = ClusterCounters() if counters is None else counters
         self.max_concurrent = max_concurrent
         self.default_timeout = default_timeout
-        #: Handlers that failed and requests that could not be decoded.
-        self.errors = 0
-        self._quiet: dict[str, _Quiet] = {}  # by what is logged: one a minute of each
+        self._quiet = QuietByKind()  # a warning of each kind once a minute at most
         self._busy_reply = wire.encode(
             {
                 "e": "busy",
@@ -136,6 +116,16 @@ class Handlers:
         )
         self._handlers: dict[str, Handler] = {}
         self._exempt: set[str] = set()
+
+    @property
+    def errors(self) -> int:
+        """Requests and multicasts that could not be decoded, or whose handler failed
+        (``counters.request_errors``)."""
+        return self.counters.request_errors
+
+    @errors.setter
+    def errors(self, value: int) -> None:
+        self.counters.request_errors = value
 
     def register(
         self, name: str, fn: Handler, *, builtin: bool = False, exempt: bool = False
@@ -181,7 +171,7 @@ class Handlers:
             if answer is not None:
                 return answer
         self.counters.requests_refused += 1
-        if self._due("busy"):
+        if self._quiet.due("busy"):
             log.warning(
                 "node %s is busy: %d requests running, refusing more (%d refused so far; "
                 "logged once a minute)",
@@ -207,7 +197,7 @@ class Handlers:
     def malformed(self, what: str, exc: WireFormatError) -> None:
         """Count a request or multicast that could not be decoded; log once a minute."""
         self.errors += 1
-        if self._due(f"malformed {what}"):
+        if self._quiet.due(f"malformed {what}"):
             log.warning(
                 "node %s rejected a malformed %s (%d errors so far; logged once a minute): %s",
                 self.node,
@@ -220,7 +210,7 @@ class Handlers:
         """Count a multicast its handler refused (a payload it could not take, say);
         log it once a minute per handler, without a traceback: senders repeat."""
         self.errors += 1
-        if self._due(f"multicast {name}"):
+        if self._quiet.due(f"multicast {name}"):
             log.warning(
                 "multicast handler %r on node %s refused a message (%d errors so far; logged "
                 "once a minute): %s",
@@ -229,14 +219,6 @@ class Handlers:
                 self.errors,
                 exc,
             )
-
-    def _due(self, what: str) -> bool:
-        quiet = self._quiet.get(what)
-        if quiet is None:
-            if len(self._quiet) >= 1000:  # names come from the wire: keep the map bounded
-                self._quiet.clear()
-            quiet = self._quiet[what] = _Quiet()
-        return quiet.due()
 
     def _failed(self, name: str, exc: Exception) -> bytes:
         """The reply to a handler that raised something unexpected (counted, logged)."""

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cloister._backoff import Backoff
+from cloister._quiet import Quiet
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, FencedError, WireFormatError
@@ -77,6 +78,9 @@ class PartitionConsumers:
         self.batch = batch
         self.in_flight = 0
         self.parked = 0
+        #: Records no worker could take (undecodable or misplaced), parked at once.
+        self.refused = 0
+        self._refusals_log = Quiet()
         self._deliver = deliver
         self._before_ack = before_ack
         self._supervisor = supervisor
@@ -395,12 +399,13 @@ class PartitionConsumers:
                 try:
                     message = decode(record)
                 except WireFormatError as exc:
-                    self._supervisor.spawn(
-                        self._park(consumer, record, f"undecodable: {exc}"), "park"
-                    )
+                    undecodable = f"undecodable: {exc}"
+                    self._refused(record, undecodable)
+                    self._supervisor.spawn(self._park(consumer, record, undecodable), "park")
                     continue
                 reason = misplaced(message)
                 if reason is not None:
+                    self._refused(record, reason)
                     self._supervisor.spawn(self.park(consumer, message, reason, 0), "park")
                     continue
                 deliver(message, consumer)
@@ -412,6 +417,21 @@ class PartitionConsumers:
             # flight here (their next consumer gets them).
             self._done(len(records) - delivered)
             raise
+
+    def _refused(self, record: LogRecord, reason: str) -> None:
+        """A record no worker can take (undecodable, or of another partition): counted
+        as parked, logged once a minute — a producer sending garbage keeps doing it."""
+        self.refused += 1
+        if self._refusals_log.due():
+            log.warning(
+                "inbox %r: record %d of partition %d parked as a dead letter (%s); %d such "
+                "record(s) so far, logged once a minute",
+                self.inbox.name,
+                record.sequence,
+                record.partition,
+                reason[:300],
+                self.refused,
+            )
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)

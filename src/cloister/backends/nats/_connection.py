@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription as NatsSub
 from nats.js import JetStreamContext
 
 from cloister._backoff import Backoff
+from cloister._quiet import Quiet
 from cloister.backends.nats._config import NatsOptions, ParsedURL
 from cloister.backends.nats._errors import (
     JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
@@ -44,9 +45,6 @@ Listener = Callable[[], None]
 SlowConsumerListener = Callable[[str], Awaitable[None]]
 """Called with the reply subject ("" for none) of a message nats-py dropped because the
 subscription's queue was full."""
-
-DROPS_LOG_INTERVAL = 60.0
-"""Seconds between two warnings about messages dropped by full subscription queues."""
 
 
 async def close_quietly(nc: NATS, timeout: float = 2.0) -> None:
@@ -86,7 +84,7 @@ class NatsConnection:
         self._reconnect_listeners: list[Listener] = []
         self._closed_listeners: list[Listener] = []
         self._slow_consumers: dict[int, SlowConsumerListener] = {}
-        self._drops_logged_at: float | None = None
+        self._drops_log = Quiet()
         #: Messages nats-py dropped because a subscription's queue was full (a flood).
         self.dropped = 0
         first, longest = options.reconnect_wait
@@ -317,9 +315,7 @@ class NatsConnection:
     async def _on_slow_consumer(self, exc: nats.errors.SlowConsumerError) -> None:
         # Counted each time, logged once a minute: a flood must not flood the log too.
         self.dropped += 1
-        now = asyncio.get_running_loop().time()
-        if self._drops_logged_at is None or now - self._drops_logged_at >= DROPS_LOG_INTERVAL:
-            self._drops_logged_at = now
+        if self._drops_log.due():
             log.warning(
                 "node %s: messages on %s arrive faster than it handles them; past its "
                 "queue bound they are dropped (%d so far; logged once a minute)",
