@@ -39,15 +39,17 @@ def run_app(
     cluster: str,
     *extra: str,
     name: str = "a",
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     """``cloister run app:Shop`` of the app ``source`` (written to ``directory/app.py``),
-    as node ``name`` of ``cluster`` on ``url``; returns once its manager is up."""
+    as node ``name`` of ``cluster`` on ``url`` (``env``: CLOISTER_* settings); returns once
+    its manager is up."""
     (directory / "app.py").write_text(source)
     node = group.spawn_python(
         "-m", "cloister", "run", "app:Shop",
         "--backend", url, "--cluster", cluster, "--name", name,
         "--heartbeat", "0.5", "--failure-timeout", "2", *extra,
-        cwd=directory, env=cli_env(),
+        cwd=directory, env=cli_env(env),
     )  # fmt: skip
     node.wait_for_line(r"^manager up ", timeout=30)
     return node

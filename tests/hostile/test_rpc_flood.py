@@ -144,7 +144,7 @@ REQUESTS = 20_000
 SIZE = 4096
 SECONDS = 5.0
 RSS_BOUND = 40 * 1024 * 1024
-MAX_CONCURRENT = 256  # the default max_concurrent_requests
+MAX_CONCURRENT = 64  # set through $CLOISTER_MAX_CONCURRENT_REQUESTS
 
 
 async def _flood(url: str, subject: str) -> dict[str, int]:
@@ -232,7 +232,10 @@ def test_a_flood_of_requests_keeps_the_node_flat_alive_and_answering(
     nats_server: NatsServer, node_processes: ProcessGroup, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    node = run_app(node_processes, tmp_path, FLOOD_APP, url, "flood", "--metrics-port", "0")
+    limit = {"CLOISTER_MAX_CONCURRENT_REQUESTS": str(MAX_CONCURRENT)}
+    node = run_app(
+        node_processes, tmp_path, FLOOD_APP, url, "flood", "--metrics-port", "0", env=limit
+    )
     assert node.pid is not None
     process = psutil.Process(node.pid)
     before = process.memory_info().rss
@@ -260,5 +263,5 @@ def test_a_flood_of_requests_keeps_the_node_flat_alive_and_answering(
     # the refusals are counted, in the metric too, and logged once (not once each)
     refused = metric(node, "cloister_requests_refused_total")
     assert refused >= replies["busy"], refused
-    logged = [line for line in node.lines if "is busy" in line.text]
-    assert len(logged) == 1, logged
+    logged = [line.text for line in node.lines if "is busy" in line.text]
+    assert len(logged) == 1 and f"{MAX_CONCURRENT} requests running" in logged[0], logged

@@ -134,6 +134,13 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
         "--weight", type=positive_float, metavar="W", help="share of the ring, relative (1.0)"
     )
     node.add_argument(
+        "--max-concurrent-requests",
+        type=positive_int,
+        metavar="N",
+        help="requests from other nodes run at once; more are refused busy "
+        "(default $CLOISTER_MAX_CONCURRENT_REQUESTS, or 256)",
+    )
+    node.add_argument(
         "--metrics-port",
         type=port_number,
         metavar="PORT",
@@ -168,6 +175,7 @@ def make_cluster(
     from_env(args, "name", "CLOISTER_NODE")
     from_env(args, "consensus", "CLOISTER_CONSENSUS", positive_int)
     from_env(args, "group", "CLOISTER_GROUPS", groups)
+    from_env(args, "max_concurrent_requests", "CLOISTER_MAX_CONCURRENT_REQUESTS", positive_int)
     if from_env(args, "metrics_port", "CLOISTER_METRICS_PORT", port_number) is not None:
         try:
             require_prometheus()
@@ -178,6 +186,7 @@ def make_cluster(
         "failure_timeout": args.failure_timeout,
         "weight": args.weight,
         "consensus": args.consensus,
+        "max_concurrent_requests": args.max_concurrent_requests,
     }
     return Cluster(
         name,
