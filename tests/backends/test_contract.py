@@ -25,6 +25,7 @@ from cloister.backends import (
     ServeLimits,
     open_backend,
 )
+from cloister.backends.base import TOPIC_PENDING_BYTES
 from cloister.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -36,6 +37,7 @@ from cloister.errors import (
     RequestTimeoutError,
     RevisionMismatchError,
 )
+from cloister.testing import eventually
 from tests.backends.support import watching
 
 Connect = Callable[..., Awaitable[Backend]]
@@ -490,6 +492,31 @@ async def test_publish_reaches_every_subscriber_in_order(connect: Connect) -> No
     await asyncio.sleep(0.2)
     assert got["two"][-1] == b"99"
     assert got["one"][-1] == b"after close"
+
+
+async def test_a_subscriber_that_falls_behind_a_flood_drops_past_its_bound(
+    connect: Connect,
+) -> None:
+    publisher, subscriber = await connect(node="n1"), await connect(node="n2")
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def slow(payload: bytes) -> None:
+        await release.wait()
+        got.append(payload)
+
+    await subscriber.subscribe("flood", slow)
+    body = b"x" * 4096
+    sent = 2 * TOPIC_PENDING_BYTES // len(body)  # twice what the queue holds
+    for _ in range(sent):
+        await publisher.publish("flood", body)
+    await publisher.publish("flood", b"last")
+    await asyncio.sleep(0.5)
+    release.set()
+    await asyncio.sleep(0.5)
+    assert 0 < len(got) <= TOPIC_PENDING_BYTES // len(body) + 1, len(got)
+    await publisher.publish("flood", b"after")  # and the subscription still works
+    await eventually(lambda: got[-1:] == [b"after"], 5, "a message after the flood")
 
 
 async def test_a_failing_subscriber_keeps_receiving(connect: Connect) -> None:

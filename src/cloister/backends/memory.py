@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from cloister._tasks import Supervisor
 from cloister.backends import _names
 from cloister.backends.base import (
+    PENDING_MESSAGES,
+    TOPIC_PENDING_BYTES,
     Backend,
     Entry,
     Guard,
@@ -429,12 +431,25 @@ class _MemorySubscription(Subscription):
         self.topic = topic
         self.key = subject
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.pending_bytes = 0
+        #: Messages dropped because the queue was full, as nats-py drops them.
+        self.dropped = 0
         self._handler = handler
         self._pump = owner._supervisor.spawn(self._run(), f"subscription {topic}")
+
+    def offer(self, payload: bytes) -> None:
+        """Queue ``payload`` unless the queue is full (NATS's bounds: then dropped)."""
+        full = self.queue.qsize() >= PENDING_MESSAGES
+        if full or self.pending_bytes + len(payload) >= TOPIC_PENDING_BYTES:
+            self.dropped += 1
+            return
+        self.pending_bytes += len(payload)
+        self.queue.put_nowait(payload)
 
     async def _run(self) -> None:
         while True:
             payload = await self.queue.get()
+            self.pending_bytes -= len(payload)
             try:
                 await self._handler(payload)
             except Exception:
@@ -681,7 +696,7 @@ class MemoryBackend(Backend):
         subject = _names.topic_subject(self.cluster, topic)
         for subscription in self._world._topics.get(subject, []):
             if subscription.owner.reachable:
-                subscription.queue.put_nowait(bytes(payload))
+                subscription.offer(bytes(payload))
 
     async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
         await self._io(streams=False)
