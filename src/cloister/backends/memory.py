@@ -421,7 +421,9 @@ class _MemoryConsumer(LogConsumer):
 
     async def release(self) -> None:
         await self._owner._io()
-        if self._target.consumer is self:
+        # By name, as NATS deletes the durable named after the consumer: a claim made
+        # since under the same name (by another process that took the name) goes too.
+        if self._target.claimant == self.name:
             self._target.claimant = self._target.consumer = None
 
 
