@@ -46,3 +46,22 @@ class QuietByKind:
                 self._kinds.clear()
             quiet = self._kinds[kind] = Quiet(self.interval)
         return quiet.due()
+
+
+class Once:
+    """Which bad records were reported already, by ``(key, revision)``: a record read on
+    every listing (every settle, every ``items()``) is counted and logged once, until it
+    changes. Remembers at most ``limit`` (records come from outside; then afresh)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: set[tuple[str, int]] = set()
+
+    def first(self, key: str, revision: int) -> bool:
+        """True the first time ``(key, revision)`` is met."""
+        if (key, revision) in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add((key, revision))
+        return True

@@ -44,8 +44,9 @@ class Shop(DynamicManager):
 
     async def handle_call(self, message, id, payload):
         if message == "table":  # what the node reads back from a garbage table
-            table = await self.cluster.table("prices")
-            return {str(k): v for k, v in (await table.items()).items()}
+            if not hasattr(self, "prices"):
+                self.prices = await self.cluster.table("prices")  # opened once, as apps do
+            return {str(k): v for k, v in (await self.prices.items()).items()}
         if message == "dead":
             return len(await self.dead_letters())
         return payload
@@ -300,16 +301,20 @@ def test_garbage_everywhere_kills_no_node(cluster: Cluster) -> None:
     # 5. the dead-letter bucket: a node still lists (skipping) the malformed letters
     for key, value in [("9-9", b"\xc1"), ("9-10", _deep(5000)), ("9-11", msgpack.packb([1]))]:
         asyncio.run(_kv_put(url, "dead-Shop", key, value))
-    answer = _call(url, "k0", "dead")
-    assert answer.get("r", -1) >= sent, answer
+    for _ in range(2):  # listed twice: each malformed letter logged once
+        answer = _call(url, "k0", "dead")
+        assert answer.get("r", -1) >= sent, answer
     cluster.survived("garbage dead letters")
+    cluster.logged_once("skipping malformed dead letter '9-9'", "garbage dead letters")
 
     # 6. a table bucket the app reads
     for key, value in [("junk", b"\xc1"), ("kdeep", _deep(5000)), ("k" + "A" * 200, b"\x01")]:
         asyncio.run(_kv_put(url, "tbl-prices", key, value))
-    answer = _call(url, "k0", "table")
-    assert "r" in answer or answer.get("e") == "handler_failed", answer
+    for _ in range(2):  # read twice: each bad record logged once
+        answer = _call(url, "k0", "table")
+        assert "r" in answer, answer  # the good records, the bad ones skipped
     cluster.survived("garbage table records")
+    cluster.logged_once("bucket key 'junk' does not start with", "garbage table records")
 
     # a node started after all that joins and takes its share
     newcomer = run_app(cluster.group, cluster.directory, APP, url, CLUSTER, name="c")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloister import wire
+from cloister._quiet import Once
 from cloister.backends import Guard, KeyValue
 from cloister.errors import (
     FencedError,
@@ -140,9 +141,8 @@ class StateTable:
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
-        # (key, revision) of the malformed records already counted and logged: every
-        # settle reloads the bucket, and one bad record is reported once, not per settle.
-        self._reported: set[tuple[str, int]] = set()
+        # Every settle reloads the bucket: one bad record is reported once, not per settle.
+        self._reported = Once()
         self.unstorable: dict[Any, Unstorable] = {}
         self.unstorable_records = 0
         self.on_unstorable: Callable[[Any, Stored | None], None] | None = None
@@ -176,11 +176,8 @@ class StateTable:
             check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
             return stored
         except (WireFormatError, InvalidIdError) as exc:
-            if (key, revision) in self._reported:
+            if not self._reported.first(key, revision):
                 return None
-            if len(self._reported) >= 10_000:  # written from outside: keep it bounded
-                self._reported.clear()
-            self._reported.add((key, revision))
             self.bad_records += 1
             log.warning("ignoring a malformed stored worker (key %s): %s", key[:100], exc)
             return None
