@@ -645,6 +645,9 @@ class MemoryBackend(Backend):
         await self._io()
         return MemoryLog(self, name, self._world.log(self.cluster, name, partitions, dedup_window))
 
+    def _request_done(self, _task: asyncio.Task[None]) -> None:
+        self._requests_running -= 1
+
     async def serve(self, handler: RequestHandler, limits: ServeLimits | None = None) -> None:
         await self._io(streams=False)
         self._serve_limits = limits
@@ -668,23 +671,21 @@ class MemoryBackend(Backend):
         reply: asyncio.Future[bytes] = loop.create_future()
 
         async def answer() -> None:
+            if server.latency:
+                await asyncio.sleep(server.latency)
             try:
-                if server.latency:
-                    await asyncio.sleep(server.latency)
-                try:
-                    result = await handler(bytes(payload))
-                except Exception as exc:
-                    if not reply.done():
-                        reply.set_exception(RemoteError(f"node {node} failed: {exc!r}"))
-                    raise
-            finally:
-                server._requests_running -= 1
+                result = await handler(bytes(payload))
+            except Exception as exc:
+                if not reply.done():
+                    reply.set_exception(RemoteError(f"node {node} failed: {exc!r}"))
+                raise
             if server.reachable and self.reachable and not reply.done():
                 reply.set_result(result)
 
         if server.reachable:
-            server._requests_running += 1  # counted from now, as it is on NATS
-            server._supervisor.spawn(answer(), f"request to {node}")
+            server._requests_running += 1  # counted from now until done, as on NATS
+            task = server._supervisor.spawn(answer(), f"request to {node}")
+            task.add_done_callback(server._request_done)
         try:
             async with asyncio.timeout(timeout):
                 return await reply
