@@ -352,7 +352,9 @@ def cases() -> list[Case]:
         Case(
             "request",
             schema.REQUEST,
-            lambda k: encode_request("cloister.manager.shop.call", [WORKER, PAYLOAD], "n1", k),
+            lambda k: encode_request(
+                "cloister.manager.shop.call", [WORKER, PAYLOAD], "n1", keyring=k
+            ),
             old_request,
             decode_request,
         ),
@@ -366,7 +368,9 @@ def cases() -> list[Case]:
         Case(
             "handoff (200 workers)",
             schema.REQUEST,
-            lambda k: encode_request("cloister.manager.shop.handoff", _handoff_batch(), "n1", k),
+            lambda k: encode_request(
+                "cloister.manager.shop.handoff", _handoff_batch(), "n1", keyring=k
+            ),
             old_handoff,
             _handoff_new,
         ),

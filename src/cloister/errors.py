@@ -120,6 +120,12 @@ class RequestTimeoutError(CloisterError, TimeoutError):
     """A request to another node got no answer in time."""
 
 
+class NodeBusyError(RemoteError):
+    """The node already runs as many requests as it takes at once
+    (``Cluster(max_concurrent_requests=...)``) and refused this one at once, without
+    running it. Retry after a pause, spread the load, or raise the node's limit."""
+
+
 class NoSuchNodeError(CloisterError, LookupError):
     """A request was addressed to a node that is not a member (or not reachable)."""
 

@@ -33,6 +33,11 @@ metric                                             type       meaning
 ``cloister_fenced_total``                          counter    self-fencings (renewal failed)
 ``cloister_heartbeat_failures_total``              counter    failed membership renewals
 ``cloister_bad_records_total``                     counter    malformed records ignored
+``cloister_requests_refused_total``                counter    requests refused unrun (``busy``):
+                                                              at ``max_concurrent_requests``
+                                                              or their queue full
+``cloister_request_errors_total``                  counter    requests and multicasts that were
+                                                              undecodable, refused or failed
 ``cloister_malformed_records_total{kind}``         counter    the same by kind: member,
                                                               ghost_member, epoch, sentry
 ``cloister_unauthenticated_records_total{kind}``   counter    records and requests refused
@@ -144,6 +149,8 @@ _CLUSTER_COUNTERS = {
     "bad_records": "Malformed member or control records ignored.",
     "medium_data_loss": "Times this node found the medium had lost its data (a server "
     "restarted with an empty store) and rebuilt its control plane.",
+    "requests_refused": "Requests refused unrun (busy): at max_concurrent_requests or queue full.",
+    "request_errors": "Requests and multicasts undecodable, refused or failed by their handler.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",

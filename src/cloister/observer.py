@@ -335,7 +335,9 @@ class Observer:
         timeout = self.request_timeout if timeout is None else timeout
         try:
             reply = await backend.request(
-                node, encode_request(handler, payload, self.name, self.keyring), timeout=timeout
+                node,
+                encode_request(handler, payload, self.name, timeout=timeout, keyring=self.keyring),
+                timeout=timeout,
             )
         except Exception as exc:
             result = failed(node, exc)

@@ -162,6 +162,8 @@ class RequestWire(msgspec.Struct, frozen=True):
     f: str | None = None
     to: list[str] | None = None
     """A multicast's addressees (None: every node)."""
+    t: float | None = None
+    """Seconds the caller waits for the reply (None: an older or foreign caller)."""
 
 
 class ReplyWire(msgspec.Struct, frozen=True):

@@ -22,8 +22,10 @@ from cloister.backends import (
     LogConsumer,
     LogRecord,
     PartitionBusyError,
+    ServeLimits,
     open_backend,
 )
+from cloister.backends.base import TOPIC_PENDING_BYTES
 from cloister.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -35,6 +37,7 @@ from cloister.errors import (
     RequestTimeoutError,
     RevisionMismatchError,
 )
+from cloister.testing import eventually
 from tests.backends.support import watching
 
 Connect = Callable[..., Awaitable[Backend]]
@@ -385,6 +388,31 @@ async def test_requests_are_answered_concurrently(connect: Connect) -> None:
     assert await slow == b"wait"
 
 
+async def test_requests_past_the_limit_are_refused_at_once(connect: Connect) -> None:
+    server, client = await connect(node="n1"), await connect(node="n2")
+    release = asyncio.Event()
+    refused: list[bytes] = []
+
+    async def held(payload: bytes) -> bytes:
+        await release.wait()
+        return b"ran:" + payload
+
+    def refuse(payload: bytes) -> bytes:
+        refused.append(payload)
+        return b"busy"
+
+    await server.serve(held, ServeLimits(2, 1024 * 1024, refuse))
+    running = [asyncio.ensure_future(client.request("n1", b"%d" % i, timeout=5)) for i in (1, 2)]
+    await asyncio.sleep(0.2)  # both are running (and holding the two slots)
+    started = time.monotonic()
+    assert await client.request("n1", b"3", timeout=5) == b"busy"
+    assert time.monotonic() - started < 1.0, "a refusal must be fast"
+    assert refused == [b"3"]
+    release.set()
+    assert await asyncio.gather(*running) == [b"ran:1", b"ran:2"]
+    assert await client.request("n1", b"4", timeout=5) == b"ran:4", "slots are given back"
+
+
 async def test_request_to_nobody_fails_fast(connect: Connect) -> None:
     client = await connect(node="n2")
     started = time.monotonic()
@@ -464,6 +492,31 @@ async def test_publish_reaches_every_subscriber_in_order(connect: Connect) -> No
     await asyncio.sleep(0.2)
     assert got["two"][-1] == b"99"
     assert got["one"][-1] == b"after close"
+
+
+async def test_a_subscriber_that_falls_behind_a_flood_drops_past_its_bound(
+    connect: Connect,
+) -> None:
+    publisher, subscriber = await connect(node="n1"), await connect(node="n2")
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def slow(payload: bytes) -> None:
+        await release.wait()
+        got.append(payload)
+
+    await subscriber.subscribe("flood", slow)
+    body = b"x" * 4096
+    sent = 2 * TOPIC_PENDING_BYTES // len(body)  # twice what the queue holds
+    for _ in range(sent):
+        await publisher.publish("flood", body)
+    await publisher.publish("flood", b"last")
+    await asyncio.sleep(0.5)
+    release.set()
+    await asyncio.sleep(0.5)
+    assert 0 < len(got) <= TOPIC_PENDING_BYTES // len(body) + 1, len(got)
+    await publisher.publish("flood", b"after")  # and the subscription still works
+    await eventually(lambda: got[-1:] == [b"after"], 5, "a message after the flood")
 
 
 async def test_a_failing_subscriber_keeps_receiving(connect: Connect) -> None:

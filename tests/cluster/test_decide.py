@@ -384,6 +384,8 @@ def test_counters_as_dict() -> None:
         "fenced": 2,
         "heartbeat_failures": 0,
         "medium_data_loss": 0,
+        "requests_refused": 0,
+        "request_errors": 0,
     }
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):

@@ -1,11 +1,19 @@
-"""What the hostile tests write: records as a node would, with fields changed."""
+"""What the hostile tests share: records as a node would write them, with fields changed;
+an app run by ``cloister run``; a cast from outside."""
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from cloister.backends import open_backend
+from cloister.store.inbox import Inbox
+from cloister.testing import NodeProcess, ProcessGroup
+from tests.cli.support import cli_env
 
 
 def member(node: str, /, **changes: Any) -> bytes:
@@ -43,3 +51,54 @@ def exported(cluster: Any, family: str) -> Callable[[str], float]:
         return float(lines[0].removeprefix(prefix))
 
     return value
+
+
+def run_app(
+    group: ProcessGroup,
+    directory: Path,
+    source: str,
+    url: str,
+    cluster: str,
+    *extra: str,
+    name: str = "a",
+    env: dict[str, str] | None = None,
+) -> NodeProcess:
+    """``cloister run app:Shop`` of the app ``source`` (written to ``directory/app.py``),
+    as node ``name`` of ``cluster`` on ``url`` (``env``: CLOISTER_* settings); returns once
+    its manager is up."""
+    (directory / "app.py").write_text(source)
+    node = group.spawn_python(
+        "-m", "cloister", "run", "app:Shop",
+        "--backend", url, "--cluster", cluster, "--name", name,
+        "--heartbeat", "0.5", "--failure-timeout", "2", *extra,
+        cwd=directory, env=cli_env(env),
+    )  # fmt: skip
+    node.wait_for_line(r"^manager up ", timeout=30)
+    return node
+
+
+async def cast(url: str, cluster: str, key: str, message: Any, msg_id: str | None = None) -> None:
+    """Cast ``message`` to worker ``key`` of manager ``Shop`` through its durable inbox,
+    from a connection of our own (as an outside producer would)."""
+    backend = open_backend(url, cluster, "caster")
+    await backend.connect()
+    try:
+        inbox = Inbox(backend, "Shop", partitions=128)
+        await inbox.open()
+        await inbox.put(key, message, msg_id=msg_id, timeout=10)
+    finally:
+        await backend.close()
+
+
+def metric(node: NodeProcess, name: str) -> float:
+    """The sum of the series ``name`` (every label set) that node serves on the metrics
+    port it printed (started with ``--metrics-port 0``)."""
+    port = int(node.wait_for_line(r"^metrics port=(\d+)", timeout=5).group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == name or series.startswith(name + "{"):
+            total += float(value)
+    return total

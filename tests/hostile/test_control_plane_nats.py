@@ -13,8 +13,7 @@ import msgpack
 from cloister.backends import open_backend
 from cloister.cluster.control import EPOCH_KEY
 from cloister.testing import NatsServer, ProcessGroup
-from tests.cli.support import cli_env
-from tests.hostile.support import member
+from tests.hostile.support import member, run_app
 from tests.nats.support import Nodes, wait_for
 
 
@@ -114,14 +113,7 @@ async def _boom(url: str, cluster: str) -> None:
 def test_a_critical_task_that_dies_makes_cloister_run_exit_non_zero(
     nats_server: NatsServer, node_processes: ProcessGroup, tmp_path: Path
 ) -> None:
-    (tmp_path / "buggyapp.py").write_text(BUGGY_APP)
-    node = node_processes.spawn_python(
-        "-m", "cloister", "run", "buggyapp:Shop",
-        "--backend", nats_server.url, "--cluster", "buggy", "--name", "a",
-        "--heartbeat", "0.5", "--failure-timeout", "2",
-        cwd=tmp_path, env=cli_env(),
-    )  # fmt: skip
-    node.wait_for_line(r"^manager up ", timeout=30)
+    node = run_app(node_processes, tmp_path, BUGGY_APP, nats_server.url, "buggy")
     asyncio.run(_boom(nats_server.url, "buggy"))
     code = wait_for(lambda: node.returncode, 30, "cloister run to exit")
     assert code == 1, node.tail()

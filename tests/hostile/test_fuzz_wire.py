@@ -55,7 +55,7 @@ def _record(data: bytes) -> LogRecord:
 
 # Every decoder the project reads records with, by the record kind it reads.
 DECODERS: dict[str, Callable[[bytes, Keyring], Any]] = {
-    "member": lambda data, k: MemberRecord.decode(data, "node-1", k),
+    "member": lambda data, k: MemberRecord.decode(data, "node-1", keyring=k),
     "epoch": EpochRecord.decode,
     "sentry": decode_sentry,
     "claim": Claim.decode,
@@ -73,7 +73,7 @@ DECODERS: dict[str, Callable[[bytes, Keyring], Any]] = {
 VALID: dict[str, Callable[[Keyring], bytes]] = {
     "member": MemberRecord("node-1", 2, 1.5, ("eu",), 1.7e9, 3, "ready", 3.0).encode,
     "epoch": EpochRecord(4, "node-1", {"node-1": MemberSpec(1.0, ("eu",), 2)}).encode,
-    "sentry": lambda k: encode_sentry("node-1", k),
+    "sentry": lambda k: encode_sentry("node-1", keyring=k),
     "claim": Claim("node-1", 4).encode,
     "state": Stored(("t", 7), {"payload": 1}, {"n": [1, 2]}, True, watermark=9).encode,
     "inbox": lambda k: schema.encode(schema.INBOX, [("t", 7), {"qty": 1}, "m-1"], k),
@@ -81,10 +81,13 @@ VALID: dict[str, Callable[[Keyring], bytes]] = {
         schema.DEAD_LETTER, {"key": "k", "reason": "x", "attempts": 1, "at": 1.0}, k
     ),
     "table": lambda k: schema.encode(schema.TABLE, {"a": (1, "b")}, k),
-    "request": lambda k: encode_request("cloister.ping", [1, (2,)], "node-1", k),
+    "request": lambda k: encode_request("cloister.ping", [1, (2,)], "node-1", keyring=k),
     "multicast": lambda k: schema.encode(schema.MULTICAST, {"h": "x", "to": ["a"]}, k),
     "handoff": lambda k: encode_request(
-        "cloister.manager.m.handoff", {"epoch": 3, "workers": [[("t", 1), {"n": 1}, [], 5]]}, "a", k
+        "cloister.manager.m.handoff",
+        {"epoch": 3, "workers": [[("t", 1), {"n": 1}, [], 5]]},
+        "a",
+        keyring=k,
     ),
 }
 

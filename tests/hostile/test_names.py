@@ -80,7 +80,10 @@ def _subject(kind: str, cluster: str, name: str, partition: int) -> str:
 SUBJECT_NAMES = NAMES | st.lists(NAMES, min_size=2, max_size=3).map(".".join)
 SUBJECTS = st.tuples(
     st.sampled_from(["node", "topic", "log"]), NAMES, SUBJECT_NAMES, st.integers(0, 99)
-).map(lambda t: t if t[0] != "log" else (t[0], t[1], t[2].replace(".", "-"), t[3]))
+).map(
+    # a log name has no dots and at most MAX_COMPONENT characters
+    lambda t: t if t[0] != "log" else (t[0], t[1], t[2].replace(".", "-")[:MAX_COMPONENT], t[3])
+)
 
 
 @settings(max_examples=500)

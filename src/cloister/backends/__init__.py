@@ -22,6 +22,7 @@ from cloister.backends.base import (
     MessageHandler,
     PartitionBusyError,
     RequestHandler,
+    ServeLimits,
     Subscription,
 )
 from cloister.errors import ConfigurationError
@@ -39,6 +40,7 @@ __all__ = [
     "MessageHandler",
     "PartitionBusyError",
     "RequestHandler",
+    "ServeLimits",
     "Subscription",
     "check_url",
     "open_backend",

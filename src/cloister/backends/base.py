@@ -57,6 +57,30 @@ RequestHandler = Callable[[bytes], Awaitable[bytes]]
 MessageHandler = Callable[[bytes], Awaitable[None]]
 """Receives one message published on a topic."""
 
+TOPIC_PENDING_BYTES = 8 * 1024 * 1024
+"""Bytes of topic messages a subscription queues for its handler; past that (a flood),
+further messages are dropped, as core publish/subscribe is at most once anyway."""
+
+PENDING_MESSAGES = 4096
+"""Messages a subscription (topic or requests) queues for its handler: the count bound
+next to the byte bound, so a flood of tiny messages cannot pile up objects either."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    """How much a node takes on at once when it answers requests (:meth:`Backend.serve`).
+
+    A request that arrives while ``max_concurrent`` handler calls are running, or while
+    ``max_pending_bytes`` of requests already wait for one, is not run: it is answered
+    at once with ``refuse(request)`` (a cheap, synchronous call that builds the reply
+    saying the node is busy). So a flood costs a bounded amount of memory and every
+    caller gets an answer fast, busy or not.
+    """
+
+    max_concurrent: int
+    max_pending_bytes: int
+    refuse: Callable[[bytes], bytes]
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -344,6 +368,12 @@ class Backend(ABC):
         :meth:`connect`, while reconnecting, and once closed). The liveness probe reads it."""
 
     @property
+    def closed_reason(self) -> str | None:
+        """Why the connection was closed for good underneath us (the medium's last error,
+        as :meth:`on_closed` callbacks may want to say); None while it is not, or unknown."""
+        return None
+
+    @property
     def max_payload(self) -> int | None:
         """The most bytes one message to the medium may have, headers included (NATS: the
         server's ``max_payload``); None: no limit known. Callers keep
@@ -384,8 +414,9 @@ class Backend(ABC):
         raise BackendError(f"backend {self.url} does not provide partitioned logs yet")
 
     @abstractmethod
-    async def serve(self, handler: RequestHandler) -> None:
-        """Answer requests addressed to this node with ``handler`` until :meth:`close`."""
+    async def serve(self, handler: RequestHandler, limits: ServeLimits | None = None) -> None:
+        """Answer requests addressed to this node with ``handler`` until :meth:`close`,
+        at most as much at once as ``limits`` allow (unbounded when None)."""
 
     @abstractmethod
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:

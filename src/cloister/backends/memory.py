@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from cloister._tasks import Supervisor
 from cloister.backends import _names
 from cloister.backends.base import (
+    PENDING_MESSAGES,
+    TOPIC_PENDING_BYTES,
     Backend,
     Entry,
     Guard,
@@ -57,6 +59,7 @@ from cloister.backends.base import (
     MessageHandler,
     PartitionBusyError,
     RequestHandler,
+    ServeLimits,
     Subscription,
 )
 from cloister.errors import (
@@ -449,7 +452,9 @@ class _MemoryConsumer(LogConsumer):
 
     async def release(self) -> None:
         await self._owner._io()
-        if self._target.consumer is self:
+        # By name, as NATS deletes the durable named after the consumer: a claim made
+        # since under the same name (by another process that took the name) goes too.
+        if self._target.claimant == self.name:
             self._target.claimant = self._target.consumer = None
 
 
@@ -459,12 +464,25 @@ class _MemorySubscription(Subscription):
         self.topic = topic
         self.key = subject
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.pending_bytes = 0
+        #: Messages dropped because the queue was full, as nats-py drops them.
+        self.dropped = 0
         self._handler = handler
         self._pump = owner._supervisor.spawn(self._run(), f"subscription {topic}")
+
+    def offer(self, payload: bytes) -> None:
+        """Queue ``payload`` unless the queue is full (NATS's bounds: then dropped)."""
+        full = self.queue.qsize() >= PENDING_MESSAGES
+        if full or self.pending_bytes + len(payload) >= TOPIC_PENDING_BYTES:
+            self.dropped += 1
+            return
+        self.pending_bytes += len(payload)
+        self.queue.put_nowait(payload)
 
     async def _run(self) -> None:
         while True:
             payload = await self.queue.get()
+            self.pending_bytes -= len(payload)
             try:
                 await self._handler(payload)
             except Exception:
@@ -599,6 +617,8 @@ class MemoryBackend(Backend):
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._closed_callbacks: list[Callable[[], None]] = []
         self._data_loss_callbacks: list[Callable[[str], None]] = []
+        self._serve_limits: ServeLimits | None = None
+        self._requests_running = 0  # requests to this node whose handler runs
         self.crashed = False
         self.partitioned = False
         self.latency = 0.0
@@ -692,8 +712,12 @@ class MemoryBackend(Backend):
         data = self._world.existing_log(self.cluster, name)
         return None if data is None else MemoryLog(self, name, data)
 
-    async def serve(self, handler: RequestHandler) -> None:
+    def _request_done(self, _task: asyncio.Task[None]) -> None:
+        self._requests_running -= 1
+
+    async def serve(self, handler: RequestHandler, limits: ServeLimits | None = None) -> None:
         await self._io(streams=False)
+        self._serve_limits = limits
         self._world._servers[self._subject] = (self, handler)
 
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
@@ -702,6 +726,14 @@ class MemoryBackend(Backend):
         if target is None:
             raise NoSuchNodeError(f"no responders for node {node!r} in cluster {self.cluster!r}")
         server, handler = target
+        limits = server._serve_limits
+        if (
+            limits is not None
+            and server.reachable
+            and server._requests_running >= limits.max_concurrent
+        ):
+            # As on NATS: the serving node refuses at once what it has no room for.
+            return limits.refuse(bytes(payload))
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
 
@@ -718,7 +750,9 @@ class MemoryBackend(Backend):
                 reply.set_result(result)
 
         if server.reachable:
-            server._supervisor.spawn(answer(), f"request to {node}")
+            server._requests_running += 1  # counted from now until done, as on NATS
+            task = server._supervisor.spawn(answer(), f"request to {node}")
+            task.add_done_callback(server._request_done)
         try:
             async with asyncio.timeout(timeout):
                 return await reply
@@ -732,7 +766,7 @@ class MemoryBackend(Backend):
         subject = _names.topic_subject(self.cluster, topic)
         for subscription in self._world._topics.get(subject, []):
             if subscription.owner.reachable:
-                subscription.queue.put_nowait(bytes(payload))
+                subscription.offer(bytes(payload))
 
     async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
         await self._io(streams=False)

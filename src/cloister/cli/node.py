@@ -210,6 +210,7 @@ def make_cluster(
         "failure_timeout": args.failure_timeout,
         "weight": args.weight,
         "consensus": args.consensus,
+        "max_concurrent_requests": args.max_concurrent_requests,
     }
 
     node_name: str | None = args.name

@@ -319,6 +319,15 @@ SETTINGS: tuple[Setting, ...] = (
         unset="1.0",
     ),
     _s(
+        "max_concurrent_requests",
+        "CLOISTER_MAX_CONCURRENT_REQUESTS",
+        "--max-concurrent-requests",
+        "requests from other nodes run at once; more are refused at once as busy",
+        convert=positive_int,
+        metavar="N",
+        unset="256",
+    ),
+    _s(
         "metrics_port",
         "CLOISTER_METRICS_PORT",
         "--metrics-port",
@@ -429,6 +438,7 @@ NODE = (
     "heartbeat",
     "failure_timeout",
     "weight",
+    "max_concurrent_requests",
     "metrics_port",
     "health_port",
     "metrics_host",

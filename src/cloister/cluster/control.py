@@ -51,6 +51,12 @@ class ClusterCounters:
     medium_data_loss: int = 0
     """Times this node found the medium had lost its data (one per episode: a server
     restarted with an empty store), re-bootstrapped its control plane and reported it."""
+    requests_refused: int = 0
+    """Requests from other nodes refused unrun (``busy``): the node ran its
+    ``max_concurrent_requests`` already, or their queue was full."""
+    request_errors: int = 0
+    """Requests and multicasts from the wire that could not be decoded, that their
+    handler refused or failed on, or that ran past their deadline."""
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
     unauthenticated: dict[str, int] = field(default_factory=dict)

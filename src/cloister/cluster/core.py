@@ -29,7 +29,7 @@ from typing import Any
 
 from cloister._loopwatch import LoopWatch, watch
 from cloister._tasks import Supervisor, wait_event
-from cloister.backends import Backend, KeyValue, open_backend
+from cloister.backends import Backend, KeyValue, ServeLimits, open_backend
 from cloister.cluster.control import (
     ClusterCounters,
     Control,
@@ -66,6 +66,10 @@ __all__ = ["Cluster", "SuspendReason", "TopologyHook"]
 log = logging.getLogger("cloister.cluster")
 
 
+def _pong(_payload: Any) -> str:
+    return "pong"
+
+
 class Cluster(RemoteCalls):
     """One node of a cluster. Use ``async with Cluster(...) as cluster:``.
 
@@ -83,7 +87,13 @@ class Cluster(RemoteCalls):
             3 heartbeats; at least 2).
         expected: node names that must all be present before ``ready`` (Cloister's
             static ``sentry: [...]`` list).
-        request_timeout: default timeout of ``multicall``.
+        request_timeout: default timeout of ``call``/``multicall`` (seconds); a multicast
+            handler runs no longer than this either.
+        max_concurrent_requests: requests from other nodes this node runs at once; more
+            are refused at once with :class:`~cloister.errors.NodeBusyError` (counted in
+            ``requests_refused``).
+        max_queued_request_bytes: bytes of requests that may wait to be run; past that
+            they are refused the same way (a flood costs bounded memory).
         backend_options: passed to the backend (NATS credentials, TLS, ...).
         secret: the cluster secret every record and internal request is sealed with
             (HMAC-SHA256, see :mod:`cloister.schema`): a str (several separated by
@@ -106,6 +116,8 @@ class Cluster(RemoteCalls):
         failure_timeout: float | None = None,
         expected: Collection[str] = (),
         request_timeout: float = 5.0,
+        max_concurrent_requests: int = 256,
+        max_queued_request_bytes: int = 8 * 1024 * 1024,
         backend_options: dict[str, Any] | None = None,
         secret: str | bytes | Iterable[str | bytes] | None = None,
     ) -> None:
@@ -120,6 +132,8 @@ class Cluster(RemoteCalls):
             failure_timeout=failure_timeout,
             expected=expected,
             request_timeout=request_timeout,
+            max_concurrent_requests=max_concurrent_requests,
+            max_queued_request_bytes=max_queued_request_bytes,
         )
         self.settings = settings
         name, node = settings.name, settings.node
@@ -138,15 +152,25 @@ class Cluster(RemoteCalls):
         self._listener = ListenerDispatcher(listener)
         self._machine = StateMachine()
         self.keyring = keyring = Keyring.resolve(secret)
-        self._handlers = Handlers(node, keyring)
-        self._handlers.register("cloister.info", self._info_handler, builtin=True)
-        self._handlers.register("cloister.ping", lambda _payload: "pong", builtin=True)
-        self._requests = Requests(node, self._handlers, self._require_backend)
+        self.counters = ClusterCounters(unauthenticated=keyring.rejected)
+        self._handlers = Handlers(
+            node,
+            keyring,
+            max_concurrent=settings.max_concurrent_requests,
+            default_timeout=settings.request_timeout,
+            counters=self.counters,
+        )
+        # Exempt from the request limit: a flooded node still answers status and pings.
+        self._handlers.register("cloister.info", self._info_handler, builtin=True, exempt=True)
+        self._handlers.register("cloister.ping", _pong, builtin=True, exempt=True)
+        self._requests = Requests(
+            node, self._handlers, self._require_backend, settings.request_timeout
+        )
         self._hooks = Hooks(node)
         self._supervisor = Supervisor(f"cluster {name}/{node}")
         self._backend: Backend | None = None
         self._wake = asyncio.Event()
-        self.counters = ClusterCounters(unauthenticated=keyring.rejected)
+
         # Facts fed by the watches and the heartbeat; decisions are taken in _step().
         self._control = Control(node, self.heartbeat, self.counters, self._wake.set, keyring)
         self._lease = Lease(
@@ -230,7 +254,13 @@ class Cluster(RemoteCalls):
             )
             await asyncio.gather(synced[0].wait(), synced[1].wait())
             await self._join(previous)
-            await backend.serve(self._handlers.answer)
+            settings = self.settings
+            limits = ServeLimits(
+                settings.max_concurrent_requests,
+                settings.max_queued_request_bytes,
+                self._handlers.refuse,
+            )
+            await backend.serve(self._handlers.answer, limits)
             await backend.subscribe(MULTICAST_TOPIC, self._requests.on_multicast)
             spawn = self._supervisor.spawn
             spawn(self._lease.heartbeat_loop(), "heartbeat", critical=True)
@@ -283,13 +313,23 @@ class Cluster(RemoteCalls):
 
     def _on_closed(self) -> None:
         """The connection is gone for good: this node is dead. Stop everything now (the
-        components' tasks too), say goodbye to nobody; its records expire on their TTL."""
-        log.error(
-            "node %s lost its connection to %s for good; it stops at once",
-            self.node,
-            self.backend_url,
+        components' tasks too), say goodbye to nobody; its records expire on their TTL.
+
+        Not recovered in place: a new connection would have to rebuild every watch,
+        consumer and subscription of every component, and a node that half did so would
+        follow the cluster no more than a dead one. A new process starts clean.
+        """
+        backend = self._backend
+        cause = None if backend is None else backend.closed_reason
+        because = "" if cause is None else f" ({cause})"
+        where = self.backend_url if backend is None else backend.url  # no credentials
+        message = (
+            f"node {self.node} lost its connection to {where} for good{because} "
+            "and stopped; start it again (its records expire on their TTL and the others "
+            "take its keys meanwhile; run nodes under a supervisor that restarts them)"
         )
-        self._die(NodeDiedError(f"node {self.node} lost its connection to the medium for good"))
+        log.error("%s", message)
+        self._die(NodeDiedError(message))
 
     def _on_critical_failure(self, task: str, error: BaseException | None) -> None:
         """A task the node cannot live without ended: the node stops loudly (its records
@@ -474,6 +514,15 @@ class Cluster(RemoteCalls):
         asks the backend for that many copies where it supports it per table.
         """
         return await open_table(self.backend, name, replicas=replicas)
+
+    @property
+    def incarnation(self) -> int:
+        """This process's incarnation of the node name: a random number drawn on every
+        start, in the member record. What the node holds on the medium in its own name
+        (inbox claims) is named with it too, so that a process that took the name over
+        and the one it replaced never touch each other's. 0 before :meth:`start`."""
+        record = self._lease.record
+        return 0 if record is None else record.incarnation
 
     @property
     def crashed(self) -> bool:

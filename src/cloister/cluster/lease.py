@@ -127,12 +127,12 @@ class Lease:
         existing = await self._members_kv.get(self.node)
         if existing is None:
             return None
+        timeout = min(1.0, self.heartbeat)
         try:
-            await backend.request(
-                self.node,
-                encode_request("cloister.ping", None, self.node, self.keyring),
-                timeout=min(1.0, self.heartbeat),
+            ping = encode_request(
+                "cloister.ping", None, self.node, timeout=timeout, keyring=self.keyring
             )
+            await backend.request(self.node, ping, timeout=timeout)
         except BackendError:
             raise
         except CloisterError:
@@ -195,8 +195,9 @@ class Lease:
                 other = None
             if other is not None and other.incarnation != record.incarnation:
                 raise NodeNameTakenError(
-                    f"another process took over node name {self.node!r}; "
-                    "this one stops claiming keys"
+                    f"another process took over node name {self.node!r} while this one "
+                    "was presumed dead (paused or cut off past its lease); this one stops, "
+                    "its keys are the new process's now"
                 )
             return await self._members_kv.update(
                 self.node,
@@ -256,9 +257,9 @@ class Lease:
             delay = self.heartbeat
             for outcome in await asyncio.gather(*renewals, return_exceptions=True):
                 if isinstance(outcome, NodeNameTakenError):
-                    log.error("%s", outcome)
                     self.renewed_until = 0.0
-                elif isinstance(outcome, BackendError):
+                    raise outcome  # replaced: the node stops (a critical task ended)
+                if isinstance(outcome, BackendError):
                     self._counters.heartbeat_failures += 1
                     log.warning("node %s failed to renew its lease: %s", self.node, outcome)
                     delay = self.heartbeat / 4

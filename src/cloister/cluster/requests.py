@@ -16,6 +16,7 @@ from cloister import schema
 from cloister.backends import Backend
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.rpc import (
+    RESERVED,
     CallResult,
     Handler,
     Handlers,
@@ -23,7 +24,13 @@ from cloister.cluster.rpc import (
     encode_request,
     failed,
 )
-from cloister.errors import CloisterError, ClusterNotReadyError, WireFormatError
+from cloister.errors import (
+    CloisterError,
+    ClusterNotReadyError,
+    ConfigurationError,
+    RequestTimeoutError,
+    WireFormatError,
+)
 
 log = logging.getLogger("cloister.cluster")
 
@@ -34,10 +41,18 @@ MULTICAST_TOPIC = "multicast"
 class Requests:
     """Sends this node's requests; ``backend()`` raises when the node is not running."""
 
-    def __init__(self, node: str, handlers: Handlers, backend: Callable[[], Backend]) -> None:
+    def __init__(
+        self,
+        node: str,
+        handlers: Handlers,
+        backend: Callable[[], Backend],
+        multicast_timeout: float,
+    ) -> None:
         self.node = node
         self.handlers = handlers
         self._backend = backend
+        # Multicasts are handled one at a time, in order: one that hangs would stop the rest.
+        self._multicast_timeout = multicast_timeout
 
     async def call_one(self, node: str, handler: str, payload: Any, timeout: float) -> CallResult:
         """``handler`` on ``node`` (in process for this node); never raises but NotRunning."""
@@ -53,7 +68,9 @@ class Requests:
         try:
             reply = await backend.request(
                 node,
-                encode_request(handler, payload, self.node, self.handlers.keyring),
+                encode_request(
+                    handler, payload, self.node, timeout=timeout, keyring=self.handlers.keyring
+                ),
                 timeout=timeout,
             )
         except Exception as exc:
@@ -71,6 +88,11 @@ class Requests:
 
     async def multicast(self, handler: str, payload: Any, nodes: Iterable[str] | None) -> None:
         """Publish ``handler(payload)`` to every node (or ``nodes``)."""
+        if handler.startswith(RESERVED):
+            raise ConfigurationError(
+                f"cannot multicast {handler!r}: the library's own handlers are called by "
+                "request only (use multicall)"
+            )
         backend = self._backend()
         message = {
             "h": handler,
@@ -87,15 +109,23 @@ class Requests:
         try:
             message = schema.decode(schema.MULTICAST, data, self.handlers.keyring)
             name = message.h
+            if name.startswith(RESERVED):
+                raise WireFormatError(
+                    f"multicast: {name[:100]!r} is one of the library's own handlers, "
+                    "which are called by request only"
+                )
         except WireFormatError as exc:
-            self.handlers.errors += 1
-            log.warning("node %s rejected a malformed multicast: %s", self.node, exc)
+            self.handlers.malformed("multicast", exc)
             return
         targets = message.to
         if targets is not None and self.node not in targets:
             return
         try:
-            await self.handlers.invoke(name, message.p)
+            await self.handlers.run(name, message.p, self._multicast_timeout)
+        except RequestTimeoutError:
+            pass  # counted and logged by run()
+        except CloisterError as exc:  # a refusal (bad payload, not owner...): no traceback
+            self.handlers.refused_multicast(name, exc)
         except Exception:
             self.handlers.errors += 1
             log.exception("multicast handler %r failed on node %s", name, self.node)

@@ -40,6 +40,8 @@ class ClusterSettings:
     failure_timeout: float
     expected: frozenset[str]
     request_timeout: float
+    max_concurrent_requests: int = 256
+    max_queued_request_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def check(
@@ -55,6 +57,8 @@ class ClusterSettings:
         failure_timeout: Any,
         expected: Collection[str],
         request_timeout: float,
+        max_concurrent_requests: Any = 256,
+        max_queued_request_bytes: Any = 8 * 1024 * 1024,
     ) -> ClusterSettings:
         """The settings, or :class:`ConfigurationError` naming the first bad one."""
         if not isinstance(name, str) or not CLUSTER_NAME.match(name):
@@ -84,6 +88,16 @@ class ClusterSettings:
             )
         if not (isinstance(weight, int | float) and weight > 0):
             raise ConfigurationError(f"weight must be a positive number, got {weight!r}")
+        if not (isinstance(request_timeout, int | float) and request_timeout > 0):
+            raise ConfigurationError(
+                f"request_timeout must be > 0 seconds, got {request_timeout!r}"
+            )
+        for what, value, least in (
+            ("max_concurrent_requests", max_concurrent_requests, 1),
+            ("max_queued_request_bytes", max_queued_request_bytes, 64 * 1024),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigurationError(f"{what} must be a whole number >= {least}, got {value!r}")
         check_url(backend)
         HashRing({node: weight})  # the ring's own validation of the name and weight
         return cls(
@@ -96,5 +110,7 @@ class ClusterSettings:
             heartbeat=float(heartbeat),
             failure_timeout=float(failure_timeout),
             expected=frozenset(expected),
-            request_timeout=request_timeout,
+            request_timeout=float(request_timeout),
+            max_concurrent_requests=max_concurrent_requests,
+            max_queued_request_bytes=max_queued_request_bytes,
         )

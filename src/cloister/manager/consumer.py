@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cloister._backoff import Backoff
+from cloister._quiet import Quiet
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, FencedError, WireFormatError
@@ -42,8 +43,21 @@ abandoned (their acks are dropped), the others' acks go on — or wait, when its
 ``unavailable`` says their state is not stored yet; ``BackendError``: they all wait."""
 
 
+def claimant_name(node: str, incarnation: int) -> str:
+    """The name this process claims inbox partitions under: the node name and its
+    incarnation (fixed width, so the name is unambiguous). A process that took the node's
+    name over after this one was presumed dead claims under another name and evicts
+    this one's claims; should this one wake up and release its claims, it deletes its
+    own, never the new process's."""
+    return f"{node}.{incarnation & 0xFFFFFFFF:08x}"
+
+
 class PartitionConsumers:
-    """Owner of this node's partition claims, fetch loops and acks."""
+    """Owner of this node's partition claims, fetch loops and acks.
+
+    ``claimant`` is the name the claims are made under (:func:`claimant_name`; the node
+    name when None, as for a manager without a cluster).
+    """
 
     def __init__(
         self,
@@ -55,13 +69,18 @@ class PartitionConsumers:
         max_in_flight: int = 4096,
         batch: int = 256,
         before_ack: BeforeAck | None = None,
+        claimant: str | None = None,
     ) -> None:
         self.inbox = inbox
         self.node = node
+        self.claimant = node if claimant is None else claimant
         self.max_in_flight = max_in_flight
         self.batch = batch
         self.in_flight = 0
         self.parked = 0
+        #: Records no worker could take (undecodable or misplaced), parked at once.
+        self.refused = 0
+        self._refusals_log = Quiet()
         self._deliver = deliver
         self._before_ack = before_ack
         self._supervisor = supervisor
@@ -115,10 +134,10 @@ class PartitionConsumers:
         assert log_ is not None
         try:
             for holder in await log_.claimants(partition):
-                if holder != self.node:
+                if holder != self.claimant:
                     log.info("partition %d: evicting the stale claim of %s", partition, holder)
                     await log_.evict(partition, holder)
-            consumer = await log_.claim(partition, self.node)
+            consumer = await log_.claim(partition, self.claimant)
         except BackendError as exc:  # PartitionBusyError included
             log.warning("partition %d not claimed yet (%s); retrying", partition, exc)
             return False
@@ -380,12 +399,13 @@ class PartitionConsumers:
                 try:
                     message = decode(record)
                 except WireFormatError as exc:
-                    self._supervisor.spawn(
-                        self._park(consumer, record, f"undecodable: {exc}"), "park"
-                    )
+                    undecodable = f"undecodable: {exc}"
+                    self._refused(record, undecodable)
+                    self._supervisor.spawn(self._park(consumer, record, undecodable), "park")
                     continue
                 reason = misplaced(message)
                 if reason is not None:
+                    self._refused(record, reason)
                     self._supervisor.spawn(self.park(consumer, message, reason, 0), "park")
                     continue
                 deliver(message, consumer)
@@ -397,6 +417,21 @@ class PartitionConsumers:
             # flight here (their next consumer gets them).
             self._done(len(records) - delivered)
             raise
+
+    def _refused(self, record: LogRecord, reason: str) -> None:
+        """A record no worker can take (undecodable, or of another partition): counted
+        as parked, logged once a minute — a producer sending garbage keeps doing it."""
+        self.refused += 1
+        if self._refusals_log.due():
+            log.warning(
+                "inbox %r: record %d of partition %d parked as a dead letter (%s); %d such "
+                "record(s) so far, logged once a minute",
+                self.inbox.name,
+                record.sequence,
+                record.partition,
+                reason[:300],
+                self.refused,
+            )
 
     async def _park(self, consumer: LogConsumer, record: LogRecord, reason: str) -> None:
         await self.inbox.park(record, reason)

@@ -38,7 +38,7 @@ from cloister.errors import (
     NotOwnerError,
 )
 from cloister.manager.claims import Claims, PartitionsFencedError
-from cloister.manager.consumer import PartitionConsumers
+from cloister.manager.consumer import PartitionConsumers, claimant_name
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
 from cloister.manager.spec import make_spec
@@ -180,6 +180,7 @@ class ShardRegion:
                 cluster.node,
                 engine.deliver_record,
                 engine.supervisor,
+                claimant=claimant_name(cluster.node, cluster.incarnation),
                 max_in_flight=options.max_in_flight,
                 before_ack=self._store_before_ack,
             )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloister import schema
+from cloister._quiet import Once
 from cloister.backends import Guard, KeyValue
 from cloister.errors import (
     FencedError,
@@ -145,6 +146,8 @@ class StateTable:
         self.mirror: dict[Any, Stored] = {}
         self.dirty: dict[Any, Stored] = {}
         self.bad_records = 0
+        # Every settle reloads the bucket: one bad record is reported once, not per settle.
+        self._reported = Once()
         self.unstorable: dict[Any, Unstorable] = {}
         self.unstorable_records = 0
         self.on_unstorable: Callable[[Any, Stored | None], None] | None = None
@@ -169,7 +172,7 @@ class StateTable:
         for count, entry in enumerate(entries.values(), 1):
             if is_claim_key(entry.key):
                 continue  # a partition claim (same bucket, for the medium's guard check)
-            stored = self._decode(entry.value)
+            stored = self._decode(entry.key, entry.revision, entry.value)
             if stored is not None:
                 mirror[stored.id] = stored
             if not count % _LOAD_YIELD_EVERY:
@@ -178,14 +181,16 @@ class StateTable:
         self.mirror = mirror
         return lost
 
-    def _decode(self, data: bytes) -> Stored | None:
+    def _decode(self, key: str, revision: int, data: bytes) -> Stored | None:
         try:
             stored = Stored.decode(data, self.keyring)
             check_worker_id(stored.id)  # 8.0 is not worker 8, a list is no id at all
             return stored
         except (WireFormatError, InvalidIdError) as exc:
+            if not self._reported.first(key, revision):
+                return None
             self.bad_records += 1
-            log.warning("ignoring a malformed stored worker: %s", exc)
+            log.warning("ignoring a malformed stored worker (key %s): %s", key[:100], exc)
             return None
 
     async def write(self, stored: Stored, *, guarded: bool = True) -> None:

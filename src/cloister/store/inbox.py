@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloister import schema, wire
+from cloister._quiet import Once
 from cloister.backends import Backend, KeyValue, Log, LogRecord
 from cloister.backends.base import HEADROOM
 from cloister.errors import (
@@ -155,6 +156,7 @@ class Inbox:
         self.log: Log | None = None
         self.dead: KeyValue | None = None
         self.bad_letters = 0  # dead letters that could not be read (skipped, logged)
+        self._reported = Once()
 
     async def open(self) -> None:
         """Open (creating if needed) the log and the dead-letter bucket."""
@@ -458,8 +460,11 @@ class Inbox:
             try:
                 letters.append(_read_letter(name, entry.value, self.backend.keyring))
             except WireFormatError as exc:
-                self.bad_letters += 1
-                log.warning("inbox %r: skipping malformed dead letter %r: %s", self.name, name, exc)
+                if self._reported.first(name, entry.revision):  # once, not on every listing
+                    self.bad_letters += 1
+                    log.warning(
+                        "inbox %r: skipping malformed dead letter %r: %s", self.name, name, exc
+                    )
         return sorted(letters, key=lambda letter: letter.at)
 
     async def dead_letter_count(self) -> int:

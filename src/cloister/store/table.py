@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, final
 
 from cloister import schema
+from cloister._quiet import Once
 from cloister.backends._names import MAX_COMPONENT
 from cloister.backends.base import Backend, Entry, KeyValue, KVEvent, KVOp
 from cloister.errors import (
@@ -175,6 +176,7 @@ class Table:
         self.backoff = (float(first), float(longest))
         #: Records found in the bucket that could not be decoded (skipped, logged).
         self.bad_records = 0
+        self._reported = Once()  # bad records met in listings, reported once each
 
     def __repr__(self) -> str:
         return f"<Table {self.name!r} on bucket {self.kv.name!r}>"
@@ -197,7 +199,7 @@ class Table:
             try:
                 found[key] = self._value(key, entry)
             except WireFormatError as exc:
-                self._bad(exc)
+                self._bad(exc, key=str(key), revision=entry.revision)
         return found
 
     async def size(self) -> int:
@@ -340,7 +342,7 @@ class Table:
             try:
                 found.append((self._decode_key(stored), entry))
             except (WireFormatError, ConfigurationError) as exc:
-                self._bad(exc)
+                self._bad(exc, key=stored, revision=entry.revision)
         return found
 
     def _event(self, raw: KVEvent) -> TableEvent | None:
@@ -354,7 +356,11 @@ class Table:
             self._bad(exc)
             return None
 
-    def _bad(self, exc: Exception) -> None:
+    def _bad(self, exc: Exception, *, key: str | None = None, revision: int = 0) -> None:
+        """Count and log a record that cannot be decoded; one met in a listing (``key``
+        and ``revision``) only the first time, not on every listing."""
+        if key is not None and not self._reported.first(key, revision):
+            return
         self.bad_records += 1
         log.warning("table %s: skipping a record it cannot decode: %s", self.name, exc)
 

@@ -35,16 +35,23 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import (
+    DEFAULT_SUB_PENDING_BYTES_LIMIT,
+    DEFAULT_SUB_PENDING_MSGS_LIMIT,
+)
 from nats.aio.subscription import Subscription as NatsSub
 
 from cloister._tasks import Supervisor
 from cloister.backends import _names
 from cloister.backends.base import (
+    PENDING_MESSAGES,
+    TOPIC_PENDING_BYTES,
     Backend,
     KeyValue,
     Log,
     MessageHandler,
     RequestHandler,
+    ServeLimits,
     Subscription,
 )
 from cloister.backends.nats._bucket import ensure_stream
@@ -141,6 +148,7 @@ class NatsBackend(Backend):
         self._watches: set[WatchFeed] = set()
         self._subscriptions: set[NatsSubscription] = set()
         self._serving: tuple[NatsSub, asyncio.Task[None]] | None = None
+        self._requests_running = 0  # handler calls started by the serve loop, not done
 
     def __repr__(self) -> str:
         return f"<NatsBackend {self.url} cluster={self.cluster} node={self.node}>"
@@ -162,6 +170,12 @@ class NatsBackend(Backend):
         """True while the client is connected (not reconnecting, not closed)."""
         nc = self._nc
         return nc is not None and nc.is_connected
+
+    @property
+    def closed_reason(self) -> str | None:
+        """The error nats-py closed the connection for (the server's ``-ERR``, say
+        ``maximum control line exceeded``), once it closed it on its own."""
+        return self._conn.closed_reason
 
     @property
     def max_payload(self) -> int | None:
@@ -381,26 +395,63 @@ class NatsBackend(Backend):
     def _node_subject(self, node: str) -> str:
         return _names.node_subject(self.cluster, node)
 
-    async def serve(self, handler: RequestHandler) -> None:
+    async def serve(self, handler: RequestHandler, limits: ServeLimits | None = None) -> None:
+        """Answer requests to this node; within ``limits`` (see :class:`ServeLimits`).
+
+        nats-py queues what arrives for the subscription; with ``limits`` that queue holds
+        at most ``max_pending_bytes`` (and :data:`PENDING_MESSAGES` messages), and a
+        request it drops is answered ``refuse`` from the connection's error callback, so
+        even a flood that outruns the node gets fast "busy" replies, never silence.
+        """
         nc = self._conn.client("serve")
         previous, self._serving = self._serving, None
         if previous is not None:
+            self._conn.forget_slow_consumer(previous[0])
             with suppress(*NATS_ERRORS):
                 await previous[0].unsubscribe()
             previous[1].cancel()
+        pending_bytes, pending_msgs = (
+            DEFAULT_SUB_PENDING_BYTES_LIMIT,
+            DEFAULT_SUB_PENDING_MSGS_LIMIT,
+        )
+        if limits is not None:
+            pending_bytes, pending_msgs = limits.max_pending_bytes, PENDING_MESSAGES
         try:
-            sub = await nc.subscribe(self._node_subject(self.node))
+            sub = await nc.subscribe(
+                self._node_subject(self.node),
+                pending_bytes_limit=pending_bytes,
+                pending_msgs_limit=pending_msgs,
+            )
             await self._conn.barrier(nc)  # the server knows the subscription on return
         except NATS_ERRORS as exc:
             raise translate(exc, "serve", self.url) from exc
-        task = self._supervisor.spawn(self._serve_loop(sub, handler), "serve")
+        if limits is not None:
+            self._conn.on_slow_consumer(sub, lambda reply: self._refuse(reply, b"", limits))
+        task = self._supervisor.spawn(self._serve_loop(sub, handler, limits), "serve")
         self._serving = (sub, task)
 
-    async def _serve_loop(self, sub: NatsSub, handler: RequestHandler) -> None:
+    async def _serve_loop(
+        self, sub: NatsSub, handler: RequestHandler, limits: ServeLimits | None
+    ) -> None:
         messages: AsyncIterator[Msg] = sub.messages
+        refused = 0
         async for msg in messages:
-            if msg.reply:
-                self._supervisor.spawn(self._answer(msg, handler), "request")
+            if not msg.reply:
+                continue
+            if limits is not None and self._requests_running >= limits.max_concurrent:
+                await self._refuse(msg.reply, msg.data, limits)
+                refused += 1
+                if refused % 64 == 0:
+                    # A flood is refused from the queue without an await that suspends:
+                    # let the heartbeat and the running requests have the loop now and then.
+                    await asyncio.sleep(0)
+                continue
+            self._requests_running += 1
+            task = self._supervisor.spawn(self._answer(msg, handler), "request")
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, _task: asyncio.Task[None]) -> None:
+        self._requests_running -= 1
 
     async def _answer(self, msg: Msg, handler: RequestHandler) -> None:
         headers: dict[str, str] | None = None
@@ -416,6 +467,16 @@ class NatsBackend(Backend):
             await nc.publish(msg.reply, bytes(reply), headers=headers)
         except NATS_ERRORS as exc:
             log.debug("node %s could not send a reply: %s", self.node, describe(exc))
+
+    async def _refuse(self, reply: str, request: bytes, limits: ServeLimits) -> None:
+        """Answer a request we will not run with the busy reply ``limits.refuse`` builds."""
+        nc = self._conn.nc
+        if not reply or nc is None or nc.is_closed:
+            return
+        try:
+            await nc.publish(reply, limits.refuse(request))
+        except NATS_ERRORS as exc:
+            log.debug("node %s could not refuse a request: %s", self.node, describe(exc))
 
     async def request(self, node: str, payload: bytes, *, timeout: float) -> bytes:
         nc = self._conn.client(f"request to node {node!r}")
@@ -448,7 +509,11 @@ class NatsBackend(Backend):
     async def subscribe(self, topic: str, handler: MessageHandler) -> Subscription:
         nc = self._conn.client(f"subscribe to topic {topic!r}")
         try:
-            sub = await nc.subscribe(self._topic_subject(topic))
+            sub = await nc.subscribe(
+                self._topic_subject(topic),
+                pending_bytes_limit=TOPIC_PENDING_BYTES,
+                pending_msgs_limit=PENDING_MESSAGES,
+            )
             await self._conn.barrier(nc)
         except NATS_ERRORS as exc:
             raise translate(exc, f"subscribe to topic {topic!r}", self.url) from exc

@@ -14,16 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription as NatsSub
 from nats.js import JetStreamContext
 
 from cloister._backoff import Backoff
+from cloister._quiet import Quiet
 from cloister.backends.nats._config import NatsOptions, ParsedURL
 from cloister.backends.nats._errors import (
     JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
@@ -40,6 +42,9 @@ from cloister.errors import BackendError, BackendUnavailableError
 log = logging.getLogger("cloister.backends.nats")
 
 Listener = Callable[[], None]
+SlowConsumerListener = Callable[[str], Awaitable[None]]
+"""Called with the reply subject ("" for none) of a message nats-py dropped because the
+subscription's queue was full."""
 
 
 async def close_quietly(nc: NATS, timeout: float = 2.0) -> None:
@@ -75,8 +80,13 @@ class NatsConnection:
         self._js: JetStreamContext | None = None
         self._connect_errors: list[BaseException] | None = None
         self._closed = False
+        self._closed_reason: str | None = None
         self._reconnect_listeners: list[Listener] = []
         self._closed_listeners: list[Listener] = []
+        self._slow_consumers: dict[int, SlowConsumerListener] = {}
+        self._drops_log = Quiet()
+        #: Messages nats-py dropped because a subscription's queue was full (a flood).
+        self.dropped = 0
         first, longest = options.reconnect_wait
         # Jitter keeps half of each delay: nodes that lost the same server spread out.
         self._reconnect_backoff = Backoff(first, longest, jitter=0.5)
@@ -89,6 +99,11 @@ class NatsConnection:
     def nc(self) -> NATS | None:
         """The client once connected (until :meth:`close`); it may be reconnecting."""
         return self._nc
+
+    @property
+    def closed_reason(self) -> str | None:
+        """The error nats-py closed the connection for, once it did so on its own."""
+        return self._closed_reason
 
     @property
     def closed(self) -> bool:
@@ -289,9 +304,35 @@ class NatsConnection:
             return server, 0.0
         return server, self._reconnect_backoff.delay(server.reconnects - 1)
 
+    def on_slow_consumer(self, sub: NatsSub, listener: SlowConsumerListener) -> None:
+        """Call ``listener`` for each message nats-py drops from ``sub``'s full queue."""
+        self._slow_consumers[sub._id] = listener
+
+    def forget_slow_consumer(self, sub: NatsSub) -> None:
+        """Stop calling the listener :meth:`on_slow_consumer` registered for ``sub``."""
+        self._slow_consumers.pop(sub._id, None)
+
+    async def _on_slow_consumer(self, exc: nats.errors.SlowConsumerError) -> None:
+        # Counted each time, logged once a minute: a flood must not flood the log too.
+        self.dropped += 1
+        if self._drops_log.due():
+            log.warning(
+                "node %s: messages on %s arrive faster than it handles them; past its "
+                "queue bound they are dropped (%d so far; logged once a minute)",
+                self.node,
+                exc.subject[:200],
+                self.dropped,
+            )
+        listener = self._slow_consumers.get(exc.sid)
+        if listener is not None:
+            await listener(exc.reply or "")
+
     async def _on_error(self, exc: Exception) -> None:
         if self._connect_errors is not None:
             self._connect_errors.append(exc)
+            return
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            await self._on_slow_consumer(exc)
             return
         if isinstance(exc, OSError | nats.errors.StaleConnectionError | nats.errors.NoServersError):
             log.debug("node %s: NATS connection error: %s", self.node, describe(exc))
@@ -324,10 +365,13 @@ class NatsConnection:
         if self._closed or self._nc is None:
             log.debug("node %s: NATS connection closed", self.node)
             return
+        error = self._nc.last_error
+        self._closed_reason = "no error given" if error is None else describe(error)
         log.error(
-            "node %s: the connection to NATS at %s was closed for good (not by us); "
+            "node %s: the connection to NATS at %s was closed for good (not by us: %s); "
             "nothing will reconnect it: close this backend and open a new one",
             self.node,
             self.url,
+            self._closed_reason,
         )
         _run(self._closed_listeners, "closed", self.node)
