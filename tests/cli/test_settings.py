@@ -15,14 +15,17 @@ from tests.cli.support import cli_env, cloister
 
 # Flags that are commands, not settings: they do something and exit.
 _ACTIONS = {"--help", "--version", "--print-config"}
-# The commands a deployment runs; their every option is a setting. (status, demo and
-# bench share the output, target and connection settings; their own display options are
-# checked below to be the only ones without a variable.)
+# The commands a deployment runs; their every option is a setting. (status, demo, bench,
+# cast and call share the output, target and connection settings; their own display and
+# per-message options are checked below to be the only ones without a variable.)
 _DEPLOYED = ("run", "node", "dev")
 _OWN_OPTIONS = {
     "status": {"--json", "--watch", "--timeout"},
     "demo": {"--nodes", "--keys", "--messages", "--backend", "--no-progress"},
     "bench": {"--list", "--rounds"},
+    # one message of an operator's: how to read ID and JSON, its message id, its wait
+    "cast": {"--json-id", "--timeout", "--partitions", "--msg-id"},
+    "call": {"--json-id", "--timeout", "--partitions"},
 }
 
 

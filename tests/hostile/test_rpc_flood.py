@@ -20,8 +20,13 @@ import pytest
 
 from cloister import Cluster
 from cloister.backends import _names
-from cloister.cluster.rpc import MAX_HANDLER_SECONDS, Handlers, encode_request
-from cloister.errors import ConfigurationError, NodeBusyError, RequestTimeoutError
+from cloister.cluster.rpc import MAX_HANDLER_SECONDS, Handlers, decode_request, encode_request
+from cloister.errors import (
+    ConfigurationError,
+    NodeBusyError,
+    RequestTimeoutError,
+    WireFormatError,
+)
 from cloister.testing import NatsServer, ProcessGroup, eventually
 from tests._support.timing import FAST
 from tests.cli.support import cloister
@@ -102,11 +107,18 @@ async def test_a_hanging_multicast_handler_does_not_stop_the_next_ones() -> None
 
 def test_handler_deadlines_are_what_the_caller_waits_within_bounds() -> None:
     handlers = Handlers("a", default_timeout=5.0)
-    assert handlers._deadline({"t": 2}) == 3.0
-    for foreign in (None, "x", True, -1, 0, float("nan")):
-        assert handlers._deadline({"t": foreign}) == 6.0
-    assert handlers._deadline({"t": 1e9}) == MAX_HANDLER_SECONDS
-    assert handlers._deadline({"t": float("inf")}) == MAX_HANDLER_SECONDS
+
+    def deadline(waits: object) -> float:
+        return handlers._deadline(decode_request(msgpack.packb({"h": "x", "t": waits})))
+
+    assert deadline(2) == 3.0
+    for foreign in (None, -1, 0, float("nan")):
+        assert deadline(foreign) == 6.0
+    assert deadline(1e9) == MAX_HANDLER_SECONDS
+    assert deadline(float("inf")) == MAX_HANDLER_SECONDS
+    for malformed in ("x", True, [1]):  # refused at the schema boundary, never run
+        with pytest.raises(WireFormatError):
+            deadline(malformed)
 
 
 def test_limits_are_checked() -> None:

@@ -136,10 +136,15 @@ class Setting:
     choices: tuple[str, ...] | None = None
     kind: Kind = "value"
     secret: bool = False
+    config_key: str | None = None
+    """Its key in a config file when the flag's would clash with another setting's."""
 
     @property
     def key(self) -> str:
-        """Its key in a config file: the flag without ``--`` (``app`` for APP)."""
+        """Its key in a config file: ``config_key``, else the flag without ``--`` (``app``
+        for APP)."""
+        if self.config_key is not None:
+            return self.config_key
         return self.flag.removeprefix("--") if self.flag else self.name
 
     @property
@@ -422,6 +427,7 @@ SETTINGS: tuple[Setting, ...] = (
         convert=port_number,
         metavar="BASE",
         unset="none",
+        config_key="dev-metrics-port",
     ),
 )
 """Every setting, in the order ``--print-config`` and the docs show them."""
