@@ -158,6 +158,7 @@ class MemberStatus:
             "workers": None if self.manager is None else self.manager.workers,
             "inbox_depth": None if self.manager is None else self.manager.inbox_depth,
             "manager": None if self.manager is None else self.manager.to_json(),
+            "schedules": None if info is None else [job.to_wire() for job in info.schedules],
         }
 
 
@@ -183,6 +184,25 @@ class ClusterStatus:
         """The members with a record (the others are gone but still in the epoch)."""
         return tuple(m for m in self.members if m.record is not None)
 
+    @property
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every cluster-wide job the members follow, by name: its trigger, next run and
+        last tick (Unix seconds) as its owner reports them, and the owner (``node``; None
+        while no member runs it — no owner ready, or none answered)."""
+        found: dict[str, dict[str, Any]] = {}
+        for member in self.members:
+            for job in () if member.info is None else member.info.schedules:
+                seen = found.get(job.name)
+                if seen is None or (job.runs_here and seen["node"] is None):
+                    found[job.name] = {
+                        "name": job.name,
+                        "trigger": job.trigger,
+                        "next_run": job.next_run,
+                        "last_tick": job.last_tick,
+                        "node": member.node if job.runs_here else None,
+                    }
+        return [found[name] for name in sorted(found)]
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able document with stable keys: what ``cloister status --json`` prints."""
         return {
@@ -194,6 +214,7 @@ class ClusterStatus:
             "fingerprint": self.fingerprint,
             "epoch_members": None if self.epoch is None else sorted(self.epoch.members),
             "members": [member.to_json() for member in self.members],
+            "schedules": self.schedules,
             "taken_at": self.taken_at,
             "problems": list(self.problems),
         }

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cloister import wire
+from cloister.cluster.schedules import ScheduleInfo
 from cloister.cluster.states import State
 from cloister.errors import WireFormatError
 
@@ -25,6 +26,8 @@ class ClusterInfo:
     started_at: float
     fingerprint: str
     groups: tuple[str, ...] = ()
+    schedules: tuple[ScheduleInfo, ...] = ()
+    """The cluster-wide jobs this node follows (``cluster.schedule``), with next runs."""
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-able dict (for ``states()`` and ``cloister status``)."""
@@ -32,6 +35,7 @@ class ClusterInfo:
         data["state"] = str(self.state)
         data["members"] = list(self.members)
         data["groups"] = list(self.groups)
+        data["schedules"] = [job.to_wire() for job in self.schedules]
         return data
 
     @classmethod
@@ -59,4 +63,5 @@ class ClusterInfo:
             started_at=float(wire.field(data, "started_at", (int, float), what)),
             fingerprint=wire.field(data, "fingerprint", str, what),
             groups=tuple(str(g) for g in data.get("groups", ())),
+            schedules=tuple(ScheduleInfo.from_wire(job) for job in data.get("schedules", ())),
         )
