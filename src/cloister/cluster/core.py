@@ -20,7 +20,6 @@ and the heartbeat only feed it facts and wake it. The task asks the pure
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import secrets
 import time
@@ -41,7 +40,7 @@ from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
 from cloister.cluster.requests import MULTICAST_TOPIC, RemoteCalls, Requests
 from cloister.cluster.rpc import Handlers
 from cloister.cluster.schedules import BUCKET as SCHEDULE_BUCKET
-from cloister.cluster.schedules import Callback, Missed, ScheduledJob, Schedules, Trigger
+from cloister.cluster.schedules import Callback, Missed, ScheduledJob, Schedules, When
 from cloister.cluster.settings import ClusterSettings
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
@@ -422,7 +421,7 @@ class Cluster(RemoteCalls):
     async def schedule(
         self,
         name: str,
-        when: float | datetime.timedelta | str | Trigger,
+        when: When,
         callback: Callback,
         *,
         missed: Missed = "once",

@@ -54,7 +54,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
 from cloister import wire
@@ -197,7 +197,11 @@ def _croniter() -> Any:
     return croniter
 
 
-def trigger_of(when: float | datetime.timedelta | str | Trigger) -> Trigger:
+When = float | datetime.timedelta | str | Trigger
+"""What :meth:`Cluster.schedule` takes as ``when``: seconds, a timedelta, a cron string."""
+
+
+def trigger_of(when: When) -> Trigger:
     """A trigger from seconds, a ``timedelta``, a cron expression or a :class:`Trigger`."""
     if isinstance(when, Trigger):
         return when
@@ -244,17 +248,8 @@ class ScheduleInfo:
     errors: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        """A msgpack-able dict."""
-        return {
-            "name": self.name,
-            "trigger": self.trigger,
-            "next_run": self.next_run,
-            "last_tick": self.last_tick,
-            "runs_here": self.runs_here,
-            "runs": self.runs,
-            "skipped": self.skipped,
-            "errors": self.errors,
-        }
+        """A msgpack-able dict (its fields by name)."""
+        return asdict(self)
 
     @classmethod
     def from_wire(cls, data: Any) -> ScheduleInfo:
@@ -387,7 +382,7 @@ class Schedules:
     async def add(
         self,
         name: str,
-        when: float | datetime.timedelta | str | Trigger,
+        when: When,
         callback: Callback,
         *,
         missed: Missed = "once",
