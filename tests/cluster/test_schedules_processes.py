@@ -11,12 +11,14 @@ ever in progress at once.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import Counter
 from pathlib import Path
 
 from cloister.local.processes import ProcessGroup
 from cloister.testing import NatsServer
+from tests.cli.support import cloister
 
 NODE = Path(__file__).with_name("_schedule_node.py")
 DURATION = 30.0
@@ -46,6 +48,23 @@ def owner(logs: list[Path]) -> str:
     return max(started)[1]
 
 
+def check_status(server: NatsServer) -> None:
+    """``cloister status --json`` shows the job, its owner and its next run, as a user
+    sees them."""
+    result = cloister("status", "--json", "--backend", server.url, "--cluster", "sched")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    (job,) = document["schedules"]
+    assert job["name"] == "beat" and job["trigger"] == "every 1s"
+    assert job["node"] in {"n1", "n2", "n3"}
+    assert time.time() - 2 < job["next_run"] < time.time() + 3
+    reported = {m["node"]: m["schedules"] for m in document["members"]}
+    assert all(len(jobs) == 1 for jobs in reported.values()), reported
+    assert sum(jobs[0]["runs_here"] for jobs in reported.values()) == 1
+    text = cloister("status", "--backend", server.url, "--cluster", "sched")
+    assert text.returncode == 0 and "job beat every 1s  next " in text.stdout, text.stdout
+
+
 def test_a_job_every_second_runs_each_tick_once_through_a_kill_and_a_join(
     nats_server: NatsServer, node_processes: ProcessGroup, tmp_path: Path
 ) -> None:
@@ -63,6 +82,7 @@ def test_a_job_every_second_runs_each_tick_once_through_a_kill_and_a_join(
         time.sleep(0.2)
     began = time.monotonic()
     time.sleep(DURATION / 3)
+    check_status(nats_server)
     victim = owner(list(logs.values()))
     killed_at = time.time()
     procs[victim].kill()
