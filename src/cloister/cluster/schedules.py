@@ -59,7 +59,7 @@ from typing import Any, Final, Literal
 
 from cloister import wire
 from cloister._tasks import Supervisor
-from cloister.backends import KeyValue
+from cloister.backends import Entry, KeyValue
 from cloister.errors import (
     BackendError,
     ConfigurationError,
@@ -121,7 +121,8 @@ class Trigger(ABC):
 
 @dataclass(frozen=True, slots=True)
 class Every(Trigger):
-    """Every ``seconds``: at each whole multiple of ``seconds`` since the Unix epoch."""
+    """Every ``seconds`` (at least 0.01): at each whole multiple of ``seconds`` since the
+    Unix epoch. A tick may start up to a thousandth of a period early."""
 
     seconds: float
 
@@ -130,19 +131,18 @@ class Every(Trigger):
             isinstance(self.seconds, bool)
             or not isinstance(self.seconds, int | float)
             or not math.isfinite(self.seconds)
-            or self.seconds <= 0
+            or self.seconds < 0.01
         ):
             raise ConfigurationError(
-                f"a schedule interval must be a number of seconds > 0, got {self.seconds!r}"
+                f"a schedule interval must be a number of seconds >= 0.01, got {self.seconds!r}"
             )
 
     def _index(self, moment: float) -> int:
-        """The number of the last tick at or before ``moment``: a tick read back from a
-        record (``n * seconds``) divides back to ``n`` even where floating point lands a
-        hair below it."""
-        quotient = moment / self.seconds
-        index = math.floor(quotient)
-        return index + 1 if quotient - index > 1 - 1e-9 else index
+        """The number of the last tick at or before ``moment``, where a moment less than
+        a thousandth of a period before a tick counts as that tick: a tick read back from
+        a record (``n * seconds``, a Unix time of ~10 digits) divides back to ``n``
+        whatever its rounding, so it is never its own successor."""
+        return math.floor(moment / self.seconds + 1e-3)
 
     def next_after(self, moment: float) -> float:
         return (self._index(moment) + 1) * self.seconds
@@ -321,12 +321,17 @@ class ScheduledJob:
         self.runs = 0
         self.skipped = 0
         self.errors = 0
-        #: Claims this node lost to another (a node that still believed it owned the job).
+        #: Claims the medium refused: another node claimed the tick first (it runs it), or
+        #: the record changed since this node read it (it reads again).
         self.lost_claims = 0
         self.next_run: float | None = None
         self.last_tick: float | None = None
         self.runs_here = False
         self._task: asyncio.Task[Any] | None = None
+        # The record as this node last read or wrote it, kept while it owns the job: no
+        # read per look while it waits for the next tick (a stale one only makes the
+        # compare-and-set fail, and the record is read again).
+        self._known: Entry | None = None
 
     @property
     def info(self) -> ScheduleInfo:
@@ -436,17 +441,20 @@ class Schedules:
         while True:
             if not self._may_run(job.name):
                 job.runs_here = False
+                job._known = None  # another node may claim ticks meanwhile
                 await asyncio.sleep(self.poll)
                 continue
             try:
                 await self._step(job, kv, key)
             except BackendError as exc:  # the medium is away: try again, it is not ours
+                job._known = None
                 log.warning("job %s: %s; trying again", job.name, exc)
                 await asyncio.sleep(self.poll)
 
     async def _step(self, job: ScheduledJob, kv: KeyValue, key: str) -> None:
         """One look at the job: wait for its next tick, or claim and run one."""
-        entry = await kv.get(key, consistent=True)
+        entry = job._known or await kv.get(key, consistent=True)
+        job._known = None
         record = None if entry is None else self._read(key, entry.value)
         now = time.time()
         job.runs_here = True
@@ -466,6 +474,7 @@ class Schedules:
         due = trigger.next_after(record.tick)
         job.next_run = due
         if due > now:
+            job._known = entry
             await asyncio.sleep(min(due - now, self.poll))
             return
         missed = 0
@@ -480,8 +489,9 @@ class Schedules:
         try:
             fence = await kv.update(key, claim, revision=entry.revision)
         except RevisionMismatchError:
-            job.lost_claims += 1  # another node claimed it first: it runs it
+            job.lost_claims += 1  # claimed by another node (it runs it), or read stale
             return
+        job._known = Entry(key, claim, fence)
         job.last_tick = due
         job.next_run = trigger.next_after(due)
         if missed and job.missed == "skip":
