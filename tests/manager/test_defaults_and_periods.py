@@ -167,3 +167,30 @@ async def test_a_permanent_period_survives_a_graceful_handoff_and_a_crash(nodes:
     await eventually(nodes.settled, what="after the crash", timeout=5)
     assert heir not in nodes.live_names()
     assert _period(nodes, worker_id) == 60.0
+
+
+async def test_a_put_worker_keeps_its_spec_when_its_payload_is_replaced_and_its_owner_crashes(
+    nodes: Nodes,
+) -> None:
+    """A payload write does not drop the runtime spec stored with the worker's record."""
+    for name in "ab":
+        await _start(nodes, name)
+    await eventually(nodes.settled, what="every id live on its owner")
+    a = nodes.managers["a"]
+    await a.put("extra", payload=0, timeout=0, lull=7.0)
+    await eventually(lambda: a.owner_of("extra") in nodes.managers)
+    owner = a.owner_of("extra")
+    assert owner is not None
+    await a.cast("extra", 5)  # Replace(0 + 5): a payload write
+    held = nodes.managers[owner]
+    await eventually(lambda: (held.get("extra") or held.get("missing")) is not None)
+    table = held._region.table  # type: ignore[union-attr]
+    await eventually(
+        lambda: table.mirror.get("extra") is not None and table.mirror["extra"].payload == 5,
+        what="the new payload stored",
+    )
+    nodes.world.crash(owner)
+    survivor = next(n for n in "ab" if n != owner)
+    await eventually(lambda: nodes.managers[survivor].get("extra") is not None, timeout=5)
+    info = nodes.managers[survivor].get("extra")
+    assert info is not None and info.payload == 5 and info.spec.lull == 7.0
