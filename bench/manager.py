@@ -28,7 +28,8 @@ Cases (issue 5):
   side on this machine (``DESIGN.md``) — is quoted beside them (no BEAM runs here).
   ``--periodic-only`` runs just this case (JSON: bench/results/manager_periodic.json);
   ``--periods 5,20`` adds a lighter load (50k performs/s) for a machine that cannot give
-  the process the 200k performs/s of a 5 s period.
+  the process the 200k performs/s of a 5 s period; ``--executors`` (``thread,loop``)
+  runs it with the default thread pool and with ``executor="loop"``.
 - handoff: 100,000 workers over 3 in-process nodes on ``memory://bench-handoff``; one
   node leaves. Time from the first survivor adopting the new epoch until every moved
   worker is live on its new owner, and a check that no worker ever ran on two nodes.
@@ -360,7 +361,7 @@ BEAM_P50_MS = 6.9
 
 
 async def periodic_ours(
-    n: int, period: float, warmup: float, window: float, lockstep: int
+    n: int, period: float, warmup: float, window: float, lockstep: int, executor: str = "thread"
 ) -> dict[str, Any]:
     """``n`` workers from children_specs with ``period``; lateness of every 10th one."""
     sample = 10
@@ -402,7 +403,7 @@ async def periodic_ours(
             return None
 
     began = time.perf_counter()
-    manager = await Periodic.start()
+    manager = await Periodic.start(executor=executor)
     started_s = time.perf_counter() - began
     await asyncio.sleep(warmup)
     recording = True
@@ -432,21 +433,27 @@ async def periodic_ours(
     }
 
 
-def periodic_section(n: int, periods: list[float]) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Run the periodic case spread and in lockstep for each period; table rows and JSON."""
+def periodic_section(
+    n: int, periods: list[float], executors: list[str]
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Run the periodic case spread and in lockstep for each period and executor; table
+    rows and JSON."""
     rows: list[list[Any]] = []
     results: dict[str, Any] = {}
     for period in periods:
-        section_rows, results[f"{period:g}s"] = _periodic_rows(n, period)
-        rows += section_rows
+        for executor in executors:
+            section_rows, results[f"{period:g}s-{executor}"] = _periodic_rows(n, period, executor)
+            rows += section_rows
     return rows, results
 
 
-def _periodic_rows(n: int, period: float) -> tuple[list[list[Any]], dict[str, Any]]:
+def _periodic_rows(n: int, period: float, executor: str) -> tuple[list[list[Any]], dict[str, Any]]:
     # Warm up for one period after the start (the first ones fall due while the rest are
     # still being started), then measure two.
     results = {
-        side: run("periodic-ours", n, period, period + 1.0, 2 * period, int(side == "lockstep"))
+        side: run(
+            "periodic-ours", n, period, period + 1.0, 2 * period, int(side == "lockstep"), executor
+        )
         for side in ("spread", "lockstep")
     }
     spread, lockstep = results["spread"], results["lockstep"]
@@ -459,7 +466,7 @@ def _periodic_rows(n: int, period: float) -> tuple[list[list[Any]], dict[str, An
     rows = [
         [
             f"periodic: {k} workers from children_specs, {period:g} s period "
-            f"({n / period / 1e3:,.0f}k performs/s offered), p99 lateness",
+            f"({n / period / 1e3:,.0f}k performs/s offered), executor={executor!r}, p99 lateness",
             ms(spread["p99_ms"]),
             ms(lockstep["p99_ms"]),
             "-",
@@ -690,8 +697,17 @@ CASES: dict[str, Callable[..., Any]] = {
 }
 
 
+def _argument(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text  # a name (an executor)
+
+
 def child(case: str, arguments: list[str]) -> None:
-    values = [float(a) if "." in a else int(a) for a in arguments]
+    values = [_argument(a) for a in arguments]
     result = asyncio.run(CASES[case](*values))
     print(json.dumps(result))
 
@@ -728,6 +744,11 @@ def main() -> None:
     parser.add_argument(
         "--periodic-only", action="store_true", help="run only the periodic case (short)"
     )
+    parser.add_argument(
+        "--executors",
+        default="thread,loop",
+        help="periodic case: comma-separated executors (thread: the default; loop)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 run")
     args = parser.parse_args()
     if args.child:
@@ -738,9 +759,10 @@ def main() -> None:
         args.periodic = 100_000
     n, busy = args.workers, args.busy
     periods = [float(p) for p in args.periods.split(",")]
+    executors = args.executors.split(",")
     if args.periodic_only:
         print("periodic", flush=True)
-        rows, results = periodic_section(args.periodic, periods)
+        rows, results = periodic_section(args.periodic, periods, executors)
         print_periodic(rows)
         data = {"results": results, "beam_p50_ms": BEAM_P50_MS}
         path = write_json(
@@ -793,7 +815,7 @@ def main() -> None:
     offered = late["ours"]["offered_per_s"]
 
     print("periodic", flush=True)
-    periodic_rows, periodic = periodic_section(args.periodic, periods)
+    periodic_rows, periodic = periodic_section(args.periodic, periods, executors)
 
     print("handoff", flush=True)
     moved = run("handoff", args.handoff, 1000 if args.handoff >= 100_000 else 100, 0.2)
