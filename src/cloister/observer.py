@@ -167,6 +167,7 @@ class MemberStatus:
                 else info.last_data_loss.to_wire()
             ),
             "rebuilding": None if info is None else info.rebuilding,
+            "schedules": None if info is None else [job.to_wire() for job in info.schedules],
         }
 
 
@@ -199,6 +200,25 @@ class ClusterStatus:
         known = [loss for loss in losses if loss is not None]
         return max(known, key=lambda loss: loss.at) if known else None
 
+    @property
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every cluster-wide job the members follow, by name: its trigger, next run and
+        last tick (Unix seconds) as its owner reports them, and the owner (``node``; None
+        while no member runs it — no owner ready, or none answered)."""
+        found: dict[str, dict[str, Any]] = {}
+        for member in self.members:
+            for job in () if member.info is None else member.info.schedules:
+                seen = found.get(job.name)
+                if seen is None or (job.runs_here and seen["node"] is None):
+                    found[job.name] = {
+                        "name": job.name,
+                        "trigger": job.trigger,
+                        "next_run": job.next_run,
+                        "last_tick": job.last_tick,
+                        "node": member.node if job.runs_here else None,
+                    }
+        return [found[name] for name in sorted(found)]
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able document with stable keys: what ``cloister status --json`` prints."""
         loss = self.data_loss
@@ -212,6 +232,7 @@ class ClusterStatus:
             "fingerprint": self.fingerprint,
             "epoch_members": None if self.epoch is None else sorted(self.epoch.members),
             "members": [member.to_json() for member in self.members],
+            "schedules": self.schedules,
             "taken_at": self.taken_at,
             "problems": list(self.problems),
         }

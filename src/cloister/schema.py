@@ -178,7 +178,22 @@ class HandoffWire(msgspec.Struct, frozen=True):
     """A handoff batch (the payload of a ``handoff`` request)."""
 
     epoch: int
-    workers: list[tuple[Any, Any, list[Any], int]]
+    workers: list[list[Any]]
+    """Each ``[id, payload, casts, watermark]``, or with a fifth element: the worker's spec
+    fields (a dict) when they differ from its children_specs (a permanent ``Timeout``)."""
+
+    def __post_init__(self) -> None:
+        for entry in self.workers:
+            if (
+                len(entry) not in (4, 5)
+                or not isinstance(entry[2], list)
+                or type(entry[3]) is not int
+                or (len(entry) == 5 and not isinstance(entry[4], dict))
+            ):
+                raise ValueError(
+                    "each worker is [id, payload, casts, watermark] or "
+                    "[id, payload, casts, watermark, spec]"
+                )
 
 
 # -- kinds -----------------------------------------------------------------------------------

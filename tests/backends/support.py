@@ -42,8 +42,8 @@ class Events:
 
 
 @contextlib.asynccontextmanager
-async def watching(kv: KeyValue) -> AsyncIterator[Events]:
-    async with kv.watch() as events:
+async def watching(kv: KeyValue, prefix: str = "") -> AsyncIterator[Events]:
+    async with kv.watch(prefix=prefix) as events:
         reader = Events(events)
         try:
             yield reader

@@ -285,6 +285,40 @@ async def test_watch_sees_only_new_changes_in_order(connect: Connect) -> None:
     assert latest == {"n1": (KVOp.DELETE, None), "n2": (KVOp.PUT, b"c"), "old": (KVOp.DELETE, None)}
 
 
+async def test_a_prefix_lists_counts_and_watches_only_the_keys_under_it(connect: Connect) -> None:
+    """A prefix is whole tokens: ``a.`` covers ``a.x`` and ``a.b.c``, never ``ab.x`` nor
+    ``a`` itself; the medium reads only those keys (:attr:`KeyValue.entries_read`)."""
+    kv = await (await connect()).kv("tbl-prefix")
+    await kv.put_many({"a.x": b"1", "a.b.c": b"2", "ab.x": b"3", "a": b"4", "b.a.x": b"5"})
+    await kv.put("a.gone", b"6")
+    await kv.delete("a.gone")
+    for consistent in (False, True):
+        before = kv.entries_read
+        found = await kv.entries(prefix="a.", consistent=consistent)
+        assert sorted(found) == ["a.b.c", "a.x"]
+        assert found["a.b.c"].value == b"2"
+        assert kv.entries_read - before <= 3  # the two keys, and the tombstone of a.gone
+    assert sorted(await kv.entries(prefix="a.b.")) == ["a.b.c"]
+    assert await kv.entries(prefix="zz.") == {}
+    assert sorted(await kv.entries(prefix="")) == ["a", "a.b.c", "a.x", "ab.x", "b.a.x"]
+    assert await kv.count(prefix="a.") == 2
+    assert await kv.count() == 5
+    for bad in ("a", ".a.", "a..", "a.*.", "a.>"):
+        with pytest.raises(ConfigurationError, match="invalid key prefix"):
+            await kv.entries(prefix=bad)
+        with pytest.raises(ConfigurationError, match="invalid key prefix"):
+            kv.watch(prefix=bad)
+    async with watching(kv, prefix="a.") as events:
+        await kv.put("ab.y", b"not under a.")
+        await kv.put("a", b"not under a. either")
+        revision = await kv.put("a.y", b"7")
+        await kv.delete("a.x")
+        first, second = await events.next(), await events.next()
+        await events.none()
+    assert (first.op, first.key, first.value, first.revision) == (KVOp.PUT, "a.y", b"7", revision)
+    assert (second.op, second.key) == (KVOp.DELETE, "a.x")
+
+
 async def test_two_watchers_see_the_same_changes(connect: Connect) -> None:
     one, two = await connect(node="n1"), await connect(node="n2")
     kv1, kv2 = await one.kv("members", ttl_keys=True), await two.kv("members", ttl_keys=True)

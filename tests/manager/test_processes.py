@@ -77,7 +77,16 @@ def test_a_class_a_child_cannot_import_is_refused_with_what_to_do() -> None:
 
 @pytest.mark.parametrize(
     "response",
-    [Ok(1), Ok(None), Replace([1, 2]), Replace(3, id="k9"), Halt("done"), Timeout(1.5, "r"), 7],
+    [
+        Ok(1),
+        Ok(None),
+        Replace([1, 2]),
+        Replace(3, id="k9"),
+        Halt("done"),
+        Timeout(1.5, "r"),
+        Timeout(2, "p", permanent=True),
+        7,
+    ],
 )
 def test_responses_cross_the_pipe_as_themselves(response: Any) -> None:
     assert decode_response(encode_response(response)) == response

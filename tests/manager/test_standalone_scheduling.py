@@ -10,6 +10,7 @@ from typing import Any
 
 from cloister import DynamicManager, Ok
 from cloister.manager import WorkerInfo
+from cloister.manager.scheduler import phase
 
 from ._standalone import Recorder, running, until
 
@@ -63,24 +64,45 @@ async def test_periodic_performs_keep_to_their_grid_after_a_late_one() -> None:
     assert min(gaps) > 0.005, gaps  # and no burst: one perform per tick
 
 
-async def test_first_perform_waits_one_timeout_unless_instant() -> None:
+async def test_first_perform_waits_its_phase_a_delay_or_nothing() -> None:
+    """The first perform of a periodic worker falls at its id's phase of the period
+    (``instant_perform`` False), at once (True), or after a delay in ms (an int)."""
+
     class P(Ticker):
         SPECS = {
-            "later": {"timeout": 0.2},
+            "x": {"timeout": 0.2},  # phase 0.17 s of 0.2 s
             "now": {"timeout": 0.2, "instant_perform": True},
             "once": {"timeout": 0, "instant_perform": True},
+            "delayed": {"timeout": 0, "instant_perform": 120},
         }
 
+    assert phase("x", 0.2) > 0.15
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with running(P) as manager:
         await until(lambda: manager.count("now") and manager.count("once"))
-        assert manager.count("later") == 0
-        await until(lambda: manager.count("later"))
-        (later,) = [t for i, t in manager.ticks if i == "later"]
-        assert later - started >= 0.2
+        assert manager.count("x") == 0
+        await until(lambda: manager.count("x") and manager.count("delayed"))
+        (first,) = [t for i, t in manager.ticks if i == "x"]
+        assert first - started >= phase("x", 0.2)
+        (delayed,) = [t for i, t in manager.ticks if i == "delayed"]
+        assert delayed - started >= 0.12
         await asyncio.sleep(0.1)
         assert manager.count("once") == 1  # instant, then never again (timeout 0)
+        assert manager.count("delayed") == 1  # after its delay, then never again
+        second = [t for i, t in manager.ticks if i == "x"][1:2]
+    assert not second or second[0] - first >= 0.19  # then one period after the first
+
+
+def test_phases_are_fixed_per_id_and_spread_over_the_period() -> None:
+    ids = [f"foo_{i}" for i in range(100_000)]
+    phases = [phase(i, 5.0) for i in ids]
+    assert phases == [phase(i, 5.0) for i in ids]  # deterministic
+    assert all(0.0 < p <= 5.0 for p in phases)
+    # evenly spread: each tenth of the period holds about a tenth of the ids
+    counts = Counter(min(9, int(p / 0.5)) for p in phases)
+    assert all(9_000 < counts[k] < 11_000 for k in range(10)), counts
+    assert phase(("tenant", 7), 2.0) == phase(("tenant", 7), 4.0) / 2
 
 
 async def test_missed_ticks_coalesce_after_the_loop_was_blocked() -> None:

@@ -27,7 +27,7 @@ from cloister.errors import (
     WireFormatError,
 )
 from cloister.store import Table, TableOp, UpdateConflictError, open_table
-from cloister.store.keys import encode_key
+from cloister.store.table_keys import encode_table_key
 from cloister.testing import NatsCluster, NatsServer, eventually
 
 from .support import Events, Nodes
@@ -346,9 +346,9 @@ async def test_undecodable_records_are_skipped_and_counted(
     await table.put("good", 1)
     await raw.put("not-a-table-key", b"\x01")
     await raw.put("kNOT_BASE64_MSGPACK", b"\x01")
-    await raw.put(encode_key(1.5, "k"), b"\x01")  # a float is no table key
-    await raw.put(encode_key("b", "k") + "A", b"\x01")  # not canonical
-    await raw.put(encode_key("b", "k"), b"\xc1")  # the key "b", a value msgpack refuses
+    await raw.put("k.f.1", b"\x01")  # no such type: a float is no table key
+    await raw.put(encode_table_key("b") + ".A", b"\x01")  # not canonical
+    await raw.put(encode_table_key("b"), b"\xc1")  # the key "b", a value msgpack refuses
     with caplog.at_level(logging.WARNING, "cloister.store.table"):
         assert await table.items() == {"good": 1}
         assert await table.keys() in (["good", "b"], ["b", "good"])

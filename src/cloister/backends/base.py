@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -113,6 +114,19 @@ class Guard:
             raise ConfigurationError(f"guard revision must be >= 0, got {self.revision}")
 
 
+_PREFIX = re.compile(r"^(?:[A-Za-z0-9_=-]+\.)*$")
+
+
+def check_prefix(prefix: str) -> None:
+    """Raise :class:`ConfigurationError` unless ``prefix`` is whole key tokens ending
+    with a dot (``"k.s."``), or ``""`` (every key): what a medium can filter on."""
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise ConfigurationError(
+            f"invalid key prefix {prefix!r}: use '' or tokens of [A-Za-z0-9_=-] each "
+            "followed by '.', such as 'k.s.'"
+        )
+
+
 class KVOp(enum.Enum):
     """What happened to a key, as a watcher sees it."""
 
@@ -134,10 +148,15 @@ class KVEvent:
 class KeyValue(ABC):
     """A bucket of keys with revisions, compare-and-set, per-key TTL and a watch.
 
-    Keys are non-empty strings of ``[A-Za-z0-9_=.-]``; values are bytes.
+    Keys are non-empty strings of ``[A-Za-z0-9_=.-]``; values are bytes. A dot separates
+    tokens (NATS carries a key as subject tokens): a key never starts or ends with a dot
+    nor has two in a row, and listings and watches filter on a prefix of whole tokens.
     """
 
     name: str
+    #: Entries listings have fetched from the medium so far (:meth:`entries`,
+    #: :meth:`count`): what a ``prefix`` saves can be seen here.
+    entries_read: int = 0
 
     @abstractmethod
     async def get(self, key: str, *, consistent: bool = False) -> Entry | None:
@@ -217,21 +236,32 @@ class KeyValue(ABC):
         """Remove the key (only if still at ``revision`` when one is given)."""
 
     @abstractmethod
-    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
+    async def entries(self, *, consistent: bool = False, prefix: str = "") -> dict[str, Entry]:
         """A full, consistent listing of the live keys (for reconciliation).
 
         ``consistent=True`` reads from the authoritative copy (the stream leader on NATS):
         it sees every write acknowledged before the call; the default may serve a slightly
         stale replica and keeps working during a leader election.
+
+        ``prefix`` (whole tokens ending with ``.``, see :func:`check_prefix`) lists only
+        the keys that start with it, and the medium reads only those: NATS filters on the
+        subject ``<prefix>>``, memory walks its token tree. :attr:`entries_read` counts
+        what listings fetched.
         """
 
+    async def count(self, *, prefix: str = "") -> int:
+        """How many live keys start with ``prefix`` (all with ``""``); reads only those."""
+        return len(await self.entries(prefix=prefix))
+
     @abstractmethod
-    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+    def watch(self, *, prefix: str = "") -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
         """Live changes from now on (no replay): ``async with kv.watch() as events``.
 
         Watch first, then list with :meth:`entries`, and no change falls in between. A
         watch may go silent while the medium is unreachable; callers reconcile from
-        :meth:`entries` periodically and on reconnect.
+        :meth:`entries` periodically and on reconnect. With ``prefix`` (as for
+        :meth:`entries`) only the changes of keys starting with it are delivered, and
+        the medium filters them (NATS: the consumer's subject filter).
         """
 
 

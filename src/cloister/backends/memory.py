@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloister._tasks import Supervisor
 from cloister.backends import _names
@@ -61,6 +62,7 @@ from cloister.backends.base import (
     RequestHandler,
     ServeLimits,
     Subscription,
+    check_prefix,
 )
 from cloister.errors import (
     BackendUnavailableError,
@@ -103,7 +105,59 @@ class _Item:
 @dataclass(slots=True, eq=False)
 class _Watcher:
     owner: MemoryBackend
+    prefix: str = ""
     queue: asyncio.Queue[KVEvent] = field(default_factory=asyncio.Queue)
+
+
+class _TokenTree:
+    """The keys of a bucket by their dot-separated tokens, as NATS's subject tree keeps
+    subjects: a prefix listing walks to the prefix and reads only the keys below it."""
+
+    _LEAF = ""  # tokens are never empty, so this child marks "a key ends here"
+
+    def __init__(self) -> None:
+        self._root: dict[str, Any] = {}
+
+    def add(self, key: str) -> None:
+        node = self._root
+        for token in key.split("."):
+            node = node.setdefault(token, {})
+        node[self._LEAF] = True
+
+    def discard(self, key: str) -> None:
+        tokens = key.split(".")
+        path = [self._root]
+        for token in tokens:
+            child = path[-1].get(token)
+            if child is None:
+                return
+            path.append(child)
+        path[-1].pop(self._LEAF, None)
+        for depth in range(len(tokens), 0, -1):  # prune the branches left empty
+            if path[depth]:
+                break
+            del path[depth - 1][tokens[depth - 1]]
+
+    def under(self, prefix: str) -> list[str]:
+        """Every key starting with ``prefix`` (whole tokens ending with '.', or '')."""
+        node = self._root
+        tokens = prefix.split(".")[:-1]
+        for token in tokens:
+            child = node.get(token)
+            if child is None:
+                return []
+            node = child
+        found: list[str] = []
+        stack: list[tuple[dict[str, Any], list[str]]] = [(node, tokens)]
+        while stack:
+            node, path = stack.pop()
+            for token, child in node.items():
+                if token == self._LEAF:
+                    if len(path) > len(tokens):  # "a." covers "a.x", not "a" itself
+                        found.append(".".join(path))
+                else:
+                    stack.append((child, [*path, token]))
+        return found
 
 
 class _Bucket:
@@ -111,6 +165,7 @@ class _Bucket:
 
     def __init__(self) -> None:
         self.items: dict[str, _Item] = {}
+        self.tree = _TokenTree()
         self.revisions = itertools.count(1)
         self.watchers: list[_Watcher] = []
         self.electing = False  # no leader: nothing expires (see MemoryWorld.elect)
@@ -159,6 +214,8 @@ class _Bucket:
         old = self.items.get(key)
         if old is not None and old.expiry is not None:
             old.expiry.cancel()
+        elif old is None:
+            self.tree.add(key)
         revision = self.last[key] = next(self.revisions)
         item = self.items[key] = _Item(value, revision, ttl=ttl)
         if ttl is not None and not self.electing:
@@ -169,6 +226,7 @@ class _Bucket:
 
     def remove(self, key: str, op: KVOp) -> None:
         item = self.items.pop(key)
+        self.tree.discard(key)
         if item.expiry is not None:
             item.expiry.cancel()
         revision = self.last[key] = next(self.revisions)
@@ -181,7 +239,8 @@ class _Bucket:
 
     def _notify(self, event: KVEvent) -> None:
         for watcher in self.watchers:
-            if watcher.owner.reachable:  # a cut-off watcher loses events, as on a network
+            # A cut-off watcher loses events, as on a network.
+            if watcher.owner.reachable and event.key.startswith(watcher.prefix):
                 watcher.queue.put_nowait(event)
 
 
@@ -254,17 +313,28 @@ class MemoryKV(KeyValue):
             )
         self._bucket.remove(key, KVOp.DELETE)
 
-    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
+    async def entries(self, *, consistent: bool = False, prefix: str = "") -> dict[str, Entry]:
+        check_prefix(prefix)
         await self._owner._io()
-        return {k: Entry(k, i.value, i.revision) for k, i in self._bucket.items.items()}
+        items = self._bucket.items
+        if prefix:
+            found = {}
+            for key in self._bucket.tree.under(prefix):
+                item = items[key]
+                found[key] = Entry(key, item.value, item.revision)
+        else:
+            found = {k: Entry(k, i.value, i.revision) for k, i in items.items()}
+        self.entries_read += len(found)
+        return found
 
-    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
-        return self._watch()
+    def watch(self, *, prefix: str = "") -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+        check_prefix(prefix)
+        return self._watch(prefix)
 
     @asynccontextmanager
-    async def _watch(self) -> AsyncIterator[AsyncIterator[KVEvent]]:
+    async def _watch(self, prefix: str) -> AsyncIterator[AsyncIterator[KVEvent]]:
         await self._owner._io()
-        watcher = _Watcher(self._owner)
+        watcher = _Watcher(self._owner, prefix)
         self._bucket.watchers.append(watcher)
         try:
             yield _drain(watcher.queue)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import sys
 import time
@@ -173,8 +174,27 @@ def render(status: ClusterStatus) -> Group:
                 style="bold red",
             )
         )
+    for job in status.schedules:
+        parts.append(
+            Text.assemble(
+                ("job ", "dim"),
+                (job["name"], "bold"),
+                f" {job['trigger']}",
+                ("  next ", "dim"),
+                _moment(job["next_run"]),
+                ("  on ", "dim"),
+                job["node"] or "-",
+            )
+        )
     parts += [Text(f"problem: {p}", style="red") for p in status.problems]
     return Group(*parts)
+
+
+def _moment(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    when = datetime.datetime.fromtimestamp(moment, tz=datetime.UTC)
+    return when.isoformat(timespec="seconds")
 
 
 def _row(member: MemberStatus, published: int | None, sentry: str | None) -> list[Text | str]:

@@ -19,6 +19,7 @@ from cloister.cluster.core import Cluster, SuspendReason, TopologyHook
 from cloister.cluster.info import ClusterInfo
 from cloister.cluster.listener import Listener
 from cloister.cluster.rpc import CallResult
+from cloister.cluster.schedules import Cron, Every, ScheduledJob, ScheduleInfo, Tick
 from cloister.cluster.states import TRANSITIONS, State
 from cloister.cluster.topology import Topology
 
@@ -27,9 +28,14 @@ __all__ = [
     "CallResult",
     "Cluster",
     "ClusterInfo",
+    "Cron",
+    "Every",
     "Listener",
+    "ScheduleInfo",
+    "ScheduledJob",
     "State",
     "SuspendReason",
+    "Tick",
     "Topology",
     "TopologyHook",
 ]

@@ -46,6 +46,8 @@ from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
 from cloister.cluster.requests import MULTICAST_TOPIC, RemoteCalls, Requests
 from cloister.cluster.rpc import Handlers
+from cloister.cluster.schedules import BUCKET as SCHEDULE_BUCKET
+from cloister.cluster.schedules import Callback, Missed, ScheduledJob, Schedules, When
 from cloister.cluster.settings import ClusterSettings
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
@@ -206,6 +208,16 @@ class Cluster(RemoteCalls):
         self._rebuild_above: int | None = None
         self._last_data_loss: DataLoss | None = None
         self._control.on_data_loss = self._lease.on_data_loss = self._on_data_loss
+        self._schedules = Schedules(
+            node,
+            lambda: self.backend.kv(SCHEDULE_BUCKET),
+            self._may_run_job,
+            self._supervisor,
+            poll=min(0.25, self.heartbeat / 2),
+            # What a crash failover takes: the dead owner's record expires, the next
+            # owner adopts the epoch (one more heartbeat), with room to spare.
+            grace=2 * self.failure_timeout + self.heartbeat,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -481,6 +493,7 @@ class Cluster(RemoteCalls):
             data_losses=self.counters.medium_data_loss,
             last_data_loss=self._last_data_loss,
             rebuilding=self._rebuild_above is not None,
+            schedules=self._schedules.infos,
         )
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -514,6 +527,52 @@ class Cluster(RemoteCalls):
         asks the backend for that many copies where it supports it per table.
         """
         return await open_table(self.backend, name, replicas=replicas)
+
+    async def schedule(
+        self,
+        name: str,
+        when: When,
+        callback: Callback,
+        *,
+        missed: Missed = "once",
+        grace: float | None = None,
+    ) -> ScheduledJob:
+        """Run ``callback(tick)`` at every tick of ``when``, once in the whole cluster.
+
+        Call it on every node that may run the job (typically all): the owner of
+        ``name`` (``whois(name)``) claims each tick at the medium and runs it, so a tick
+        runs on one node, once, however many nodes schedule it, and the job moves with
+        the ring when nodes come and go. ``when``: seconds (or a ``timedelta``) — ticks
+        at every multiple of it since the Unix epoch —, or a cron expression (UTC; needs
+        ``pip install 'pycloister[cron]'``). ``callback`` gets a
+        :class:`~cloister.cluster.schedules.Tick`; sync callbacks run off the event loop.
+        Ticks missed by less than ``grace`` seconds (default: twice the failure timeout
+        plus a heartbeat, what a crash failover takes) run late, each once; ``missed``
+        says what becomes of those missed longer, while no node could run them:
+        ``"once"`` runs them as one run, ``"skip"`` drops them. See
+        :mod:`cloister.cluster.schedules` for the guarantees.
+        """
+        self._require_backend()
+        return await self._schedules.add(name, when, callback, missed=missed, grace=grace)
+
+    async def unschedule(self, name: str) -> bool:
+        """Stop following job ``name`` on this node (its running callback finishes first);
+        True when it was scheduled here. Nodes that still schedule it go on running it."""
+        return await self._schedules.remove(name)
+
+    @property
+    def schedules(self) -> dict[str, ScheduledJob]:
+        """The jobs this node follows, by name (see :meth:`schedule`)."""
+        return dict(self._schedules.jobs)
+
+    def _may_run_job(self, name: str) -> bool:
+        """This node may claim ``name``'s ticks now: ready, its lease holding, the owner."""
+        return (
+            self.state is State.READY
+            and not self._paused
+            and time.monotonic() < self._lease.lease_until
+            and self.mine(name)
+        )
 
     @property
     def incarnation(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cloister import wire
+from cloister.cluster.schedules import ScheduleInfo
 from cloister.cluster.states import State
 from cloister.errors import WireFormatError
 
@@ -58,6 +59,8 @@ class ClusterInfo:
     last_data_loss: DataLoss | None = None
     rebuilding: bool = False
     """True from a data loss until the node settled on an epoch published after it."""
+    schedules: tuple[ScheduleInfo, ...] = ()
+    """The cluster-wide jobs this node follows (``cluster.schedule``), with next runs."""
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-able dict (for ``states()`` and ``cloister status``)."""
@@ -68,6 +71,7 @@ class ClusterInfo:
         data["last_data_loss"] = (
             None if self.last_data_loss is None else self.last_data_loss.to_wire()
         )
+        data["schedules"] = [job.to_wire() for job in self.schedules]
         return data
 
     @classmethod
@@ -100,4 +104,5 @@ class ClusterInfo:
             data_losses=wire.field(data, "data_losses", int, what) if "data_losses" in data else 0,
             last_data_loss=None if loss is None else DataLoss.from_wire(loss),
             rebuilding=bool(data.get("rebuilding")),
+            schedules=tuple(ScheduleInfo.from_wire(job) for job in data.get("schedules", ())),
         )

@@ -43,7 +43,7 @@ from cloister.manager.ownership import YIELD_EVERY, RegionOptions, ShardRegion
 from cloister.manager.processes import ProcessCalls, class_path
 from cloister.manager.responses import Ok
 from cloister.manager.routing import Router
-from cloister.manager.spec import check_id, make_spec
+from cloister.manager.spec import check_defaults, check_id, make_spec
 from cloister.manager.types import (
     EXECUTORS,
     ON_ERROR,
@@ -84,6 +84,7 @@ _OPTIONS = (
     "pool_size",
     "handler_timeout",
     "on_handler_timeout",
+    "defaults",
 )
 
 
@@ -117,6 +118,12 @@ class DynamicManager:
       event loop: for tiny callbacks that never block). Either way a worker runs one
       callback at a time, in order. ``async def`` callbacks always run on the loop (they
       must not block it); so do ``init`` and ``terminate``.
+    - ``defaults``: spec fields every worker gets unless its own spec sets them
+      (Tarearbol's ``use DynamicManager, defaults: [...]``): ``{"timeout": 0}`` makes
+      every worker idle unless its spec gives a period. Precedence, field by field: the
+      worker's spec, then ``start(..., defaults=...)``, then the class attribute, then
+      the library defaults (``timeout`` 1.0 s, ``lull`` 1.1, ``instant_perform`` False).
+      ``start(defaults=...)`` is merged over the class's, not instead of it.
     - ``handler_timeout``: seconds after which a running callback is reported to
       ``handle_timeout`` (None: never). With ``on_handler_timeout="abandon"`` the attempt
       is also given up: an inbox message is retried and parked after ``max_attempts``, a
@@ -138,6 +145,7 @@ class DynamicManager:
     pool_size: ClassVar[int] = 8
     handler_timeout: ClassVar[float | None] = None
     on_handler_timeout: ClassVar[OnHandlerTimeout] = "report"
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
     # -- callbacks to override ---------------------------------------------------------------
 
@@ -185,6 +193,11 @@ class DynamicManager:
             if option not in _OPTIONS:
                 raise ConfigurationError(f"unknown manager option {option!r}")
             setattr(self, option, value)
+        # start(defaults=) over the class's defaults, field by field (not instead of them).
+        self.spec_defaults = {
+            **check_defaults(type(self).defaults, f"{type(self).__name__}.defaults"),
+            **check_defaults(options.get("defaults", {}), "defaults"),
+        }
         if self.on_error not in ON_ERROR:
             raise ConfigurationError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.pickup not in PICKUP:
@@ -312,6 +325,7 @@ class DynamicManager:
                 f"children_specs() must return a mapping id -> spec, got {type(specs).__name__}"
             )
         engine.start()
+        defaults = self.spec_defaults
         # A million ids take seconds: yield now and then, or the node's heartbeat (and
         # everything else on this loop) would wait, and a cluster node fence itself.
         if region is None:
@@ -320,7 +334,7 @@ class DynamicManager:
             has_init = engine.callbacks.init is not None
             for n, (worker_id, fields) in enumerate(specs.items(), 1):
                 check_id(worker_id)
-                spec = make_spec(worker_id, fields)
+                spec = make_spec(worker_id, fields, defaults)
                 if has_init:
                     await spawn(worker_id, spec, None, now)
                 else:
@@ -332,7 +346,7 @@ class DynamicManager:
         add = engine.specs.__setitem__
         for n, (worker_id, fields) in enumerate(specs.items(), 1):
             check_id(worker_id)
-            add(worker_id, make_spec(worker_id, fields))
+            add(worker_id, make_spec(worker_id, fields, defaults))
             if not n % YIELD_EVERY:
                 await asyncio.sleep(0)
         self._router.register()
@@ -404,7 +418,7 @@ class DynamicManager:
     async def put(self, worker_id: Key, **spec: Any) -> None:
         """Add a worker, or replace it (terminated, then started from the new spec)."""
         check_id(worker_id)
-        fields = make_spec(worker_id, spec)
+        fields = make_spec(worker_id, spec, self.spec_defaults)
         await self._router.route(
             worker_id, "put", {"id": worker_id, "spec": fields.to_wire()}, None
         )

@@ -13,6 +13,7 @@ has something to do or to remember (:meth:`Engine.materialize`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -36,7 +37,7 @@ from cloister.manager.ports import (
 )
 from cloister.manager.recovery import discard, failed, halt, hold, rekey
 from cloister.manager.responses import Halt, Ok, Replace, Timeout, reply_of
-from cloister.manager.scheduler import TimerWheel
+from cloister.manager.scheduler import TimerWheel, phase
 from cloister.manager.spec import Spec
 from cloister.manager.state import Stored
 from cloister.manager.types import Key, ManagerCounters, ManagerTimings, Reason
@@ -45,6 +46,7 @@ from cloister.manager.worker import (
     PERFORM_PENDING,
     POOLED,
     QUEUED,
+    RESPEC,
     Continuation,
     Message,
     Worker,
@@ -202,11 +204,15 @@ class Engine:
             return
         worker = Worker(worker_id, spec, payload)
         self.workers[worker_id] = worker
-        if spec.instant_perform:
+        delay = spec.first_delay
+        if delay is not None:  # Tarearbol's integer instant_perform: first perform after it
+            self.timers.schedule(worker, now + delay)
+            self.wake.set()
+        elif spec.instant_perform:
             worker.flags |= PERFORM_PENDING
             self.enqueue(worker)
         elif spec.timeout:
-            self.timers.schedule(worker, now + spec.timeout)
+            self.timers.schedule(worker, now + phase(worker_id, spec.timeout))
             self.wake.set()  # the dispatcher may be asleep until a later due time
         if parked:
             worker.mailbox = deque(parked)
@@ -653,6 +659,10 @@ class Engine:
         elif isinstance(response, Timeout):
             worker.last = response.result
             next_timeout = response.seconds
+            if response.permanent:
+                self._change_period(worker, float(response.seconds))
+                if not next_timeout:
+                    next_timeout = None  # period 0: no more periodic performs
         elif isinstance(response, Ok):
             worker.last = response.result
         else:
@@ -662,8 +672,18 @@ class Engine:
         # (at-least-once, as for any side effect), and the payload stored last still
         # matches the watermark stored with it.
         mark = self.ports.mark
-        if mark is not None and isinstance(response, Replace):
-            mark(Stored(worker.id, None, worker.payload, True, watermark=worker.watermark))
+        if mark is not None and (
+            isinstance(response, Replace) or (isinstance(response, Timeout) and response.permanent)
+        ):
+            mark(
+                Stored(
+                    worker.id,
+                    worker.runtime_spec(),
+                    worker.payload,
+                    True,
+                    watermark=worker.watermark,
+                )
+            )
         if message is None:
             self.reschedule(worker, started, next_timeout)
             return
@@ -671,6 +691,16 @@ class Engine:
             self.timers.schedule(worker, asyncio.get_running_loop().time() + next_timeout)
         if worker.mailbox or worker.flags & PERFORM_PENDING:
             self.enqueue(worker)
+
+    def _change_period(self, worker: Worker, period: float) -> None:
+        """A permanent ``Timeout``: the worker's spec (and the catalogue's) gets ``period``."""
+        spec = dataclasses.replace(worker.spec, timeout=period)
+        worker.spec = spec
+        worker.flags |= RESPEC
+        if not period:
+            worker.due = 0.0  # a timer already set is stale now: it fires nothing
+        if worker.id in self.specs:
+            self.specs[worker.id] = spec
 
     def reschedule(self, worker: Worker, started: float, override: float | None) -> None:
         """Schedule the worker's next perform (``override``: in that many seconds)."""

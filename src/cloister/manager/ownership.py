@@ -36,16 +36,17 @@ from cloister.errors import (
     ConfigurationError,
     FencedError,
     NotOwnerError,
+    WireFormatError,
 )
 from cloister.manager.claims import Claims, PartitionsFencedError
 from cloister.manager.consumer import PartitionConsumers, claimant_name
 from cloister.manager.engine import Engine
 from cloister.manager.lifecycle import Lifecycle, Phase
-from cloister.manager.spec import make_spec
+from cloister.manager.spec import Spec, make_spec
 from cloister.manager.state import StateTable, Stored, Unstorable
 from cloister.manager.types import Key, ManagerCounters, ManagerTimings, Reason
 from cloister.manager.watchdog import Watchdog
-from cloister.manager.worker import GONE, Message, Worker
+from cloister.manager.worker import GONE, RESPEC, Message, Worker
 from cloister.store.inbox import Inbox
 
 if TYPE_CHECKING:
@@ -122,8 +123,9 @@ class ShardRegion:
         self.inbox: Inbox | None = None
         self.consumers: PartitionConsumers | None = None
         self.watchdog: Watchdog | None = None
-        # id -> (payload, casts, watermark) handed over by the previous owner
-        self.handed: dict[Key, tuple[Any, list[Any], int]] = {}
+        # id -> (payload, casts, watermark, runtime spec or None) handed over by the
+        # previous owner
+        self.handed: dict[Key, tuple[Any, list[Any], int, Spec | None]] = {}
         # The epoch this node last settled on: its fencing token (DynamicManager.fence).
         self.fence = 0
         # release/settle/suspend/handover run one at a time, whoever calls them (the
@@ -314,8 +316,12 @@ class ShardRegion:
             payload, fresh = None, True
             handed = self.handed.pop(worker_id, None)
             watermark = 0
+            respec = False  # a runtime spec: stored and shipped with the worker from now on
             if handed is not None:
                 payload, fresh, watermark = handed[0], False, handed[2]
+                if handed[3] is not None:  # its period changed for good on the last owner
+                    spec = specs[worker_id] = handed[3]
+                    respec = True
                 parked[worker_id] = [Message("cast", m) for m in handed[1]] + parked.get(
                     worker_id, []
                 )
@@ -323,12 +329,15 @@ class ShardRegion:
                 stored = mirror.get(worker_id)
                 if stored is not None and stored.has_payload:
                     payload, fresh, watermark = stored.payload, False, stored.watermark
+                    respec = stored.spec is not None
             self.counters.taken_over += 0 if fresh else 1
             await engine.spawn(worker_id, spec, payload, now, fresh=fresh)
-            if watermark:
+            if watermark or respec:
                 worker = engine.materialize(worker_id)
                 if worker is not None:
                     worker.watermark = watermark
+                    if respec:
+                        worker.flags |= RESPEC
         if self.consumers is not None:
             moves = self._rebalance(topology, placement)
             await self.consumers.release(set(moves.revoked) | denied)
@@ -436,7 +445,9 @@ class ShardRegion:
                 continue
             casts: list[Any] = []
             watermark = 0
+            respec = None
             if isinstance(entry, Worker):
+                respec = entry.runtime_spec()
                 await engine.wait_idle(entry)
                 for m in entry.mailbox or ():
                     if m.reply is not None and not m.reply.done():
@@ -448,7 +459,7 @@ class ShardRegion:
                 entry.mailbox = None
                 watermark = entry.watermark
             stateful = isinstance(entry, Worker) and (
-                entry.payload is not entry.spec.payload or watermark
+                entry.payload is not entry.spec.payload or watermark or respec is not None
             )
             payload = entry.payload
             await engine.remove(worker_id, Reason.HANDOFF)
@@ -456,9 +467,12 @@ class ShardRegion:
                 continue
             owner = owner_of(worker_id)
             if owner is not None:
-                batches.setdefault(owner, []).append([worker_id, payload, casts, watermark])
+                shipped = [worker_id, payload, casts, watermark]
+                if respec is not None:  # a period changed for good travels with the worker
+                    shipped.append(respec)
+                batches.setdefault(owner, []).append(shipped)
             elif table is not None and stateful:
-                table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
+                table.mark(Stored(worker_id, respec, payload, True, watermark=watermark))
         self.counters.handed_off += len(leaving)
         for owner, batch in batches.items():
             for start in range(0, len(batch), HANDOFF_CHUNK):
@@ -497,8 +511,9 @@ class ShardRegion:
                 exc,
             )
             if self.table is not None:
-                for worker_id, payload, _casts, watermark in chunk:
-                    self.table.mark(Stored(worker_id, None, payload, True, watermark=watermark))
+                for worker_id, payload, _casts, watermark, *respec in chunk:
+                    spec = respec[0] if respec else None
+                    self.table.mark(Stored(worker_id, spec, payload, True, watermark=watermark))
 
     async def receive_handoff(self, batch: Any) -> int:
         """Keep what a previous owner shipped (the RPC handler ``handoff``).
@@ -512,8 +527,14 @@ class ShardRegion:
                 f"handoff of {len(workers)} worker(s) from epoch {epoch} refused: "
                 f"node {self.cluster.node} is at epoch {self.cluster.epoch}"
             )
-        for worker_id, payload, casts, watermark in workers:
-            self.handed[worker_id] = (payload, list(casts), watermark)
+        for worker_id, payload, casts, watermark, fields in workers:
+            spec = None
+            if fields is not None:
+                try:
+                    spec = make_spec(worker_id, fields)
+                except ConfigurationError as exc:
+                    raise WireFormatError(f"handoff: worker {worker_id!r}: {exc}") from None
+            self.handed[worker_id] = (payload, list(casts), watermark, spec)
         return len(workers)
 
     # -- inbox and table -----------------------------------------------------------------------
@@ -665,8 +686,14 @@ class ShardRegion:
             await self.settle(topology)
 
 
-def _handoff_batch(batch: Any) -> tuple[int, list[tuple[Any, Any, list[Any], int]]]:
-    """The epoch and the workers (``[id, payload, casts, watermark]``) of a handoff batch,
-    checked against its schema."""
+def _handoff_batch(
+    batch: Any,
+) -> tuple[int, list[tuple[Any, Any, list[Any], int, dict[str, Any] | None]]]:
+    """The epoch and the workers (``[id, payload, casts, watermark]``, and the worker's
+    spec fields when its period changed for good) of a handoff batch, checked against its
+    schema."""
     checked = schema.HANDOFF.convert(batch)
-    return checked.epoch, checked.workers
+    return checked.epoch, [
+        (entry[0], entry[1], entry[2], entry[3], entry[4] if len(entry) == 5 else None)
+        for entry in checked.workers
+    ]

@@ -62,6 +62,8 @@ def encode_response(response: Any) -> list[Any]:
     if isinstance(response, Halt):
         return ["halt", response.reason]
     if isinstance(response, Timeout):
+        if response.permanent:
+            return ["period", response.seconds, response.result]
         return ["timeout", response.seconds, response.result]
     return ["value", response]
 
@@ -71,7 +73,7 @@ def decode_response(value: Any) -> Any:
     if not isinstance(value, list) or not value or not isinstance(value[0], str):
         raise WireFormatError("child response: expected [kind, ...]")
     kind, rest = value[0], value[1:]
-    shapes = {"ok": 1, "replace": 1, "rekey": 2, "halt": 1, "timeout": 2, "value": 1}
+    shapes = {"ok": 1, "replace": 1, "rekey": 2, "halt": 1, "timeout": 2, "period": 2, "value": 1}
     if shapes.get(kind) != len(rest):
         raise WireFormatError(f"child response: unknown or malformed kind {kind!r}")
     if kind == "ok":
@@ -84,8 +86,11 @@ def decode_response(value: Any) -> Any:
         if not isinstance(rest[0], str):
             raise WireFormatError("child response: a halt reason is a str")
         return Halt(rest[0])
-    if kind == "timeout":
-        return Timeout(rest[0], rest[1])
+    if kind in ("timeout", "period"):
+        try:
+            return Timeout(rest[0], rest[1], permanent=kind == "period")
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"child response: {exc}") from None
     return rest[0]
 
 

@@ -6,6 +6,8 @@
 ``Replace(p, id=new)``     ... and the worker is re-keyed to ``new``
 ``Halt()``                 remove the worker (``terminate("halt", ...)`` is called)
 ``Timeout(seconds, r)``    next perform in ``seconds`` (instead of the spec's timeout)
+``Timeout(s, r, permanent=True)``  the period becomes ``s`` for good (0: no more performs);
+                           stored with the worker, so it survives handoff and takeover
 any other value ``v``      treated as ``Ok(v)``
 =========================  ==================================================================
 """
@@ -47,10 +49,17 @@ class Halt:
 
 @dataclass(frozen=True, slots=True)
 class Timeout:
-    """Reschedule the next perform ``seconds`` from now; store ``result``."""
+    """Reschedule the next perform ``seconds`` from now; store ``result``.
+
+    With ``permanent=True`` (Tarearbol's ``{{:timeout, t}, result}``) the worker's period
+    becomes ``seconds`` from then on, not only for the next perform; ``0`` stops its
+    periodic performs. The new period is part of the worker's spec: it is stored with its
+    state and shipped on handoff, so the worker keeps it on its next owner.
+    """
 
     seconds: float
     result: Any = None
+    permanent: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.seconds, bool) or not isinstance(self.seconds, int | float):

@@ -4,6 +4,12 @@ Due times are rounded up to ticks of ``resolution`` seconds; each tick is a list
 workers due then, and a heap holds only the distinct ticks. Scheduling is an append;
 an idle worker (``timeout`` 0) costs nothing. Rescheduling leaves a stale entry behind,
 recognised on firing because the worker's ``due`` no longer matches.
+
+A periodic worker's first perform falls at a point of its first period fixed by its id
+(:func:`phase`): the million ids of one ``children_specs()`` started in the same instant
+spread evenly over the period instead of falling due in the same tick, and since later
+performs keep to the grid ``first, first + period, ...``, they stay spread. The point
+depends only on the id (the ring's key hash), so it is the same on every node and run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,17 @@ import heapq
 from collections.abc import Iterator
 
 from cloister.manager.worker import GONE, Worker
+from cloister.ring import Key, key_hash
+
+_FRACTION_BITS = 53
+_TO_FRACTION = 2.0**-_FRACTION_BITS
+
+
+def phase(worker_id: Key, period: float) -> float:
+    """Seconds from a worker's start to its first periodic perform: in ``(0, period]``,
+    spread evenly over the period across ids, and the same for an id everywhere."""
+    fraction = (key_hash(worker_id) & ((1 << _FRACTION_BITS) - 1)) * _TO_FRACTION
+    return period * (1.0 - fraction)
 
 
 class TimerWheel:

@@ -1,8 +1,16 @@
-"""Child specs: the per-worker settings ``children_specs()`` and ``put()`` give."""
+"""Child specs: the per-worker settings ``children_specs()`` and ``put()`` give.
+
+A spec's fields come, field by field, from the first of: the spec itself (what
+``children_specs()`` or ``put()`` gives), ``start(..., defaults=...)``, the manager class's
+``defaults`` attribute, and the library defaults of :class:`Spec` (``timeout`` 1.0 s,
+``lull`` 1.1, ``instant_perform`` False, ``payload`` None) — Tarearbol's
+``use DynamicManager, defaults: [...]``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +22,24 @@ FIELDS = ("payload", "timeout", "lull", "instant_perform")
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """One worker's settings. ``timeout`` 0 means: never perform periodically."""
+    """One worker's settings. ``timeout`` 0 means: never perform periodically.
+
+    ``instant_perform``: ``True`` performs at once when the worker starts; a whole number
+    of milliseconds (Tarearbol's integer form) performs first after that delay; ``False``
+    (the default) performs first at a point of its first period fixed by the worker's id,
+    so that workers started together spread over the period instead of firing at once.
+    """
 
     payload: Any = None
     timeout: float = 1.0
     lull: float = 1.1
-    instant_perform: bool = False
+    instant_perform: bool | int = False
+
+    @property
+    def first_delay(self) -> float | None:
+        """Seconds to the first perform when ``instant_perform`` is a delay, else None."""
+        delay = self.instant_perform
+        return None if isinstance(delay, bool) else delay / 1000
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -36,10 +56,29 @@ _SHARED: dict[tuple[Any, ...], Spec] = {}
 _SHARED_MAX = 4096
 
 
-def make_spec(worker_id: Any, fields: Any) -> Spec:
-    """Validate ``fields`` (a mapping, a :class:`Spec` or None) for ``worker_id``."""
+def check_defaults(defaults: Any, where: str) -> dict[str, Any]:
+    """``defaults`` checked as spec fields (a dict of :data:`FIELDS`), as a new dict."""
+    if not isinstance(defaults, Mapping):
+        raise ConfigurationError(
+            f"{where} must be a dict of {', '.join(FIELDS)}, got {type(defaults).__name__}"
+        )
+    checked = dict(defaults)
+    _validate(f"<{where}>", checked)
+    return checked
+
+
+def make_spec(worker_id: Any, fields: Any, defaults: Mapping[str, Any] | None = None) -> Spec:
+    """Validate ``fields`` (a mapping, a :class:`Spec` or None) for ``worker_id``.
+
+    ``defaults`` (checked by :func:`check_defaults`) fill the fields ``fields`` leaves out.
+    """
     if isinstance(fields, Spec):
         return fields
+    if defaults:
+        if fields is None or (type(fields) is dict and not fields):
+            fields = defaults
+        elif type(fields) is dict:
+            fields = {**defaults, **fields}
     if not fields and (fields is None or isinstance(fields, dict)):
         return DEFAULT
     if type(fields) is dict:
@@ -87,11 +126,17 @@ def _validate(worker_id: Any, fields: Any) -> Spec:
         )
     if lull < 1:
         raise ConfigurationError(f"spec of worker {worker_id!r}: lull must be >= 1, got {lull!r}")
+    instant = fields.get("instant_perform", False)
+    if not isinstance(instant, bool) and (not isinstance(instant, int) or instant < 0):
+        raise ConfigurationError(
+            f"spec of worker {worker_id!r}: instant_perform must be True, False or a delay "
+            f"in whole milliseconds >= 0, got {instant!r}"
+        )
     return Spec(
         payload=fields.get("payload"),
         timeout=float(timeout),
         lull=float(lull),
-        instant_perform=bool(fields.get("instant_perform", False)),
+        instant_perform=True if instant == 0 and not isinstance(instant, bool) else instant,
     )
 
 

@@ -22,6 +22,7 @@ never queued again — and reported to the fencing, which gives the partition up
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,7 +256,15 @@ class StateTable:
         return self.unstorable.pop(worker_id, None)
 
     def mark(self, stored: Stored) -> None:
-        """Queue a replaced payload for the next flush."""
+        """Queue a replaced payload for the next flush.
+
+        A record that names no spec keeps the runtime spec the worker's record had (a
+        ``put`` or a permanent ``Timeout``): the payload is replaced, not the spec.
+        """
+        if stored.spec is None and not stored.deleted:
+            previous = self.dirty.get(stored.id) or self.mirror.get(stored.id)
+            if previous is not None and previous.spec is not None and not previous.deleted:
+                stored = dataclasses.replace(stored, spec=previous.spec)
         self.dirty[stored.id] = stored
 
     async def flush(self, ids: Any = None) -> None:

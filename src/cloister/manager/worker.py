@@ -22,6 +22,7 @@ PERFORM_PENDING = 1  # a perform is due and waits for the worker to be free
 QUEUED = 2  # the worker sits in the run queue
 GONE = 4  # the worker was removed; drop whatever is left for it
 POOLED = 8  # its callback is out on the thread pool
+RESPEC = 16  # its spec changed at runtime (a permanent Timeout): stored and shipped with it
 
 
 class Worker:
@@ -56,6 +57,11 @@ class Worker:
 
     def has_work(self) -> bool:
         return bool(self.mailbox) or bool(self.flags & PERFORM_PENDING)
+
+    def runtime_spec(self) -> dict[str, Any] | None:
+        """The spec to store and ship with the worker when it changed at runtime, else None
+        (its spec is the catalogue's, which every node knows)."""
+        return self.spec.to_wire() if self.flags & RESPEC else None
 
 
 @dataclass(slots=True)

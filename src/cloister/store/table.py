@@ -5,8 +5,15 @@ table from every node. It is one backend bucket, ``tbl-<name>``, used through th
 protocol's :class:`~cloister.backends.KeyValue` only, so it behaves alike on every backend:
 
 - **Keys** are pycloister keys (``str``, ``bytes``, ``int``, tuples of them), stored as
-  ``k`` + base64url of their :mod:`cloister.wire` encoding (:mod:`cloister.store.keys`):
-  exact and reversible, so :meth:`Table.keys` gives back ``("tenant", 7)``, not a string.
+  dotted tokens, one per byte (:mod:`cloister.store.table_keys`): exact and reversible,
+  so :meth:`Table.keys` gives back ``("tenant", 7)``, not a string, and a key prefix is
+  a prefix of whole tokens — what NATS can filter subjects on.
+- **Queries** — :meth:`Table.select`, :meth:`Table.count` and :meth:`Table.watch` take a
+  ``prefix`` (a ``str`` for string keys, ``bytes`` for bytes keys, a ``tuple`` for the
+  tuple keys that start with its elements) that the medium filters on: selecting the 100
+  keys under a prefix of a 100,000-key table reads those 100 (on NATS, a direct get
+  filtered on the subjects ``$KV.<bucket>.k.<prefix tokens>.>``), not the table. ``where``
+  then filters the rest on the node, as a match spec of :func:`mnesia:select` would.
 - **Values** are anything :mod:`cloister.wire` encodes (msgpack; never pickle).
 - **Durability** is the medium's: a write returns once the backend acknowledged it (on
   NATS: stored by JetStream on ``replicas`` servers; on memory: in the shared world).
@@ -58,7 +65,12 @@ from cloister.errors import (
 )
 from cloister.ring import Key
 from cloister.schema import UNSIGNED, Keyring
-from cloister.store.keys import decode_key, encode_key
+from cloister.store.table_keys import (
+    MAX_KEY_LENGTH,
+    decode_table_key,
+    encode_table_key,
+    table_prefix,
+)
 
 log = logging.getLogger("cloister.store.table")
 
@@ -70,9 +82,6 @@ names the bucket after its cluster injectively (:mod:`cloister.backends._names`)
 MAX_TABLE_NAME: Final = MAX_COMPONENT - len(BUCKET_PREFIX)
 TABLE_NAME: Final = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_TABLE_NAME}}}$")
 """What a table name may be (the bucket ``tbl-<name>`` must fit every backend)."""
-KEY_PREFIX: Final = "k"
-MAX_KEY_LENGTH: Final = 1024
-"""Longest bucket key (characters) a table writes: about 760 bytes of encoded key."""
 
 _KEY_TYPES_HINT = "table keys must be str, bytes, int (not bool) or tuples of them"
 
@@ -188,9 +197,10 @@ class Table:
         entry = await self.kv.get(self._bucket_key(key))
         return default if entry is None else self._value(key, entry)
 
-    async def keys(self) -> list[Key]:
-        """Every key of the table, in no particular order."""
-        return [key for key, _entry in await self._listing()]
+    async def keys(self, *, prefix: Key | None = None) -> list[Key]:
+        """Every key of the table (under ``prefix``, see :meth:`select`), in no particular
+        order."""
+        return [key for key, _entry in await self._listing(prefix)]
 
     async def items(self) -> dict[Key, Any]:
         """The whole table as a dict (one consistent listing of the bucket)."""
@@ -204,7 +214,60 @@ class Table:
 
     async def size(self) -> int:
         """How many keys the table has."""
-        return len(await self._listing())
+        return await self.count()
+
+    async def count(self, *, prefix: Key | None = None) -> int:
+        """How many keys the table has under ``prefix`` (see :meth:`select`); the medium
+        reads only those."""
+        return len(await self._listing(prefix))
+
+    def select(
+        self,
+        prefix: Key | None = None,
+        where: Callable[[Key, Any], bool] | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[tuple[Key, Any]]:
+        """The ``(key, value)`` pairs under ``prefix`` that ``where`` accepts, at most ``limit``.
+
+        ``async for key, value in table.select(prefix="user:", where=lambda k, v: v["vip"])``.
+
+        ``prefix`` is filtered by the medium: ``None`` is the whole table; a ``str``
+        selects the string keys that start with it, a ``bytes`` the bytes keys that start
+        with it, a ``tuple`` the tuple keys whose first elements equal its elements
+        (``("tenant", 7)`` selects ``("tenant", 7, "a")``, ``("tenant", 7)`` itself, not
+        ``("tenant", 70)``). ``where(key, value)`` runs on this node over what the medium
+        sent. Pairs come from one listing of the matching keys, in a fixed order (that of
+        their stored spelling, not the keys' own order); ``limit`` stops after that many
+        accepted pairs.
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise ConfigurationError(f"limit must be a whole number or None, got {limit!r}")
+        if limit is not None and limit < 0:
+            raise ConfigurationError(f"limit must be >= 0, got {limit}")
+        table_prefix(prefix)  # a bad prefix fails here, not at the first iteration
+        return self._select(prefix, where, limit)
+
+    async def _select(
+        self,
+        prefix: Key | None,
+        where: Callable[[Key, Any], bool] | None,
+        limit: int | None,
+    ) -> AsyncIterator[tuple[Key, Any]]:
+        if limit == 0:
+            return
+        listing = sorted(await self._listing(prefix), key=lambda found: found[1].key)
+        given = 0
+        for key, entry in listing:
+            if limit is not None and given >= limit:
+                return
+            try:
+                value = self._value(key, entry)
+            except WireFormatError as exc:
+                self._bad(exc)
+                continue
+            if where is None or where(key, value):
+                given += 1
+                yield key, value
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -260,24 +323,25 @@ class Table:
     # -- watch ----------------------------------------------------------------------------
 
     def watch(
-        self, *, initial: bool = False
+        self, *, prefix: Key | None = None, initial: bool = False
     ) -> AbstractAsyncContextManager[AsyncIterator[TableEvent]]:
         """Live changes by any node: ``async with table.watch() as events: async for ...``.
 
         Changes made from the moment the context is entered are delivered in order. With
         ``initial=True`` the table's current contents come first, as ``put`` events, and
         then every later change, with none missed or repeated in between (a key deleted
-        while the contents were read may show up as a ``delete`` only).
+        while the contents were read may show up as a ``delete`` only). ``prefix`` (as
+        for :meth:`select`) limits both to the keys under it, filtered by the medium.
         """
-        return self._watch(initial)
+        return self._watch(self._medium_prefix(prefix), initial)
 
     @asynccontextmanager
-    async def _watch(self, initial: bool) -> AsyncIterator[AsyncIterator[TableEvent]]:
-        async with self.kv.watch() as events:
-            yield self._events(events, initial)
+    async def _watch(self, prefix: str, initial: bool) -> AsyncIterator[AsyncIterator[TableEvent]]:
+        async with self.kv.watch(prefix=prefix) as events:
+            yield self._events(events, prefix, initial)
 
     async def _events(
-        self, events: AsyncIterator[KVEvent], initial: bool
+        self, events: AsyncIterator[KVEvent], prefix: str, initial: bool
     ) -> AsyncIterator[TableEvent]:
         # Watch first, then list: a change made while listing may show up in both. The
         # listing's revisions tell which watch events it already covers; once an event is
@@ -285,7 +349,7 @@ class Table:
         listed: dict[str, int] | None = None
         horizon = 0
         if initial:
-            snapshot = await self.kv.entries()
+            snapshot = await self.kv.entries(prefix=prefix)
             listed = {name: entry.revision for name, entry in snapshot.items()}
             horizon = max(listed.values(), default=0)
             for entry in sorted(snapshot.values(), key=lambda e: e.revision):
@@ -306,7 +370,7 @@ class Table:
 
     def _bucket_key(self, key: Key) -> str:
         _check_key(key, key)
-        stored = encode_key(key, KEY_PREFIX)
+        stored = encode_table_key(key)
         if len(stored) > MAX_KEY_LENGTH:
             raise ConfigurationError(
                 f"table key {key!r} is too long for table {self.name!r}: its encoding has "
@@ -332,13 +396,19 @@ class Table:
             ) from exc
 
     def _decode_key(self, stored: str) -> Key:
-        key = decode_key(stored, KEY_PREFIX)
+        key = decode_table_key(stored)
         _check_key(key, key)
         return key  # type: ignore[no-any-return]
 
-    async def _listing(self) -> list[tuple[Key, Entry]]:
+    @staticmethod
+    def _medium_prefix(prefix: Key | None) -> str:
+        # No prefix lists the whole bucket, so that foreign records are still seen (and
+        # counted in bad_records) rather than silently filtered away.
+        return "" if prefix is None else table_prefix(prefix)
+
+    async def _listing(self, prefix: Key | None = None) -> list[tuple[Key, Entry]]:
         found: list[tuple[Key, Entry]] = []
-        for stored, entry in (await self.kv.entries()).items():
+        for stored, entry in (await self.kv.entries(prefix=self._medium_prefix(prefix))).items():
             try:
                 found.append((self._decode_key(stored), entry))
             except (WireFormatError, ConfigurationError) as exc:

@@ -24,8 +24,11 @@ Mapping of the contract:
   the stream holds exactly the last message of each key), markers and tombstones
   dropped; with ``consistent=True`` an ephemeral ``LAST_PER_SUBJECT`` pull consumer
   instead (a consumer works on the stream leader's store, a direct get may be answered
-  by a lagging follower), and ``get(consistent=True)`` uses the message-get API;
-- ``watch`` = an ordered push consumer delivering only new messages.
+  by a lagging follower), and ``get(consistent=True)`` uses the message-get API; a
+  ``prefix`` becomes the subject filter ``$KV.<bucket>.<prefix>>`` of either, so the
+  server sends only the keys under it;
+- ``watch`` = an ordered push consumer delivering only new messages (of the subjects
+  under ``prefix``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any
 import nats.js.errors
 from nats.js import api
 
-from cloister.backends.base import Entry, Guard, KeyValue, KVEvent, KVOp
+from cloister.backends.base import Entry, Guard, KeyValue, KVEvent, KVOp, check_prefix
 from cloister.backends.nats._bucket import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
@@ -162,12 +165,18 @@ class NatsKV(KeyValue):
             raise translate(exc, what, self._conn.url) from exc
         return int(msg.seq or 0), bytes(msg.data or b""), msg.headers
 
-    async def entries(self, *, consistent: bool = False) -> dict[str, Entry]:
+    async def entries(self, *, consistent: bool = False, prefix: str = "") -> dict[str, Entry]:
         """Every live key: batched direct gets (a few ms for ~100 keys), or with
-        ``consistent`` a consumer on the stream leader (see :mod:`._kv_listing`)."""
+        ``consistent`` a consumer on the stream leader (see :mod:`._kv_listing`); with
+        ``prefix`` both filter on the subject ``$KV.<bucket>.<prefix>>``, so the server
+        sends only the matching keys."""
+        check_prefix(prefix)
         if consistent:
-            return await self._lister.consistent_entries()
-        return await self._lister.entries()
+            found = await self._lister.consistent_entries(prefix)
+        else:
+            found = await self._lister.entries(prefix)
+        self.entries_read = self._lister.messages_read
+        return found
 
     # -- writes -----------------------------------------------------------------------
 
@@ -365,17 +374,18 @@ class NatsKV(KeyValue):
 
     # -- watch ------------------------------------------------------------------------
 
-    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
+    def watch(self, *, prefix: str = "") -> AbstractAsyncContextManager[AsyncIterator[KVEvent]]:
         """Changes from now on. Ends with :class:`BackendUnavailableError` after a reconnect.
 
         When the connection to NATS comes back, every watch of the backend raises
         :class:`BackendUnavailableError` (after the events already received): watch again
         and re-list with :meth:`entries`, as after any outage.
         """
-        return self._watch()
+        check_prefix(prefix)
+        return self._watch(prefix)
 
     @asynccontextmanager
-    async def _watch(self) -> AsyncIterator[AsyncIterator[KVEvent]]:
+    async def _watch(self, prefix: str) -> AsyncIterator[AsyncIterator[KVEvent]]:
         what = f"watch bucket {self.name!r}"
         js = self._conn.jetstream(what)
         try:
@@ -399,7 +409,7 @@ class NatsKV(KeyValue):
 
             psub = await retry_while_unavailable(
                 lambda: js.subscribe(
-                    f"{self._prefix}>",
+                    f"{self._prefix}{prefix}>",
                     stream=self.stream,
                     cb=on_message,
                     ordered_consumer=True,

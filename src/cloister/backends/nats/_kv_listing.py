@@ -39,18 +39,22 @@ class BucketLister:
         self.stream = stream
         self._prefix = prefix
         self._conn = conn
+        #: Messages listings received from the server (what a key prefix saves).
+        self.messages_read = 0
 
     @property
     def _retry_budget(self) -> float:
         return min(NO_RESPONDERS_RETRY, self._conn.options.op_timeout)
 
-    async def entries(self) -> dict[str, Entry]:
-        """Every live key from batched direct gets (a few ms for ~100 keys; any replica
-        may answer)."""
+    async def entries(self, prefix: str = "") -> dict[str, Entry]:
+        """Every live key (under ``prefix``: whole tokens ending with '.') from batched
+        direct gets filtered on its subjects (a few ms for ~100 keys; any replica may
+        answer)."""
         found: dict[str, Entry] = {}
         start = 1
         while True:
-            messages, pending = await self._batch(start)
+            messages, pending = await self._batch(start, prefix)
+            self.messages_read += len(messages)
             for msg in messages:
                 headers = msg.headers or {}
                 subject = headers.get("Nats-Subject", "")
@@ -78,8 +82,8 @@ class BucketLister:
         else:
             found.pop(key, None)
 
-    async def consistent_entries(self) -> dict[str, Entry]:
-        """Every live key as the stream leader stores it.
+    async def consistent_entries(self, prefix: str = "") -> dict[str, Entry]:
+        """Every live key (under ``prefix``) as the stream leader stores it.
 
         An ephemeral pull consumer delivering the last message of every key
         (``LAST_PER_SUBJECT``), read in batches of ``_BATCH`` until nothing is pending.
@@ -97,7 +101,7 @@ class BucketLister:
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=api.AckPolicy.NONE,
-            filter_subject=f"{self._prefix}>",
+            filter_subject=f"{self._prefix}{prefix}>",
             mem_storage=True,
             num_replicas=1,
             max_ack_pending=-1,
@@ -120,7 +124,7 @@ class BucketLister:
                     break
                 await self._drop_consumer(nc, str(info.name))
             else:
-                return await self._walk_leader(js, what)
+                return await self._walk_leader(js, what, prefix)
         except NATS_ERRORS as exc:
             raise translate(exc, what, self._conn.url) from exc
         consumer = str(info.name)
@@ -136,6 +140,7 @@ class BucketLister:
                     raise translate(exc, what, self._conn.url) from exc
                 if not messages:
                     break  # the leader has nothing more to deliver
+                self.messages_read += len(messages)
                 for msg in messages:
                     meta = msg.metadata
                     self._apply(
@@ -151,7 +156,7 @@ class BucketLister:
         with suppress(*NATS_ERRORS):
             await nc.publish(f"$JS.API.CONSUMER.DELETE.{self.stream}.{consumer}", b"")
 
-    async def _walk_leader(self, js: Any, what: str) -> dict[str, Entry]:
+    async def _walk_leader(self, js: Any, what: str, prefix: str) -> dict[str, Entry]:
         """Every live key, one leader-answered message get per stored message."""
         found: dict[str, Entry] = {}
         start = 1
@@ -159,13 +164,14 @@ class BucketLister:
             try:
                 msg = await retry_while_unavailable(
                     lambda start=start: js.get_msg(  # type: ignore[misc]
-                        self.stream, seq=start, subject=f"{self._prefix}>", next=True
+                        self.stream, seq=start, subject=f"{self._prefix}{prefix}>", next=True
                     ),
                     self._retry_budget,
                 )
             except nats.js.errors.NotFoundError:
                 return found
             seq = int(msg.seq or 0)
+            self.messages_read += 1
             self._apply(found, str(msg.subject), bytes(msg.data or b""), seq, msg.headers)
             start = seq + 1
 
@@ -210,19 +216,20 @@ class BucketLister:
             with suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
 
-    async def _batch(self, start: int) -> tuple[list[Any], int]:
+    async def _batch(self, start: int, prefix: str) -> tuple[list[Any], int]:
         """One direct-get batch from sequence ``start``: (messages, how many remain)."""
         what = f"list bucket {self.name!r}"
         nc = self._conn.client(what)
         try:
             return await retry_while_unavailable(
-                lambda: self._batch_once(nc, start), self._retry_budget
+                lambda: self._batch_once(nc, start, prefix), self._retry_budget
             )
         except NATS_ERRORS as exc:
             raise translate(exc, what, self._conn.url) from exc
 
-    async def _batch_once(self, nc: Any, start: int) -> tuple[list[Any], int]:
-        request = {"seq": start, "batch": _BATCH, "next_by_subj": f"{self._prefix}>"}
+    async def _batch_once(self, nc: Any, start: int, prefix: str) -> tuple[list[Any], int]:
+        subjects = f"{self._prefix}{prefix}>"
+        request = {"seq": start, "batch": _BATCH, "next_by_subj": subjects}
         messages: list[Any] = []
         sub = await nc.subscribe(nc.new_inbox())
         try:
