@@ -19,6 +19,13 @@ Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout
   ``memory-inbox-stateful`` is the same on the embedded backend (``bench/fencing.py``
   runs both against the code before fencing).
 
+- idle-nats: what a node costs doing nothing and at a low rate (issue 16): one node
+  (``Cluster`` + a ``DynamicManager`` with the default 128 partitions) on its own
+  nats-server; CPU seconds of the node's process and of the server over ``--seconds``
+  idle, then over as long at 150 casts/s (``psutil``). Run alone with ``--idle`` (the
+  same case against other sources: ``PYTHONPATH=<other tree>/src python bench/inbox.py
+  --idle``); writes ``bench/results/inbox_idle.json``.
+
 Throughput cases run in ``--rounds`` rounds (each round: every case once, side by side);
 the table shows medians. Run: ``python bench/inbox.py`` (or ``cloister bench inbox``);
 ``--quick`` for a smaller run.
@@ -29,10 +36,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import print_table, write_json
@@ -217,6 +226,63 @@ async def pause(kind: str) -> dict[str, Any]:
     }
 
 
+async def idle_cost(url: str, server_pid: int, seconds: float, rate: float) -> dict[str, Any]:
+    """CPU seconds of one node and its server: idle, then at ``rate`` casts/s."""
+    import psutil
+
+    from cloister import Cluster, DynamicManager, Replace
+
+    handled = 0
+
+    class Idle(DynamicManager):
+        name = "idle"
+
+        def children_specs(self) -> dict[str, Any]:
+            return {f"k{i}": {"timeout": 0, "payload": 0} for i in range(KEYS)}
+
+        def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+            nonlocal handled
+            handled += 1
+            return Replace(payload + 1)
+
+    me, server = psutil.Process(), psutil.Process(server_pid)
+
+    def cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    async def measure(work: Any) -> dict[str, float]:
+        node0, server0 = cpu(me), cpu(server)
+        await work
+        return {"node_cpu_s": cpu(me) - node0, "server_cpu_s": cpu(server) - server0}
+
+    async def paced() -> None:
+        begin = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await manager.cast(f"k{i % KEYS}", [i, 0])
+
+    async with Cluster("idle", "n0", backend=url) as cluster:
+        manager = await Idle.start(cluster)
+        await cluster.wait_ready(30)
+        await manager.cast("k0", [0, 0])  # every partition claimed, the first record acked
+        while handled < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # settled: what follows is the steady state
+        idle = await measure(asyncio.sleep(seconds))
+        busy = await measure(paced())
+        await manager.stop()
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "partitions": Idle.partitions,
+        "idle": idle,
+        "at_rate": busy,
+    }
+
+
 # -- the reference: plain nats-py -----------------------------------------------------------
 
 
@@ -255,14 +321,26 @@ async def nats_plain(url: str, n: int) -> dict[str, Any]:
 
 
 def run_child(
-    case: str, args: argparse.Namespace, url: str | None = None, **extra: Any
+    case: str,
+    args: argparse.Namespace,
+    url: str | None = None,
+    *,
+    sources: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
+    """Run ``case`` in a fresh interpreter (importing ``cloister`` from ``sources`` when
+    given: another tree, for a before/after comparison); its JSON result."""
     command = [sys.executable, __file__, "--child", case, "--messages", str(args.messages)]
     if url:
         command += ["--url", url]
     for key, value in extra.items():
-        command += [f"--{key}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    env = None
+    if sources is not None:
+        env = {**os.environ, "PYTHONPATH": sources}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, check=False, env=env
+    )
     if result.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -287,6 +365,8 @@ def child(args: argparse.Namespace) -> None:
         out = asyncio.run(latency("memory://bench-latency", args.rate, args.seconds))
     elif case == "latency-nats":
         out = asyncio.run(latency(args.url, args.rate, args.seconds))
+    elif case == "idle-nats":
+        out = asyncio.run(idle_cost(args.url, args.server_pid, args.seconds, args.rate))
     elif case in ("pause-leave", "pause-crash"):
         out = asyncio.run(pause(case.split("-")[1]))
     else:
@@ -305,9 +385,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--idle", action="store_true", help="only the idle-cost case")
+    parser.add_argument("--server-pid", type=int)
+    parser.add_argument("--compare", help="with --idle: another tree's src, run side by side")
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.idle:
+        idle_main(args)
         return
     if args.quick:
         args.messages, args.rounds = 20_000, 1
@@ -423,6 +509,61 @@ def main() -> None:
         },
     )
     print(f"wrote {path}")
+
+
+def idle_main(args: argparse.Namespace) -> None:
+    """The idle-cost case alone: one node on its own server, idle then at 150 casts/s;
+    with ``--compare TREE`` the same case on another tree's sources, in alternating rounds."""
+    from cloister.testing import NatsServer
+
+    seconds = 30.0 if args.seconds == 3.0 else args.seconds  # 3.0: the latency default
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here} | ({"compared": args.compare} if args.compare else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, sources in trees.items():
+            with NatsServer() as server:
+                assert server.pid is not None
+                runs[name].append(
+                    run_child(
+                        "idle-nats",
+                        args,
+                        server.url,
+                        sources=sources,
+                        seconds=seconds,
+                        rate=150,
+                        server_pid=server.pid,
+                    )
+                )
+    rows, summary = [], {}
+    for name, results in runs.items():
+        figures = {
+            phase: statistics.median(
+                r[phase]["node_cpu_s"] + r[phase]["server_cpu_s"] for r in results
+            )
+            for phase in ("idle", "at_rate")
+        }
+        per_k = figures["at_rate"] / (150 * seconds / 1000)
+        summary[name] = {"sources": trees[name], **figures, "cpu_s_per_1k_at_rate": per_k}
+        node_idle = statistics.median(r["idle"]["node_cpu_s"] for r in results)
+        rows.append(
+            [
+                name,
+                f"{node_idle:.2f}",
+                f"{figures['idle']:.2f}",
+                f"{figures['at_rate']:.2f}",
+                f"{per_k:.2f}",
+            ]
+        )
+    print_table(
+        f"one node, 128 partitions: CPU seconds over {seconds:.0f} s, node + nats-server "
+        f"(median of {args.rounds})",
+        ["sources", "idle: node", "idle: total", "150 casts/s: total", "per 1k msgs at 150/s"],
+        rows,
+    )
+    print(
+        f"wrote {write_json('inbox_idle', {'seconds': seconds, 'summary': summary, 'runs': runs})}"
+    )
 
 
 if __name__ == "__main__":

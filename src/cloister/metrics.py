@@ -91,6 +91,7 @@ _CLUSTER_COUNTERS = {
     "fenced": "Times this node fenced itself because it could not renew its membership.",
     "heartbeat_failures": "Membership renewals that failed.",
     "bad_records": "Malformed member or control records ignored.",
+    "crashes_seen": "Members whose process was gone (no responders), removed before their TTL.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",

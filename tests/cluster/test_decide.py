@@ -413,3 +413,44 @@ def test_the_sentry_expires_only_records_unrenewed_for_twice_their_ttl() -> None
     assert decide(base, NOW).expire == (("b", 2),)  # never our own record (a)
     assert decide(dataclasses.replace(base, failover_time=9.0), NOW).expire == ()
     assert decide(dataclasses.replace(base, sentry_ok=False), NOW).expire == ()
+
+
+# -- crashes seen before the TTL (no responders) ------------------------------------------------
+
+
+def test_the_sentry_deletes_the_records_of_members_whose_process_is_gone() -> None:
+    view = {"a": record("a"), "b": record("b"), "c": record("c")}
+    renewed = {"a": (1, NOW), "b": (2, NOW), "c": (3, NOW)}
+    base = sentry(view=view, renewed=renewed, unreachable={"b": 2}, view_changed_at=NOW)
+    assert decide(base, NOW).departed == (("b", 2),)
+    assert decide(base, NOW).expire == ()  # long before its TTL
+
+
+def test_a_record_renewed_since_the_probe_stays() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    base = sentry(view=view, renewed={"a": (1, NOW), "b": (5, NOW)}, unreachable={"b": 2})
+    assert decide(base, NOW).departed == ()  # b wrote revision 5 after the probe: alive
+
+
+def test_only_a_valid_sentry_deletes_the_records_of_the_dead() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    renewed = {"a": (1, NOW), "b": (2, NOW)}
+    gone = sentry(view=view, renewed=renewed, unreachable={"b": 2, "a": 1, "x": 9})
+    assert decide(gone, NOW).departed == (("b", 2),)  # never ourselves, nor a stranger
+    assert decide(dataclasses.replace(gone, sentry_ok=False), NOW).departed == ()
+    assert decide(dataclasses.replace(gone, lease_ok=False), NOW).departed == ()
+
+
+@given(
+    st.dictionaries(st.sampled_from("abcd"), st.integers(1, 5)),
+    st.dictionaries(st.sampled_from("abcd"), st.integers(1, 5)),
+)
+def test_departed_records_are_probed_at_the_revision_they_still_have(
+    unreachable: dict[str, int], revisions: dict[str, int]
+) -> None:
+    view = {n: record(n) for n in revisions}
+    renewed = {n: (r, NOW) for n, r in revisions.items()}
+    base = sentry(view=view, renewed=renewed, unreachable=unreachable)
+    for name, revision in decide(base, NOW).departed:
+        assert name != "a" and name in view
+        assert revisions[name] == revision == unreachable[name]

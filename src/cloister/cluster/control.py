@@ -47,6 +47,8 @@ class ClusterCounters:
     bad_records: int = 0
     fenced: int = 0
     heartbeat_failures: int = 0
+    crashes_seen: int = 0
+    """Member records this node (the sentry) deleted because their process was gone."""
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
 
@@ -441,6 +443,9 @@ class Facts:
     """Each member record's revision and since when (``time.monotonic``) it has had it."""
     failure_timeout: float = 0.0
     """This node's member TTL (the TTL assumed for records that name none; 0: none)."""
+    unreachable: Mapping[str, int] = field(default_factory=dict)
+    """Members whose process is gone — requests to them found no responders twice in a
+    row (:mod:`~cloister.cluster.probe`) — by node: the revision of the record probed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +470,9 @@ class Decision:
     expire: tuple[tuple[str, int], ...] = ()
     """The sentry deletes these member records (key, revision) by compare-and-set: not
     renewed for twice their TTL and the medium's failover time, so written without one."""
+    departed: tuple[tuple[str, int], ...] = ()
+    """The sentry deletes these member records (key, revision) by compare-and-set: their
+    process is gone (no responders), so it does not wait for their TTL."""
     publish: EpochRecord | None = None
     adopt: EpochRecord | None = None
     ack: int | None = None
@@ -554,6 +562,7 @@ def decide(facts: Facts, now: float) -> Decision:
         and not facts.holds_sentry,
         delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and facts.sentry_ok else (),
         expire=unrenewed(facts, now) if lease_ok and facts.sentry_ok else (),
+        departed=departed(facts) if lease_ok and facts.sentry_ok else (),
         publish=publish,
         adopt=adopt,
         ack=ack,
@@ -581,6 +590,18 @@ def unrenewed(facts: Facts, now: float) -> tuple[tuple[str, int], ...]:
         if ttl > 0 and now - since > 2 * ttl + facts.failover_time:
             stale.append((name, revision))
     return tuple(stale)
+
+
+def departed(facts: Facts) -> tuple[tuple[str, int], ...]:
+    """The member records (key, revision) of others whose process is gone: found with no
+    responder while their record was still at the revision probed (a record renewed since
+    belongs to a live process, whatever a probe said before)."""
+    gone = []
+    for name, revision in sorted(facts.unreachable.items()):
+        seen = facts.renewed.get(name)
+        if name != facts.node and name in facts.view and seen is not None and seen[0] == revision:
+            gone.append((name, revision))
+    return tuple(gone)
 
 
 def waits_out_the_lapse(facts: Facts) -> bool:

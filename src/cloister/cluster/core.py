@@ -37,8 +37,9 @@ from cloister.cluster.lease import Lease
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
+from cloister.cluster.probe import Prober
 from cloister.cluster.requests import MULTICAST_TOPIC, RemoteCalls, Requests
-from cloister.cluster.rpc import Handlers
+from cloister.cluster.rpc import Handlers, encode_request
 from cloister.cluster.settings import ClusterSettings
 from cloister.cluster.states import State, StateMachine
 from cloister.cluster.topology import EpochRecord, Topology
@@ -143,6 +144,10 @@ class Cluster(RemoteCalls):
             counters=self.counters,
             wake=self._wake.set,
         )
+        # Members whose process is gone, found ahead of their TTL (probe.py).
+        self._prober = Prober(
+            self._ping, self._probe_targets, self._wake.set, interval=min(0.2, self.heartbeat / 4)
+        )
         # What this node has adopted.
         self._topology: Topology | None = None
         self._ring: HashRing | None = None
@@ -211,6 +216,7 @@ class Cluster(RemoteCalls):
             spawn(self._lease.heartbeat_loop(), "heartbeat", critical=True)
             spawn(self._control.resync_loop(), "resync", critical=True)
             spawn(self._control_loop(), "control", critical=True)
+            spawn(self._prober.run(), "crash probes")
         except BaseException:
             await self._teardown()
             raise
@@ -486,6 +492,26 @@ class Cluster(RemoteCalls):
         await self._lease.join(record, previous_revision)
         self._control.note_member(record)
 
+    # -- internals: crash probes ------------------------------------------------------------
+
+    async def _ping(self, node: str, timeout: float) -> object:
+        """One probe of ``node`` (its reply is not read: any answer means it lives)."""
+        return await self.backend.request(
+            node, encode_request("cloister.ping", None, self.node), timeout=timeout
+        )
+
+    def _probe_targets(self) -> dict[str, int]:
+        """What this node probes: as the sentry (the one that deletes the records of the
+        dead), every other member, with the revision of its record; otherwise nobody."""
+        if self._crashed or not self._lease.sentry_valid(time.monotonic()):
+            return {}
+        renewed = self._control.renewed
+        return {
+            name: renewed[name][0]
+            for name in self._control.view
+            if name != self.node and name in renewed
+        }
+
     # -- internals: the control loop --------------------------------------------------------
 
     async def _control_loop(self) -> None:
@@ -529,6 +555,7 @@ class Cluster(RemoteCalls):
             ghosts=dict(control.ghosts),
             renewed=dict(control.renewed),
             failure_timeout=self.failure_timeout,
+            unreachable=dict(self._prober.unreachable),
         )
 
     async def _step(self, settle: float) -> float:
@@ -566,6 +593,10 @@ class Cluster(RemoteCalls):
             decision = decide(facts(), now)
         for key, revision in decision.delete_ghosts:
             await self._control.delete_member(key, revision, "a ghost: stored under another key")
+        for key, revision in decision.departed:
+            self._prober.unreachable.pop(key, None)
+            self.counters.crashes_seen += 1
+            await self._control.delete_member(key, revision, "its process is gone (no responders)")
         for key, revision in decision.expire:
             await self._control.delete_member(
                 key, revision, "not renewed for twice its TTL: written without one?"
