@@ -112,9 +112,7 @@ class PartitionConsumers:
                         if partition in self._wanted and partition not in self._consumers:
                             await self._claim_now(partition)
 
-                results = await asyncio.gather(
-                    *(claim(p) for p in missing), return_exceptions=True
-                )
+                results = await asyncio.gather(*(claim(p) for p in missing), return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
