@@ -355,6 +355,31 @@ class NatsLogConsumer(LogConsumer):
         if len(self._recent) > RECENT_ACKS:
             del self._recent[next(iter(self._recent))]
 
+    async def ack_many(self, records: list[LogRecord]) -> None:
+        """Acknowledge ``records`` (one plain ``+ACK`` publish each, no round trip): the
+        same as :meth:`ack` one by one, with the checks and names made once."""
+        self._check()
+        what = f"ack {len(records)} records in partition {self.partition} of log {self._log.name!r}"
+        publish = self._conn.client(what).publish
+        held, stale, recent = self._held, self._stale, self._recent
+        for record in records:
+            sequence = record.sequence
+            msg = held.pop(sequence, None) or record.ref
+            if not isinstance(msg, Msg) or not msg.reply:
+                raise BackendError(f"record {sequence} carries no JetStream ack handle")
+            try:
+                await publish(msg.reply, b"+ACK")
+            except NATS_ERRORS as exc:
+                held[sequence] = msg
+                raise translate(exc, what, self._conn.url) from exc
+            if sequence in stale:  # as in ack(): its redelivery is acked on arrival
+                stale.discard(sequence)
+            else:
+                self._acks += 1
+            recent[sequence] = msg.reply
+        while len(recent) > RECENT_ACKS:
+            del recent[next(iter(recent))]
+
     async def _send_ack(self, subject: str) -> bool:
         nc = self._conn.nc
         if nc is None or not nc.is_connected:
