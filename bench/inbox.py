@@ -19,6 +19,8 @@ Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout
   ``memory-inbox-stateful`` is the same on the embedded backend (``bench/fencing.py``
   runs both against the code before fencing).
 
+- ``--compare TREE``: the stateful NATS row of this tree and of another one (its ``src``)
+  side by side with plain nats-py, alternating rounds; writes ``inbox_compare.json``.
 - idle-nats: what a node costs doing nothing and at a low rate (issue 16): one node
   (``Cluster`` + a ``DynamicManager`` with the default 128 partitions) on its own
   nats-server; CPU seconds of the node's process and of the server over ``--seconds``
@@ -387,13 +389,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--idle", action="store_true", help="only the idle-cost case")
     parser.add_argument("--server-pid", type=int)
-    parser.add_argument("--compare", help="with --idle: another tree's src, run side by side")
+    parser.add_argument(
+        "--compare",
+        help="another tree's src: its stateful row (or with --idle its idle cost) side by side",
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     if args.idle:
         idle_main(args)
+        return
+    if args.compare:
+        compare_main(args)
         return
     if args.quick:
         args.messages, args.rounds = 20_000, 1
@@ -509,6 +517,51 @@ def main() -> None:
         },
     )
     print(f"wrote {path}")
+
+
+def compare_main(args: argparse.Namespace) -> None:
+    """The stateful NATS row against another tree, in alternating rounds on fresh servers:
+    plain nats-py pull + ack, then each tree's 3 nodes (every message ``Replace``s)."""
+    from cloister.testing import NatsServer
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here, "compared": args.compare}
+    rounds: list[dict[str, Any]] = []
+    for number in range(args.rounds):
+        one: dict[str, Any] = {}
+        with NatsServer() as server:
+            one["plain"] = run_child("nats-plain", args, server.url)
+        order = list(trees) if number % 2 == 0 else list(reversed(trees))
+        for name in order:
+            with NatsServer() as server:
+                one[name] = run_child("nats-inbox-stateful", args, server.url, sources=trees[name])
+        rounds.append(one)
+        print(
+            f"round {number + 1}: plain {one['plain']['per_s']:,.0f}/s, "
+            + ", ".join(f"{n} {one[n]['per_s']:,.0f}/s" for n in trees),
+            flush=True,
+        )
+    plain = statistics.median(r["plain"]["per_s"] for r in rounds)
+    rows, summary = [["plain nats-py pull + ack", f"{plain:,.0f} msg/s", "100%"]], {}
+    for name in trees:
+        rate = statistics.median(r[name]["per_s"] for r in rounds)
+        ratio = statistics.median(r[name]["per_s"] / r["plain"]["per_s"] for r in rounds)
+        summary[name] = {"sources": trees[name], "per_s": rate, "ratio_to_plain": ratio}
+        rows.append(
+            [f"{name}: 3 nodes, every message Replaces", f"{rate:,.0f} msg/s", f"{ratio:.0%}"]
+        )
+    print_table(
+        f"stateful inbox on NATS ({args.messages:,} messages, median of {args.rounds} rounds)",
+        ["case", "throughput", "of plain (per round)"],
+        rows,
+    )
+    payload = {
+        "messages": args.messages,
+        "plain_per_s": plain,
+        "summary": summary,
+        "rounds": rounds,
+    }
+    print(f"wrote {write_json('inbox_compare', payload)}")
 
 
 def idle_main(args: argparse.Namespace) -> None:

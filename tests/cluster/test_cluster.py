@@ -352,3 +352,14 @@ async def test_a_live_node_is_never_removed_by_the_probes(harness: Harness) -> N
     await asyncio.sleep(10 * HEARTBEAT)  # many rounds of probes of a live member
     assert all(n.counters.crashes_seen == 0 for n in nodes)
     assert nodes[0].epoch == nodes[1].epoch == epoch
+
+
+async def test_a_crashed_sentry_is_replaced_long_before_its_ttl(harness: Harness) -> None:
+    nodes = [await harness.start(n, failure_timeout=60.0) for n in "abc"]
+    await eventually(lambda: harness.agreed({"a", "b", "c"}))
+    victim = next(n for n in nodes if n.is_sentry)
+    harness.world.crash(victim.node)
+    survivors = [n for n in nodes if n is not victim]
+    await eventually(lambda: harness.agreed({n.node for n in survivors}), timeout=10)
+    assert sum(n.is_sentry for n in survivors) == 1
+    assert sum(n.counters.crashes_seen for n in survivors) == 1

@@ -374,6 +374,7 @@ def test_counters_as_dict() -> None:
         "bad_records": 0,
         "fenced": 2,
         "heartbeat_failures": 0,
+        "crashes_seen": 0,
     }
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):
@@ -454,3 +455,23 @@ def test_departed_records_are_probed_at_the_revision_they_still_have(
     for name, revision in decide(base, NOW).departed:
         assert name != "a" and name in view
         assert revisions[name] == revision == unreachable[name]
+
+
+def test_any_member_claims_over_the_lease_of_a_sentry_whose_process_is_gone() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    renewed = {"a": (1, NOW), "b": (2, NOW)}
+    alive = facts(view=view, renewed=renewed, sentry_holder="b", sentry_revision=7)
+    assert not decide(alive, NOW).claim_sentry  # b holds it and answers
+    gone = dataclasses.replace(alive, unreachable={"b": 2})
+    decision = decide(gone, NOW)
+    assert decision.claim_sentry and decision.claim_over == 7
+    assert decision.departed == ()  # the record is the sentry's to delete, once claimed
+    renewed_since = dataclasses.replace(gone, renewed={"a": (1, NOW), "b": (3, NOW)})
+    assert not decide(renewed_since, NOW).claim_sentry  # b renewed after the probe
+    assert decide(dataclasses.replace(gone, lease_ok=False), NOW).claim_over is None
+
+
+def test_a_sentry_never_claims_over_its_own_lease() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    base = sentry(view=view, renewed={"a": (1, NOW)}, unreachable={"a": 1}, sentry_revision=4)
+    assert decide(base, NOW).claim_over is None and not decide(base, NOW).claim_sentry

@@ -501,16 +501,20 @@ class Cluster(RemoteCalls):
         )
 
     def _probe_targets(self) -> dict[str, int]:
-        """What this node probes: as the sentry (the one that deletes the records of the
-        dead), every other member, with the revision of its record; otherwise nobody."""
-        if self._crashed or not self._lease.sentry_valid(time.monotonic()):
+        """What this node probes, with the revision of each one's member record: as the
+        sentry (it deletes the records of the dead), every other member; otherwise the
+        sentry (any member claims over a dead one's lease)."""
+        if self._crashed:
             return {}
-        renewed = self._control.renewed
-        return {
-            name: renewed[name][0]
-            for name in self._control.view
-            if name != self.node and name in renewed
-        }
+        control = self._control
+        renewed = control.renewed
+        if self._lease.sentry_valid(time.monotonic()):
+            names = [name for name in control.view if name != self.node]
+        elif control.sentry_holder is not None and control.sentry_holder != self.node:
+            names = [control.sentry_holder]
+        else:
+            names = []
+        return {name: renewed[name][0] for name in names if name in renewed}
 
     # -- internals: the control loop --------------------------------------------------------
 
@@ -556,6 +560,7 @@ class Cluster(RemoteCalls):
             renewed=dict(control.renewed),
             failure_timeout=self.failure_timeout,
             unreachable=dict(self._prober.unreachable),
+            sentry_revision=control.sentry_revision,
         )
 
     async def _step(self, settle: float) -> float:
@@ -586,7 +591,10 @@ class Cluster(RemoteCalls):
                     self.node,
                 )
         if decision.claim_sentry:
-            if await self._lease.claim_sentry(now, self._control.sentry_garbage):
+            over, why = self._control.sentry_garbage, "a malformed one"
+            if decision.claim_over is not None:
+                over, why = decision.claim_over, f"{self._control.sentry_holder}'s (gone)"
+            if await self._lease.claim_sentry(now, over, why=why):
                 self._control.sentry_holder = self.node
                 self._control.view_changed_at = 0.0  # publish at once: the sentry names itself
             self._control.sentry_garbage = None  # claimed, or somebody wrote it since
