@@ -19,6 +19,10 @@ Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout
   ``memory-inbox-stateful`` is the same on the embedded backend (``bench/fencing.py``
   runs both against the code before fencing).
 
+- takeover (``--takeover``): kill -9 of one of 3 nodes (one in a child process, SIGKILLed;
+  default heartbeat and failure timeout), every key with a stored state: kill -> epoch
+  without it, epoch -> ready, and until each moved key handled a cast sent right after the
+  kill; lost casts and wrong states counted. With ``--compare TREE`` side by side.
 - ``--compare TREE``: the stateful NATS row of this tree and of another one (its ``src``)
   side by side with plain nats-py, alternating rounds; writes ``inbox_compare.json``.
 - idle-nats: what a node costs doing nothing and at a low rate (issue 16): one node
@@ -285,6 +289,156 @@ async def idle_cost(url: str, server_pid: int, seconds: float, rate: float) -> d
     }
 
 
+async def takeover_victim(url: str) -> None:
+    """The node killed by the takeover case: one node of cluster ``bench``, for good."""
+    from cloister import Cluster
+
+    cluster = Cluster("bench", "victim", backend=url, heartbeat=1.0)
+    await cluster.start()
+    record = new_record()
+    record["stateful"] = True
+    await make_manager(record).start(cluster)
+    print("started", flush=True)
+    await asyncio.Event().wait()
+
+
+async def takeover(url: str) -> dict[str, Any]:
+    """:func:`_takeover`, never leaving its victim process behind."""
+    victims: list[asyncio.subprocess.Process] = []
+    try:
+        return await _takeover(url, victims)
+    finally:
+        for victim in victims:
+            if victim.returncode is None:
+                victim.kill()
+                await victim.wait()
+
+
+async def _takeover(url: str, victims: list[asyncio.subprocess.Process]) -> dict[str, Any]:
+    """kill -9 of one of 3 nodes (default heartbeat and failure timeout), every key with a
+    stored state: how long until the survivors are ready without it (from the kill, and
+    from the adoption of that epoch) and until every moved key handled a cast again."""
+    import signal
+
+    from cloister import Cluster
+
+    record = new_record()
+    record["stateful"] = True
+    manager_cls = make_manager(record)
+    clusters = [Cluster("bench", f"n{i}", backend=url, heartbeat=1.0) for i in range(2)]
+    for cluster in clusters:
+        await cluster.start()
+    managers = [await manager_cls.start(c) for c in clusters]
+    await asyncio.gather(*(c.wait_ready(30) for c in clusters))
+    victim = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--child", "takeover-victim", "--url", url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    victims.append(victim)
+    assert victim.stdout is not None
+    await victim.stdout.readline()  # it runs (a member, not the sentry: it came last)
+
+    def settled() -> bool:
+        return all(
+            c.state.value == "ready"
+            and len(c.siblings()) == 3
+            and len(m) == sum(1 for i in range(KEYS) if m.owner_of(f"k{i}") == c.node)
+            for c, m in zip(clusters, managers, strict=True)
+        )
+
+    while not settled():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    await asyncio.gather(*(managers[i % 2].cast(f"k{i}", [i, 0]) for i in range(KEYS)))
+    while await managers[0].inbox_depth():  # all acked: every key's payload (1) is stored
+        await asyncio.sleep(0.05)
+    moved = [f"k{i}" for i in range(KEYS) if managers[0].owner_of(f"k{i}") == "victim"]
+    epoch = clusters[0].epoch
+    adopted: dict[str, float] = {}
+    ready: dict[str, float] = {}
+
+    async def follow(cluster: Any) -> None:
+        while cluster.epoch == epoch or "victim" in cluster.siblings():
+            await asyncio.sleep(0.001)
+        adopted[cluster.node] = time.perf_counter()
+        await cluster.wait_ready(30)
+        ready[cluster.node] = time.perf_counter()
+
+    watchers = [asyncio.ensure_future(follow(c)) for c in clusters]
+    record["moved"], record["moved_latency"] = set(moved), []
+    killed = time.perf_counter()
+    record["moved_since"] = killed
+    victim.send_signal(signal.SIGKILL)
+    await victim.wait()
+    # One cast to every moved key right after the kill (acked by the inbox at once).
+    handled_before = record["handled"]
+    await asyncio.gather(*(managers[0].cast(k, [0, killed]) for k in moved))
+    await asyncio.gather(*watchers)
+    deadline = time.perf_counter() + 30
+    while record["handled"] - handled_before < len(moved) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+    handled = record["handled"] - handled_before
+    latencies = sorted(record["moved_latency"])
+    payloads = [(managers[0].get(k) or managers[1].get(k)) for k in moved]
+    exact = sum(1 for info in payloads if info is not None and info.payload == 2)
+    found = sorted({repr(None if info is None else info.payload) for info in payloads})
+    for manager, cluster in zip(managers, clusters, strict=True):
+        await manager.stop()
+        await cluster.stop()
+    return {
+        "moved_keys": len(moved),
+        "lost": len(moved) - handled,
+        "state_exact": exact,
+        "payloads_seen": found,  # what the moved keys hold (2 when exact)
+        "kill_to_adopted_s": max(adopted.values()) - killed,
+        "epoch_to_ready_s": max(ready[n] - adopted[n] for n in ready),
+        "kill_to_ready_s": max(ready.values()) - killed,
+        "moved_handled_p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "moved_handled_max_s": latencies[-1] if latencies else None,
+    }
+
+
+def takeover_main(args: argparse.Namespace) -> None:
+    """The takeover case alone, this tree (and ``--compare TREE``) in alternating rounds."""
+    from cloister.testing import NatsServer
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here} | ({"compared": args.compare} if args.compare else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for number in range(args.rounds):
+        order = list(trees) if number % 2 == 0 else list(reversed(trees))
+        for name in order:
+            with NatsServer() as server:
+                runs[name].append(run_child("takeover", args, server.url, sources=trees[name]))
+            print(f"round {number + 1}, {name}: {runs[name][-1]}", flush=True)
+    figures = (
+        "kill_to_adopted_s", "epoch_to_ready_s", "kill_to_ready_s", "moved_handled_p50_s",
+        "moved_handled_max_s",
+    )  # fmt: skip
+    rows, summary = [], {}
+    for name, results in runs.items():
+        medians = {f: statistics.median(r[f] for r in results if r[f] is not None) for f in figures}
+        medians["lost"] = sum(r["lost"] for r in results)
+        medians["state_not_exact"] = sum(r["moved_keys"] - r["state_exact"] for r in results)
+        summary[name] = {"sources": trees[name], **medians}
+        rows.append(
+            [
+                name,
+                *(f"{medians[f]:.2f}" for f in figures),
+                medians["lost"],
+                medians["state_not_exact"],
+            ]
+        )
+    print_table(
+        f"kill -9 of 1 of 3 nodes on NATS, {KEYS} keys with state, heartbeat 1 s, failure "
+        f"timeout 3 s; seconds, median of {args.rounds}",
+        ["sources", "kill->epoch", "epoch->ready", "kill->ready", "moved p50", "moved max",
+         "lost", "state wrong"],
+        rows,
+    )  # fmt: skip
+    print(f"wrote {write_json('inbox_takeover', {'summary': summary, 'runs': runs})}")
+
+
 # -- the reference: plain nats-py -----------------------------------------------------------
 
 
@@ -367,6 +521,11 @@ def child(args: argparse.Namespace) -> None:
         out = asyncio.run(latency("memory://bench-latency", args.rate, args.seconds))
     elif case == "latency-nats":
         out = asyncio.run(latency(args.url, args.rate, args.seconds))
+    elif case == "takeover":
+        out = asyncio.run(takeover(args.url))
+    elif case == "takeover-victim":
+        asyncio.run(takeover_victim(args.url))
+        return
     elif case == "idle-nats":
         out = asyncio.run(idle_cost(args.url, args.server_pid, args.seconds, args.rate))
     elif case in ("pause-leave", "pause-crash"):
@@ -388,6 +547,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--idle", action="store_true", help="only the idle-cost case")
+    parser.add_argument("--takeover", action="store_true", help="only the kill -9 takeover")
     parser.add_argument("--server-pid", type=int)
     parser.add_argument(
         "--compare",
@@ -399,6 +559,9 @@ def main() -> None:
         return
     if args.idle:
         idle_main(args)
+        return
+    if args.takeover:
+        takeover_main(args)
         return
     if args.compare:
         compare_main(args)
