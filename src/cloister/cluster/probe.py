@@ -5,8 +5,8 @@ a request to the subject only that process served fails with "no responders"
 (:class:`~cloister.errors.NoSuchNodeError`) right away, long before its member record's
 TTL runs out. The :class:`Prober` asks ``cloister.ping`` of the members it watches every
 ``interval`` seconds; a member that has no responder on two probes in a row (the second
-``interval / 2`` after the first: a connection that moves to another server comes back
-within that) is reported *unreachable*, with the revision of its member record then.
+:data:`CONFIRM_AFTER` seconds or ``interval / 2`` after the first, whichever is longer: a
+connection that moves to another server comes back within that) is reported *unreachable*, with the revision of its member record then.
 :func:`~cloister.cluster.control.decide` turns that fact into deleting the record by
 compare-and-set — an early version of what the TTL would do — so that the sentry
 publishes an epoch without the dead node.
@@ -28,6 +28,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from cloister.errors import CloisterError, NoSuchNodeError
 
 log = logging.getLogger("cloister.cluster.probe")
+
+#: The least time between the two probes that find a member gone.
+CONFIRM_AFTER = 0.1
 
 Ping = Callable[[str, float], Awaitable[object]]
 """Sends one probe to a node, with a timeout (seconds); raises what the request raised."""
@@ -68,7 +71,7 @@ class Prober:
             return
         gone = await self._gone(list(targets))
         if gone:
-            await asyncio.sleep(self.interval / 2)
+            await asyncio.sleep(max(CONFIRM_AFTER, self.interval / 2))
             gone = await self._gone(gone)  # twice in a row: not a connection on the move
         found = False
         for node, revision in targets.items():
