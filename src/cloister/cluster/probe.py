@@ -6,7 +6,8 @@ a request to the subject only that process served fails with "no responders"
 TTL runs out. The :class:`Prober` asks ``cloister.ping`` of the members it watches every
 ``interval`` seconds; a member that has no responder on two probes in a row (the second
 :data:`CONFIRM_AFTER` seconds or ``interval / 2`` after the first, whichever is longer: a
-connection that moves to another server comes back within that) is reported *unreachable*, with the revision of its member record then.
+connection that moves to another server comes back within that) is reported
+*unreachable*, with the revision of its member record then.
 :func:`~cloister.cluster.control.decide` turns that fact into deleting the record by
 compare-and-set — an early version of what the TTL would do — so that the sentry
 publishes an epoch without the dead node.

@@ -7,9 +7,10 @@ dropped) would leave a fetch loop waiting for room that never comes, with no err
 every few seconds the watchdog samples the manager; when nothing moved since the last
 sample, it looks closer — whether anything is really delivered and unhandled here, and
 whether the owned partitions hold records (the whole log's depth first, one request:
-partition by partition only when something is waiting somewhere) — and a stall is counted (``stalls``), logged
-once, shown by the ``stalled`` flag (status, metrics), and healed: the in-flight count is
-re-derived from what is really in flight and the fetch loops are woken.
+partition by partition only when something is waiting somewhere) — and a stall is
+counted (``stalls``), logged once, shown by the ``stalled`` flag (status, metrics), and
+healed: the in-flight count is re-derived from what is really in flight and the fetch
+loops are woken.
 
 :func:`verdict` is the decision, pure; :class:`Watchdog` gathers the facts.
 """
