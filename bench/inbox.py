@@ -19,6 +19,19 @@ Cases (issue 6), each in a fresh child process (``--child CASE``; JSON on stdout
   ``memory-inbox-stateful`` is the same on the embedded backend (``bench/fencing.py``
   runs both against the code before fencing).
 
+- takeover (``--takeover``): kill -9 of one of 3 nodes (one in a child process, SIGKILLed;
+  default heartbeat and failure timeout), every key with a stored state: kill -> epoch
+  without it, epoch -> ready, and until each moved key handled a cast sent right after the
+  kill; lost casts and wrong states counted. With ``--compare TREE`` side by side.
+- ``--compare TREE``: the stateful NATS row of this tree and of another one (its ``src``)
+  side by side with plain nats-py, alternating rounds; writes ``inbox_compare.json``.
+- idle-nats: what a node costs doing nothing and at a low rate (issue 16): one node
+  (``Cluster`` + a ``DynamicManager`` with the default 128 partitions) on its own
+  nats-server; CPU seconds of the node's process and of the server over ``--seconds``
+  idle, then over as long at 150 casts/s (``psutil``). Run alone with ``--idle`` (the
+  same case against other sources: ``PYTHONPATH=<other tree>/src python bench/inbox.py
+  --idle``); writes ``bench/results/inbox_idle.json``.
+
 Throughput cases run in ``--rounds`` rounds (each round: every case once, side by side);
 the table shows medians. Run: ``python bench/inbox.py`` (or ``cloister bench inbox``);
 ``--quick`` for a smaller run.
@@ -29,10 +42,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import print_table, write_json
@@ -217,6 +232,213 @@ async def pause(kind: str) -> dict[str, Any]:
     }
 
 
+async def idle_cost(url: str, server_pid: int, seconds: float, rate: float) -> dict[str, Any]:
+    """CPU seconds of one node and its server: idle, then at ``rate`` casts/s."""
+    import psutil
+
+    from cloister import Cluster, DynamicManager, Replace
+
+    handled = 0
+
+    class Idle(DynamicManager):
+        name = "idle"
+
+        def children_specs(self) -> dict[str, Any]:
+            return {f"k{i}": {"timeout": 0, "payload": 0} for i in range(KEYS)}
+
+        def handle_cast(self, message: Any, id: Any, payload: Any) -> Any:
+            nonlocal handled
+            handled += 1
+            return Replace(payload + 1)
+
+    me, server = psutil.Process(), psutil.Process(server_pid)
+
+    def cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    async def measure(work: Any) -> dict[str, float]:
+        node0, server0 = cpu(me), cpu(server)
+        await work
+        return {"node_cpu_s": cpu(me) - node0, "server_cpu_s": cpu(server) - server0}
+
+    async def paced() -> None:
+        begin = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await manager.cast(f"k{i % KEYS}", [i, 0])
+
+    async with Cluster("idle", "n0", backend=url) as cluster:
+        manager = await Idle.start(cluster)
+        await cluster.wait_ready(30)
+        await manager.cast("k0", [0, 0])  # every partition claimed, the first record acked
+        while handled < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # settled: what follows is the steady state
+        idle = await measure(asyncio.sleep(seconds))
+        busy = await measure(paced())
+        await manager.stop()
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "partitions": Idle.partitions,
+        "idle": idle,
+        "at_rate": busy,
+    }
+
+
+async def takeover_victim(url: str) -> None:
+    """The node killed by the takeover case: one node of cluster ``bench``, for good."""
+    from cloister import Cluster
+
+    cluster = Cluster("bench", "victim", backend=url, heartbeat=1.0)
+    await cluster.start()
+    record = new_record()
+    record["stateful"] = True
+    await make_manager(record).start(cluster)
+    print("started", flush=True)
+    await asyncio.Event().wait()
+
+
+async def takeover(url: str) -> dict[str, Any]:
+    """:func:`_takeover`, never leaving its victim process behind."""
+    victims: list[asyncio.subprocess.Process] = []
+    try:
+        return await _takeover(url, victims)
+    finally:
+        for victim in victims:
+            if victim.returncode is None:
+                victim.kill()
+                await victim.wait()
+
+
+async def _takeover(url: str, victims: list[asyncio.subprocess.Process]) -> dict[str, Any]:
+    """kill -9 of one of 3 nodes (default heartbeat and failure timeout), every key with a
+    stored state: how long until the survivors are ready without it (from the kill, and
+    from the adoption of that epoch) and until every moved key handled a cast again."""
+    import signal
+
+    from cloister import Cluster
+
+    record = new_record()
+    record["stateful"] = True
+    manager_cls = make_manager(record)
+    clusters = [Cluster("bench", f"n{i}", backend=url, heartbeat=1.0) for i in range(2)]
+    for cluster in clusters:
+        await cluster.start()
+    managers = [await manager_cls.start(c) for c in clusters]
+    await asyncio.gather(*(c.wait_ready(30) for c in clusters))
+    victim = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--child", "takeover-victim", "--url", url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    victims.append(victim)
+    assert victim.stdout is not None
+    await victim.stdout.readline()  # it runs (a member, not the sentry: it came last)
+
+    def settled() -> bool:
+        return all(
+            c.state.value == "ready"
+            and len(c.siblings()) == 3
+            and len(m) == sum(1 for i in range(KEYS) if m.owner_of(f"k{i}") == c.node)
+            for c, m in zip(clusters, managers, strict=True)
+        )
+
+    while not settled():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    await asyncio.gather(*(managers[i % 2].cast(f"k{i}", [i, 0]) for i in range(KEYS)))
+    while await managers[0].inbox_depth():  # all acked: every key's payload (1) is stored
+        await asyncio.sleep(0.05)
+    moved = [f"k{i}" for i in range(KEYS) if managers[0].owner_of(f"k{i}") == "victim"]
+    epoch = clusters[0].epoch
+    adopted: dict[str, float] = {}
+    ready: dict[str, float] = {}
+
+    async def follow(cluster: Any) -> None:
+        while cluster.epoch == epoch or "victim" in cluster.siblings():
+            await asyncio.sleep(0.001)
+        adopted[cluster.node] = time.perf_counter()
+        await cluster.wait_ready(30)
+        ready[cluster.node] = time.perf_counter()
+
+    watchers = [asyncio.ensure_future(follow(c)) for c in clusters]
+    record["moved"], record["moved_latency"] = set(moved), []
+    killed = time.perf_counter()
+    record["moved_since"] = killed
+    victim.send_signal(signal.SIGKILL)
+    await victim.wait()
+    # One cast to every moved key right after the kill (acked by the inbox at once).
+    handled_before = record["handled"]
+    await asyncio.gather(*(managers[0].cast(k, [0, killed]) for k in moved))
+    await asyncio.gather(*watchers)
+    deadline = time.perf_counter() + 30
+    while record["handled"] - handled_before < len(moved) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+    handled = record["handled"] - handled_before
+    latencies = sorted(record["moved_latency"])
+    payloads = [(managers[0].get(k) or managers[1].get(k)) for k in moved]
+    exact = sum(1 for info in payloads if info is not None and info.payload == 2)
+    found = sorted({repr(None if info is None else info.payload) for info in payloads})
+    for manager, cluster in zip(managers, clusters, strict=True):
+        await manager.stop()
+        await cluster.stop()
+    return {
+        "moved_keys": len(moved),
+        "lost": len(moved) - handled,
+        "state_exact": exact,
+        "payloads_seen": found,  # what the moved keys hold (2 when exact)
+        "kill_to_adopted_s": max(adopted.values()) - killed,
+        "epoch_to_ready_s": max(ready[n] - adopted[n] for n in ready),
+        "kill_to_ready_s": max(ready.values()) - killed,
+        "moved_handled_p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "moved_handled_max_s": latencies[-1] if latencies else None,
+    }
+
+
+def takeover_main(args: argparse.Namespace) -> None:
+    """The takeover case alone, this tree (and ``--compare TREE``) in alternating rounds."""
+    from cloister.testing import NatsServer
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here} | ({"compared": args.compare} if args.compare else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for number in range(args.rounds):
+        order = list(trees) if number % 2 == 0 else list(reversed(trees))
+        for name in order:
+            with NatsServer() as server:
+                runs[name].append(run_child("takeover", args, server.url, sources=trees[name]))
+            print(f"round {number + 1}, {name}: {runs[name][-1]}", flush=True)
+    figures = (
+        "kill_to_adopted_s", "epoch_to_ready_s", "kill_to_ready_s", "moved_handled_p50_s",
+        "moved_handled_max_s",
+    )  # fmt: skip
+    rows, summary = [], {}
+    for name, results in runs.items():
+        medians = {f: statistics.median(r[f] for r in results if r[f] is not None) for f in figures}
+        medians["lost"] = sum(r["lost"] for r in results)
+        medians["state_not_exact"] = sum(r["moved_keys"] - r["state_exact"] for r in results)
+        summary[name] = {"sources": trees[name], **medians}
+        rows.append(
+            [
+                name,
+                *(f"{medians[f]:.2f}" for f in figures),
+                medians["lost"],
+                medians["state_not_exact"],
+            ]
+        )
+    print_table(
+        f"kill -9 of 1 of 3 nodes on NATS, {KEYS} keys with state, heartbeat 1 s, failure "
+        f"timeout 3 s; seconds, median of {args.rounds}",
+        ["sources", "kill->epoch", "epoch->ready", "kill->ready", "moved p50", "moved max",
+         "lost", "state wrong"],
+        rows,
+    )  # fmt: skip
+    print(f"wrote {write_json('inbox_takeover', {'summary': summary, 'runs': runs})}")
+
+
 # -- the reference: plain nats-py -----------------------------------------------------------
 
 
@@ -255,14 +477,26 @@ async def nats_plain(url: str, n: int) -> dict[str, Any]:
 
 
 def run_child(
-    case: str, args: argparse.Namespace, url: str | None = None, **extra: Any
+    case: str,
+    args: argparse.Namespace,
+    url: str | None = None,
+    *,
+    sources: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
+    """Run ``case`` in a fresh interpreter (importing ``cloister`` from ``sources`` when
+    given: another tree, for a before/after comparison); its JSON result."""
     command = [sys.executable, __file__, "--child", case, "--messages", str(args.messages)]
     if url:
         command += ["--url", url]
     for key, value in extra.items():
-        command += [f"--{key}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    env = None
+    if sources is not None:
+        env = {**os.environ, "PYTHONPATH": sources}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, check=False, env=env
+    )
     if result.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -287,6 +521,13 @@ def child(args: argparse.Namespace) -> None:
         out = asyncio.run(latency("memory://bench-latency", args.rate, args.seconds))
     elif case == "latency-nats":
         out = asyncio.run(latency(args.url, args.rate, args.seconds))
+    elif case == "takeover":
+        out = asyncio.run(takeover(args.url))
+    elif case == "takeover-victim":
+        asyncio.run(takeover_victim(args.url))
+        return
+    elif case == "idle-nats":
+        out = asyncio.run(idle_cost(args.url, args.server_pid, args.seconds, args.rate))
     elif case in ("pause-leave", "pause-crash"):
         out = asyncio.run(pause(case.split("-")[1]))
     else:
@@ -305,9 +546,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--idle", action="store_true", help="only the idle-cost case")
+    parser.add_argument("--takeover", action="store_true", help="only the kill -9 takeover")
+    parser.add_argument("--server-pid", type=int)
+    parser.add_argument(
+        "--compare",
+        help="another tree's src: its stateful row (or with --idle its idle cost) side by side",
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.idle:
+        idle_main(args)
+        return
+    if args.takeover:
+        takeover_main(args)
+        return
+    if args.compare:
+        compare_main(args)
         return
     if args.quick:
         args.messages, args.rounds = 20_000, 1
@@ -423,6 +680,106 @@ def main() -> None:
         },
     )
     print(f"wrote {path}")
+
+
+def compare_main(args: argparse.Namespace) -> None:
+    """The stateful NATS row against another tree, in alternating rounds on fresh servers:
+    plain nats-py pull + ack, then each tree's 3 nodes (every message ``Replace``s)."""
+    from cloister.testing import NatsServer
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here, "compared": args.compare}
+    rounds: list[dict[str, Any]] = []
+    for number in range(args.rounds):
+        one: dict[str, Any] = {}
+        with NatsServer() as server:
+            one["plain"] = run_child("nats-plain", args, server.url)
+        order = list(trees) if number % 2 == 0 else list(reversed(trees))
+        for name in order:
+            with NatsServer() as server:
+                one[name] = run_child("nats-inbox-stateful", args, server.url, sources=trees[name])
+        rounds.append(one)
+        print(
+            f"round {number + 1}: plain {one['plain']['per_s']:,.0f}/s, "
+            + ", ".join(f"{n} {one[n]['per_s']:,.0f}/s" for n in trees),
+            flush=True,
+        )
+    plain = statistics.median(r["plain"]["per_s"] for r in rounds)
+    rows, summary = [["plain nats-py pull + ack", f"{plain:,.0f} msg/s", "100%"]], {}
+    for name in trees:
+        rate = statistics.median(r[name]["per_s"] for r in rounds)
+        ratio = statistics.median(r[name]["per_s"] / r["plain"]["per_s"] for r in rounds)
+        summary[name] = {"sources": trees[name], "per_s": rate, "ratio_to_plain": ratio}
+        rows.append(
+            [f"{name}: 3 nodes, every message Replaces", f"{rate:,.0f} msg/s", f"{ratio:.0%}"]
+        )
+    print_table(
+        f"stateful inbox on NATS ({args.messages:,} messages, median of {args.rounds} rounds)",
+        ["case", "throughput", "of plain (per round)"],
+        rows,
+    )
+    payload = {
+        "messages": args.messages,
+        "plain_per_s": plain,
+        "summary": summary,
+        "rounds": rounds,
+    }
+    print(f"wrote {write_json('inbox_compare', payload)}")
+
+
+def idle_main(args: argparse.Namespace) -> None:
+    """The idle-cost case alone: one node on its own server, idle then at 150 casts/s;
+    with ``--compare TREE`` the same case on another tree's sources, in alternating rounds."""
+    from cloister.testing import NatsServer
+
+    seconds = 30.0 if args.seconds == 3.0 else args.seconds  # 3.0: the latency default
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    trees = {"this tree": here} | ({"compared": args.compare} if args.compare else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, sources in trees.items():
+            with NatsServer() as server:
+                assert server.pid is not None
+                runs[name].append(
+                    run_child(
+                        "idle-nats",
+                        args,
+                        server.url,
+                        sources=sources,
+                        seconds=seconds,
+                        rate=150,
+                        server_pid=server.pid,
+                    )
+                )
+    rows, summary = [], {}
+    for name, results in runs.items():
+        figures = {
+            phase: statistics.median(
+                r[phase]["node_cpu_s"] + r[phase]["server_cpu_s"] for r in results
+            )
+            for phase in ("idle", "at_rate")
+        }
+        per_k = figures["at_rate"] / (150 * seconds / 1000)
+        summary[name] = {"sources": trees[name], **figures, "cpu_s_per_1k_at_rate": per_k}
+        node_idle = statistics.median(r["idle"]["node_cpu_s"] for r in results)
+        rows.append(
+            [
+                name,
+                f"{node_idle:.2f}",
+                f"{figures['idle']:.2f}",
+                f"{figures['at_rate']:.2f}",
+                f"{per_k:.2f}",
+            ]
+        )
+    print_table(
+        f"one node, 128 partitions: CPU seconds over {seconds:.0f} s, node + nats-server "
+        f"(median of {args.rounds})",
+        ["sources", "idle: node", "idle: total", "150 casts/s: total", "per 1k msgs at 150/s"],
+        rows,
+    )
+    print(
+        f"wrote {write_json('inbox_idle', {'seconds': seconds, 'summary': summary, 'runs': runs})}"
+    )
 
 
 if __name__ == "__main__":

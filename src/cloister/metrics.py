@@ -151,6 +151,7 @@ _CLUSTER_COUNTERS = {
     "restarted with an empty store) and rebuilt its control plane.",
     "requests_refused": "Requests refused unrun (busy): at max_concurrent_requests or queue full.",
     "request_errors": "Requests and multicasts undecodable, refused or failed by their handler.",
+    "crashes_seen": "Members whose process was gone (no responders), removed before their TTL.",
 }
 _MANAGER_COUNTERS = {
     "performs": "perform callbacks run.",

@@ -322,7 +322,7 @@ async def test_put_many_when_the_server_takes_no_more_batches(
                 await raw.request(f"$KV.{bucket_name('t', 'busy')}.o", b"", headers=headers)
             items = {f"w{i}": b"%d" % i for i in range(20)}
             await kv.put_many(items)  # not as a batch now: key by key
-            assert "too many inflight" in caplog.text
+            assert "putting keys one by one" in caplog.text
         finally:
             await raw.close()
         listing = await kv.entries(consistent=True)
@@ -697,3 +697,21 @@ async def test_consistent_listing_falls_back_to_walking_the_leader(
         await asyncio.sleep(2.5)
         walked = await kv.entries(consistent=True)
         assert "short" not in walked and len(walked) == 29
+
+
+async def test_a_consistent_listing_on_one_server_reads_a_consumer_not_key_by_key(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that does not cluster gives consumers no placement: the consumer is on
+    the only store there is, and the listing must read it (not walk 1 key per trip)."""
+    from cloister.backends.nats import _kv_listing
+
+    async def no_walk(*_args: object) -> None:
+        raise AssertionError("the consistent listing walked the leader key by key")
+
+    async with connected(nats_server.url) as backend:
+        kv = await backend.kv("state")
+        await kv.put_many({f"k{i}": b"%d" % i for i in range(50)})
+        monkeypatch.setattr(_kv_listing.BucketLister, "_walk_leader", no_walk)
+        listed = await kv.entries(consistent=True)
+        assert {k: e.value for k, e in listed.items()} == {f"k{i}": b"%d" % i for i in range(50)}

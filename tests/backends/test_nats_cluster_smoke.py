@@ -68,7 +68,8 @@ async def test_three_nodes_assemble_and_survive_a_leave(nats_server: NatsServer)
 
 
 async def test_a_crashed_node_expires(nats_server: NatsServer) -> None:
-    """A node that stops heartbeating (its backend closes without a leave) expires."""
+    """A node that stops heartbeating (its backend closes without a leave) is removed: at
+    once, since requests to it find no responders (long before its record expires)."""
     nodes = [
         Cluster(
             "crash",
@@ -90,11 +91,10 @@ async def test_a_crashed_node_expires(nats_server: NatsServer) -> None:
         await victim._supervisor.close()
         assert victim._backend is not None
         await victim._backend.close()
-        crashed = time.monotonic()
         detected = await eventually(
             lambda: agreed(nodes), FAILURE_TIMEOUT + 3, "the survivors dropping the victim"
         )
         print(f"\nNATS smoke: crash detected by both survivors in {detected:.2f}s")
-        assert time.monotonic() - crashed >= FAILURE_TIMEOUT - 0.5
+        assert sum(node.counters.crashes_seen for node in nodes) == 1  # seen, not expired
     finally:
         await asyncio.gather(*(node.stop() for node in [*nodes, victim]))

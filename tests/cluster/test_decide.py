@@ -386,6 +386,7 @@ def test_counters_as_dict() -> None:
         "medium_data_loss": 0,
         "requests_refused": 0,
         "request_errors": 0,
+        "crashes_seen": 0,
     }
     assert counters["fenced"] == 2
     with pytest.raises(KeyError):
@@ -520,3 +521,64 @@ def test_never_settle_on_an_epoch_from_before_the_loss(f: Facts) -> None:
     if decision.settle is not None:
         assert not f.data_lost
         assert f.rebuild_above is None or decision.settle.epoch > f.rebuild_above
+
+
+# -- crashes seen before the TTL (no responders) ------------------------------------------------
+
+
+def test_the_sentry_deletes_the_records_of_members_whose_process_is_gone() -> None:
+    view = {"a": record("a"), "b": record("b"), "c": record("c")}
+    renewed = {"a": (1, NOW), "b": (2, NOW), "c": (3, NOW)}
+    base = sentry(view=view, renewed=renewed, unreachable={"b": 2}, view_changed_at=NOW)
+    assert decide(base, NOW).departed == (("b", 2),)
+    assert decide(base, NOW).expire == ()  # long before its TTL
+
+
+def test_a_record_renewed_since_the_probe_stays() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    base = sentry(view=view, renewed={"a": (1, NOW), "b": (5, NOW)}, unreachable={"b": 2})
+    assert decide(base, NOW).departed == ()  # b wrote revision 5 after the probe: alive
+
+
+def test_only_a_valid_sentry_deletes_the_records_of_the_dead() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    renewed = {"a": (1, NOW), "b": (2, NOW)}
+    gone = sentry(view=view, renewed=renewed, unreachable={"b": 2, "a": 1, "x": 9})
+    assert decide(gone, NOW).departed == (("b", 2),)  # never ourselves, nor a stranger
+    assert decide(dataclasses.replace(gone, sentry_ok=False), NOW).departed == ()
+    assert decide(dataclasses.replace(gone, lease_ok=False), NOW).departed == ()
+
+
+@given(
+    st.dictionaries(st.sampled_from("abcd"), st.integers(1, 5)),
+    st.dictionaries(st.sampled_from("abcd"), st.integers(1, 5)),
+)
+def test_departed_records_are_probed_at_the_revision_they_still_have(
+    unreachable: dict[str, int], revisions: dict[str, int]
+) -> None:
+    view = {n: record(n) for n in revisions}
+    renewed = {n: (r, NOW) for n, r in revisions.items()}
+    base = sentry(view=view, renewed=renewed, unreachable=unreachable)
+    for name, revision in decide(base, NOW).departed:
+        assert name != "a" and name in view
+        assert revisions[name] == revision == unreachable[name]
+
+
+def test_any_member_claims_over_the_lease_of_a_sentry_whose_process_is_gone() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    renewed = {"a": (1, NOW), "b": (2, NOW)}
+    alive = facts(view=view, renewed=renewed, sentry_holder="b", sentry_revision=7)
+    assert not decide(alive, NOW).claim_sentry  # b holds it and answers
+    gone = dataclasses.replace(alive, unreachable={"b": 2})
+    decision = decide(gone, NOW)
+    assert decision.claim_sentry and decision.claim_over == 7
+    assert decision.departed == ()  # the record is the sentry's to delete, once claimed
+    renewed_since = dataclasses.replace(gone, renewed={"a": (1, NOW), "b": (3, NOW)})
+    assert not decide(renewed_since, NOW).claim_sentry  # b renewed after the probe
+    assert decide(dataclasses.replace(gone, lease_ok=False), NOW).claim_over is None
+
+
+def test_a_sentry_never_claims_over_its_own_lease() -> None:
+    view = {"a": record("a"), "b": record("b")}
+    base = sentry(view=view, renewed={"a": (1, NOW)}, unreachable={"a": 1}, sentry_revision=4)
+    assert decide(base, NOW).claim_over is None and not decide(base, NOW).claim_sentry

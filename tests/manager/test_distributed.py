@@ -269,3 +269,28 @@ async def test_whois_follows_a_managers_own_partitions_and_group(nodes: Nodes) -
         assert c.whois(worker_id, manager=Wide) == runs_on
         assert managers["c"].owner_of(worker_id) == runs_on
     assert len({c.whois(i, manager=Wide) for i in IDS}) == 2
+
+
+async def test_a_node_that_only_gives_partitions_up_does_not_reload_the_state(
+    nodes: Nodes,
+) -> None:
+    a = await nodes.start("a")
+    await eventually(nodes.settled, what="every id live on a")
+    region = a._region
+    assert region is not None and region.table is not None
+    loads = 0
+    load = region.table.load
+
+    async def counted() -> None:
+        nonlocal loads
+        loads += 1
+        await load()
+
+    region.table.load = counted  # type: ignore[method-assign]
+    await nodes.start("b")  # a only loses partitions to b: its mirror is all it needs
+    await eventually(nodes.settled, what="every id live on its owner")
+    assert len(b_ids := nodes.managers["b"].ids()) > 0 and set(b_ids).isdisjoint(a.ids())
+    assert loads == 0
+    nodes.world.crash("b")  # now partitions come back to a: their state is read again
+    await eventually(lambda: len(a.ids()) == len(IDS), what="a took b's workers over")
+    assert loads >= 1

@@ -57,6 +57,8 @@ class ClusterCounters:
     request_errors: int = 0
     """Requests and multicasts from the wire that could not be decoded, that their
     handler refused or failed on, or that ran past their deadline."""
+    crashes_seen: int = 0
+    """Member records this node (the sentry) deleted because their process was gone."""
     malformed: dict[str, int] = field(default_factory=dict)
     """Malformed records by kind (:data:`MALFORMED_KINDS`); their sum is ``bad_records``."""
     unauthenticated: dict[str, int] = field(default_factory=dict)
@@ -274,6 +276,8 @@ class Control:
         self.epoch_record: EpochRecord | None = None
         self.epoch_revision: int | None = None
         self.sentry_holder: str | None = None
+        self.sentry_revision: int | None = None
+        """The revision of the sentry lease (valid or not; None when there is none)."""
         self.epoch_garbage: int | None = None
         """The revision of an undecodable epoch record (the sentry overwrites it)."""
         self.sentry_garbage: int | None = None
@@ -462,6 +466,7 @@ class Control:
             why = control_loss(knew_epoch, known_revision, snapshot.epoch_revision)
             if why is not None:
                 self._lost(why)
+        self.sentry_revision = snapshot.sentry_revision
         if snapshot.sentry_error is not None and snapshot.sentry_revision is not None:
             self._bad_sentry(snapshot.sentry_error, snapshot.sentry_revision)
         else:
@@ -476,6 +481,7 @@ class Control:
     def apply_control_event(self, event: KVEvent) -> None:
         """One change seen by the control watch."""
         if event.key == SENTRY_KEY:
+            self.sentry_revision = event.revision if event.op is KVOp.PUT else None
             if event.op is KVOp.PUT and event.value is not None:
                 try:
                     self.sentry_holder = decode_sentry(event.value, self.keyring)
@@ -614,6 +620,11 @@ class Facts:
     rebuild_above: int | None = None
     """Since the medium lost its data the node settles only on an epoch above this one
     (the one it had adopted then): one published after the loss, acknowledged afresh."""
+    unreachable: Mapping[str, int] = field(default_factory=dict)
+    """Members whose process is gone — requests to them found no responders twice in a
+    row (:mod:`~cloister.cluster.probe`) — by node: the revision of the record probed."""
+    sentry_revision: int | None = None
+    """The revision of the sentry lease in the medium (None: there is none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,12 +643,19 @@ class Decision:
     resume: bool = False
     """The lease is valid again after a pause, our record intact: work goes on as it was."""
     claim_sentry: bool = False
-    """Claim the sentry lease (over an undecodable one when ``Facts.sentry_garbage``)."""
+    """Claim the sentry lease (over an undecodable one when ``Facts.sentry_garbage``, over
+    the lease at :attr:`claim_over` when its holder's process is gone)."""
+    claim_over: int | None = None
+    """The revision of a lease whose holder's process is gone: claimed over by
+    compare-and-set (every member tries, one wins), not waited out."""
     delete_ghosts: tuple[tuple[str, int], ...] = ()
     """The sentry deletes these ghost member records (key, revision) by compare-and-set."""
     expire: tuple[tuple[str, int], ...] = ()
     """The sentry deletes these member records (key, revision) by compare-and-set: not
     renewed for twice their TTL and the medium's failover time, so written without one."""
+    departed: tuple[tuple[str, int], ...] = ()
+    """The sentry deletes these member records (key, revision) by compare-and-set: their
+    process is gone (no responders), so it does not wait for their TTL."""
     publish: EpochRecord | None = None
     adopt: EpochRecord | None = None
     ack: int | None = None
@@ -718,15 +736,18 @@ def decide(facts: Facts, now: float) -> Decision:
     )
     suspend, move, settle, after = _state_decision(facts)
     held = waits_out_the_lapse(facts)
+    over = dead_sentry_lease(facts)
     return Decision(
         fence=not lease_ok and not facts.suspended and not facts.paused,
         pause=held and not facts.paused and not facts.suspended,
         resume=lease_ok and facts.paused,
         claim_sentry=lease_ok
-        and (facts.sentry_holder is None or facts.sentry_garbage)
+        and (facts.sentry_holder is None or facts.sentry_garbage or over is not None)
         and not facts.holds_sentry,
+        claim_over=over if lease_ok and not facts.holds_sentry else None,
         delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and facts.sentry_ok else (),
         expire=unrenewed(facts, now) if lease_ok and facts.sentry_ok else (),
+        departed=departed(facts) if lease_ok and facts.sentry_ok else (),
         publish=publish,
         adopt=adopt,
         ack=ack,
@@ -754,6 +775,39 @@ def unrenewed(facts: Facts, now: float) -> tuple[tuple[str, int], ...]:
         if ttl > 0 and now - since > 2 * ttl + facts.failover_time:
             stale.append((name, revision))
     return tuple(stale)
+
+
+def departed(facts: Facts) -> tuple[tuple[str, int], ...]:
+    """The member records (key, revision) of others whose process is gone (see
+    :func:`process_gone`)."""
+    return tuple(
+        (name, revision)
+        for name, revision in sorted(facts.unreachable.items())
+        if name != facts.node and process_gone(facts, name)
+    )
+
+
+def process_gone(facts: Facts, name: str) -> bool:
+    """True when ``name`` had no responder while its member record was at the revision it
+    still has (a record renewed since belongs to a live process, whatever a probe said)."""
+    probed = facts.unreachable.get(name)
+    seen = facts.renewed.get(name)
+    return probed is not None and name in facts.view and seen is not None and seen[0] == probed
+
+
+def dead_sentry_lease(facts: Facts) -> int | None:
+    """The revision of the sentry lease when its holder — another node — has no responder
+    (:func:`process_gone`): any member may claim over it rather than wait for its TTL."""
+    holder = facts.sentry_holder
+    if (
+        holder is None
+        or holder == facts.node
+        or facts.sentry_garbage
+        or facts.sentry_revision is None
+        or not process_gone(facts, holder)
+    ):
+        return None
+    return facts.sentry_revision
 
 
 def waits_out_the_lapse(facts: Facts) -> bool:

@@ -44,8 +44,9 @@ from cloister.cluster.lease import Lease
 from cloister.cluster.listener import ListenerDispatcher
 from cloister.cluster.membership import MemberRecord
 from cloister.cluster.placement import DEFAULT_PARTITIONS, Placed, Placement
+from cloister.cluster.probe import Prober
 from cloister.cluster.requests import MULTICAST_TOPIC, RemoteCalls, Requests
-from cloister.cluster.rpc import Handlers
+from cloister.cluster.rpc import Handlers, encode_request
 from cloister.cluster.schedules import BUCKET as SCHEDULE_BUCKET
 from cloister.cluster.schedules import Callback, Missed, ScheduledJob, Schedules, When
 from cloister.cluster.settings import ClusterSettings
@@ -185,6 +186,10 @@ class Cluster(RemoteCalls):
             wake=self._wake.set,
             keyring=keyring,
         )
+        # Members whose process is gone, found ahead of their TTL (probe.py).
+        self._prober = Prober(
+            self._ping, self._probe_targets, self._wake.set, interval=min(0.2, self.heartbeat / 4)
+        )
         # What this node has adopted.
         self._topology: Topology | None = None
         self._ring: HashRing | None = None
@@ -278,6 +283,7 @@ class Cluster(RemoteCalls):
             spawn(self._lease.heartbeat_loop(), "heartbeat", critical=True)
             spawn(self._control.resync_loop(), "resync", critical=True)
             spawn(self._control_loop(), "control", critical=True)
+            spawn(self._prober.run(), "crash probes")
         except BaseException:
             await self._teardown()
             raise
@@ -664,6 +670,32 @@ class Cluster(RemoteCalls):
         await self._lease.join(record, previous_revision)
         self._control.note_member(record)
 
+    # -- internals: crash probes ------------------------------------------------------------
+
+    async def _ping(self, node: str, timeout: float) -> object:
+        """One probe of ``node`` (its reply is not read: any answer means it lives)."""
+        return await self.backend.request(
+            node,
+            encode_request("cloister.ping", None, self.node, timeout=timeout, keyring=self.keyring),
+            timeout=timeout,
+        )
+
+    def _probe_targets(self) -> dict[str, int]:
+        """What this node probes, with the revision of each one's member record: as the
+        sentry (it deletes the records of the dead), every other member; otherwise the
+        sentry (any member claims over a dead one's lease)."""
+        if self._crashed:
+            return {}
+        control = self._control
+        renewed = control.renewed
+        if self._lease.sentry_valid(time.monotonic()):
+            names = [name for name in control.view if name != self.node]
+        elif control.sentry_holder is not None and control.sentry_holder != self.node:
+            names = [control.sentry_holder]
+        else:
+            names = []
+        return {name: renewed[name][0] for name in names if name in renewed}
+
     # -- internals: the control loop --------------------------------------------------------
 
     async def _control_loop(self) -> None:
@@ -716,6 +748,8 @@ class Cluster(RemoteCalls):
             failure_timeout=self.failure_timeout,
             data_lost=data_lost,
             rebuild_above=self._rebuild_above,
+            unreachable=dict(self._prober.unreachable),
+            sentry_revision=control.sentry_revision,
         )
 
     async def _step(self, settle: float) -> float:
@@ -755,13 +789,20 @@ class Cluster(RemoteCalls):
                     self.node,
                 )
         if decision.claim_sentry:
-            if await self._lease.claim_sentry(now, self._control.sentry_garbage):
+            over, why = self._control.sentry_garbage, "a malformed one"
+            if decision.claim_over is not None:
+                over, why = decision.claim_over, f"{self._control.sentry_holder}'s (gone)"
+            if await self._lease.claim_sentry(now, over, why=why):
                 self._control.sentry_holder = self.node
                 self._control.view_changed_at = 0.0  # publish at once: the sentry names itself
             self._control.sentry_garbage = None  # claimed, or somebody wrote it since
             decision = decide(facts(), now)
         for key, revision in decision.delete_ghosts:
             await self._control.delete_member(key, revision, "a ghost: stored under another key")
+        for key, revision in decision.departed:
+            self._prober.unreachable.pop(key, None)
+            self.counters.crashes_seen += 1
+            await self._control.delete_member(key, revision, "its process is gone (no responders)")
         for key, revision in decision.expire:
             await self._control.delete_member(
                 key, revision, "not renewed for twice its TTL: written without one?"

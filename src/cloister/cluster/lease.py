@@ -271,9 +271,12 @@ class Lease:
 
     # -- sentry lease -------------------------------------------------------------------
 
-    async def claim_sentry(self, now: float, over: int | None = None) -> bool:
-        """Try to win the free sentry lease — or, with ``over``, the undecodable one at
-        that revision (nobody holds a lease that names nobody); True if we did."""
+    async def claim_sentry(
+        self, now: float, over: int | None = None, *, why: str = "a malformed one"
+    ) -> bool:
+        """Try to win the free sentry lease — or, with ``over``, the one at that revision
+        that nobody holds: undecodable (it names nobody), or its holder's process is gone
+        (``why`` says which); True if we did."""
         assert self._control_kv is not None
         value = encode_sentry(self.node, self.keyring)
         try:
@@ -285,7 +288,7 @@ class Lease:
                 revision = await self._control_kv.update(
                     SENTRY_KEY, value, revision=over, ttl=self.failure_timeout
                 )
-                log.warning("node %s claimed the sentry lease over a malformed one", self.node)
+                log.warning("node %s claimed the sentry lease over %s", self.node, why)
         except (KeyExistsError, RevisionMismatchError):
             return False
         self.sentry_revision = revision

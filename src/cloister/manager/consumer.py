@@ -29,6 +29,7 @@ from cloister.store.inbox import Inbox, InboxMessage
 log = logging.getLogger("cloister.manager.consumer")
 
 _YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
+_CLAIMS_AT_ONCE = 16  # partition claims in flight at once while taking partitions
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
 BeforeAck = Callable[[list[Any]], Awaitable[Mapping[Any, Unstorable]]]
@@ -117,9 +118,23 @@ class PartitionConsumers:
         the background until it is claimed or no longer ours — never an error here.
         """
         self._wanted = set(partitions)
-        for partition in sorted(partitions - set(self._consumers)):
-            if partition in self._wanted:  # a release meanwhile takes it off the list
-                await self._claim(partition)
+        missing = sorted(partitions - set(self._consumers))
+        if missing:
+            # Concurrently: each claim is a few round trips (list the claimants, evict a
+            # stale one, create the durable), and a takeover moves dozens of partitions.
+            async with self._claiming:  # never a claim in flight while partitions go
+                gate = asyncio.Semaphore(_CLAIMS_AT_ONCE)
+
+                async def claim(partition: int) -> None:
+                    async with gate:
+                        # a release meanwhile takes it off the list
+                        if partition in self._wanted and partition not in self._consumers:
+                            await self._claim_now(partition)
+
+                results = await asyncio.gather(*(claim(p) for p in missing), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         if self._wanted - set(self._consumers) and self._claimer is None:
             self._claimer = self._supervisor.spawn(self._claim_later(), "inbox claims")
 

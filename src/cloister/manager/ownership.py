@@ -283,18 +283,23 @@ class ShardRegion:
             return  # a hook call already under way when stop() began: take nothing
         placement = self.placement_for(topology)
         denied: set[int] = set()
+        gained: set[int] | None = None  # None: no claims kept, so everything may be new
         if self.claims is not None:
             # Claim before reading: from here on the previous holder's writes are refused,
             # so the state read next is the last it stored. A failure propagates (retried).
             self.claims.keep_only(placement.owned())
+            gained = {p for p in placement.owned() if self.claims.guard(p) is None}
             denied = await self.claims.claim(placement.owned(), topology.epoch)
         now = asyncio.get_running_loop().time()
         # The token first: a worker started below, or a record of a partition taken below,
         # may run a callback before this settle ends, and it works under this epoch.
         self.fence = topology.epoch
-        if self.table is not None:
+        if self.table is not None and (gained is None or gained):
             # The latest stored payloads and runtime specs (crash takeover, put/delete);
             # a failure propagates: settle() retries rather than resume from stale state.
+            # Skipped when no partition came to us: the workers of the partitions we kept
+            # were ours all along (every write of theirs was ours), so the mirror holds
+            # their latest state, and nobody else's is needed here.
             self._report_lost_state(await self.table.load(), placement)
         mirror = self.table.mirror if self.table is not None else {}
         self.merge_table()

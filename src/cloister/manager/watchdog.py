@@ -6,9 +6,11 @@ but a counter that drifted (an ack that was never sent, a record a crash of the 
 dropped) would leave a fetch loop waiting for room that never comes, with no error. So
 every few seconds the watchdog samples the manager; when nothing moved since the last
 sample, it looks closer — whether anything is really delivered and unhandled here, and
-whether the owned partitions hold records — and a stall is counted (``stalls``), logged
-once, shown by the ``stalled`` flag (status, metrics), and healed: the in-flight count is
-re-derived from what is really in flight and the fetch loops are woken.
+whether the owned partitions hold records (the whole log's depth first, one request:
+partition by partition only when something is waiting somewhere) — and a stall is
+counted (``stalls``), logged once, shown by the ``stalled`` flag (status, metrics), and
+healed: the in-flight count is re-derived from what is really in flight and the fetch
+loops are woken.
 
 :func:`verdict` is the decision, pure; :class:`Watchdog` gathers the facts.
 """
@@ -116,7 +118,9 @@ class Watchdog:
     async def _closer(self, now: Sample) -> Sample:
         backlog = 0
         log_ = self.consumers.inbox.log
-        if log_ is not None:
+        # The whole log first, in one request: an idle manager (nothing moved, nothing
+        # waiting) costs that much per look, not one request per partition it owns.
+        if log_ is not None and await log_.depth():
             for partition in sorted(self.consumers.partitions):
                 backlog += await log_.depth(partition)
         return Sample(

@@ -26,7 +26,10 @@ JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 ATOMIC_PUBLISH_DISABLED = 10174
 #: Atomic batches the server will not take now, though the stream allows them: the batch
 #: is larger than the server's limit, or too many batches are in flight on the stream.
-ATOMIC_PUBLISH_NOT_NOW = frozenset({10199, 10210})
+#: 10176, "batch is incomplete", is how the commit says the server never started the
+#: batch (its first message was refused for one of those reasons: its own reply is not
+#: awaited, so that a batch costs one round trip).
+ATOMIC_PUBLISH_NOT_NOW = frozenset({10176, 10199, 10210})
 
 #: JetStream refusals that pass on their own: "no suitable peers for placement" (10005)
 #: right after a cluster forms, before every server has reported in, and "JetStream

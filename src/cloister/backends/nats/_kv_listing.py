@@ -120,7 +120,10 @@ class BucketLister:
                     self._retry_budget,
                 )
                 placed = info.cluster.leader if info.cluster is not None else None
-                if leader is None or placed == leader:
+                # No cluster info on the consumer: a server that does not cluster, so
+                # the consumer reads the only store there is (the stream's "leader"
+                # is that server's name, never the consumer's placement).
+                if leader is None or info.cluster is None or placed == leader:
                     break
                 await self._drop_consumer(nc, str(info.name))
             else:

@@ -1,7 +1,11 @@
 """The claim of one partition of a log: a durable pull consumer and what it delivered.
 
 - ``fetch`` keeps at most one pull request outstanding and collects what arrives in a
-  buffer owned by the consumer, so a cancelled fetch loses nothing. Deliveries lost on
+  buffer owned by the consumer, so a cancelled fetch loses nothing. The request is a long
+  poll (it lives :data:`LONG_POLL` seconds, whatever the fetch's own timeout, with the
+  server's idle heartbeats every :data:`IDLE_HEARTBEAT` seconds): an idle partition costs
+  one request per long poll, not one per fetch. A pull that falls silent (no heartbeat
+  for two of them), a reconnect or a leader change ends it early. Deliveries lost on
   the wire (a reconnect, a gap in the consumer sequence) would otherwise stay pending
   for an hour: the consumer then re-creates its durable and takes every unacknowledged
   record again, in order, except those it already handed out (their acks still count).
@@ -37,10 +41,17 @@ log = logging.getLogger("cloister.backends.nats")
 MSG_ID = "Nats-Msg-Id"
 #: Acks remembered until the server shows it applied them (sent again if it lost them).
 RECENT_ACKS = 20_000
-#: Seconds between checks that a busy consumer's acks were applied.
-AUDIT_INTERVAL = 5.0
+#: Seconds between checks that a busy consumer's acks were applied when nothing went
+#: wrong (acks are lost only with the connection or the consumer's leader, and both are
+#: seen: a reconnect, a 409 to the waiting pull): a safety net, not the way acks are kept.
+AUDIT_INTERVAL = 60.0
 #: The shortest a fetch waits: one round trip to the server for what is stored.
 MIN_WAIT = 0.1
+#: Seconds a pull request stays open at the server (a long poll): what an idle partition
+#: costs is one request per this long.
+LONG_POLL = 30.0
+#: Seconds between the server's idle heartbeats on an open pull request.
+IDLE_HEARTBEAT = 5.0
 #: How long after a pull request expired we still wait for the server to say so.
 PULL_GRACE = 0.5
 #: Pacing of the polls for the server's ack floor before a release.
@@ -54,6 +65,7 @@ class _Pull:
     subject: str
     remaining: int
     ends_at: float  # loop time after which we stop waiting for its end-of-request status
+    heard_at: float  # loop time of the last message or heartbeat it brought
 
 
 class NatsLogConsumer(LogConsumer):
@@ -80,7 +92,8 @@ class NatsLogConsumer(LogConsumer):
         self._stale: set[int] = set()  # held, with a handle from before the last re-sync
         self._recent: dict[int, str] = {}  # acks sent, not known applied: sequence -> subject
         self._acks = 0  # acks sent to the current durable
-        self._audit_at = 0.0  # when to check next that our acks were applied
+        # when to check next that our acks were applied (loop time)
+        self._audit_at = asyncio.get_running_loop().time() + AUDIT_INTERVAL
         self._disturbed = False  # a reconnect, an election...: check the acks now
         self._arrived = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -170,9 +183,13 @@ class NatsLogConsumer(LogConsumer):
             pull = self._pull
             if pull is not None:
                 pull.remaining -= 1
+                pull.heard_at = asyncio.get_running_loop().time()
                 if pull.remaining <= 0:
                     self._pull = None
-        elif status == "100":  # idle heartbeat
+        elif status == "100":  # idle heartbeat: the pull is alive
+            pull = self._pull
+            if pull is not None and msg.subject == pull.subject:
+                pull.heard_at = asyncio.get_running_loop().time()
             return
         else:
             pull = self._pull
@@ -198,6 +215,7 @@ class NatsLogConsumer(LogConsumer):
                 self._arrived.clear()
                 self._check()
                 if self._lost or self._reconnects != self._conn.reconnects:
+                    self._pull = None  # the server may have lost it with the connection
                     await self._resync()
                     continue
                 if self._buffer:
@@ -211,10 +229,17 @@ class NatsLogConsumer(LogConsumer):
                 if now >= deadline:
                     return []
                 pull = self._pull
+                if pull is not None and now - pull.heard_at > 2 * IDLE_HEARTBEAT + PULL_GRACE:
+                    # No heartbeat for two of them: the server forgot the request (it
+                    # restarted, or its leader moved without telling us).
+                    log.debug("%r: the pull request fell silent; asking again", self)
+                    self._disturbed = True
+                    pull = self._pull = None
                 if pull is None or now >= pull.ends_at:
-                    pull = await self._request(batch, max(0.01, deadline - now))
+                    pull = await self._request(batch, LONG_POLL)
+                wake = min(deadline, pull.ends_at, pull.heard_at + 2 * IDLE_HEARTBEAT + PULL_GRACE)
                 try:
-                    async with asyncio.timeout_at(min(deadline, pull.ends_at)):
+                    async with asyncio.timeout_at(wake):
                         await self._arrived.wait()
                 except TimeoutError:
                     pass
@@ -245,11 +270,15 @@ class NatsLogConsumer(LogConsumer):
         nc = self._conn.client(what)
         if self._sub is None:
             await self._subscribe()
-        loop = asyncio.get_running_loop()
-        pull = _Pull(
-            f"{self._inbox}.{next(self._pulls)}", batch, loop.time() + expires + PULL_GRACE
-        )
-        body = json.dumps({"batch": batch, "expires": int(expires * 1e9)}).encode()
+        now = asyncio.get_running_loop().time()
+        pull = _Pull(f"{self._inbox}.{next(self._pulls)}", batch, now + expires + PULL_GRACE, now)
+        body = json.dumps(
+            {
+                "batch": batch,
+                "expires": int(expires * 1e9),
+                "idle_heartbeat": int(IDLE_HEARTBEAT * 1e9),
+            }
+        ).encode()
         try:
             await nc.publish(self._next, body, reply=pull.subject)
         except NATS_ERRORS as exc:
@@ -326,6 +355,31 @@ class NatsLogConsumer(LogConsumer):
         self._recent[sequence] = msg.reply
         if len(self._recent) > RECENT_ACKS:
             del self._recent[next(iter(self._recent))]
+
+    async def ack_many(self, records: list[LogRecord]) -> None:
+        """Acknowledge ``records`` (one plain ``+ACK`` publish each, no round trip): the
+        same as :meth:`ack` one by one, with the checks and names made once."""
+        self._check()
+        what = f"ack {len(records)} records in partition {self.partition} of log {self._log.name!r}"
+        publish = self._conn.client(what).publish
+        held, stale, recent = self._held, self._stale, self._recent
+        for record in records:
+            sequence = record.sequence
+            msg = held.pop(sequence, None) or record.ref
+            if not isinstance(msg, Msg) or not msg.reply:
+                raise BackendError(f"record {sequence} carries no JetStream ack handle")
+            try:
+                await publish(msg.reply, b"+ACK")
+            except NATS_ERRORS as exc:
+                held[sequence] = msg
+                raise translate(exc, what, self._conn.url) from exc
+            if sequence in stale:  # as in ack(): its redelivery is acked on arrival
+                stale.discard(sequence)
+            else:
+                self._acks += 1
+            recent[sequence] = msg.reply
+        while len(recent) > RECENT_ACKS:
+            del recent[next(iter(recent))]
 
     async def _send_ack(self, subject: str) -> bool:
         nc = self._conn.nc
