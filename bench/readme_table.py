@@ -264,6 +264,28 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
         lambda d: "targets 1 s / failure timeout + 1 s",
     ),
     (
+        "inbox_takeover",
+        "kill -9 of 1 of 3 nodes (NATS, heartbeat 1 s, failure timeout 3 s): moved keys "
+        "handled again (max), 0 lost",
+        lambda d: (
+            f"{d['summary']['this tree']['moved_handled_max_s']:.2f} s "
+            f"(kill → epoch {d['summary']['this tree']['kill_to_adopted_s']:.2f} s, "
+            f"epoch → ready {d['summary']['this tree']['epoch_to_ready_s']:.2f} s)"
+        ),
+        lambda d: (
+            f"before (TTL only): {d['summary']['compared']['moved_handled_max_s']:.2f} s; "
+            "target ≤ 1 s"
+        ),
+    ),
+    (
+        "inbox_idle",
+        "an idle node, 128 partitions, 30 s: CPU-seconds (node + nats-server)",
+        lambda d: f"{d['summary']['this tree']['idle']:.2f} s",
+        lambda d: (
+            f"before (a pull per partition per second): {d['summary']['compared']['idle']:.2f} s"
+        ),
+    ),
+    (
         "inbox_layouts",
         "1,000 keys: setup / consume / handoff of one node's share",
         lambda d: (
