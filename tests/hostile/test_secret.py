@@ -22,8 +22,7 @@ from cloister.cluster.rpc import decode_reply, encode_request
 from cloister.errors import ConfigurationError, WireFormatError
 from cloister.schema import Keyring, UnauthenticatedRecordError
 from cloister.store.inbox import Inbox
-from cloister.store.keys import encode_key
-from cloister.store.table import KEY_PREFIX
+from cloister.store.table_keys import encode_table_key
 from cloister.testing import eventually
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import MEMORY
@@ -170,7 +169,7 @@ async def test_forged_records_and_requests_are_refused_counted_and_logged_once(
         await inbox.open()
         await inbox.put(IDS[0], "forged")
         table = await mallory.kv("tbl-prices")
-        await table.put(encode_key("apple", KEY_PREFIX), schema.encode(schema.TABLE, "free"))
+        await table.put(encode_table_key("apple"), schema.encode(schema.TABLE, "free"))
         # internal handlers: a plain envelope is refused, the handler never runs
         reply = await mallory.request("a", encode_request("probe", "hi", "mallory"), timeout=2)
         result = decode_reply("a", reply)
