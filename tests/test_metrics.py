@@ -37,7 +37,7 @@ class Ledger(DynamicManager):
     retry_backoff = (0.01, 0.01)
 
     def children_specs(self) -> dict[str, dict[str, Any]]:
-        return {"a": {"payload": 0}, "b": {"payload": 0}}
+        return {"a": {"payload": 0, "timeout": 0}, "b": {"payload": 0, "timeout": 0}}
 
     async def handle_cast(self, message: Any, id: Any, payload: Any) -> Replace:
         if message == "boom":

@@ -58,6 +58,13 @@ class FencedError(CloisterError):
     refused, and the key's new owner does the work instead. Never retried blindly."""
 
 
+class LeaseLapsedError(CloisterError):
+    """This node's lease ran out (its renewals fail: the medium may be electing a leader)
+    and was not renewed yet. Writes that depend on owning keys wait: the node pauses, and
+    they go out once a renewal lands on its record — or never, when the record expired and
+    the keys went to their next owners."""
+
+
 class HandlerTimeoutError(CloisterError):
     """A callback ran longer than the manager's ``handler_timeout`` and was abandoned
     (``on_handler_timeout="abandon"``): its message is retried, then parked after

@@ -79,6 +79,35 @@ async def test_an_election_shorter_than_the_failover_time_pauses_and_releases_no
         await until(lambda: _total_now(nodes) == 60)
 
 
+async def test_acks_waiting_when_the_lease_lapses_go_out_once_it_is_renewed() -> None:
+    """The casts' acks are on their way when the election begins: storing their state
+    fails (unavailable), then the lease lapses. They wait through the pause and are sent
+    once a renewal lands — never dropped, which would leave their records pending until a
+    new consumer took the partition (and handled them again)."""
+    async with AsyncExitStack() as stack:
+        nodes = await _three(stack, "election-acks", failover=10 * TIMING.failure_timeout)
+        clusters, managers = nodes.clusters, nodes.managers
+        for n in range(30):
+            await managers["a"].cast(f"k{n}", 1)
+        nodes.world.elect(ELECTION)  # at once: the acks of those casts are not out yet
+        await until(lambda: all(c.paused for c in clusters.values()))
+        await until(lambda: all(c.state is State.READY for c in clusters.values()), timeout=10)
+        assert all(m.suspended == [] for m in managers.values())  # paused, not suspended
+        depth = -1
+
+        async def drained() -> bool:
+            nonlocal depth
+            depth = await managers["a"].inbox_depth()
+            return depth == 0
+
+        deadline = time.monotonic() + 3.0
+        while not await drained() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert depth == 0, f"{depth} record(s) still pending after the pause"
+        assert _total_now(nodes) == 30
+        assert sum(m.counters.duplicates for m in managers.values()) == 0
+
+
 def _total_now(nodes: ClusterNodes) -> int:
     return sum(
         info.payload

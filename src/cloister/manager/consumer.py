@@ -21,7 +21,7 @@ from cloister._backoff import Backoff
 from cloister._quiet import Quiet
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
-from cloister.errors import BackendError, FencedError, WireFormatError
+from cloister.errors import BackendError, FencedError, LeaseLapsedError, WireFormatError
 from cloister.manager.claims import PartitionsFencedError
 from cloister.manager.state import Unstorable
 from cloister.store.inbox import Inbox, InboxMessage
@@ -305,6 +305,13 @@ class PartitionConsumers:
                             settled -= len(kept)
                             await self._again(kept)
                             continue
+                    except LeaseLapsedError as exc:
+                        # The node pauses: these acks wait for a renewal (its state then
+                        # stands) or for a suspension (which drops this consumer: _held).
+                        log.debug("%s; %d ack(s) wait", exc, len(batch))
+                        settled = 0
+                        await self._again(batch)
+                        continue
                     except FencedError as exc:
                         # Never retried blindly: the records go to the key's next owner.
                         log.warning("%s; %d ack(s) dropped, redelivered elsewhere", exc, settled)

@@ -35,6 +35,7 @@ from cloister.errors import (
     CloisterError,
     ConfigurationError,
     FencedError,
+    LeaseLapsedError,
     NotOwnerError,
     WireFormatError,
 )
@@ -585,8 +586,11 @@ class ShardRegion:
         those partitions are given up already (:meth:`refused`), their acks are dropped.
         """
         if not self._lease_valid():
-            raise FencedError(
-                f"node {self.cluster.node}: lease ran out; {len(keys)} payload(s) not stored"
+            # Not fenced yet: a lapse is waited out (a renewal that lands resumes the node
+            # with its keys), an expiry suspends it — and then these acks are dropped with
+            # their consumers. Never stored now: the keys may be someone else's already.
+            raise LeaseLapsedError(
+                f"node {self.cluster.node}: lease ran out; {len(keys)} payload(s) wait"
             )
         assert self.table is not None
         try:
