@@ -27,7 +27,8 @@ epoch that settles the phase), when that epoch was adopted (detection), and the
 Targets (issue 15): p99 pause of moved keys <= 1 s for join and leave, <= failure
 timeout + 1 s (3 s) for a kill.
 
-Run: ``python bench/handoff_under_load.py`` (about a minute per round); ``--rounds 3``
+Run: ``python bench/handoff_under_load.py`` (or ``cloister bench handoff-under-load``;
+about 30-40 s per round); ``--rounds 3``
 for medians, ``--servers 3`` for an R3 NATS cluster. Writes
 ``bench/results/handoff_under_load.json`` (``handoff_under_load_r3.json`` on R3). Exits 1
 when a target is not met.
