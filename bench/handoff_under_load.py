@@ -28,10 +28,9 @@ Targets (issue 15): p99 pause of moved keys <= 1 s for join and leave, <= failur
 timeout + 1 s (3 s) for a kill.
 
 Run: ``python bench/handoff_under_load.py`` (or ``cloister bench handoff-under-load``;
-about 30-40 s per round); ``--rounds 3``
-for medians, ``--servers 3`` for an R3 NATS cluster. Writes
-``bench/results/handoff_under_load.json`` (``handoff_under_load_r3.json`` on R3). Exits 1
-when a target is not met.
+about 30-40 s per round); ``--rounds 3`` for medians, ``--servers 3`` for an R3 NATS
+cluster. Writes ``bench/results/handoff_under_load.json`` (``handoff_under_load_r3.json``
+on R3). Exits 1 when a target is not met.
 """
 
 from __future__ import annotations
@@ -340,7 +339,10 @@ def acked_times(run: FaultRun) -> dict[tuple[str, int], float]:
 
 def pick(run: FaultRun, members: list[str], avoid: Iterable[str] = ()) -> str:
     """A member that is not the sentry (nor in ``avoid``): its change moves only keys."""
-    sentry = run.sentry()
+    # The sentry named by a live member's last epoch (run.sentry() reads node a's, and
+    # a may be gone by now).
+    epochs = [e for e in run.events(members[0]) if e.kind == "epoch"]
+    sentry = epochs[-1].fields["sentry"] if epochs else run.sentry()
     return next(n for n in members if n != sentry and n not in set(avoid))
 
 
