@@ -12,6 +12,7 @@ and not yet acknowledged on a node: back-pressure towards the log, not memory gr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -94,11 +95,10 @@ class PartitionConsumers:
         self._room.set()
         # Acks are batched: the hot path appends, one task sends them.
         self._to_ack: list[tuple[LogConsumer, LogRecord, Any]] = []
-        self._acking = False
+        self._acking: list[tuple[LogConsumer, LogRecord, Any]] = []  # the batch being sent
         self._sending = 0  # acks of the batch the acker is sending
         self._ack_wake = asyncio.Event()
-        self._acks_sent = asyncio.Event()
-        self._acks_sent.set()
+        self._ack_round = asyncio.Event()  # set (and replaced) after each batch is sent
         self._acker = supervisor.spawn(self._ack_loop(), "inbox acks")
 
     @property
@@ -184,7 +184,7 @@ class PartitionConsumers:
         async with self._claiming:
             self._wanted -= partitions
         self.stop_fetching(partitions)
-        await self.flush_acks()
+        await self.flush_acks(partitions)
         for partition in partitions:
             consumer = self._consumers.pop(partition, None)
             if consumer is None:
@@ -221,22 +221,28 @@ class PartitionConsumers:
         to_ack = self._to_ack
         to_ack.append((consumer, record, key))
         if len(to_ack) == 1:  # the first of a batch wakes the acker; the rest ride along
-            self._acks_sent.clear()
             self._ack_wake.set()
 
     def forget(self, count: int = 1) -> None:
         """``count`` delivered records will not be acked by us (their partition moved)."""
         self._done(count)
 
-    async def flush_acks(self, timeout: float = 5.0) -> None:
-        """Wait until every queued ack has been sent (at most ``timeout`` seconds: an
-        unreachable medium must not hold a handoff; unsent acks mean redeliveries, which
-        the next owner skips by watermark)."""
+    async def flush_acks(self, partitions: set[int], timeout: float = 5.0) -> None:
+        """Wait until every queued ack of ``partitions`` has been sent (at most ``timeout``
+        seconds: an unreachable medium must not hold a handoff; unsent acks mean
+        redeliveries, which the next owner skips by watermark).
+
+        Only those partitions' acks: under load the partitions this node keeps ack all
+        the time, so waiting for no ack at all would hold every handoff for ``timeout``.
+        """
         try:
             async with asyncio.timeout(timeout):
-                while self._to_ack or self._acking:
+                while any(
+                    consumer.partition in partitions
+                    for consumer, _, _ in itertools.chain(self._to_ack, self._acking)
+                ):
                     self._ack_wake.set()
-                    await self._acks_sent.wait()
+                    await self._ack_round.wait()
         except TimeoutError:
             log.warning("%d ack(s) not sent before giving the partitions up", len(self._to_ack))
 
@@ -282,9 +288,8 @@ class PartitionConsumers:
             self._ack_wake.clear()
             batch, self._to_ack = self._to_ack, []
             if not batch:
-                self._acks_sent.set()
                 continue
-            self._acking = True
+            self._acking = batch
             self._sending = len(batch)
             settled = len(batch)  # acks that leave our hands in this round
             try:
@@ -345,11 +350,11 @@ class PartitionConsumers:
                     settled -= len(again)
                     await self._again(again)
             finally:
-                self._acking = False
+                self._acking = []
                 self._sending = 0
                 self._done(settled)
-                if not self._to_ack:
-                    self._acks_sent.set()
+                self._ack_round.set()
+                self._ack_round = asyncio.Event()
 
     def _park_unstorable(
         self, batch: list[tuple[LogConsumer, LogRecord, Any]], unstorable: Mapping[Any, Unstorable]
