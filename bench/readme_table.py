@@ -55,6 +55,16 @@ def periodic(run: dict[str, Any]) -> str:
     return f"{run['p50_ms']:,.0f} / {run['p99_ms']:,.0f} ms, {run['performs_per_s'] / 1000:.0f} k/s"
 
 
+def handoff_pauses(data: dict[str, Any]) -> str:
+    return " / ".join(f"{phase['pause_p99']:.2f} s" for phase in data["phases"])
+
+
+def handoff_targets(data: dict[str, Any]) -> str:
+    targets = " / ".join(f"{phase['target_p99_s']:g} s" for phase in data["phases"])
+    met = " / ".join("met" if phase["met"] else "NOT met" for phase in data["phases"])
+    return f"targets {targets} (failure timeout {data['failure_timeout']:g} s): {met}"
+
+
 def wire_rows(data: dict[str, Any], *names: str) -> list[dict[str, Any]]:
     by_name = {row["record"]: row for row in data["rows"]}
     return [by_name[name] for name in names]
@@ -284,6 +294,19 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
         lambda d: (
             f"before (a pull per partition per second): {d['summary']['compared']['idle']:.2f} s"
         ),
+    ),
+    (
+        "handoff_under_load",
+        "3 nodes on one nats-server under load, a 4th joins / one leaves / one is killed: p99 "
+        "pause of moved keys",
+        handoff_pauses,
+        handoff_targets,
+    ),
+    (
+        "handoff_under_load_r3",
+        "the same on a 3-server R3 NATS cluster",
+        handoff_pauses,
+        handoff_targets,
     ),
     (
         "inbox_layouts",
