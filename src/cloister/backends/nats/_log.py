@@ -195,26 +195,20 @@ class NatsLog(Log):
         partition subjects belong to this stream alone (see ``_names``), and on a
         batch the header's bytes and the server's check are a sizeable share.
         """
-        subjects = self._subjects
-        batch: list[tuple[str, bytes, dict[str, str] | None]] = []
-        for partition, data, msg_id in records:
-            if type(partition) is int and 0 <= partition < self.partitions:
-                subject = subjects[partition]
-            else:
-                subject = self.subject(partition)  # raises what is wrong with it
-            if msg_id is None:
-                headers = None
-            elif type(msg_id) is str and msg_id:
-                headers = {MSG_ID: msg_id}
-            else:
+        subjects, partitions = self._subjects, self.partitions
+        for partition, _, msg_id in records:  # checked before anything is sent
+            if not (type(partition) is int and 0 <= partition < partitions):
+                self.subject(partition)  # raises what is wrong with it
+            if msg_id is not None and not (type(msg_id) is str and msg_id):
                 raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
-            batch.append((subject, bytes(data), headers))
         what = f"append {len(records)} records to log {self.name!r}"
         pending: list[asyncio.Future[api.PubAck]] = []
         try:
             publish = self._conn.jetstream(what).publish_async
-            for subject, data, headers in batch:
-                pending.append(await publish(subject, data, headers=headers))
+            for partition, data, msg_id in records:
+                headers = None if msg_id is None else {MSG_ID: msg_id}
+                payload = data if type(data) is bytes else bytes(data)
+                pending.append(await publish(subjects[partition], payload, headers=headers))
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
             # The connection broke mid-batch: what was not sent goes through append.
             log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
