@@ -15,7 +15,7 @@ import pytest
 from cloister import DynamicManager, Ok, Replace
 from cloister.cluster import State
 from cloister.errors import ConfigurationError, RemoteError
-from cloister.manager.executor import Raised, ThreadRunner
+from cloister.manager.executor import NOT_STARTED, Raised, ThreadRunner
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import FAST
 
@@ -30,6 +30,40 @@ class Worker:
     def __init__(self, worker_id: Any, payload: Any = None) -> None:
         self.id = worker_id
         self.payload = payload
+
+
+async def test_a_job_reached_after_the_lease_ran_out_never_starts() -> None:
+    """A job handed over in time may wait in its batch (behind a slow one, or in a process
+    paused by SIGSTOP) until after the lease ran out: its thread checks the lease where the
+    job starts, and a late one is not started — a zombie must not run user code."""
+    results: dict[Any, Any] = {}
+    ran: list[Any] = []
+    lease = [float("inf")]
+    release = threading.Event()
+
+    def done(batch: list[Any]) -> None:
+        for (_, worker, _, _), value in batch:
+            results[worker.id] = value
+
+    def callback(worker_id: Any, payload: Any) -> Any:
+        ran.append(worker_id)
+        if worker_id == "first":
+            release.wait(5)  # while it runs, the lease runs out
+        return worker_id
+
+    pool = ThreadRunner("test", 1, done, lease_until=lambda: lease[0])
+    try:
+        for worker_id in ("first", "second", "third"):
+            pool.pending.append((callback, Worker(worker_id), None, 0.0))
+        pool.kick()
+        await until(lambda: ran == ["first"])
+        lease[0] = time.monotonic()  # the lease ends now
+        release.set()
+        await until(lambda: len(results) == 3)
+        assert ran == ["first"]  # started in time; the two behind it never started
+        assert results == {"first": "first", "second": NOT_STARTED, "third": NOT_STARTED}
+    finally:
+        pool.close()
 
 
 async def test_a_blocked_job_holds_neither_its_batch_nor_the_loop() -> None:

@@ -117,8 +117,10 @@ async def test_missed_ticks_coalesce_after_the_loop_was_blocked() -> None:
         unblocked_at = loop.time()
         await asyncio.sleep(0.03)  # less than one interval
         during = manager.count(since=blocked_at)
-        # every worker performs once right after the pause — not ~10 times each
-        assert 100 <= during <= 150, during
+        # every worker performs once right after the pause — not ~10 times each; first due
+        # times are spread over the period, so in those 30 ms (0.6 of it) up to ~60% of the
+        # workers reach their next grid point too (and at most twice each, below)
+        assert 100 <= during <= 200, during
         per_worker = Counter(i for i, t in manager.ticks if t >= blocked_at)
         assert max(per_worker.values()) <= 2, per_worker.most_common(3)
         assert all(t >= unblocked_at for i, t in manager.ticks if t >= blocked_at)

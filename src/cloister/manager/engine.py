@@ -26,7 +26,7 @@ from typing import Any
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
 from cloister.errors import HandlerTimeoutError, UnknownWorkerError
-from cloister.manager.executor import Item, Raised, Result, ThreadRunner
+from cloister.manager.executor import Item, NotStarted, Raised, Result, ThreadRunner
 from cloister.manager.ports import (
     UNBOUNDED,
     Callback,
@@ -116,6 +116,7 @@ class Engine:
                 self._jobs_done,
                 self._job_overdue,
                 options.handler_timeout,
+                lambda: self.permit.lease_until,
             )
         # Jobs appended here during a pass go to the pool as one batch (see executor).
         self._pooled: list[Item] = self.threads.pending if self.threads is not None else []
@@ -541,7 +542,7 @@ class Engine:
             _, worker, message, started = job
             worker.flags &= ~POOLED
             kind = type(value)
-            if late or kind is Raised or kind is types.CoroutineType:
+            if late or kind is Raised or kind is types.CoroutineType or kind is NotStarted:
                 self._job_cold(job, value, late)
                 continue
             worker.busy_since = 0.0
@@ -561,7 +562,9 @@ class Engine:
     def _job_cold(self, job: Item, value: Any, late: bool) -> None:
         """A pool result that failed, came back late, or is a coroutine to go on with."""
         _, worker, message, started = job
-        if type(value) is Raised:
+        if type(value) is NotStarted:
+            hold(self, worker, message)  # never ran: kept, in order, for a renewed lease
+        elif type(value) is Raised:
             error = value.exception
             if not isinstance(error, Exception):  # SystemExit & co., raised in a thread
                 error = RuntimeError(f"callback raised {error!r}")

@@ -43,6 +43,17 @@ Result = tuple[Item, Any]
 """A job and what its callback returned, or :class:`Raised`."""
 
 
+class NotStarted:
+    """A job's outcome when its thread reached it after the lease ran out: the callback
+    was never called (a job handed over in time can wait in a batch past the lease — a
+    process paused by SIGSTOP, say — and must not start as a zombie when it wakes)."""
+
+    __slots__ = ()
+
+
+NOT_STARTED = NotStarted()
+
+
 class Raised:
     """What a job's callback raised (its outcome, instead of a return value)."""
 
@@ -70,7 +81,9 @@ class ThreadRunner:
 
     ``on_done(results)`` runs on the event loop with outcomes in no particular order;
     ``on_overdue(item)`` runs on the loop, once, for a job that has run longer than
-    ``timeout`` seconds (None: never).
+    ``timeout`` seconds (None: never). ``lease_until()`` (read from the threads) is when
+    the node's right to work ends, on ``time.monotonic()``'s clock: a job a thread reaches
+    after it is not started, its outcome :data:`NOT_STARTED`.
     """
 
     def __init__(
@@ -80,6 +93,7 @@ class ThreadRunner:
         on_done: Callable[[list[Result]], None],
         on_overdue: Callable[[Item], None] | None = None,
         timeout: float | None = None,
+        lease_until: Callable[[], float] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a thread pool needs at least one thread, got {size}")
@@ -89,6 +103,7 @@ class ThreadRunner:
         self.late = 0  # results of abandoned jobs, dropped
         self._on_done = on_done
         self._on_overdue = on_overdue
+        self._lease_until = lease_until if lease_until is not None else _forever
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[Item] = []  # this pass's jobs, not handed over yet
         self._queue: deque[Batch] = deque()  # batches no thread has started
@@ -278,6 +293,7 @@ class ThreadRunner:
 
     def _thread_main(self, number: int) -> None:
         queue, lock, current, retired = self._queue, self._lock, self._current, self._retired
+        lease_until, now = self._lease_until, time.monotonic
         while not self._closed:
             try:
                 batch = queue.popleft()
@@ -296,6 +312,9 @@ class ThreadRunner:
             for item in batch.take:
                 current[number] = item
                 fn, worker, message, _ = item
+                if now() >= lease_until():  # checked where it starts, not where it was queued
+                    append((item, NOT_STARTED))
+                    continue
                 try:
                     if message is None:
                         append((item, fn(worker.id, worker.payload)))
@@ -337,3 +356,7 @@ class ThreadRunner:
             except RuntimeError:  # the loop is closed: nobody is left to apply results
                 log.debug("pool %s: the event loop is closed; results dropped", self.name)
                 self._closed = True
+
+
+def _forever() -> float:
+    return float("inf")
