@@ -86,7 +86,17 @@ async def test_a_handler_runs_no_longer_than_its_caller_waits() -> None:
             await b.call("a", "hangs", timeout=0.2)
         # abandoned past what the caller waits (+ 1 s of grace): its slot is free again
         await asyncio.wait_for(cancelled.wait(), 3)
-        assert await b.call("a", "quick") == "quick"
+        # The one slot is free again — though a probe's ping may hold it a moment (the
+        # nodes ping each other every 0.2 s): a busy answer then is right, and passes.
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                assert await b.call("a", "quick") == "quick"
+                break
+            except NodeBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
 
 async def test_a_hanging_multicast_handler_does_not_stop_the_next_ones() -> None:
