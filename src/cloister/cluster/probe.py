@@ -78,7 +78,7 @@ class Prober:
         for node, revision in targets.items():
             if node in gone:
                 if self.unreachable.get(node) != revision:
-                    log.warning(
+                    log.info(
                         "member %s has no responder: its process is gone (record revision %d)",
                         node,
                         revision,
