@@ -417,6 +417,27 @@ def test_a_garbage_sentry_lease_is_claimed_over() -> None:
     assert decide(dataclasses.replace(held, sentry_garbage=True), NOW).claim_sentry
 
 
+def test_a_sentry_whose_lease_was_written_over_stops_acting_at_once() -> None:
+    """Its clock says the lease is valid, but the medium shows it at a later revision
+    (somebody claimed over it, or garbage): no more publishing or deleting, no claim of
+    its own either (its renewal will find out), so there are never two sentries."""
+    view = {n: record(n) for n in "ab"}
+    over = sentry(
+        view=view,
+        epoch_record=epoch(4, "b", view),
+        held_sentry_revision=7,
+        sentry_revision=9,
+        sentry_holder="b",
+        unreachable={"b": 1},
+        renewed={"b": (1, 0.0)},
+    )
+    decision = decide(over, NOW)
+    assert decision.publish is None and decision.departed == () and not decision.claim_sentry
+    for seen in (7, 6, None):  # its own revision, a watch lagging behind it, nothing seen
+        still = decide(dataclasses.replace(over, sentry_revision=seen), NOW)
+        assert still.publish == epoch(5, "a", view)
+
+
 def test_the_sentry_expires_only_records_unrenewed_for_twice_their_ttl() -> None:
     view = {"a": record("a"), "b": record("b"), "c": record("c")}
     renewed = {"a": (1, NOW - 100), "b": (2, NOW - 2.1), "c": (3, NOW - 1.9)}

@@ -261,6 +261,32 @@ async def test_a_garbage_sentry_lease_is_replaced_while_there_is_a_holder(
     await still_heals(nodes, [a, b], {"a", "b"})
 
 
+async def test_a_garbage_sentry_lease_and_epoch_start_no_sentry_fight(
+    nodes: ClusterNodes,
+) -> None:
+    """The holder of a lease overwritten by garbage stops acting as the sentry as soon as
+    its watch shows the lease at a newer revision: the member that claims over the garbage
+    is then the only one publishing (once seen: two sentries, a burst of epochs)."""
+    a, b = await two_ready(nodes)
+    epoch = a.cluster.epoch
+    kv = await bucket(a.cluster, "control")
+    entry = await kv.get(SENTRY_KEY)
+    assert entry is not None
+    await kv.update(SENTRY_KEY, b"\xc1", revision=entry.revision)
+    await kv.put(EPOCH_KEY, b"\xc1 not an epoch")
+
+    await eventually(holds(kv, SENTRY_KEY, a_map), what="a valid sentry lease again")
+    await eventually(holds(kv, EPOCH_KEY, a_map), what="a valid epoch record again")
+    await eventually(lambda: nodes.agreed({"a", "b"}), what="a and b agree")
+    await asyncio.sleep(5 * MEMORY.heartbeat)
+    sentries = [c.node for c in nodes.live() if c.is_sentry]
+    assert len(sentries) == 1, sentries
+    # one claim over the garbage lease and one over the garbage epoch: a few epochs, not
+    # one per turn of a fight
+    assert a.cluster.epoch - epoch <= 3, (epoch, a.cluster.epoch)
+    await still_heals(nodes, [a, b], {"a", "b"})
+
+
 # -- a task the node cannot live without ------------------------------------------------------
 
 

@@ -240,14 +240,6 @@ def _call(url: str, worker: str, message: Any) -> dict[str, Any]:
     return asyncio.run(ask())
 
 
-# Known open bug (seen once in two full CI runs, never alone): right after a garbage sentry
-# lease and epoch record, both nodes claim over the lease in turn — a burst of ~15 epochs in
-# 30 ms — and casts then went unhandled for 20 s. Kept running so that it is seen; to be
-# fixed in the control plane (who may claim over a garbage lease), not here.
-@pytest.mark.xfail(
-    reason="sentry fight after a garbage sentry lease can stall casts (issue 13, open)",
-    strict=False,
-)
 def test_garbage_everywhere_kills_no_node(cluster: Cluster) -> None:
     url = cluster.url
     cluster.survived("start")

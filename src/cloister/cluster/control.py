@@ -625,6 +625,8 @@ class Facts:
     row (:mod:`~cloister.cluster.probe`) — by node: the revision of the record probed."""
     sentry_revision: int | None = None
     """The revision of the sentry lease in the medium (None: there is none)."""
+    held_sentry_revision: int | None = None
+    """The revision of the sentry lease this node holds (None: it holds none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,9 +720,10 @@ def next_epoch(facts: Facts) -> EpochRecord | None:
 def decide(facts: Facts, now: float) -> Decision:
     """Every decision the facts call for at ``now`` (``time.monotonic``)."""
     lease_ok = facts.lease_ok
+    sentry_ok = facts.sentry_ok and not sentry_superseded(facts)
     delay = facts.heartbeat
     publish = None
-    if lease_ok and facts.sentry_ok:
+    if lease_ok and sentry_ok:
         quiet = now - facts.view_changed_at
         if quiet < facts.settle:
             delay = facts.settle - quiet  # let a burst of joins end in one epoch
@@ -745,9 +748,9 @@ def decide(facts: Facts, now: float) -> Decision:
         and (facts.sentry_holder is None or facts.sentry_garbage or over is not None)
         and not facts.holds_sentry,
         claim_over=over if lease_ok and not facts.holds_sentry else None,
-        delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and facts.sentry_ok else (),
-        expire=unrenewed(facts, now) if lease_ok and facts.sentry_ok else (),
-        departed=departed(facts) if lease_ok and facts.sentry_ok else (),
+        delete_ghosts=tuple(sorted(facts.ghosts.items())) if lease_ok and sentry_ok else (),
+        expire=unrenewed(facts, now) if lease_ok and sentry_ok else (),
+        departed=departed(facts) if lease_ok and sentry_ok else (),
         publish=publish,
         adopt=adopt,
         ack=ack,
@@ -757,6 +760,16 @@ def decide(facts: Facts, now: float) -> Decision:
         move_after_settle=after,
         delay=delay,
     )
+
+
+def sentry_superseded(facts: Facts) -> bool:
+    """True when the medium shows the sentry lease at a revision above the one this node
+    holds: somebody else wrote it (a claim over it, or garbage), so this node is no longer
+    the sentry, whatever its own clock says — its next renewal would fail. Acting on until
+    then makes two sentries, each publishing an epoch over the other's. A revision below
+    ours is only a watch lagging behind our own renewal."""
+    held, seen = facts.held_sentry_revision, facts.sentry_revision
+    return held is not None and seen is not None and seen > held
 
 
 def unrenewed(facts: Facts, now: float) -> tuple[tuple[str, int], ...]:

@@ -750,6 +750,7 @@ class Cluster(RemoteCalls):
             rebuild_above=self._rebuild_above,
             unreachable=dict(self._prober.unreachable),
             sentry_revision=control.sentry_revision,
+            held_sentry_revision=lease.sentry_revision,
         )
 
     async def _step(self, settle: float) -> float:
