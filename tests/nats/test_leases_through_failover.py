@@ -18,13 +18,6 @@ from cloister.backends._names import bucket_stream
 from cloister.testing import NatsCluster
 
 
-# Known open bug: when the server a node is connected to dies, requests to it find "no
-# responders" while its connection moves, and the prober (cluster/probe.py, two answers
-# 0.1 s apart) can remove that live node, which then rejoins. Safe (fenced), not wanted.
-@pytest.mark.xfail(
-    reason="the prober can take a node whose connection is moving for a crash (open)",
-    strict=False,
-)
 async def test_no_lease_is_lost_when_the_members_stream_leader_dies(
     nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

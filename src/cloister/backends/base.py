@@ -392,6 +392,15 @@ class Backend(ABC):
         return 0.0
 
     @property
+    def reconnect_spread(self) -> tuple[float, float]:
+        """(move, return): how long a live process may have no responder for a moment
+        while its connection is away — it *moves* to another server when its own dies,
+        and clients *return* to a restarted server up to the longest reconnect delay apart.
+        A crash is told from a move only by a longer silence, and from a return only by
+        a silence after the prober itself came back. (0, 0): connections never move."""
+        return 0.0, 0.0
+
+    @property
     @abstractmethod
     def connected(self) -> bool:
         """True while this node can talk to the medium right now (False before

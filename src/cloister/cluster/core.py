@@ -188,7 +188,10 @@ class Cluster(RemoteCalls):
         )
         # Members whose process is gone, found ahead of their TTL (probe.py).
         self._prober = Prober(
-            self._ping, self._probe_targets, self._wake.set, interval=min(0.2, self.heartbeat / 4)
+            self._ping,
+            self._probe_targets,
+            self._wake.set,
+            interval=min(0.2, self.heartbeat / 4),
         )
         # What this node has adopted.
         self._topology: Topology | None = None
@@ -252,6 +255,7 @@ class Cluster(RemoteCalls):
         self._loop_watch.start()
         try:
             await backend.connect()
+            self._prober.allow_for(backend.reconnect_spread)  # known once connected
             backend.on_reconnect(self._on_reconnect)
             backend.on_closed(self._on_closed)
             backend.on_data_loss(self._on_data_loss)
@@ -367,6 +371,7 @@ class Cluster(RemoteCalls):
         self._dead.set()
 
     def _on_reconnect(self) -> None:
+        self._prober.reconnected()
         self._control.resync.set()
         self._wake.set()
 

@@ -4,10 +4,13 @@ When a process dies (``kill -9``, a crash), the medium sees its connection close
 a request to the subject only that process served fails with "no responders"
 (:class:`~cloister.errors.NoSuchNodeError`) right away, long before its member record's
 TTL runs out. The :class:`Prober` asks ``cloister.ping`` of the members it watches every
-``interval`` seconds; a member that has no responder on two probes in a row (the second
-:data:`CONFIRM_AFTER` seconds or ``interval / 2`` after the first, whichever is longer: a
-connection that moves to another server comes back within that) is reported
-*unreachable*, with the revision of its member record then.
+``interval`` seconds; a member that has no responder on two probes in a row is reported
+*unreachable*, with the revision of its member record then. The second probe comes
+:data:`CONFIRM_AFTER` seconds, ``interval / 2`` or the medium's move time after the first,
+whichever is longest (``Backend.reconnect_spread``: a connection that moves to another
+server, its own being lost, has no responder for that long). For a while after the
+prober's own connection came back (the return spread: the others may be returning to
+a restarted server, up to the longest reconnect delay apart), no probe counts.
 :func:`~cloister.cluster.control.decide` turns that fact into deleting the record by
 compare-and-set — an early version of what the TTL would do — so that the sentry
 publishes an epoch without the dead node.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from cloister.errors import CloisterError, NoSuchNodeError
@@ -50,12 +54,27 @@ class Prober:
         interval: float,
     ) -> None:
         self.interval = interval
+        self.confirm_after = max(CONFIRM_AFTER, interval / 2)
+        """How long after a probe without a responder the second one goes."""
+        self.return_spread = 0.0
+        """How long after our own reconnect no probe counts."""
+        self._counts_from = 0.0  # time.monotonic() from which probes count again
         self.unreachable: dict[str, int] = {}
         """Members found gone: node -> the revision of its member record when probed."""
         self.probes = 0
         self._ping = ping
         self._targets = targets
         self._wake = wake
+
+    def allow_for(self, spread: tuple[float, float]) -> None:
+        """Allow for the medium's ``Backend.reconnect_spread`` (move, return)."""
+        move, self.return_spread = spread
+        self.confirm_after = max(CONFIRM_AFTER, self.interval / 2, move)
+
+    def reconnected(self) -> None:
+        """Our own connection came back: for the return spread, no probe counts (the
+        others may still be on their way back to a restarted server)."""
+        self._counts_from = time.monotonic() + self.return_spread
 
     async def run(self) -> None:
         """Probe every ``interval`` seconds, for good."""
@@ -72,8 +91,11 @@ class Prober:
             return
         gone = await self._gone(list(targets))
         if gone:
-            await asyncio.sleep(max(CONFIRM_AFTER, self.interval / 2))
+            await asyncio.sleep(self.confirm_after)
             gone = await self._gone(gone)  # twice in a row: not a connection on the move
+        if gone and time.monotonic() < self._counts_from:
+            log.debug("probes of %s inconclusive: we just reconnected ourselves", gone)
+            gone = []
         found = False
         for node, revision in targets.items():
             if node in gone:
