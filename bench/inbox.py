@@ -379,9 +379,19 @@ async def _takeover(url: str, victims: list[asyncio.subprocess.Process]) -> dict
         await asyncio.sleep(0.005)
     handled = record["handled"] - handled_before
     latencies = sorted(record["moved_latency"])
-    payloads = [(managers[0].get(k) or managers[1].get(k)) for k in moved]
-    exact = sum(1 for info in payloads if info is not None and info.payload == 2)
-    found = sorted({repr(None if info is None else info.payload) for info in payloads})
+
+    def payloads() -> list[Any]:
+        return [(managers[0].get(k) or managers[1].get(k)) for k in moved]
+
+    def exactly() -> int:
+        return sum(1 for info in payloads() if info is not None and info.payload == 2)
+
+    # The counter moves when a handler runs (on a pool thread); its Replace is applied on
+    # the loop a moment later: wait for that, up to the deadline (a lost state stays 1).
+    while exactly() < len(moved) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+    exact = exactly()
+    found = sorted({repr(None if info is None else info.payload) for info in payloads()})
     for manager, cluster in zip(managers, clusters, strict=True):
         await manager.stop()
         await cluster.stop()

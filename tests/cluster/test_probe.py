@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from cloister.backends import open_backend
@@ -71,32 +72,40 @@ async def test_a_renewed_record_is_reported_anew_at_its_new_revision() -> None:
     assert probe.unreachable == {"b": 9} and woken == [1, 1]
 
 
-async def test_the_second_probe_waits_as_long_as_a_connection_takes_to_move() -> None:
+async def test_after_a_server_was_lost_a_silent_member_gets_the_move_time() -> None:
     """A member whose server died has no responder until its connection is on another
-    server: the second probe goes after the medium's move time, and finds it back."""
+    server: while the medium says it lost a server a moment ago, a silent member is
+    probed once more after the move time, and found back. Without such a loss, a crash
+    is confirmed at once."""
     loop = asyncio.get_running_loop()
     back_at = loop.time() + 0.15  # the member's connection has moved by then
 
     def answers(node: str) -> object:
         return b"pong" if loop.time() >= back_at else NoSuchNodeError("moving")
 
+    lost_at = time.monotonic()
     probe, woken = prober(answers, {"b": 7})
-    probe.allow_for((0.2, 0.0))
-    assert probe.confirm_after == 0.2
+    probe.allow_for((0.2, 0.0), lambda: lost_at)
     await probe.probe_once()
     assert probe.unreachable == {} and woken == []
 
     gone, _ = prober(lambda n: NoSuchNodeError(n), {"b": 7})
-    gone.allow_for((0.2, 0.0))
+    gone.allow_for((0.2, 0.0), lambda: lost_at)
     await gone.probe_once()  # silent for longer than a move: gone
     assert gone.unreachable == {"b": 7}
+
+    back_at = loop.time() + 0.15
+    crash, _ = prober(answers, {"b": 7})
+    crash.allow_for((0.2, 0.0), lambda: None)  # no server lost: a crash, known in 0.1 s
+    await crash.probe_once()
+    assert crash.unreachable == {"b": 7}
 
 
 async def test_no_probe_counts_right_after_our_own_reconnect() -> None:
     """Back on a restarted server before the others: their silence proves nothing for
     the return spread; after it, it does again."""
     probe, woken = prober(lambda n: NoSuchNodeError(n), {"b": 7})
-    probe.allow_for((0.0, 0.2))
+    probe.allow_for((0.0, 0.2), lambda: None)
     probe.reconnected()
     await probe.probe_once()
     assert probe.unreachable == {} and woken == []
@@ -107,8 +116,8 @@ async def test_no_probe_counts_right_after_our_own_reconnect() -> None:
 
 def test_the_memory_medium_moves_no_connection_and_nats_allows_for_it() -> None:
     memory = open_backend("memory://probe-spread", "c", "a")
-    assert memory.reconnect_spread == (0.0, 0.0)
+    assert memory.reconnect_spread == (0.0, 0.0) and memory.server_lost_at is None
     nats = open_backend("nats://127.0.0.1:1", "c", "a", reconnect_wait=(0.05, 2.0))
     move, back = nats.reconnect_spread
-    assert 0 < move < 1.0  # a crash is still known within a second
+    assert move > 0.1  # a move outlasts the confirmation of a crash
     assert back == 2.0 + move  # the longest reconnect delay, then a move

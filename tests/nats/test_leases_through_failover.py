@@ -10,11 +10,14 @@ Before that, most runs lost the sentry lease and some expired members (epoch cha
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from cloister import Cluster
+from cloister.backends import open_backend
 from cloister.backends._names import bucket_stream
+from cloister.cluster.probe import Prober
 from cloister.testing import NatsCluster
 
 
@@ -42,3 +45,54 @@ async def test_no_lease_is_lost_when_the_members_stream_leader_dies(
     finally:
         for node in nodes:
             await node.stop()
+
+
+async def test_the_clients_of_a_lost_server_are_not_taken_for_crashed(
+    nats_cluster: NatsCluster,
+) -> None:
+    """Kill the server some nodes are connected to: every client is told the cluster lost
+    a server (``Backend.server_lost_at``), and a prober running all along reports none of
+    the moving nodes unreachable; a node killed later is still found at once."""
+    probed = open_backend(nats_cluster.url, "moves", "prober")
+    await probed.connect()
+    nodes = [open_backend(nats_cluster.url, "moves", f"n{i}") for i in range(6)]
+    victim = None
+
+    async def pong(payload: bytes) -> bytes:
+        return b"pong"
+
+    try:
+        for node in nodes:
+            await node.connect()
+            await node.serve(pong)
+        ours = probed._server_netloc()
+        theirs = {node._server_netloc() for node in nodes} - {ours}
+        assert theirs, "every node on the prober's server: nothing would move"
+        netloc = theirs.pop()
+        victim = next(s for s in nats_cluster.live_servers if s.url.endswith(netloc))
+        targets = {f"n{i}": 1 for i in range(6)}
+
+        async def ping(node: str, timeout: float) -> object:
+            return await probed.request(node, b"", timeout=timeout)
+
+        prober = Prober(ping, lambda: targets, lambda: None, interval=0.02)
+        prober.allow_for(probed.reconnect_spread, lambda: probed.server_lost_at)
+        assert probed.server_lost_at is None
+        victim.kill()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            await prober.probe_once()
+            assert prober.unreachable == {}, "a live node taken for crashed"
+            await asyncio.sleep(prober.interval)
+        assert probed.server_lost_at is not None
+        moved = [node for node in nodes if node.reconnects]
+        assert moved, "no node was on the killed server"
+
+        await nodes[0].close()  # a crash, long after the loss: confirmed as usual
+        await prober.probe_once()
+        assert prober.unreachable == {"n0": 1}
+    finally:
+        for backend in [probed, *nodes]:
+            await backend.close()
+        if victim is not None:
+            await victim.restart_async()

@@ -394,11 +394,19 @@ class Backend(ABC):
     @property
     def reconnect_spread(self) -> tuple[float, float]:
         """(move, return): how long a live process may have no responder for a moment
-        while its connection is away — it *moves* to another server when its own dies,
-        and clients *return* to a restarted server up to the longest reconnect delay apart.
-        A crash is told from a move only by a longer silence, and from a return only by
-        a silence after the prober itself came back. (0, 0): connections never move."""
+        while its connection is away — it *moves* to another server when its own dies
+        (see :attr:`server_lost_at`), and clients *return* to a restarted server up to the
+        longest reconnect delay apart. A crash is told from a move only by a longer
+        silence, and from a return only by a silence after the prober itself came back.
+        (0, 0): connections never move."""
         return 0.0, 0.0
+
+    @property
+    def server_lost_at(self) -> float | None:
+        """When (``time.monotonic``) the medium last lost one of its servers, so that the
+        connections it held are moving to the others; None: never since we connected (or
+        a medium of one server)."""
+        return None
 
     @property
     @abstractmethod

@@ -255,7 +255,7 @@ class Cluster(RemoteCalls):
         self._loop_watch.start()
         try:
             await backend.connect()
-            self._prober.allow_for(backend.reconnect_spread)  # known once connected
+            self._prober.allow_for(backend.reconnect_spread, lambda: backend.server_lost_at)
             backend.on_reconnect(self._on_reconnect)
             backend.on_closed(self._on_closed)
             backend.on_data_loss(self._on_data_loss)

@@ -4,15 +4,20 @@ When a process dies (``kill -9``, a crash), the medium sees its connection close
 a request to the subject only that process served fails with "no responders"
 (:class:`~cloister.errors.NoSuchNodeError`) right away, long before its member record's
 TTL runs out. The :class:`Prober` asks ``cloister.ping`` of the members it watches every
-``interval`` seconds; a member that has no responder on two probes in a row is reported
-*unreachable*, with the revision of its member record then. The second probe comes
-:data:`CONFIRM_AFTER` seconds, ``interval / 2`` or the medium's move time after the first,
-whichever is longest (``Backend.reconnect_spread``: a connection that moves to another
-server, its own being lost, has no responder for that long). For a while after the
-prober's own connection came back (the return spread: the others may be returning to
-a restarted server, up to the longest reconnect delay apart), no probe counts.
-:func:`~cloister.cluster.control.decide` turns that fact into deleting the record by
-compare-and-set — an early version of what the TTL would do — so that the sentry
+``interval`` seconds; a member that has no responder on two probes in a row,
+:data:`CONFIRM_AFTER` seconds (or ``interval / 2``) apart, is reported *unreachable*,
+with the revision of its member record then. Two cases of a live process without a
+responder are allowed for (``Backend.reconnect_spread``):
+
+- its server died and its connection is moving to another one: when the medium lost a
+  server a moment ago (``Backend.server_lost_at``), a silent member is probed once more
+  after the move time has passed since;
+- the prober's own connection just came back, maybe to a restarted server the others are
+  still returning to, up to the longest reconnect delay apart: for that long no probe
+  counts.
+
+:func:`~cloister.cluster.control.decide` turns an unreachable member into deleting its
+record by compare-and-set — an early version of what the TTL would do — so that the sentry
 publishes an epoch without the dead node.
 
 Safe, not only fast: a node wrongly reported (a live process between two connections)
@@ -56,8 +61,11 @@ class Prober:
         self.interval = interval
         self.confirm_after = max(CONFIRM_AFTER, interval / 2)
         """How long after a probe without a responder the second one goes."""
+        self.move_time = 0.0
+        """How long after the medium lost a server its clients may still be moving."""
         self.return_spread = 0.0
         """How long after our own reconnect no probe counts."""
+        self._server_lost_at: Callable[[], float | None] = lambda: None
         self._counts_from = 0.0  # time.monotonic() from which probes count again
         self.unreachable: dict[str, int] = {}
         """Members found gone: node -> the revision of its member record when probed."""
@@ -66,10 +74,13 @@ class Prober:
         self._targets = targets
         self._wake = wake
 
-    def allow_for(self, spread: tuple[float, float]) -> None:
-        """Allow for the medium's ``Backend.reconnect_spread`` (move, return)."""
-        move, self.return_spread = spread
-        self.confirm_after = max(CONFIRM_AFTER, self.interval / 2, move)
+    def allow_for(
+        self, spread: tuple[float, float], server_lost_at: Callable[[], float | None]
+    ) -> None:
+        """Allow for the medium's ``Backend.reconnect_spread`` (move, return) and its
+        servers' losses (``Backend.server_lost_at``)."""
+        self.move_time, self.return_spread = spread
+        self._server_lost_at = server_lost_at
 
     def reconnected(self) -> None:
         """Our own connection came back: for the return spread, no probe counts (the
@@ -92,7 +103,12 @@ class Prober:
         gone = await self._gone(list(targets))
         if gone:
             await asyncio.sleep(self.confirm_after)
-            gone = await self._gone(gone)  # twice in a row: not a connection on the move
+            gone = await self._gone(gone)  # twice in a row: not a client between two calls
+        moved_by = self._moves_until()
+        if gone and moved_by is not None:
+            # A server was lost a moment ago: these may be its clients, moving.
+            await asyncio.sleep(max(0.0, moved_by - time.monotonic()))
+            gone = await self._gone(gone)
         if gone and time.monotonic() < self._counts_from:
             log.debug("probes of %s inconclusive: we just reconnected ourselves", gone)
             gone = []
@@ -111,6 +127,14 @@ class Prober:
                 self.unreachable.pop(node, None)
         if found:
             self._wake()
+
+    def _moves_until(self) -> float | None:
+        """Until when the clients of a server the medium just lost may be moving (None: no
+        server was lost within the move time)."""
+        lost_at = self._server_lost_at()
+        if lost_at is None or time.monotonic() - lost_at >= self.move_time:
+            return None
+        return lost_at + self.move_time
 
     async def _gone(self, nodes: list[str]) -> list[str]:
         """The ``nodes`` that have no responder now."""

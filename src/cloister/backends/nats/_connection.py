@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -45,6 +46,29 @@ Listener = Callable[[], None]
 SlowConsumerListener = Callable[[str], Awaitable[None]]
 """Called with the reply subject ("" for none) of a message nats-py dropped because the
 subscription's queue was full."""
+
+
+class _Client(NATS):
+    """nats-py's client, told when the cluster loses a server.
+
+    A server whose routes close (it died, or was stopped) is dropped from the
+    ``connect_urls`` of the INFO every other server then sends its clients (6 ms after a
+    kill -9, measured here). The clients of the lost server are moving to the others
+    meanwhile, and requests to them find no responders for a moment: the crash prober
+    must not take them for dead (``Backend.server_lost_at``). nats-py has no callback for
+    a server that leaves (only for one discovered), so this hooks where it reads INFO."""
+
+    server_lost_at: float | None = None
+    _known_urls: frozenset[str] = frozenset()
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        urls = info.get("connect_urls")
+        if isinstance(urls, list):
+            now = frozenset(str(url) for url in urls)
+            if self._known_urls - now:  # also on a reconnect: its first INFO
+                self.server_lost_at = time.monotonic()
+            self._known_urls = now
+        await super()._process_info(info, initial_connection)
 
 
 async def close_quietly(nc: NATS, timeout: float = 2.0) -> None:
@@ -118,7 +142,7 @@ class NatsConnection:
             raise BackendUnavailableError(f"this backend for {self.url} was closed; open a new one")
         if self._nc is not None:
             return
-        nc = NATS()
+        nc = _Client()
         errors: list[BaseException] = []
         self._connect_errors = errors
         opts = self.options
@@ -280,6 +304,13 @@ class NatsConnection:
         timeout = max(1, round(self.options.op_timeout))  # nats-py wants whole seconds
         await nc.flush(timeout=timeout)
         await nc.flush(timeout=timeout)
+
+    @property
+    def server_lost_at(self) -> float | None:
+        """When (``time.monotonic``) a server of the cluster was last lost (see
+        :class:`_Client`); None if none was since we connected."""
+        nc = self._nc
+        return nc.server_lost_at if isinstance(nc, _Client) else None
 
     def server_netloc(self) -> str:
         """``host:port`` of the server we are connected to (the URL before that)."""
