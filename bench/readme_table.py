@@ -283,8 +283,13 @@ ROWS: list[tuple[str, str, Cell, Cell]] = [
             f"epoch → ready {d['summary']['this tree']['epoch_to_ready_s']:.2f} s)"
         ),
         lambda d: (
-            f"before (TTL only): {d['summary']['compared']['moved_handled_max_s']:.2f} s; "
-            "target ≤ 1 s"
+            "target ≤ 1 s; a crash found only by its TTL (before the probes) took 3.63 s"
+            + (
+                f"; the tree compared in the same run: "
+                f"{d['summary']['compared']['moved_handled_max_s']:.2f} s"
+                if "compared" in d["summary"]
+                else ""
+            )
         ),
     ),
     (
