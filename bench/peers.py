@@ -404,7 +404,7 @@ class Pycloister:
         while time.monotonic() < deadline:
             if producer.failed():
                 raise RuntimeError(f"{self.name}: the producer failed")
-            statuses = await observer.managers(names)
+            statuses = await observer.managers(names, depth=False)
             handled = sum(s.counters["casts"] for s in statuses.values() if s is not None)
             if handled >= messages:
                 return handled

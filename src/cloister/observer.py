@@ -330,14 +330,20 @@ class Observer:
         return ClusterInfo.from_wire(await self.ask(node, "cloister.info", timeout=timeout))
 
     async def manager_status(
-        self, node: str, *, timeout: float | None = None
+        self, node: str, *, timeout: float | None = None, depth: bool = True
     ) -> ManagerStatus | None:
         """``node``'s manager (``cloister.manager.status``); None if it runs none.
+
+        With ``depth=False`` its ``inbox_depth`` is left out (None): finding it asks the
+        medium about every partition the node consumes, too much for a poll of the
+        counters several times a second.
 
         Raises the error the node produced (unreachable, timeout, malformed answer).
         """
         try:
-            answer = await self.ask(node, MANAGER_STATUS_HANDLER, timeout=timeout)
+            answer = await self.ask(
+                node, MANAGER_STATUS_HANDLER, None if depth else {"depth": False}, timeout=timeout
+            )
         except UnknownHandlerError:
             return None
         return ManagerStatus.from_wire(answer)
@@ -378,12 +384,15 @@ class Observer:
         answers = await asyncio.gather(*(one(node) for node in nodes))
         return dict(zip(nodes, answers, strict=True))
 
-    async def managers(self, nodes: list[str]) -> dict[str, ManagerStatus | None]:
-        """``manager_status`` of every node at once; None for no manager or no answer."""
+    async def managers(
+        self, nodes: list[str], *, depth: bool = True
+    ) -> dict[str, ManagerStatus | None]:
+        """``manager_status`` of every node at once (with or without ``depth``); None for
+        no manager or no answer."""
 
         async def one(node: str) -> ManagerStatus | None:
             try:
-                return await self.manager_status(node)
+                return await self.manager_status(node, depth=depth)
             except CloisterError as exc:
                 log.debug("no manager status from %s: %s", node, exc)
                 return None

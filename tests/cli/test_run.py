@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cloister.observer import ManagerStatus, Observer
 from cloister.testing import NatsServer, ProcessGroup, free_port
 from tests.cli.support import KEYS, assert_one_line_error, cli_env, cloister, write_app
 
@@ -24,6 +26,14 @@ def _status(server: NatsServer, cluster: str) -> tuple[int, dict[str, dict[str, 
     if result.returncode != 0:
         return result.returncode, {}
     return 0, {m["node"]: m for m in json.loads(result.stdout)["members"]}
+
+
+async def _manager_statuses(url: str, cluster: str, node: str) -> list[ManagerStatus]:
+    """``node``'s manager status, with its inbox depth and without."""
+    async with Observer(cluster, backend=url) as observer:
+        answers = [await observer.manager_status(node, depth=depth) for depth in (True, False)]
+    assert None not in answers, answers
+    return [answer for answer in answers if answer is not None]
 
 
 def _scrape(port: int) -> str:
@@ -73,6 +83,9 @@ def test_run_serves_status_and_metrics_then_leaves_on_sigterm(
     assert member["inbox_depth"] == 0
     manager = member["manager"]
     assert isinstance(manager, dict) and manager["manager"] == "Shop" and manager["state"] == "up"
+    with_depth, without = asyncio.run(_manager_statuses(nats_server.url, "shop", "a"))
+    assert with_depth.inbox_depth == 0 and without.inbox_depth is None  # a cheap poll
+    assert without.workers == KEYS and without.counters.keys() == with_depth.counters.keys()
 
     metrics = _scrape(port)
     assert _value(metrics, "cloister_node_state", node="a", state="ready") == 1.0

@@ -288,11 +288,16 @@ async def _stop_manager(manager: DynamicManager, cluster: Cluster, report: _Work
 
 
 def _status_handler(manager: DynamicManager) -> Any:
-    async def status(_payload: Any) -> dict[str, Any]:
+    async def status(payload: Any) -> dict[str, Any]:
+        # The backlog asks the medium about every owned partition: skipped when the asker
+        # says so ({"depth": False}), as a poll of the counters does.
+        wanted = not (isinstance(payload, dict) and payload.get("depth") is False)
+        depth: int | None = None
         try:
-            depth: int | None = await asyncio.wait_for(
-                manager.inbox_depth(owned=True), timeout=_STATUS_DEPTH_TIMEOUT
-            )
+            if wanted:
+                depth = await asyncio.wait_for(
+                    manager.inbox_depth(owned=True), timeout=_STATUS_DEPTH_TIMEOUT
+                )
         except (CloisterError, TimeoutError):
             depth = None  # no inbox (standalone, durable=False), or the backend is slow
         return ManagerStatus(
