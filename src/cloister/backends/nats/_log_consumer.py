@@ -58,6 +58,34 @@ PULL_GRACE = 0.5
 SETTLE_BACKOFF = Backoff(0.005, 0.1)
 
 
+class _NotJetStream(ValueError):
+    """A reply subject that is not a JetStream ack subject."""
+
+
+def delivery_of(reply: str) -> tuple[int, int, int, int]:
+    """(stream sequence, consumer sequence, times delivered, stored at in ns) from the ack
+    subject of a JetStream delivery: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<ns>.<pending>``, or the same after a domain and an account hash
+    (with a trailing token or not). nats-py's ``msg.metadata`` builds the same figures as
+    two dataclasses and a datetime: a tenth of a consuming node's loop at full speed."""
+    tokens = reply.split(".")
+    count = len(tokens)
+    if count == 9:
+        first = 4
+    elif count in (11, 12):
+        first = 6
+    else:
+        raise _NotJetStream(reply)
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise _NotJetStream(reply)
+    return (
+        int(tokens[first + 1]),
+        int(tokens[first + 2]),
+        int(tokens[first]),
+        int(tokens[first + 3]),
+    )
+
+
 @dataclass(slots=True)
 class _Pull:
     """The one outstanding pull request: its reply subject, what it may still bring."""
@@ -87,7 +115,8 @@ class NatsLogConsumer(LogConsumer):
         self._conn = admin.conn
         self._subject = subject
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{admin.stream}.{self.durable}"
-        self._buffer: deque[Msg] = deque()  # delivered, not yet handed out
+        # delivered, not yet handed out: the message and delivery_of(its reply)
+        self._buffer: deque[tuple[Msg, tuple[int, int, int, int]]] = deque()
         self._held: dict[int, Msg] = {}  # handed out, not acked: sequence -> ack handle
         self._stale: set[int] = set()  # held, with a handle from before the last re-sync
         self._recent: dict[int, str] = {}  # acks sent, not known applied: sequence -> subject
@@ -162,15 +191,14 @@ class NatsLogConsumer(LogConsumer):
         status = headers.get("Status")
         if not status:
             try:
-                meta = msg.metadata
-            except (ValueError, IndexError, AttributeError):
+                found = delivery_of(msg.reply or "")
+            except ValueError:
                 log.warning("%r: ignoring a message without JetStream metadata", self)
                 return
-            delivery = int(meta.sequence.consumer)
+            sequence, delivery = found[0], found[1]
             if delivery > self._last_delivery + 1:
                 self._lost = True  # some delivery never reached us
             self._last_delivery = max(self._last_delivery, delivery)
-            sequence = int(meta.sequence.stream)
             if sequence in self._recent:  # acked, but not where it was redelivered from
                 if await self._send_ack(str(msg.reply)):
                     self._acks += 1
@@ -179,7 +207,7 @@ class NatsLogConsumer(LogConsumer):
                 self._held[sequence] = msg
                 self._stale.discard(sequence)
             else:
-                self._buffer.append(msg)
+                self._buffer.append((msg, found))
             pull = self._pull
             if pull is not None:
                 pull.remaining -= 1
@@ -247,9 +275,7 @@ class NatsLogConsumer(LogConsumer):
     def _hand_out(self, batch: int) -> list[LogRecord]:
         records: list[LogRecord] = []
         while self._buffer and len(records) < batch:
-            msg = self._buffer.popleft()
-            meta = msg.metadata
-            sequence = int(meta.sequence.stream)
+            msg, (sequence, _, delivered, stored_ns) = self._buffer.popleft()
             self._held[sequence] = msg
             msg_id = msg.headers.get(MSG_ID) if msg.headers else None
             records.append(
@@ -258,9 +284,9 @@ class NatsLogConsumer(LogConsumer):
                     sequence,
                     bytes(msg.data),
                     msg_id,
-                    int(meta.num_delivered),
+                    delivered,
                     ref=msg,
-                    stored_at=meta.timestamp.timestamp(),
+                    stored_at=stored_ns / 1e9,
                 )
             )
         return records
