@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from cloister.backends import Log, LogConsumer, LogRecord
 from cloister.backends._names import log_stream
@@ -24,6 +25,7 @@ from cloister.backends.nats._log_admin import (
     parse_consumer_name,
 )
 from cloister.backends.nats._log_consumer import NatsLogConsumer
+from cloister.backends.nats._publish import FramedPublisher, _Batch
 from cloister.errors import BackendError, BackendUnavailableError, ConfigurationError
 from cloister.testing import NatsCluster, NatsServer, eventually
 from tests.backends.support import connected
@@ -217,6 +219,40 @@ async def test_append_many_answers_a_lost_ack_by_appending_it_again(
         assert len(set(sequences)) == 6
         assert await log.depth() == 6
         assert not framed._batches  # nothing is kept of a finished batch
+
+
+async def test_acks_are_read_at_the_boundary() -> None:
+    """What reaches the acks' inbox is checked before it answers a record: another
+    batch's number, a record number that is none, a status reply (no responders), a
+    refusal or a body that is no ack answer nothing, or None; nothing raises (it would
+    in nats-py's subscription task)."""
+    framed = FramedPublisher()
+    framed._inbox, framed._cut = "_INBOX.me", len("_INBOX.me") + 1
+    loop = asyncio.get_running_loop()
+    batch = framed._batches["5"] = _Batch(4, loop.create_future())
+
+    def ack(subject: str, data: bytes, headers: dict[str, str] | None = None) -> Msg:
+        return Msg(None, subject=f"_INBOX.me.{subject}", data=data, headers=headers)  # type: ignore[arg-type]
+
+    for stray in [
+        ack("6.0", b'{"stream":"s","seq":9}'),  # no such batch
+        ack("5.x", b'{"stream":"s","seq":9}'),
+        ack("5.\u0663", b'{"stream":"s","seq":9}'),  # a digit, not an ASCII one
+        ack("5.99", b'{"stream":"s","seq":9}'),  # beyond the batch
+        ack("5", b'{"stream":"s","seq":9}'),
+    ]:
+        await framed._on_ack(stray)
+    assert batch.left == 4
+    await framed._on_ack(ack("5.0", b'{"stream":"s","seq":12}'))
+    await framed._on_ack(ack("5.0", b'{"stream":"s","seq":13}'))  # a second answer
+    await framed._on_ack(ack("5.1", b"", {"Status": "503"}))
+    await framed._on_ack(ack("5.2", b'{"error":{"code":400,"description":"no"}}'))
+    assert batch.left == 1 and not batch.done.done()
+    await framed._on_ack(ack("5.3", b"not json at all"))
+    assert batch.done.done()
+    assert batch.sequences == [12, None, None, None]
+    await framed._on_ack(ack("5.3", b'{"stream":"s","seq":3,"duplicate":true}'))
+    assert batch.sequences[3] is None
 
 
 async def test_append_many_too_large_for_the_server_says_so(nats_server: NatsServer) -> None:

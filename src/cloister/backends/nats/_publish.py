@@ -139,7 +139,9 @@ class FramedPublisher:
     async def _on_ack(self, msg: Msg) -> None:
         batch_number, _, n = msg.subject[self._cut :].partition(".")
         batch = self._batches.get(batch_number)
-        if batch is not None:  # else the batch gave up waiting: its records went again
+        # No batch: it gave up waiting and its records went again (or a stray message
+        # on our inbox, which a number check keeps from raising in nats-py's task).
+        if batch is not None and n.isdecimal() and n.isascii():
             batch.settle(int(n), sequence_of(msg))
 
     async def publish(
