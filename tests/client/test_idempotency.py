@@ -28,7 +28,8 @@ from tests.client.test_client import Ledger
 
 class LosesOneAck:
     """A JetStream context that stores every publish to ``prefix`` but loses the
-    acknowledgement of the first one (``publish`` and ``publish_async`` alike)."""
+    acknowledgement of the first one (``publish`` and ``publish_async`` alike, and the
+    pipelined appends' acks: see :func:`_lose_one_ack`)."""
 
     def __init__(self, js: Any, prefix: str) -> None:
         self.js = js
@@ -60,11 +61,26 @@ class LosesOneAck:
         return getattr(self.js, name)
 
 
-def _lose_one_ack(log: Any, monkeypatch: pytest.MonkeyPatch) -> LosesOneAck:
+def _lose_one_ack(
+    log: Any, monkeypatch: pytest.MonkeyPatch, *, pipelined: bool = False
+) -> LosesOneAck:
+    """Lose one ack of ``log``'s appends; with ``pipelined``, of its ``append_many``
+    too, whose frames go below the JetStream context and whose acks come to a
+    subscription of the log's own (patched before its first use subscribes it)."""
     assert isinstance(log, NatsLog)
     conn = log._conn
     proxy = LosesOneAck(conn.jetstream("test"), log.prefix)
     monkeypatch.setattr(conn, "jetstream", lambda what: proxy)
+    if pipelined:
+        framed = log._framed
+        assert framed._nc is None, "no pipelined append before the fault is in place"
+        real = framed._on_ack
+
+        async def on_ack(msg: Any) -> None:
+            if not proxy._lose(log.prefix):  # the record was stored; its ack is lost
+                await real(msg)
+
+        monkeypatch.setattr(framed, "_on_ack", on_ack)
     return proxy
 
 
@@ -104,7 +120,7 @@ async def test_manager_and_client_casts_survive_a_lost_ack_stored_once(
 
         client = await stack.enter_async_context(Client("idem", backend=nats_server.url))
         await client.cast(Ledger, "k2", "warm up")  # opens the client's inbox
-        client_proxy = _lose_one_ack(client._inboxes["ledger"].log, monkeypatch)
+        client_proxy = _lose_one_ack(client._inboxes["ledger"].log, monkeypatch, pipelined=True)
         await client.cast(Ledger, "k2", "from the client")
         assert client_proxy.lost == 1
         client_proxy.lost = 0

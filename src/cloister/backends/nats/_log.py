@@ -14,7 +14,8 @@ Mapping of the contract:
   returns the first one's sequence. "No responders" (a stream between leaders) and
   timeouts are retried with backoff for ``2 * op_timeout``, with the same message id; a
   timed-out append of a record without one may then be stored twice (the inbox always
-  gives one). ``append_many`` pipelines the publishes and appends the failed ones again.
+  gives one). ``append_many`` pipelines the publishes (prebuilt frames, acked per batch:
+  :mod:`._publish`) and appends the failed ones again.
 - ``claim`` = a durable pull consumer ``p<partition>-<consumer>`` (the consumer name
   escaped to what NATS allows) filtered on the partition's subject. A work-queue stream
   refuses a second consumer with an overlapping filter (JetStream error 10100): that
@@ -45,6 +46,7 @@ from cloister.backends.nats._connection import NatsConnection
 from cloister.backends.nats._errors import NATS_ERRORS, NO_RESPONDERS, translate
 from cloister.backends.nats._log_admin import MAX_NAME, ConsumerAdmin, consumer_name
 from cloister.backends.nats._log_consumer import MSG_ID, NatsLogConsumer
+from cloister.backends.nats._publish import FramedPublisher, framed_ok
 from cloister.backends.nats._streams import (
     PATIENT_BACKOFF,
     open_stream,
@@ -132,6 +134,7 @@ class NatsLog(Log):
         self._admin = ConsumerAdmin(conn, name, stream)
         self._claims: dict[int, NatsLogConsumer] = {}
         self._subjects = [f"{prefix}.{partition}" for partition in range(partitions)]
+        self._framed = FramedPublisher()
 
     def __repr__(self) -> str:
         return f"<NatsLog {self.stream} ({self.partitions} partitions) of {self._conn.url}>"
@@ -186,10 +189,11 @@ class NatsLog(Log):
 
     async def append_many(self, records: Sequence[tuple[int, bytes, str | None]]) -> list[int]:
         """Pipelined: every record is published before any acknowledgement is awaited
-        (``publish_async``). A record whose acknowledgement failed or did not come within
-        ``op_timeout`` is appended again, with its ``msg_id``, through :meth:`append`
-        and its retries — so a record that was stored and only its ack lost is not stored
-        twice.
+        (as prebuilt frames, see :mod:`._publish`; through ``publish_async`` on a nats-py
+        without the internals that takes). A record whose acknowledgement failed or did
+        not come within ``op_timeout`` is appended again, with its ``msg_id``, through
+        :meth:`append` and its retries — so a record that was stored and only its ack
+        lost is not stored twice.
 
         Unlike :meth:`append` the publishes carry no expected-stream header: the
         partition subjects belong to this stream alone (see ``_names``), and on a
@@ -202,27 +206,53 @@ class NatsLog(Log):
             if msg_id is not None and not (type(msg_id) is str and msg_id):
                 raise ConfigurationError(f"msg_id must be a non-empty str, got {msg_id!r}")
         what = f"append {len(records)} records to log {self.name!r}"
+        answers: list[int | None] = []
+        try:
+            nc = self._conn.client(what)
+            if framed_ok(nc):
+                answers = await self._framed.publish(
+                    nc,
+                    [
+                        (subjects[partition], data if type(data) is bytes else bytes(data), msg_id)
+                        for partition, data, msg_id in records
+                    ],
+                    self._op_timeout,
+                )
+            else:
+                answers = await self._publish_async(records, what)
+        except (*NATS_ERRORS, BackendUnavailableError) as exc:
+            # The connection broke mid-batch: what has no answer goes through append.
+            log.debug("%s: pipelined publish interrupted: %r", what, exc)
+        sequences: list[int] = []
+        for n, (partition, data, msg_id) in enumerate(records):
+            sequence = answers[n] if n < len(answers) else None
+            if sequence is None:
+                sequence = await self.append(partition, data, msg_id=msg_id)
+            sequences.append(sequence)
+        return sequences
+
+    async def _publish_async(
+        self, records: Sequence[tuple[int, bytes, str | None]], what: str
+    ) -> list[int | None]:
+        """:meth:`append_many`'s publishes through nats-py's ``publish_async``: the
+        sequence of each record, None for one not acknowledged within ``op_timeout``."""
         pending: list[asyncio.Future[api.PubAck]] = []
         try:
             publish = self._conn.jetstream(what).publish_async
             for partition, data, msg_id in records:
                 headers = None if msg_id is None else {MSG_ID: msg_id}
                 payload = data if type(data) is bytes else bytes(data)
-                pending.append(await publish(subjects[partition], payload, headers=headers))
+                pending.append(await publish(self._subjects[partition], payload, headers=headers))
         except (*NATS_ERRORS, BackendUnavailableError) as exc:
-            # The connection broke mid-batch: what was not sent goes through append.
+            # What was sent is awaited below; the rest goes through append.
             log.debug("%s: pipelined publish interrupted after %d: %r", what, len(pending), exc)
         if not await _all_done(pending, self._op_timeout):
             for sent in pending:
-                sent.cancel()  # no ack in time: appended again below
-        sequences: list[int] = []
-        for n, (partition, data, msg_id) in enumerate(records):
-            acked = pending[n] if n < len(pending) else None
-            if acked is not None and not acked.cancelled() and acked.exception() is None:
-                sequences.append(int(acked.result().seq))
-            else:
-                sequences.append(await self.append(partition, data, msg_id=msg_id))
-        return sequences
+                sent.cancel()  # no ack in time: appended again
+        return [
+            int(sent.result().seq) if not sent.cancelled() and sent.exception() is None else None
+            for sent in pending
+        ]
 
     # -- claims -----------------------------------------------------------------------
 
