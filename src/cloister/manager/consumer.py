@@ -8,13 +8,16 @@ handoff barrier has passed, so that owner has released everything or is gone.
 Claiming costs most of a handoff on a replicated medium (a JetStream consumer on an R3
 stream is a new Raft group: 0.2-1 s under load), so partitions are *prepared*: as soon
 as a node adopts an epoch that gives it partitions (before the barrier), it claims each
-one the moment its previous holder has given it up — never evicting anyone, and fetching
-nothing, so that nothing is delivered before the settle has taken the stored state over.
-The settle then only starts fetching from those claims. The medium still decides who
-holds a partition (a claim is refused while another holds it); what changed is when. Records are
-acknowledged by the manager after the worker's ``handle_cast`` returned; acks go through
-one task so the hot path never awaits. At most ``max_in_flight`` records are delivered
-and not yet acknowledged on a node: back-pressure towards the log, not memory growth.
+one the moment its previous holder has given it up — evicting no member of the epoch,
+and fetching nothing, so that nothing is delivered before the settle has taken the
+stored state over. The settle then only starts fetching from those claims. The medium
+still decides who holds a partition (a claim is refused while another holds it); what
+changed is when.
+
+Records are acknowledged by the manager after the worker's ``handle_cast`` returned;
+acks go through one task so the hot path never awaits. At most ``max_in_flight`` records
+are delivered and not yet acknowledged on a node: back-pressure towards the log, not
+memory growth.
 """
 
 from __future__ import annotations
