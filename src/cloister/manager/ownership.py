@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Set
+from collections.abc import Awaitable, Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -317,12 +317,18 @@ class ShardRegion:
             engine.parked.pop(worker_id)  # their senders will retry with the new owner
         for worker_id in [i for i in self.handed if not mine(i)]:
             self.handed.pop(worker_id)
-        if leaving:
-            await self.hand_over(leaving, placement.owner_of)
-            trace.step(f"hand over {len(leaving)} workers")
-        if self.consumers is not None and moves.revoked:
-            await self.consumers.release(set(moves.revoked))
-            trace.step(f"give up {len(moves.revoked)} partitions")
+        consumers, revoked = self.consumers, set(moves.revoked)
+
+        async def give_up() -> None:
+            if consumers is not None and revoked:
+                await consumers.release(revoked)
+
+        if leaving:  # their partitions are given up while their payloads are shipped
+            await self.hand_over(leaving, placement.owner_of, give_up)
+            trace.step(f"hand over {len(leaving)} workers, give up {len(revoked)} partitions")
+        elif revoked:
+            await give_up()
+            trace.step(f"give up {len(revoked)} partitions")
         if self.consumers is not None:
             # Claimed as soon as their holders give them up, while the barrier is awaited.
             await self.consumers.prepare(set(placement.owned()), topology.members)
@@ -492,27 +498,45 @@ class ShardRegion:
         self.lifecycle.move(Phase.LEAVING)
         if self.consumers is not None:
             self.consumers.stop_fetching(self.consumers.partitions)
+        consumers = self.consumers
+
+        async def give_up() -> None:  # every partition, while the payloads are shipped
+            if consumers is not None:
+                self.forget_inbox_messages()
+                await consumers.release(consumers.held_or_wanted)
+
         # Hand over to the next preferred node that is still there: in a rolling stop the
         # ring may still name a node that left a moment ago (no epoch without it yet).
         if len(placement.ring) > 1:
             gone = [n for n in placement.ring.nodes if n not in cluster.members_seen]
             if all(n == cluster.node or n in gone for n in placement.ring.nodes):
                 # The last one out: nobody to ship to, the stored payloads carry on.
-                await self.hand_over(list(engine.workers), lambda worker_id: None)
+                await self.hand_over(list(engine.workers), lambda worker_id: None, give_up)
             else:
                 await self.hand_over(
-                    list(engine.workers), lambda worker_id: placement.successor_of(worker_id, gone)
+                    list(engine.workers),
+                    lambda worker_id: placement.successor_of(worker_id, gone),
+                    give_up,
                 )
-        if self.consumers is not None:
-            self.forget_inbox_messages()
-            await self.consumers.release(self.consumers.held_or_wanted)
+        else:
+            await give_up()
         # The claims stay: the last one out stores its payloads as it stops (core.stop),
         # and the nodes that take the partitions over claim them anew, which ends ours.
         self.lifecycle.move(Phase.LEFT)
 
-    async def hand_over(self, leaving: list[Key], owner_of: Callable[[Key], str | None]) -> None:
+    async def hand_over(
+        self,
+        leaving: list[Key],
+        owner_of: Callable[[Key], str | None],
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Stop ``leaving`` workers and ship their payloads and queued casts to their owners
-        (``owner_of`` None: nobody to ship to, store the payloads)."""
+        (``owner_of`` None: nobody to ship to, store the payloads).
+
+        ``meanwhile`` runs alongside the shipping, once every leaving worker has stopped
+        (the acks of what they handled are queued by then): giving their partitions up
+        needs that, not the shipping, and on a replicated medium each costs as much.
+        """
         engine, table = self.engine, self.table
         entries = [(i, engine.workers.get(i)) for i in leaving]
         for _, entry in entries:
@@ -553,9 +577,24 @@ class ShardRegion:
             elif table is not None and stateful:
                 table.mark(Stored(worker_id, respec, payload, True, watermark=watermark))
         self.counters.handed_off += len(leaving)
-        for owner, batch in batches.items():
+        steps: list[Awaitable[None]] = [self._ship_all(batches, leaving)]
+        if meanwhile is not None:
+            steps.append(meanwhile())
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _ship_all(self, batches: dict[str, list[list[Any]]], leaving: list[Key]) -> None:
+        """Ship each owner's workers (owners at once), then store the leaving workers'
+        payloads (those a failed shipping marked among them)."""
+
+        async def ship(owner: str, batch: list[list[Any]]) -> None:
             for start in range(0, len(batch), HANDOFF_CHUNK):
                 await self._ship(owner, batch[start : start + HANDOFF_CHUNK])
+
+        await asyncio.gather(*(ship(owner, batch) for owner, batch in batches.items()))
+        table = self.table
         if table is not None and self._lease_valid():  # past it, the stored state stands
             try:
                 await table.flush(leaving)
