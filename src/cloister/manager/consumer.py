@@ -392,11 +392,16 @@ class PartitionConsumers:
 
         Only those partitions' acks: under load the partitions this node keeps ack all
         the time, so waiting for no ack at all would hold every handoff for ``timeout``.
+        And only the acks of claims still held: those of a claim the medium took from us
+        (evicted while we were cut off) are never sent (``_held``), so waiting for them
+        held a release, and a suspension after it, for the whole ``timeout``.
         """
+        consumers = self._consumers
         try:
             async with asyncio.timeout(timeout):
                 while any(
                     consumer.partition in partitions
+                    and consumers.get(consumer.partition) is consumer
                     for consumer, _, _ in itertools.chain(self._to_ack, self._acking)
                 ):
                     self._ack_wake.set()
