@@ -68,8 +68,7 @@ from tests.faults.app import key_name  # noqa: E402
 
 from _common import print_table, write_json  # noqa: E402
 from cloister import Client  # noqa: E402
-from cloister.cli.node import NodeEvent  # noqa: E402
-from cloister.testing import NodeProcess, wait_for  # noqa: E402
+from cloister.testing import NodeEvent, NodeProcess, wait_for  # noqa: E402
 
 JOINER = "d"
 BURST_CASTERS = 4  # cast_many calls in flight at once during the max-rate burst

@@ -327,7 +327,7 @@ class Pycloister:
 
     async def run(self, messages: int, keys: int, rate: float | None, server_pid: int) -> Run:
         from cloister.observer import Observer
-        from cloister.testing import ProcessGroup
+        from cloister.testing import ProcessGroup, wait_for_event_async
 
         cluster = f"peers{uuid.uuid4().hex[:6]}"
         latency = self.workdir / f"{cluster}.latency" if rate else None
@@ -347,7 +347,7 @@ class Pycloister:
                 for name in names
             ]  # fmt: skip
             for proc in procs:
-                await proc.wait_for_line_async(r"state \S+ -> ready", timeout=120)
+                await wait_for_event_async(proc, r"^state \S+ -> ready", timeout=120)
             async with Observer(cluster, backend=self.url) as observer:
                 await self._settled(observer, names, keys)
                 node_pids = {p.pid for p in procs if p.pid is not None}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-READY = r"state \S+ -> ready"
+READY = r"^state \S+ -> ready"
 
 
 def analyse(
@@ -191,7 +191,7 @@ async def delete_queue(url: str, queue: str) -> None:
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
-    from cloister.testing import NatsCluster, ProcessGroup
+    from cloister.testing import NatsCluster, ProcessGroup, wait_for_event_async
 
     workdir = Path(tempfile.mkdtemp(prefix="seed-flow-"))
     queue = f"seed-{uuid.uuid4().hex[:8]}"
@@ -245,7 +245,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
 
         nodes = {name: spawn(name) for name in ("node-1", "node-2", "node-3")}
         for node in nodes.values():
-            await node.wait_for_line_async(READY, timeout=60)
+            await wait_for_event_async(node, READY, timeout=60)
         note("3 nodes ready")
         progress = [0]
         publisher = asyncio.ensure_future(publish(args.amqp, queue, plan, args.rate, progress))

@@ -13,7 +13,7 @@ ROOT = Path(cloister.__file__).parent
 # Lowest first; a module may import its own package and any package of a lower layer.
 LAYERS: list[set[str]] = [
     {"errors", "_histogram"},
-    {"wire", "_tasks", "_backoff", "_loopwatch", "_quiet", "ring"},
+    {"wire", "_tasks", "_backoff", "_loopwatch", "_quiet", "_events", "ring"},
     {"schema"},
     {"backends"},
     {"store"},

@@ -711,6 +711,8 @@ async def test_log_partition_has_one_consumer_at_a_time(connect: Connect) -> Non
     assert await log1.claimants(2) == [odd]
     with pytest.raises(PartitionBusyError):
         await log1.claim(2, "node.7")
+    # every claim in one look: what claimants() says partition by partition
+    assert await log2.claimed() == {0: ["n1"], 1: ["n2"], 2: [odd]}
 
 
 async def test_log_release_hands_unacked_records_to_the_next_consumer(connect: Connect) -> None:

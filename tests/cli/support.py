@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cloister.cli.options import SETTINGS
+from cloister.testing import parse_event
 
 # The variables the CLI reads: a developer's own settings must not leak into the tests.
 _CLEAN = tuple(setting.env for setting in SETTINGS)
@@ -64,9 +65,10 @@ def cloister(
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
-    """The command failed with exactly one stderr line, no traceback, naming ``words``."""
+    """The command failed with exactly one stderr line, no traceback, naming ``words``
+    (a node's events before it, such as ``node … starting``, are its log, not the error)."""
     assert result.returncode != 0, result
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if parse_event(line) is None]
     assert len(lines) == 1, f"expected one stderr line, got:\n{result.stderr}"
     assert "Traceback" not in result.stderr
     assert lines[0].startswith("cloister"), lines[0]

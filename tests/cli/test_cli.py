@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from cloister.cli.node import parse_event
-from cloister.testing import ProcessGroup, free_port
+from cloister.testing import ProcessGroup, free_port, node_events, wait_for_event
 from tests.cli.support import assert_one_line_error, cli_env, cloister
 
 COMMANDS = [(), ("run",), ("dev",), ("node",), ("status",), ("demo",), ("bench",)]
@@ -80,10 +79,6 @@ def test_status_refuses_an_in_process_backend() -> None:
     assert_one_line_error(result, "memory://")
 
 
-def _node_lines(proc_output: str) -> list[str]:
-    return [line for line in proc_output.splitlines() if parse_event(line) is not None]
-
-
 def test_node_reads_the_environment_and_flags_win(node_processes: ProcessGroup) -> None:
     env = cli_env(
         {
@@ -107,13 +102,13 @@ def test_node_reads_the_environment_and_flags_win(node_processes: ProcessGroup) 
         env=env,
         name="env-node",
     )
-    found = node.wait_for_line(r"^node (\S+) pid=\d+ starting (.*)", timeout=20)
-    event = parse_event(found.group(0))
-    assert event is not None and event.words[0] == "from-env"
+    wait_for_event(node, r"^node (\S+) pid=\d+ starting (.*)", timeout=20)
+    event = node_events(node, "node")[0]
+    assert event.words[0] == "from-env"
     assert event.fields["cluster"] == "shop" and event.fields["groups"] == "eu,us"
-    node.wait_for_line(r"^state rehashing -> ready epoch=1 members=from-env ", timeout=10)
+    wait_for_event(node, r"^state rehashing -> ready epoch=1 members=from-env ", timeout=10)
     assert node.terminate() == 0
-    node.wait_for_line(r"^node from-env pid=\d+ stopped")
+    wait_for_event(node, r"^node from-env pid=\d+ stopped")
     flagged = node_processes.spawn_python(
         "-m",
         "cloister",
@@ -125,9 +120,9 @@ def test_node_reads_the_environment_and_flags_win(node_processes: ProcessGroup) 
         env=env,
         name="flag-node",
     )
-    found = flagged.wait_for_line(r"^node \S+ pid=\d+ starting .*", timeout=20)
-    event = parse_event(found.group(0))
-    assert event is not None and event.words[0] == "from-flag"
+    wait_for_event(flagged, r"^node \S+ pid=\d+ starting .*", timeout=20)
+    event = node_events(flagged, "node")[0]
+    assert event.words[0] == "from-flag"
     assert event.fields["cluster"] == "other"
     flagged.send_signal(signal.SIGINT)
     assert flagged.wait(10) == 0
@@ -148,12 +143,12 @@ def test_node_event_lines_parse(node_processes: ProcessGroup) -> None:
         "0.2",
         env=cli_env(),
     )
-    node.wait_for_line("^state rehashing -> ready", timeout=20)
+    wait_for_event(node, "^state rehashing -> ready", timeout=20)
     assert node.terminate() == 0
-    events = [parse_event(line) for line in _node_lines(node.output)]
-    kinds = [e.kind for e in events if e is not None]
+    events = node_events(node)
+    kinds = [e.kind for e in events]
     assert kinds[0] == "node" and kinds[-1] == "node"
-    states = [e.change for e in events if e is not None and e.kind == "state"]
+    states = [e.change for e in events if e.kind == "state"]
     assert states == [
         ("down", "assembling"),
         ("assembling", "rehashing"),
@@ -161,10 +156,10 @@ def test_node_event_lines_parse(node_processes: ProcessGroup) -> None:
         ("ready", "stopping"),
         ("stopping", "stopped"),
     ]
-    epochs = [e for e in events if e is not None and e.kind == "epoch"]
+    epochs = [e for e in events if e.kind == "epoch"]
     assert [(e.epoch, e.members, e.fields["sentry"]) for e in epochs] == [(1, ("a",), "a")]
-    assert any(e is not None and e.kind == "lease" and e.words == ("acquired",) for e in events)
-    times = [e.t for e in events if e is not None]
+    assert any(e.kind == "lease" and e.words == ("acquired",) for e in events)
+    times = [e.t for e in events]
     assert times == sorted(times)
 
 

@@ -19,6 +19,9 @@ from tests.cli.support import cli_env, write_app
 
 psutil = pytest.importorskip("psutil")
 
+EVENT = r"\S+ INFO cloister\.events: "
+"""How a node's event record starts (its log's text format), shown by dev after the prefix."""
+
 
 class Dev:
     """A ``cloister dev`` child: its output read line by line, its stdin open for commands."""
@@ -131,13 +134,13 @@ def test_dev_starts_adds_a_node_and_quits_cleanly(app_folder: Path, dev: list[De
     dev.append(session)
     session.wait_for(r"^\s*dev \| nats-server on nats://127\.0\.0\.1:\d+ ")
     for node in ("node1", "node2"):
-        session.wait_for(rf"^\s*{node} \| state \S+ -> ready epoch=\d+ members=node1,node2 ")
+        session.wait_for(rf"^\s*{node} \| {EVENT}state \S+ -> ready epoch=\d+ members=node1,node2 ")
     assert _kinds(session.descendants()) == ["nats-server", "node", "node"]
 
     session.send("+")
     session.wait_for(r"^\s*dev \| started node3 \(pid \d+\)")
-    session.wait_for(r"^\s*node3 \| manager up workers=\d+ epoch=\d+ ")
-    session.wait_for(r"^\s*node1 \| state \S+ -> ready epoch=\d+ members=node1,node2,node3 ")
+    session.wait_for(rf"^\s*node3 \| {EVENT}manager up workers=\d+ epoch=\d+ ")
+    session.wait_for(rf"^\s*node1 \| {EVENT}state \S+ -> ready epoch=\d+ members=node1,node2,node3")
     assert _kinds(session.descendants()) == ["nats-server", "node", "node", "node"]
 
     session.send("k 2")
@@ -146,7 +149,7 @@ def test_dev_starts_adds_a_node_and_quits_cleanly(app_folder: Path, dev: list[De
     assert session.proc.wait(30) == 0
     session.wait_for(r"^\s*dev \| nats-server stopped")
     for node in ("node1", "node3"):  # they left gracefully
-        session.wait_for(rf"^\s*{node} \| node {node} pid=\d+ stopped ")
+        session.wait_for(rf"^\s*{node} \| {EVENT}node {node} pid=\d+ stopped ")
         session.wait_for(rf"^\s*dev \| {node} exited with code 0")
     assert session.survivors() == []
 
@@ -154,10 +157,10 @@ def test_dev_starts_adds_a_node_and_quits_cleanly(app_folder: Path, dev: list[De
 def test_dev_stops_everything_on_sigint(app_folder: Path, dev: list[Dev]) -> None:
     session = Dev(app_folder, "shopapp:Shop", "--nodes", "1", "--cluster", "devint")
     dev.append(session)
-    session.wait_for(r"^\s*node1 \| manager up workers=8 epoch=1 ")
+    session.wait_for(rf"^\s*node1 \| {EVENT}manager up workers=8 epoch=1 ")
     assert _kinds(session.descendants()) == ["nats-server", "node"]
     session.proc.send_signal(signal.SIGINT)
     assert session.proc.wait(30) == 0
-    session.wait_for(r"^\s*node1 \| node node1 pid=\d+ stopped ")
+    session.wait_for(rf"^\s*node1 \| {EVENT}node node1 pid=\d+ stopped ")
     session.wait_for(r"^\s*dev \| nats-server stopped")
     assert session.survivors() == []

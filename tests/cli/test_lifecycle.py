@@ -9,7 +9,7 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from cloister.testing import NatsServer, ProcessGroup, free_port
+from cloister.testing import NatsServer, ProcessGroup, free_port, node_events, wait_for_event
 from tests.cli.support import KEYS, cli_env, write_app
 
 SLOW_APP = """
@@ -72,8 +72,8 @@ def test_sigterm_with_a_20s_handler_exits_within_the_cap_and_loses_nothing(
     # The cap is 3 s; the handler would hold the exit 20 s. (A generous bound: under load
     # the interpreter's own exit takes a moment.)
     assert first.wait(12) == 0
-    first.wait_for_line(r"^manager drain timed_out after=", timeout=1)
-    first.wait_for_line(r"^node first pid=\d+ stopped ", timeout=1)
+    wait_for_event(first, r"^manager drain timed_out after=", timeout=1)
+    wait_for_event(first, r"^node first pid=\d+ stopped ", timeout=1)
 
     # The message was never acknowledged: it is still stored, and the next owner gets it.
     second = _slow_node(node_processes, nats_server, tmp_path, "second", sleep=0)
@@ -97,18 +97,17 @@ def test_a_node_waits_for_the_medium_then_joins(
         "late",
         env=cli_env({"CLOISTER_CONNECT_TIMEOUT": "60"}),
     )
-    name = node.wait_for_line(r"^node (\S+) pid=\d+ waiting attempt=2 retry_in=", timeout=20)[1]
+    name = wait_for_event(node, r"^node (\S+) pid=\d+ waiting attempt=2 retry_in=", timeout=20)[1]
     assert node.is_running
     server = NatsServer(port=port)
     server.start()
     try:
         # A generated name stays the same from one attempt to the next.
-        node.wait_for_line(rf"^state rehashing -> ready epoch=1 members={name} ", timeout=30)
+        wait_for_event(node, rf"^state rehashing -> ready epoch=1 members={name} ", timeout=30)
         assert node.terminate() == 0
     finally:
         server.stop()
-    names = {re.match(r"^node (\S+) ", line.text) for line in node.lines}
-    assert {found[1] for found in names if found} == {name}
+    assert {event.words[0] for event in node_events(node, "node")} == {name}
     warnings = [line.text for line in node.lines if line.stream == "stderr"]
     assert any("cannot join yet" in line and "retrying in" in line for line in warnings)
 

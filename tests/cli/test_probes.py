@@ -14,7 +14,14 @@ from pathlib import Path
 
 from cloister import Cluster
 from cloister.health import Health, ProbeServer
-from cloister.testing import NatsServer, NodeProcess, ProcessGroup, free_port, wait_for
+from cloister.testing import (
+    NatsServer,
+    NodeProcess,
+    ProcessGroup,
+    free_port,
+    wait_for,
+    wait_for_event,
+)
 from tests.cli.support import assert_one_line_error, cli_env, cloister, write_app
 
 # Never go through an HTTP proxy to reach a loopback port.
@@ -66,7 +73,7 @@ def test_readyz_follows_the_cluster_and_healthz_the_process(
     write_app(tmp_path)
     metrics_port, health_port = free_port(), free_port()
     a = _run(node_processes, nats_server, tmp_path, "a", "--metrics-port", str(metrics_port))
-    a.wait_for_line(r"^node a pid=\d+ started ", timeout=20)
+    wait_for_event(a, r"^node a pid=\d+ started ", timeout=20)
 
     # Alone with consensus 2: alive, connected, not ready.
     live = wait_for(lambda: _status_is(metrics_port, "/healthz", 200), 10, "a alive")

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from cloister.observer import ManagerStatus, Observer
-from cloister.testing import NatsServer, ProcessGroup, free_port
+from cloister.testing import (
+    NatsServer,
+    ProcessGroup,
+    events_in_output,
+    free_port,
+    node_events,
+    wait_for_event,
+)
 from tests.cli.support import KEYS, assert_one_line_error, cli_env, cloister, write_app
 
 # Never go through an HTTP proxy to reach a loopback port.
@@ -70,9 +77,9 @@ def test_run_serves_status_and_metrics_then_leaves_on_sigterm(
         cwd=tmp_path,
         env=cli_env(),
     )
-    found = node.wait_for_line(r"^manager up workers=(\d+) epoch=1 ", timeout=20)
+    found = wait_for_event(node, r"^manager up workers=(\d+) epoch=1 ", timeout=20)
     assert int(found.group(1)) == KEYS  # alone: it owns every key
-    node.wait_for_line(r"^manager Shop started class=shopapp:Shop ")
+    wait_for_event(node, r"^manager Shop started class=shopapp:Shop ")
     # INFO logs by default: one line per topology change.
     node.wait_for_line(r"INFO cloister\.cluster: node a adopted epoch 1", stream="stderr")
 
@@ -100,10 +107,62 @@ def test_run_serves_status_and_metrics_then_leaves_on_sigterm(
         assert f"cloister_manager_{name}_total{{" in metrics
 
     assert node.terminate() == 0
-    node.wait_for_line(r"^manager stopped handed_off=0 ")
-    node.wait_for_line(r"^node a pid=\d+ stopped ")
+    wait_for_event(node, r"^manager stopped handed_off=0 ")
+    wait_for_event(node, r"^node a pid=\d+ stopped ")
     code, _ = _status(nats_server, "shop")
     assert code == 1  # it left at once: no member record remains
+
+
+ECHO_APP = """
+from cloister import DynamicManager, Ok, Replace
+
+
+class Echo(DynamicManager):
+    def children_specs(self):
+        return {"k": {}}
+
+    def perform(self, id, payload):
+        return Ok(None)
+
+    def handle_cast(self, message, id, payload):
+        print(f"app handled {id} {message}", flush=True)
+        return Replace(payload)
+"""
+
+_LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"cloister(\.\w+)*: \S"
+)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_stdout_is_the_apps_and_stderr_one_log_format(
+    log_format: str, nats_server: NatsServer, node_processes: ProcessGroup, tmp_path: Path
+) -> None:
+    (tmp_path / "echoapp.py").write_text(ECHO_APP)
+    target = ("--backend", nats_server.url, "--cluster", f"echo-{log_format}")
+    node = node_processes.spawn_python(
+        "-m", "cloister", "run", "echoapp:Echo", *target, "--name", "e",
+        "--log-format", log_format, cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    wait_for_event(node, r"^manager up workers=1 ", timeout=20)
+    sent = cloister("cast", "Echo", "k", '"hello"', *target)
+    assert sent.returncode == 0 and sent.stderr == "", sent
+    assert len(sent.stdout.split()) == 1  # cast's output is its product: the message id
+    node.wait_for_line(r"^app handled k hello$", stream="stdout", timeout=20)
+    assert node.terminate() == 0
+
+    out = [line.text for line in node.lines if line.stream == "stdout"]
+    assert out == ["app handled k hello"], out  # nothing of the node's own on stdout
+    err = [line.text for line in node.lines if line.stream == "stderr"]
+    for line in err:
+        if log_format == "json":
+            record = json.loads(line)
+            assert record["logger"].startswith("cloister"), record
+        else:
+            assert _LOG_LINE.match(line), f"not a timestamped log line: {line!r}"
+    kinds = {event.kind for event in node_events(node)}
+    assert {"node", "state", "epoch", "manager"} <= kinds, err
 
 
 def test_run_reads_the_environment_next_to_a_bare_node(
@@ -123,9 +182,9 @@ def test_run_reads_the_environment_next_to_a_bare_node(
     bare = node_processes.spawn_python(
         "-m", "cloister", "node", "--name", "bare", env=env, name="bare"
     )
-    runner.wait_for_line(r"^manager up workers=\d+ epoch=\d+ .*", timeout=20)
-    bare.wait_for_line(r"^state \S+ -> ready epoch=\d+ members=bare,worker ", timeout=20)
-    runner.wait_for_line(r"^state \S+ -> ready epoch=\d+ members=bare,worker ", timeout=20)
+    wait_for_event(runner, r"^manager up workers=\d+ epoch=\d+ .*", timeout=20)
+    wait_for_event(bare, r"^state \S+ -> ready epoch=\d+ members=bare,worker ", timeout=20)
+    wait_for_event(runner, r"^state \S+ -> ready epoch=\d+ members=bare,worker ", timeout=20)
     code, members = _status(nats_server, "mixed")
     assert code == 0 and sorted(members) == ["bare", "worker"]
     assert members["bare"]["workers"] is None and members["bare"]["manager"] is None
@@ -163,9 +222,10 @@ def test_an_app_that_fails_is_a_one_line_failure(nats_server: NatsServer, tmp_pa
     assert result.returncode == 1, result
     assert_one_line_error(result, "importing 'badimport' failed", "the app is broken")
     target = ("--cluster", "broken", "--backend", nats_server.url)
-    result = cloister("--log-level", "warning", "run", "shopapp:Broken", *target, cwd=tmp_path)
+    result = cloister("run", "shopapp:Broken", *target, cwd=tmp_path)
     assert result.returncode == 1, result
-    assert re.search(r"^node \S+ pid=\d+ started cluster=broken ", result.stdout, re.M)
+    started = [e for e in events_in_output(result) if e.kind == "node" and "started" in e.words]
+    assert started and started[0].fields["cluster"] == "broken", result.stderr
     # The node tries to leave on its way out; a warning may say it could not (then its
     # record expires), but the failure itself is one line, without a traceback.
     assert "Traceback" not in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloister.testing import NatsServer, NodeProcess, ProcessGroup
+from cloister.testing import NatsServer, NodeProcess, ProcessGroup, wait_for_event
 from tests.cli.support import cli_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,11 +29,9 @@ def spawn_node(group: ProcessGroup, server: NatsServer, cluster: str, name: str)
         "0.5",
         "--failure-timeout",
         "2",
-        "--log-level",
-        "warning",
         cwd=REPO,
         env=cli_env(),
         name=name,
     )
-    node.wait_for_line(r"^manager up workers=\d+ epoch=\d+", timeout=30)
+    wait_for_event(node, r"^manager up workers=\d+ epoch=\d+", timeout=30)
     return node

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloister.testing import NatsServer, ProcessGroup
+from cloister.testing import NatsServer, ProcessGroup, wait_for_event
 from tests.cli.support import cli_env
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -50,8 +50,8 @@ def test_the_senders_run_against_a_cluster(
         for name in ("a", "b")
     ]
     for node in nodes:
-        node.wait_for_line(r"^state \S+ -> ready epoch=\d+ members=a,b ", timeout=30)
-        node.wait_for_line(r"^manager up workers=\d+ epoch=\d+", timeout=30)
+        wait_for_event(node, r"^state \S+ -> ready epoch=\d+ members=a,b ", timeout=30)
+        wait_for_event(node, r"^manager up workers=\d+ epoch=\d+", timeout=30)
 
     def run(script: str) -> str:
         result = subprocess.run(

@@ -27,14 +27,16 @@ from typing import Any, Self
 from cloister import wire
 from cloister.backends import open_backend
 from cloister.backends._names import bucket_stream
-from cloister.cli.node import NodeEvent, parse_event
 from cloister.testing import (
     LineNotFoundError,
     NatsCluster,
     NatsServer,
+    NodeEvent,
     NodeProcess,
     ProcessGroup,
+    node_events,
     wait_for,
+    wait_for_event,
 )
 from tests.faults import checker
 from tests.faults._netns import Netns
@@ -212,7 +214,7 @@ class FaultRun:
         """
         for attempt in range(1, attempts + 1):
             try:
-                proc.wait_for_line(r"^manager \S+ started ", timeout=60)
+                wait_for_event(proc, r"^manager \S+ started ", timeout=60)
                 return
             except LineNotFoundError:
                 if proc.is_running or attempt == attempts:
@@ -237,9 +239,8 @@ class FaultRun:
         self.ready_at = max(self.ready_at, time.monotonic())
 
     def events(self, node: str) -> list[NodeEvent]:
-        """Every event line ``node`` printed."""
-        found = (parse_event(line.text) for line in self.nodes[node].lines)
-        return [e for e in found if e is not None]
+        """Every event ``node`` logged."""
+        return node_events(self.nodes[node])
 
     def _last(self, node: str, kind: str) -> NodeEvent | None:
         events = [e for e in self.events(node) if e.kind == kind]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloister.cli.node import NodeEvent
+from cloister.testing import NodeEvent
 
 Interval = tuple[float, float]
 

@@ -3,7 +3,7 @@ a clean run shows nothing (a checker that passes everything would prove nothing)
 
 from __future__ import annotations
 
-from cloister.cli.node import NodeEvent, parse_event
+from cloister.testing import NodeEvent, parse_event
 from tests.faults import checker
 from tests.faults.checker import Handling, Write
 
@@ -15,7 +15,10 @@ def cast(node: str, seq: int, fence: int, start: float, end: float | None = None
 
 
 def events(*lines: str) -> list[NodeEvent]:
-    parsed = [parse_event(line) for line in lines]
+    """The events of these messages, as a node logs them (a record of cloister.events)."""
+    logged = (f"2026-12-01T00:00:00.000+00:00 INFO cloister.events: {m}" for m in lines)
+    parsed = [parse_event(line) for line in logged]
+    assert all(parsed), lines
     return [e for e in parsed if e is not None]
 
 

@@ -12,7 +12,7 @@ import msgpack
 
 from cloister.backends import open_backend
 from cloister.store.inbox import Inbox
-from cloister.testing import NodeProcess, ProcessGroup
+from cloister.testing import NodeProcess, ProcessGroup, wait_for_event
 from tests.cli.support import cli_env
 
 
@@ -73,7 +73,7 @@ def run_app(
         "--heartbeat", "0.5", "--failure-timeout", "2", *extra,
         cwd=directory, env=cli_env(env),
     )  # fmt: skip
-    node.wait_for_line(r"^manager up ", timeout=30)
+    wait_for_event(node, r"^manager up ", timeout=30)
     return node
 
 
@@ -93,7 +93,7 @@ async def cast(url: str, cluster: str, key: str, message: Any, msg_id: str | Non
 def metric(node: NodeProcess, name: str) -> float:
     """The sum of the series ``name`` (every label set) that node serves on the metrics
     port it printed (started with ``--metrics-port 0``)."""
-    port = int(node.wait_for_line(r"^metrics port=(\d+)", timeout=5).group(1))
+    port = int(wait_for_event(node, r"^metrics port=(\d+)", timeout=5).group(1))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         text = answer.read().decode()
     total = 0.0

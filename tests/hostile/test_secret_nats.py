@@ -12,7 +12,7 @@ from cloister.backends import open_backend
 from cloister.cluster.control import EPOCH_KEY
 from cloister.local import NodeProcess
 from cloister.schema import Keyring
-from cloister.testing import NatsServer, ProcessGroup
+from cloister.testing import NatsServer, ProcessGroup, wait_for_event
 from tests.cli.support import cli_env
 from tests.hostile.support import member
 from tests.nats.support import Nodes, wait_for
@@ -62,7 +62,7 @@ def test_sealed_nodes_ignore_forgeries_and_outsiders_cannot_join(
 ) -> None:
     nodes = Nodes(node_processes, nats_server.url, "sealed", consensus=2)
     for name in ("a", "b"):
-        spawn(nodes, name, SECRET).wait_for_line(r"^node \S+ pid=\d+ started ", timeout=30)
+        wait_for_event(spawn(nodes, name, SECRET), r"^node \S+ pid=\d+ started ", timeout=30)
     nodes.wait_ready(("a", "b"))
     asyncio.run(_forge(nats_server.url, "sealed"))
 
@@ -70,7 +70,7 @@ def test_sealed_nodes_ignore_forgeries_and_outsiders_cannot_join(
         return True if asyncio.run(_epoch_sentry(nats_server.url, "sealed")) in "ab" else None
 
     wait_for(repaired, 30, "the sentry overwrote the forged epoch record with a sealed one")
-    spawn(nodes, "c", SECRET).wait_for_line(r"^node \S+ pid=\d+ started ", timeout=30)
+    wait_for_event(spawn(nodes, "c", SECRET), r"^node \S+ pid=\d+ started ", timeout=30)
     nodes.wait_ready(("a", "b", "c"), timeout=30)  # mallory is no member
 
     outsider = spawn(nodes, "d", None)

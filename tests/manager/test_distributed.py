@@ -281,10 +281,10 @@ async def test_a_node_that_only_gives_partitions_up_does_not_reload_the_state(
     loads = 0
     load = region.table.load
 
-    async def counted() -> Any:
+    async def counted(**how: Any) -> Any:
         nonlocal loads
         loads += 1
-        return await load()
+        return await load(**how)
 
     region.table.load = counted  # type: ignore[method-assign]
     await nodes.start("b")  # a only loses partitions to b: its mirror is all it needs

@@ -13,8 +13,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from cloister.cli.node import NodeEvent, parse_event
-from cloister.testing import NodeProcess, ProcessGroup, wait_for
+from cloister.testing import (
+    NodeEvent,
+    NodeProcess,
+    ProcessGroup,
+    node_events,
+    wait_for,
+    wait_for_event,
+)
 from tests._support.timing import NATS_FAILURE_TIMEOUT as FAILURE_TIMEOUT
 from tests._support.timing import NATS_HEARTBEAT as HEARTBEAT
 from tests._support.timing import NATS_TTL_SLACK as TTL_SLACK
@@ -79,12 +85,12 @@ class Nodes:
                 *self.argv(name), name=f"{self.cluster}-{name}", env=cli_env()
             )
         for name in names:
-            self.procs[name].wait_for_line(r"^node \S+ pid=\d+ started ", timeout=30)
+            wait_for_event(self.procs[name], r"^node \S+ pid=\d+ started ", timeout=30)
 
     def restart(self, name: str) -> None:
         """Start node ``name`` again (same command, same name)."""
         self.procs[name].start()
-        self.procs[name].wait_for_line(r"^node \S+ pid=\d+ started ", timeout=30)
+        wait_for_event(self.procs[name], r"^node \S+ pid=\d+ started ", timeout=30)
 
     def kill(self, name: str) -> float:
         """SIGKILL node ``name``; return when (monotonic), taken just before the signal."""
@@ -99,9 +105,8 @@ class Nodes:
         return at
 
     def events(self, name: str, kind: str | None = None) -> list[NodeEvent]:
-        """Every event node ``name`` printed (over all its runs), of ``kind`` if given."""
-        found = (parse_event(line.text) for line in self.procs[name].lines)
-        return [e for e in found if e is not None and (kind is None or e.kind == kind)]
+        """Every event node ``name`` logged (over all its runs), of ``kind`` if given."""
+        return node_events(self.procs[name], kind)
 
     def last(self, name: str, kind: str) -> NodeEvent | None:
         events = self.events(name, kind)
@@ -180,10 +185,7 @@ def lease_intervals(nodes: Nodes, ended: dict[str, float]) -> list[tuple[float, 
     intervals = []
     for name, proc in nodes.procs.items():
         start: float | None = None
-        for line in proc.lines:
-            event = parse_event(line.text)
-            if event is None:
-                continue
+        for event in node_events(proc):
             if event.kind == "lease" and event.words == ("acquired",):
                 start = event.t
             elif start is not None and (

@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from cloister.sources import partition_name
-from cloister.testing import NatsServer, ProcessGroup, eventually, free_port, in_ci
+from cloister.testing import (
+    NatsServer,
+    ProcessGroup,
+    eventually,
+    free_port,
+    in_ci,
+    wait_for_event_async,
+)
 from tests.cli.support import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +132,7 @@ async def test_every_metric_the_dashboard_and_the_rules_use_is_exported(
             cwd=tmp_path,
             env=cli_env({"ORDERS_URL": nats_server.url}),
         )
-        await node.wait_for_line_async(r"^manager up workers=8 ", timeout=30)
+        await wait_for_event_async(node, r"^manager up workers=8 ", timeout=30)
         for n in range(5):  # through the source, so that its counters and the latency move
             subject = partition_name("orders", f"k{n}", 4)  # Shop.partitions
             await js.publish(subject, json.dumps({"key": f"k{n}", "n": 1}).encode())

@@ -19,7 +19,7 @@ from typing import Any
 
 from cloister.backends import open_backend
 from cloister.store.inbox import Inbox
-from cloister.testing import NatsServer, ProcessGroup, eventually, free_port
+from cloister.testing import NatsServer, ProcessGroup, eventually, free_port, wait_for_event_async
 from tests._support.counter import KEYS, Counter
 from tests._support.nodes import ClusterNodes
 from tests.cli.support import cli_env, cloister
@@ -137,7 +137,7 @@ async def test_a_wiped_nats_store_is_reported_and_the_cluster_rebuilds_itself(
         for name in NODES
     }
     for node in nodes.values():
-        await node.wait_for_line_async(r"^manager up workers=\d+ ", timeout=30)
+        await wait_for_event_async(node, r"^manager up workers=\d+ ", timeout=30)
     await eventually(lambda: whole(status(nats_server), 0), timeout=20, what="a whole cluster")
     producer = Producer(nats_server.url)
     producer.start()

@@ -351,6 +351,17 @@ class Log(ABC):
     async def claimants(self, partition: int) -> list[str]:
         """The consumers holding ``partition`` now (at most one)."""
 
+    async def claimed(self) -> dict[int, list[str]]:
+        """Every claimed partition and the consumers holding it, in one look where the
+        backend can (NATS: one listing of the stream's consumers); this default asks
+        :meth:`claimants` partition by partition."""
+        found: dict[int, list[str]] = {}
+        for partition in range(self.partitions):
+            holders = await self.claimants(partition)
+            if holders:
+                found[partition] = holders
+        return found
+
     @abstractmethod
     async def depth(self, partition: int | None = None) -> int:
         """Records not yet acked, in one partition or in all."""

@@ -448,6 +448,12 @@ class MemoryLog(Log):
         await self._owner._io()
         return [] if target.claimant is None else [target.claimant]
 
+    async def claimed(self) -> dict[int, list[str]]:
+        await self._owner._io()
+        return {
+            n: [p.claimant] for n, p in enumerate(self._data.partitions) if p.claimant is not None
+        }
+
     async def depth(self, partition: int | None = None) -> int:
         await self._owner._io()
         if partition is not None:

@@ -10,10 +10,12 @@
      "message": "node a adopted epoch 3", "cluster": "shop", "node": "a", "epoch": 3}
 
 ``cluster``, ``node`` and ``epoch`` are there once the process runs a node (``run``,
-``node``): :data:`CONTEXT` reads them from the live node at each record. A record logged
-as an *event* (``cloister run``'s event lines in JSON mode, see :mod:`cloister.cli.node`)
-adds ``event`` (its kind) and its ``key=value`` fields. Timestamps are UTC, ISO-8601 with
-milliseconds; a traceback goes in ``exc_info`` (json) or below the line (text).
+``node``): :data:`CONTEXT` reads them from the live node at each record. The node's events
+(``ready``, epoch changes, the manager up...: see :mod:`cloister.cli.node`) are records
+like any other, of the logger ``cloister.events`` at INFO (:mod:`cloister._events`); in
+JSON they add ``event`` (the kind) and their ``key=value`` fields. Timestamps are UTC,
+ISO-8601 with milliseconds; a traceback goes in ``exc_info`` (json) or below the line
+(text). Nothing of the node goes to stdout: it is left to the application's own prints.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cloister._events import EVENT_FIELDS
+
 if TYPE_CHECKING:
     from cloister.cluster import Cluster
-
-EVENT_LOGGER = "cloister.events"
-"""The logger ``run``/``node`` event lines go to in JSON mode."""
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})))
 
@@ -68,9 +69,9 @@ class JsonFormatter(logging.Formatter):
         }
         entry.update(CONTEXT.fields())
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in entry and key != "event_fields":
+            if key not in _STANDARD and key not in entry and key != EVENT_FIELDS:
                 entry[key] = value  # extra=...: event
-        for key, value in getattr(record, "event_fields", {}).items():
+        for key, value in getattr(record, EVENT_FIELDS, {}).items():
             entry.setdefault(key, value)  # the event's own fields, after the context's
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)

@@ -3,16 +3,15 @@
 This module also holds what ``cloister run`` shares with it: the node options
 (:func:`add_node_options`), building the :class:`Cluster` from the resolved settings
 (:func:`make_cluster`), the signal-driven lifecycle (:func:`serve`: wait for the medium,
-join, serve the probes and metrics, drain within ``--shutdown-timeout``) and the event
-lines.
+join, serve the probes and metrics, drain within ``--shutdown-timeout``) and the events.
 
-The node prints one line per event to stdout, flushed at once, ``<kind> <fields> t=<T>``
-where ``T`` is ``time.monotonic()`` (one clock for every process of a machine, so event
-logs of several nodes can be merged). Fields are ``key=value`` without spaces; ``-`` stands
-for "none"; member lists are comma-separated. With ``--log-format json`` the same events
-go to stderr instead, as JSON log records of the logger ``cloister.events`` (``event``:
-the kind, plus the fields; see :mod:`cloister.cli.logs`), so that the process writes one
-format on one stream. The kinds:
+The node logs one record per event, INFO, logger ``cloister.events``, on stderr in the
+format of every other log record (``--log-format``, see :mod:`cloister.cli.logs`); its
+message is ``<kind> <fields> t=<T>`` where ``T`` is ``time.monotonic()`` (one clock for
+every process of a machine, so event logs of several nodes can be merged). Fields are
+``key=value`` without spaces; ``-`` stands for "none"; member lists are comma-separated.
+Nothing goes to stdout: it is the application's. ``--log-level warning`` hides the events
+with the other INFO records. The kinds:
 
 ``node <name> pid=<pid> starting cluster=<c> backend=<url> consensus=<k> groups=<g,h>``
     before connecting.
@@ -50,7 +49,8 @@ format on one stream. The kinds:
 ``node <name> pid=<pid> leaving`` then ``node <name> pid=<pid> stopped``
     graceful leave after a signal; the exit code is then 0.
 
-:func:`parse_event` reads such a line back (tests and benchmarks use it).
+:func:`parse_event` reads such a line back (tests and benchmarks use it, through
+:mod:`cloister.testing`, which knows the stream).
 """
 
 from __future__ import annotations
@@ -60,17 +60,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from cloister._backoff import Backoff
-from cloister.cli.logs import CONTEXT, EVENT_LOGGER
+from cloister._events import NodeEvent, log_event, parse_event
+from cloister.cli.logs import CONTEXT
 from cloister.cli.options import (
     EXIT_OK,
     NODE,
@@ -108,15 +108,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("cloister.cli")
-events_log = logging.getLogger(EVENT_LOGGER)
 
 T = TypeVar("T")
 
 _LEASE_POLL = 0.05
-_EVENT = re.compile(
-    r"^(node|state|sentry|epoch|lease|suspended|paused|resumed|manager|metrics|health) (.*) "
-    r"t=(\d+(?:\.\d+)?)$"
-)
 #: Pacing of the startup retries while the medium cannot be reached (--connect-timeout).
 CONNECT_BACKOFF = Backoff(0.25, 5.0, jitter=0.5)
 #: Of --shutdown-timeout, what is kept for leaving the cluster after the drain.
@@ -130,15 +125,15 @@ def add_parser(commands: Any) -> None:
         "node",
         help="run one bare cluster node until SIGTERM/SIGINT",
         description="Run one bare node of a cluster until SIGTERM or SIGINT, then leave "
-        "gracefully (exit 0). Prints one line per state change, sentry change and adopted "
-        "epoch to stdout (see `pydoc cloister.cli.node` for the format).",
+        "gracefully (exit 0). Logs one line per state change, sentry change and adopted "
+        "epoch at INFO, on stderr (see `pydoc cloister.cli.node` for the format).",
         epilog=CONFIG_EPILOG,
     )
     add_target(parser)
     add_node_options(parser)
     add_connection(parser)
     add_common(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, default_log_level="info")  # the events are INFO records
 
 
 CONFIG_EPILOG = (
@@ -243,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the node from the resolved settings, run it until a signal."""
     if args.print_config:
         return print_config(args)
-    events = NodeEvents(as_log=args.log_format == "json")
+    events = NodeEvents()
     build = make_cluster(args, events)
     return asyncio.run(serve(build, events, options=ServeOptions.from_args(args)))
 
@@ -575,36 +570,16 @@ def _names(names: Any) -> str:
     return ",".join(names) or "-"
 
 
-def _scalar(text: str) -> Any:
-    """An event field's value for JSON: a whole number as a number, ``-`` as null."""
-    if text == "-":
-        return None
-    return int(text) if text.isdigit() else text
-
-
 class NodeEvents:
-    """The node's listener and topology hook: prints the event lines (see module doc)."""
+    """The node's listener and topology hook: logs the events (see module doc)."""
 
-    def __init__(self, stream: IO[str] | None = None, *, as_log: bool = False) -> None:
-        self.stream = stream
-        self.as_log = as_log
-        """Log the events (``cloister.events``, INFO) instead of printing them: JSON mode."""
+    def __init__(self) -> None:
         self.state_watchers: list[Callable[[State, State], None]] = []
         """Also told of every state change (the metrics time rehashing with it)."""
 
     def emit(self, text: str) -> None:
-        """Print ``text t=<monotonic>`` as one flushed line (a closed stdout is ignored),
-        or log it as an event record (see :attr:`as_log`)."""
-        if self.as_log:
-            kind, _, rest = text.partition(" ")
-            fields = dict(part.split("=", 1) for part in rest.split() if "=" in part)
-            events_log.info(
-                text,
-                extra={"event": kind, "event_fields": {k: _scalar(v) for k, v in fields.items()}},
-            )
-            return
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            print(f"{text} t={time.monotonic():.6f}", file=self.stream or sys.stdout, flush=True)
+        """Log the event ``text`` (``<kind> <fields>``) as a record of ``cloister.events``."""
+        log_event(text)
 
     # -- listener ---------------------------------------------------------------------------
 
@@ -632,51 +607,3 @@ class NodeEvents:
 
     async def suspend(self, reason: SuspendReason) -> None:
         self.emit(f"suspended reason={reason.replace(' ', '_')}")
-
-
-@dataclass(frozen=True, slots=True)
-class NodeEvent:
-    """One event line of ``cloister node``, parsed.
-
-    ``words`` are the space-separated parts without ``=`` (``("ready", "->", "rehashing")``
-    for a state line), ``fields`` the ``key=value`` parts, ``t`` the monotonic time.
-    """
-
-    kind: str
-    words: tuple[str, ...]
-    fields: dict[str, str]
-    t: float
-
-    @property
-    def epoch(self) -> int | None:
-        """The epoch the line names (``epoch=`` field, or the number of an epoch line)."""
-        if self.kind == "epoch":
-            return int(self.words[0])
-        value = self.fields.get("epoch")
-        return None if value is None else int(value)
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        """The ``members=`` list (empty for ``-`` or when absent)."""
-        value = self.fields.get("members", "-")
-        return () if value == "-" else tuple(value.split(","))
-
-    @property
-    def change(self) -> tuple[str, str]:
-        """``(from, to)`` of a state or sentry line."""
-        return self.words[0], self.words[2]
-
-
-def parse_event(line: str) -> NodeEvent | None:
-    """Parse one line ``cloister node`` printed; None for anything else (log lines...)."""
-    found = _EVENT.match(line.strip())
-    if found is None:
-        return None
-    kind, body, t = found.groups()
-    parts = body.split()
-    return NodeEvent(
-        kind=kind,
-        words=tuple(p for p in parts if "=" not in p),
-        fields=dict(p.split("=", 1) for p in parts if "=" in p),
-        t=float(t),
-    )

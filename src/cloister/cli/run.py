@@ -11,10 +11,11 @@ seconds, with backoff. Every option also comes from the environment (``CLOISTER_
 ``CLOISTER_BACKEND``, ...) or a config file; ``--print-config`` shows them all and where
 each came from (see :mod:`cloister.cli.options`), as container deployments expect.
 
-Output: the event lines of ``cloister node`` (see :mod:`cloister.cli.node`) plus
-``manager ...`` lines on stdout; INFO logs (one line per topology change) on stderr, with
-wall-clock timestamps (``--log-format json``: everything on stderr as JSON lines, see
-:mod:`cloister.cli.logs`). The node answers ``cloister.manager.status`` (live workers,
+Output: stdout is the application's own (what its handlers print); everything of the
+node goes to stderr as log records in one format, with wall-clock timestamps (text, or
+JSON lines with ``--log-format json``; see :mod:`cloister.cli.logs`): INFO logs (one line
+per topology change) and the events of ``cloister node`` (see :mod:`cloister.cli.node`)
+plus ``manager ...`` events. The node answers ``cloister.manager.status`` (live workers,
 counters, inbox depth) for ``cloister status``; ``--metrics-port`` serves Prometheus
 metrics (:mod:`cloister.metrics`) and the probes ``/healthz`` and ``/readyz``
 (:mod:`cloister.health`), ``--health-port`` the probes alone.
@@ -82,8 +83,8 @@ def add_parser(commands: Any) -> None:
         help="run your DynamicManager (module:Class) as one node of a cluster",
         description="Run APP, a DynamicManager subclass given as module:Class or "
         "path/to/file.py:Class, as one node of a cluster until SIGTERM or SIGINT; then hand "
-        "its workers over and leave gracefully (exit 0). Prints the event lines of "
-        "`cloister node` plus `manager ...` lines; logs topology changes at INFO. Exit 2 if "
+        "its workers over and leave gracefully (exit 0). Logs (on stderr) the events of "
+        "`cloister node` plus `manager ...` events, and topology changes, at INFO. Exit 2 if "
         "APP cannot be found, 1 if the backend is unreachable or the application fails.",
         epilog=CONFIG_EPILOG,
     )
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return print_config(args)
     spec = app_spec(args)
     app = load_app(spec)
-    events = NodeEvents(as_log=args.log_format == "json")
+    events = NodeEvents()
     # Join the manager's group: its workers are placed only on nodes that run it.
     build = make_cluster(args, events, extra_groups=(app.placement_group(),))
     attach = functools.partial(_run_manager, app, spec)

@@ -549,7 +549,13 @@ class Control:
     async def resync_loop(self) -> None:
         """Never trust the watches alone: re-list periodically and after a reconnect."""
         interval = max(5 * self.heartbeat, 1.0)
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancellation a listing swallowed (asyncio.wait_for in nats-py on 3.11,
+                # or a CancelledError turned into ConnectionClosedError): end now, or the
+                # node's stop waits a whole second for the supervisor's second cancel.
+                raise asyncio.CancelledError
             await wait_event(self.resync, interval)
             self.resync.clear()
             try:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, NamedTuple, Self
 
@@ -241,19 +241,22 @@ class NodeProcess(Lifecycle):
         *,
         since: int | None = None,
         stream: str | None = None,
+        text_of: Callable[[str], str | None] | None = None,
     ) -> re.Match[str]:
         """Wait until a line matching ``pattern`` (``re.search``) is printed; return the match.
 
         Lines already printed count: by default every line of the current run (since the
         last :meth:`start`); give ``since=proc.mark()`` to look only at newer lines, and
-        ``stream="stdout"`` or ``"stderr"`` to look at one stream.
+        ``stream="stdout"`` or ``"stderr"`` to look at one stream. ``text_of`` matches the
+        pattern against what it returns for a line instead (None: the line is skipped),
+        e.g. the message of a log record.
 
         Raises:
             LineNotFoundError: the line did not come within ``timeout`` seconds, or the
                 child exited without printing it; the message shows its last lines.
         """
         regex = re.compile(pattern)
-        scan = _Scan(self, regex, self._run_start if since is None else since, stream)
+        scan = _Scan(self, regex, self._run_start if since is None else since, stream, text_of)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -272,10 +275,11 @@ class NodeProcess(Lifecycle):
         *,
         since: int | None = None,
         stream: str | None = None,
+        text_of: Callable[[str], str | None] | None = None,
     ) -> re.Match[str]:
         """Like :meth:`wait_for_line`, but awaitable: the event loop keeps running meanwhile."""
         regex = re.compile(pattern)
-        scan = _Scan(self, regex, self._run_start if since is None else since, stream)
+        scan = _Scan(self, regex, self._run_start if since is None else since, stream, text_of)
 
         def check() -> re.Match[str] | None:
             with self._cond:
@@ -322,9 +326,15 @@ class _Scan:
     """Incremental search of a NodeProcess's lines for one regex."""
 
     def __init__(
-        self, proc: NodeProcess, regex: re.Pattern[str], start: int, stream: str | None
+        self,
+        proc: NodeProcess,
+        regex: re.Pattern[str],
+        start: int,
+        stream: str | None,
+        text_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.proc, self.regex, self.index, self.stream = proc, regex, start, stream
+        self.text_of = text_of
 
     def step(self) -> re.Match[str] | None:
         """Scan new lines (the caller holds the lock); raise if the child ended without it."""
@@ -333,7 +343,8 @@ class _Scan:
             line = lines[self.index]
             self.index += 1
             if self.stream is None or line.stream == self.stream:
-                found = self.regex.search(line.text)
+                text = line.text if self.text_of is None else self.text_of(line.text)
+                found = None if text is None else self.regex.search(text)
                 if found is not None:
                     return found
         if self.proc._finished():

@@ -3,10 +3,21 @@
 The manager takes partitions when it settles on a topology and gives them up when they
 move away. Taking a partition claims it in the backend; if the previous owner's claim is
 still there (it crashed, or was fenced), it is evicted — safe only because the cluster's
-handoff barrier has passed, so that owner has released everything or is gone. Records are
-acknowledged by the manager after the worker's ``handle_cast`` returned; acks go through
-one task so the hot path never awaits. At most ``max_in_flight`` records are delivered
-and not yet acknowledged on a node: back-pressure towards the log, not memory growth.
+handoff barrier has passed, so that owner has released everything or is gone.
+
+Claiming costs most of a handoff on a replicated medium (a JetStream consumer on an R3
+stream is a new Raft group: 0.2-1 s under load), so partitions are *prepared*: as soon
+as a node adopts an epoch that gives it partitions (before the barrier), it claims each
+one the moment its previous holder has given it up — evicting no member of the epoch,
+and fetching nothing, so that nothing is delivered before the settle has taken the
+stored state over. The settle then only starts fetching from those claims. The medium
+still decides who holds a partition (a claim is refused while another holds it); what
+changed is when.
+
+Records are acknowledged by the manager after the worker's ``handle_cast`` returned;
+acks go through one task so the hot path never awaits. At most ``max_in_flight`` records
+are delivered and not yet acknowledged on a node: back-pressure towards the log, not
+memory growth.
 """
 
 from __future__ import annotations
@@ -15,12 +26,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from cloister._backoff import Backoff
 from cloister._quiet import Quiet
-from cloister._tasks import Supervisor
+from cloister._tasks import Supervisor, wait_event
 from cloister.backends import LogConsumer, LogRecord, PartitionBusyError
 from cloister.errors import BackendError, FencedError, LeaseLapsedError, WireFormatError
 from cloister.manager.claims import PartitionsFencedError
@@ -30,7 +41,9 @@ from cloister.store.inbox import Inbox, InboxMessage
 log = logging.getLogger("cloister.manager.consumer")
 
 _YIELD_AFTER = 0.005  # seconds of delivery between yields to the event loop
-_CLAIMS_AT_ONCE = 16  # partition claims in flight at once while taking partitions
+_CLAIMS_AT_ONCE = 16  # partition claims (or releases) in flight at once
+#: Pacing of the looks at who holds the partitions being prepared (one listing each).
+PREPARE_BACKOFF = Backoff(0.02, 0.25)
 
 Deliver = Callable[[InboxMessage, LogConsumer], None]
 BeforeAck = Callable[[list[Any]], Awaitable[Mapping[Any, Unstorable]]]
@@ -43,6 +56,14 @@ records that state included are parked as dead letters with the reason, not acke
 :class:`~cloister.manager.claims.PartitionsFencedError`: the partitions it names were
 abandoned (their acks are dropped), the others' acks go on — or wait, when its
 ``unavailable`` says their state is not stored yet; ``BackendError``: they all wait."""
+
+
+def claimant_node(claimant: str) -> str | None:
+    """The node a :func:`claimant_name` names (None for a name of another form)."""
+    node, dot, incarnation = claimant.rpartition(".")
+    if not dot or len(incarnation) != 8 or not all(c in "0123456789abcdef" for c in incarnation):
+        return None
+    return node
 
 
 def claimant_name(node: str, incarnation: int) -> str:
@@ -91,6 +112,12 @@ class PartitionConsumers:
         self._wanted: set[int] = set()  # partitions we should consume (some maybe not yet)
         self._claimer: asyncio.Task[None] | None = None
         self._claiming = asyncio.Lock()
+        # Claimed ahead of the settle that gives them to us, not fetched yet (prepare()).
+        self._prepared: dict[int, LogConsumer] = {}
+        self._preparing: set[int] = set()  # still held by their previous consumer
+        self._preparer: asyncio.Task[None] | None = None
+        self._prepare_wake = asyncio.Event()
+        self._members: set[str] = set()  # of the epoch being prepared: their claims stay
         self._room = asyncio.Event()
         self._room.set()
         # Acks are batched: the hot path appends, one task sends them.
@@ -108,16 +135,127 @@ class PartitionConsumers:
 
     @property
     def held_or_wanted(self) -> set[int]:
-        """The partitions this node consumes or is still trying to claim."""
-        return set(self._consumers) | self._wanted
+        """The partitions this node consumes, is still trying to claim, or prepares."""
+        return set(self._consumers) | self._wanted | set(self._prepared) | self._preparing
 
-    async def take(self, partitions: set[int]) -> None:
-        """Claim and start consuming ``partitions`` (evicting stale claims).
+    # -- preparing the partitions of the next settle ------------------------------------------
+
+    async def prepare(self, partitions: set[int], members: Collection[str] | None = None) -> None:
+        """Claim ``partitions`` (those of an adopted epoch) ahead of its settle, in the
+        background: each as soon as nobody else holds it. Nothing is fetched (see the
+        module doc), and only the claims of nodes not among the epoch's ``members`` are
+        evicted: the handoff barrier waits for every member to release what it gives up
+        (so a member's claim is never taken), never for a node the epoch left out (so
+        its claim is evicted now as it would be at the settle). What was prepared before
+        and is not in ``partitions`` any more is given up first, so that no claim of
+        ours outlives our acknowledgement of an epoch that moves it. ``members`` None:
+        those given last time."""
+        if members is not None:
+            self._members = set(members)
+        wanted = set(partitions)
+        dropped = (self._preparing | set(self._prepared)) - wanted
+        if dropped:
+            await self._stop_preparing()
+            await self._give_up_all([self._prepared.pop(p) for p in dropped if p in self._prepared])
+        # (those the background claimer retries are left to it: one claim per partition)
+        self._preparing = wanted - set(self._consumers) - set(self._prepared) - self._wanted
+        if self._preparing and self._preparer is None and self.inbox.log is not None:
+            self._preparer = self._supervisor.spawn(self._prepare_loop(), "inbox pre-claims")
+        self._prepare_wake.set()
+
+    async def _stop_preparing(self) -> None:
+        """Start no more claims ahead; wait for those under way (cancelled, one could
+        leave a claim behind that nobody here knows of)."""
+        self._preparing = set()
+        self._prepare_wake.set()
+        task = self._preparer
+        if task is not None:
+            await asyncio.wait({task})
+
+    async def _prepare_loop(self) -> None:
+        log_ = self.inbox.log
+        assert log_ is not None
+        gate = asyncio.Semaphore(_CLAIMS_AT_ONCE)
+
+        async def claim(partition: int, stale: list[str]) -> None:
+            async with gate:
+                if partition not in self._preparing:
+                    return
+                try:
+                    for holder in stale:
+                        log.info("partition %d: evicting the claim of %s (gone)", partition, holder)
+                        await log_.evict(partition, holder)
+                    consumer = await log_.claim(partition, self.claimant)
+                except BackendError as exc:  # taken back meanwhile, or the medium is away
+                    log.debug("partition %d not prepared yet: %s", partition, exc)
+                    return
+                self._preparing.discard(partition)
+                self._prepared[partition] = consumer
+
+        delays = PREPARE_BACKOFF.delays()
+        try:
+            while self._preparing:
+                self._prepare_wake.clear()
+                try:
+                    held = await log_.claimed()
+                except BackendError as exc:
+                    log.debug("partitions not prepared yet: %s", exc)
+                    held = {}
+                free = {}
+                for partition in sorted(self._preparing):
+                    others = [h for h in held.get(partition, ()) if h != self.claimant]
+                    if all(claimant_node(h) not in self._members for h in others):
+                        free[partition] = others
+                await asyncio.gather(*(claim(p, stale) for p, stale in free.items()))
+                if self._preparing:
+                    await wait_event(self._prepare_wake, next(delays))
+        finally:
+            self._preparer = None
+
+    async def _adopt_prepared(self, partitions: set[int]) -> int:
+        """Start fetching the prepared claims of ``partitions`` that still stand; give
+        the others up. Claims still under way are waited for: they are the ones a take
+        would make.
+
+        A prepared claim may have been evicted meanwhile: a node still settling an
+        older epoch that gave it the partition evicts whatever holds it (rightly: that
+        epoch's barrier has passed). So the claims are looked at once more here, where
+        our own epoch's barrier has passed and nobody takes them any more.
+        """
+        await self._stop_preparing()
+        prepared, self._prepared = self._prepared, {}
+        if not prepared:
+            return 0
+        log_ = self.inbox.log
+        assert log_ is not None
+        try:
+            held = await log_.claimed()
+        except BackendError as exc:  # cannot tell: claimed again the usual way
+            log.debug("prepared claims not checked (%s): claiming afresh", exc)
+            held = {}
+        adopted, stale = 0, []
+        for partition, consumer in prepared.items():
+            standing = self.claimant in held.get(partition, ())
+            if standing and partition in partitions and partition not in self._consumers:
+                self._start_fetching(partition, consumer)
+                adopted += 1
+            else:
+                stale.append(consumer)
+        await self._give_up_all(stale)
+        return adopted
+
+    # -- taking and giving up -------------------------------------------------------------------
+
+    async def take(self, partitions: set[int]) -> int:
+        """Claim and start consuming ``partitions`` (evicting stale claims); how many it
+        started consuming now (prepared claims included).
 
         A partition that cannot be claimed now (the medium is slow or away) is retried in
         the background until it is claimed or no longer ours — never an error here.
         """
         self._wanted = set(partitions)
+        started = await self._adopt_prepared(self._wanted)
+        before = len(self._consumers)
         missing = sorted(partitions - set(self._consumers))
         if missing:
             # Concurrently: each claim is a few round trips (list the claimants, evict a
@@ -137,11 +275,14 @@ class PartitionConsumers:
                     raise result
         if self._wanted - set(self._consumers) and self._claimer is None:
             self._claimer = self._supervisor.spawn(self._claim_later(), "inbox claims")
+        return started + len(self._consumers) - before
 
     async def _claim(self, partition: int) -> bool:
         async with self._claiming:  # never a claim in flight while partitions are given up
             if partition not in self._wanted or partition in self._consumers:
                 return partition in self._consumers
+            if partition in self._prepared:  # claimed ahead: taken by the next settle
+                return True
             return await self._claim_now(partition)
 
     async def _claim_now(self, partition: int) -> bool:
@@ -156,11 +297,14 @@ class PartitionConsumers:
         except BackendError as exc:  # PartitionBusyError included
             log.warning("partition %d not claimed yet (%s); retrying", partition, exc)
             return False
+        self._start_fetching(partition, consumer)
+        return True
+
+    def _start_fetching(self, partition: int, consumer: LogConsumer) -> None:
         self._consumers[partition] = consumer
         self._loops[partition] = self._supervisor.spawn(
             self._fetch_loop(consumer), f"inbox partition {partition}"
         )
-        return True
 
     async def _claim_later(self) -> None:
         delays = Backoff(0.2, 2.0).delays()
@@ -180,21 +324,35 @@ class PartitionConsumers:
                 loop.cancel()
 
     async def release(self, partitions: set[int]) -> None:
-        """Stop wanting ``partitions``; flush pending acks, then give those held up."""
+        """Stop wanting ``partitions``; flush pending acks, then give those held up
+        (prepared ones too), all at once."""
+        ahead = self._preparing | set(self._prepared)
+        if ahead & partitions:
+            await self.prepare(ahead - partitions)
         async with self._claiming:
             self._wanted -= partitions
         self.stop_fetching(partitions)
         await self.flush_acks(partitions)
-        for partition in partitions:
-            consumer = self._consumers.pop(partition, None)
-            if consumer is None:
-                continue
-            try:
-                await consumer.release()
-            except BackendError as exc:
-                log.warning(
-                    "partition %d: release failed (%s); the next owner evicts", partition, exc
-                )
+        held = [self._consumers.pop(p) for p in partitions if p in self._consumers]
+        await self._give_up_all(held)
+
+    async def _give_up_all(self, consumers: list[LogConsumer]) -> None:
+        """Release ``consumers`` concurrently: on a replicated medium each is a few round
+        trips (its acks confirmed, its durable deleted), and a handoff gives up several."""
+        gate = asyncio.Semaphore(_CLAIMS_AT_ONCE)
+
+        async def give_up(consumer: LogConsumer) -> None:
+            async with gate:
+                try:
+                    await consumer.release()
+                except BackendError as exc:
+                    log.warning(
+                        "partition %d: release failed (%s); the next owner evicts",
+                        consumer.partition,
+                        exc,
+                    )
+
+        await asyncio.gather(*(give_up(consumer) for consumer in consumers))
 
     def abandon(self, partitions: set[int]) -> None:
         """Give ``partitions`` up at once, acking nothing more of them (the medium refused
@@ -234,11 +392,16 @@ class PartitionConsumers:
 
         Only those partitions' acks: under load the partitions this node keeps ack all
         the time, so waiting for no ack at all would hold every handoff for ``timeout``.
+        And only the acks of claims still held: those of a claim the medium took from us
+        (evicted while we were cut off) are never sent (``_held``), so waiting for them
+        held a release, and a suspension after it, for the whole ``timeout``.
         """
+        consumers = self._consumers
         try:
             async with asyncio.timeout(timeout):
                 while any(
                     consumer.partition in partitions
+                    and consumers.get(consumer.partition) is consumer
                     for consumer, _, _ in itertools.chain(self._to_ack, self._acking)
                 ):
                     self._ack_wake.set()
@@ -257,7 +420,7 @@ class PartitionConsumers:
         re-derive the in-flight count as zero, whatever was lost on the way (a park that
         failed, a record dropped by a crash of the medium), so the next partitions this
         node takes are fetched at once instead of waiting for room that never comes."""
-        if self._consumers or self._wanted:
+        if self.held_or_wanted:
             raise RuntimeError("reset() while partitions are still held or wanted")
         if self.in_flight:
             log.info("%d record(s) were still counted in flight; starting afresh", self.in_flight)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Set
+from collections.abc import Awaitable, Callable, Collection, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,6 +58,28 @@ log = logging.getLogger("cloister.manager")
 
 YIELD_EVERY = 10_000  # ids started or stopped between yields to the event loop
 HANDOFF_CHUNK = 5000  # workers per handoff request
+
+
+class Trace:
+    """The steps of one release or settle and the seconds each took (logged as one line:
+    where a slow rehash spends its time)."""
+
+    def __init__(self) -> None:
+        self.began = self._at = time.monotonic()
+        self.steps: list[tuple[str, float]] = []
+
+    def step(self, name: str) -> None:
+        """The step ``name`` ended now (it began when the previous one ended)."""
+        now = time.monotonic()
+        self.steps.append((name, now - self._at))
+        self._at = now
+
+    def total(self) -> float:
+        """Seconds since the trace began."""
+        return time.monotonic() - self.began
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.3f}s" for name, seconds in self.steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +187,8 @@ class ShardRegion:
             kv, self, max_value=None if limit is None else limit - HEADROOM, keyring=keyring
         )
         self.table.on_unstorable = self._unstorable
-        await self.table.load()
+        # Any replica: the settle that starts workers reads again what it takes over.
+        await self.table.load(seen=0)
         self.merge_table()
         engine.ports.mark = self.table.mark
         engine.ports.write = self._write_owned
@@ -197,6 +220,15 @@ class ShardRegion:
         if cluster.state is State.READY and cluster.topology is not None:
             await self.settle(cluster.topology)
         else:
+            topology = cluster.topology
+            if (
+                self.consumers is not None
+                and topology is not None
+                and cluster.node in topology.members
+            ):
+                # An epoch adopted before the hook was added: its settle comes next.
+                owned = set(self.placement_for(topology).owned())
+                await self.consumers.prepare(owned, topology.members)
             await self.lifecycle.enter(Phase.WAITING)
 
     def merge_table(self) -> None:
@@ -223,9 +255,10 @@ class ShardRegion:
     async def release(self, topology: Topology) -> None:
         """Before this node acknowledges ``topology``: stop and hand over what moved away."""
         async with self.lock:
-            began = time.monotonic()
-            await self._release(topology)
-            self.timings.handoff["release"].observe(time.monotonic() - began)
+            trace = Trace()
+            await self._release(topology, trace)
+            self.timings.handoff["release"].observe(trace.total())
+            self._report(trace, "release", topology.epoch)
 
     async def settle(self, topology: Topology) -> None:
         """Every member acknowledged ``topology``: start what is ours, resume."""
@@ -234,9 +267,10 @@ class ShardRegion:
             if latest is not None and latest.epoch > topology.epoch:
                 return  # a newer epoch was adopted meanwhile; its settle comes next
             try:
-                began = time.monotonic()
-                await self._settle(topology)
-                self.timings.handoff["settle"].observe(time.monotonic() - began)
+                trace = Trace()
+                await self._settle(topology, trace)
+                self.timings.handoff["settle"].observe(trace.total())
+                self._report(trace, "settle", topology.epoch)
             except CloisterError as exc:
                 # Taking workers over needs the latest stored state; without it, starting
                 # them would resume from stale payloads. Nothing was started: try again.
@@ -253,7 +287,19 @@ class ShardRegion:
         if not self.lifecycle.leaving and not self.lifecycle.down:
             await self.settle(topology)
 
-    async def _release(self, topology: Topology) -> None:
+    def _report(self, trace: Trace, hook: str, epoch: int) -> None:
+        """One line per release and settle that did something: where its time went."""
+        if trace.steps:
+            log.info(
+                "manager %s: %s of epoch %d took %.3fs (%s)",
+                self.options.name,
+                hook,
+                epoch,
+                trace.total(),
+                trace,
+            )
+
+    async def _release(self, topology: Topology, trace: Trace) -> None:
         lifecycle, engine = self.lifecycle, self.engine
         if lifecycle.leaving or lifecycle.down:
             return  # stop() handed everything over already
@@ -271,18 +317,32 @@ class ShardRegion:
             engine.parked.pop(worker_id)  # their senders will retry with the new owner
         for worker_id in [i for i in self.handed if not mine(i)]:
             self.handed.pop(worker_id)
-        if leaving:
-            await self.hand_over(leaving, placement.owner_of)
-        if self.consumers is not None and moves.revoked:
-            await self.consumers.release(set(moves.revoked))
+        consumers, revoked = self.consumers, set(moves.revoked)
+
+        async def give_up() -> None:
+            if consumers is not None and revoked:
+                await consumers.release(revoked)
+
+        if leaving:  # their partitions are given up while their payloads are shipped
+            await self.hand_over(leaving, placement.owner_of, give_up)
+            trace.step(f"hand over {len(leaving)} workers, give up {len(revoked)} partitions")
+        elif revoked:
+            await give_up()
+            trace.step(f"give up {len(revoked)} partitions")
+        if self.consumers is not None:
+            # Claimed as soon as their holders give them up, while the barrier is awaited.
+            await self.consumers.prepare(set(placement.owned()), topology.members)
         if self.claims is not None:  # their state is stored: the next owner claims them
             self.claims.keep_only(placement.owned())
 
-    async def _settle(self, topology: Topology) -> None:
+    async def _settle(self, topology: Topology, trace: Trace) -> None:
         lifecycle, engine = self.lifecycle, self.engine
         if lifecycle.leaving or lifecycle.down:
             return  # a hook call already under way when stop() began: take nothing
         placement = self.placement_for(topology)
+        if self.consumers is not None:
+            # The inbox claims go on in the background while the state is claimed and read.
+            await self.consumers.prepare(set(placement.owned()), topology.members)
         denied: set[int] = set()
         gained: set[int] | None = None  # None: no claims kept, so everything may be new
         if self.claims is not None:
@@ -291,6 +351,7 @@ class ShardRegion:
             self.claims.keep_only(placement.owned())
             gained = {p for p in placement.owned() if self.claims.guard(p) is None}
             denied = await self.claims.claim(placement.owned(), topology.epoch)
+            trace.step(f"claim {len(gained)} partitions")
         now = asyncio.get_running_loop().time()
         # The token first: a worker started below, or a record of a partition taken below,
         # may run a callback before this settle ends, and it works under this epoch.
@@ -301,10 +362,12 @@ class ShardRegion:
             # Skipped when no partition came to us: the workers of the partitions we kept
             # were ours all along (every write of theirs was ours), so the mirror holds
             # their latest state, and nobody else's is needed here.
-            self._report_lost_state(await self.table.load(), placement)
+            self._report_lost_state(await self.table.load(seen=self._claimed_at(gained)), placement)
+            trace.step(f"load {len(self.table.mirror)} states from {self.table.loaded_from}")
         mirror = self.table.mirror if self.table is not None else {}
         self.merge_table()
         specs, workers, parked = engine.specs, engine.workers, engine.parked
+        before = len(workers)
         # A snapshot, with a yield every few thousand ids: a million specs take seconds,
         # and heartbeats (and the workers already running) must not wait for them.
         for count, (worker_id, spec) in enumerate(list(specs.items()), 1):
@@ -344,11 +407,27 @@ class ShardRegion:
                     worker.watermark = watermark
                     if respec:
                         worker.flags |= RESPEC
+        started = len(workers) - before
+        if started:
+            trace.step(f"start {started} workers")
         if self.consumers is not None:
             moves = self._rebalance(topology, placement)
-            await self.consumers.release(set(moves.revoked) | denied)
-            await self.consumers.take(set(moves.owned) - denied)
+            if moves.revoked or denied:
+                await self.consumers.release(set(moves.revoked) | denied)
+                trace.step(f"give up {len(moves.revoked | denied)} partitions")
+            taken = await self.consumers.take(set(moves.owned) - denied)
+            if taken:
+                trace.step(f"take {taken} partitions")
         await lifecycle.enter(Phase.UP)
+
+    def _claimed_at(self, gained: set[int] | None) -> int | None:
+        """The revision of our latest claim of the partitions just ``gained``: a listing
+        that holds it holds every write made before them. None (read from the leader)
+        without claims, or when none of them was won."""
+        if not gained or self.claims is None:
+            return None
+        guards = (self.claims.guard(partition) for partition in gained)
+        return max((guard.revision for guard in guards if guard is not None), default=None)
 
     def _report_lost_state(self, lost: set[Any], placement: Placement) -> None:
         """Say which stored records of our partitions the medium lost (each node reports
@@ -419,27 +498,45 @@ class ShardRegion:
         self.lifecycle.move(Phase.LEAVING)
         if self.consumers is not None:
             self.consumers.stop_fetching(self.consumers.partitions)
+        consumers = self.consumers
+
+        async def give_up() -> None:  # every partition, while the payloads are shipped
+            if consumers is not None:
+                self.forget_inbox_messages()
+                await consumers.release(consumers.held_or_wanted)
+
         # Hand over to the next preferred node that is still there: in a rolling stop the
         # ring may still name a node that left a moment ago (no epoch without it yet).
         if len(placement.ring) > 1:
             gone = [n for n in placement.ring.nodes if n not in cluster.members_seen]
             if all(n == cluster.node or n in gone for n in placement.ring.nodes):
                 # The last one out: nobody to ship to, the stored payloads carry on.
-                await self.hand_over(list(engine.workers), lambda worker_id: None)
+                await self.hand_over(list(engine.workers), lambda worker_id: None, give_up)
             else:
                 await self.hand_over(
-                    list(engine.workers), lambda worker_id: placement.successor_of(worker_id, gone)
+                    list(engine.workers),
+                    lambda worker_id: placement.successor_of(worker_id, gone),
+                    give_up,
                 )
-        if self.consumers is not None:
-            self.forget_inbox_messages()
-            await self.consumers.release(self.consumers.held_or_wanted)
+        else:
+            await give_up()
         # The claims stay: the last one out stores its payloads as it stops (core.stop),
         # and the nodes that take the partitions over claim them anew, which ends ours.
         self.lifecycle.move(Phase.LEFT)
 
-    async def hand_over(self, leaving: list[Key], owner_of: Callable[[Key], str | None]) -> None:
+    async def hand_over(
+        self,
+        leaving: list[Key],
+        owner_of: Callable[[Key], str | None],
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Stop ``leaving`` workers and ship their payloads and queued casts to their owners
-        (``owner_of`` None: nobody to ship to, store the payloads)."""
+        (``owner_of`` None: nobody to ship to, store the payloads).
+
+        ``meanwhile`` runs alongside the shipping, once every leaving worker has stopped
+        (the acks of what they handled are queued by then): giving their partitions up
+        needs that, not the shipping, and on a replicated medium each costs as much.
+        """
         engine, table = self.engine, self.table
         entries = [(i, engine.workers.get(i)) for i in leaving]
         for _, entry in entries:
@@ -480,9 +577,24 @@ class ShardRegion:
             elif table is not None and stateful:
                 table.mark(Stored(worker_id, respec, payload, True, watermark=watermark))
         self.counters.handed_off += len(leaving)
-        for owner, batch in batches.items():
+        steps: list[Awaitable[None]] = [self._ship_all(batches, leaving)]
+        if meanwhile is not None:
+            steps.append(meanwhile())
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _ship_all(self, batches: dict[str, list[list[Any]]], leaving: list[Key]) -> None:
+        """Ship each owner's workers (owners at once), then store the leaving workers'
+        payloads (those a failed shipping marked among them)."""
+
+        async def ship(owner: str, batch: list[list[Any]]) -> None:
             for start in range(0, len(batch), HANDOFF_CHUNK):
                 await self._ship(owner, batch[start : start + HANDOFF_CHUNK])
+
+        await asyncio.gather(*(ship(owner, batch) for owner, batch in batches.items()))
+        table = self.table
         if table is not None and self._lease_valid():  # past it, the stored state stands
             try:
                 await table.flush(leaving)

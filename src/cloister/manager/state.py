@@ -155,9 +155,20 @@ class StateTable:
         # One write at a time: two flushes in flight could land an older payload of a key
         # after a newer one, and the older one would win.
         self._writing = asyncio.Lock()
+        self.loaded_from = ""
+        """Where the last :meth:`load` read (``replica`` or ``leader``), for its trace."""
 
-    async def load(self) -> set[Any]:
+    async def load(self, *, seen: int | None = None) -> set[Any]:
         """Re-list the bucket into the mirror; return the ids the medium lost.
+
+        Without ``seen``, from the stream leader (``consistent``: on NATS a consumer
+        placed on it, which on a replicated medium under load costs up to a second).
+        With ``seen`` (the revision of a write of ours, such as our latest partition
+        claim) from any replica that holds that revision: a replica that applied it
+        applied every write acknowledged before it (revisions grow with the bucket), so
+        it holds every payload a previous holder stored before our claim ended its right
+        to write. A replica further behind is not used: the leader is asked instead.
+        ``seen=0``: any replica will do.
 
         Records are never deleted here (a deleted worker leaves a tombstone), so a record
         the mirror held that the listing no longer has was lost by the medium (a server
@@ -169,7 +180,11 @@ class StateTable:
         takeover must start from what is stored, never from what is in memory.
         """
         mirror: dict[Any, Stored] = {}
-        entries = await self.kv.entries(consistent=True)
+        entries = await self.kv.entries(consistent=seen is None)
+        self.loaded_from = "leader" if seen is None else "replica"
+        if seen and max((e.revision for e in entries.values()), default=0) < seen:
+            entries = await self.kv.entries(consistent=True)  # that replica lags behind
+            self.loaded_from = "leader, a replica lagged"
         for count, entry in enumerate(entries.values(), 1):
             if is_claim_key(entry.key):
                 continue  # a partition claim (same bucket, for the medium's guard check)

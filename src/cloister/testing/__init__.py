@@ -14,6 +14,9 @@ Everything here starts real things on loopback and cleans them up, even when a t
   ``nats_cluster``, ``node_processes``, factories): add
   ``pytest_plugins = ["cloister.testing.pytest_plugin"]`` to your ``conftest.py``.
 
+- :func:`wait_for_event` / :func:`node_events` (and ``_async``): wait for and read the
+  events a ``cloister run``/``node`` process logs (on stderr, text or JSON; its stdout
+  is the application's own): the one place that knows where they are written.
 - :func:`eventually` (async) / :func:`wait_for` (sync): wait for a condition, fail with
   what was awaited; :func:`in_ci` / :func:`unavailable`: under ``CI=true`` a missing
   service fails the test instead of skipping it.
@@ -27,7 +30,7 @@ Example::
 
     with NatsServer() as server, ProcessGroup() as nodes:
         node = nodes.spawn_python("-m", "myapp", "--backend", server.url)
-        node.wait_for_line("ready", timeout=10)
+        node.wait_for_line("ready", timeout=10)  # a line your program prints
         node.kill()
 """
 
@@ -45,9 +48,19 @@ from cloister.local.nats_server import MIN_NATS_SERVER_VERSION, NatsServer, find
 from cloister.local.ports import free_port
 from cloister.local.processes import NodeProcess, OutputLine, ProcessGroup
 from cloister.testing.ci import in_ci, unavailable
+from cloister.testing.events import (
+    EVENT_STREAM,
+    NodeEvent,
+    events_in_output,
+    node_events,
+    parse_event,
+    wait_for_event,
+    wait_for_event_async,
+)
 from cloister.testing.waiting import eventually, wait_for
 
 __all__ = [
+    "EVENT_STREAM",
     "MIN_NATS_SERVER_VERSION",
     "ClusterFormationError",
     "HarnessError",
@@ -55,14 +68,20 @@ __all__ = [
     "NatsCluster",
     "NatsServer",
     "NatsServerNotFoundError",
+    "NodeEvent",
     "NodeProcess",
     "OutputLine",
     "ProcessGroup",
     "ServerStartError",
+    "events_in_output",
     "eventually",
     "find_nats_server",
     "free_port",
     "in_ci",
+    "node_events",
+    "parse_event",
     "unavailable",
     "wait_for",
+    "wait_for_event",
+    "wait_for_event_async",
 ]

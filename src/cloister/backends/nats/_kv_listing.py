@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from contextlib import suppress
@@ -19,6 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from cloister._tasks import wait_event
 from cloister.backends.base import Entry, KVOp
 from cloister.backends.nats._bucket import classify
 from cloister.backends.nats._connection import NatsConnection
@@ -234,30 +236,41 @@ class BucketLister:
         subjects = f"{self._prefix}{prefix}>"
         request = {"seq": start, "batch": _BATCH, "next_by_subj": subjects}
         messages: list[Any] = []
-        sub = await nc.subscribe(nc.new_inbox())
+        ended: list[Mapping[str, str]] = []  # the status message that ends the batch
+        arrived = asyncio.Event()
+
+        # Collected by a callback, woken once per wait: awaiting each message (next_msg)
+        # costs a pass of the event loop per message, and a node busy with its workers
+        # makes that a few ms each (measured: 120 keys listed in 5 s instead of 18 ms).
+        async def collect(msg: Any) -> None:
+            headers = msg.headers or {}
+            if headers.get("Status") is None:
+                messages.append(msg)
+            elif not ended:
+                ended.append(headers)
+            arrived.set()
+
+        sub = await nc.subscribe(nc.new_inbox(), cb=collect)
         try:
             await nc.publish(
                 f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(request).encode(), reply=sub.subject
             )
-            while True:
-                msg = await sub.next_msg(timeout=self._conn.options.op_timeout)
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status is None:
-                    messages.append(msg)
-                elif status == "204":  # end of batch
-                    return messages, int(headers.get("Nats-Num-Pending", "0"))
-                elif status == "404":  # nothing (more) to read
-                    return messages, 0
-                elif status == "503":  # no replica answers direct gets right now
-                    raise nats.errors.NoRespondersError
-                else:
-                    description = headers.get("Description", "")
-                    raise BackendError(
-                        f"list bucket {self.name!r}: direct get failed: {status} {description}"
-                    )
+            while not ended:  # a timeout is a silence of op_timeout, as per message before
+                arrived.clear()
+                if not await wait_event(arrived, self._conn.options.op_timeout):
+                    raise nats.errors.TimeoutError
         finally:
             with suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
+        headers = ended[0]
+        status = headers.get("Status")
+        if status == "204":  # end of batch
+            return messages, int(headers.get("Nats-Num-Pending", "0"))
+        if status == "404":  # nothing (more) to read
+            return messages, 0
+        if status == "503":  # no replica answers direct gets right now
+            raise nats.errors.NoRespondersError
+        description = headers.get("Description", "")
+        raise BackendError(f"list bucket {self.name!r}: direct get failed: {status} {description}")
 
     # -- writes -----------------------------------------------------------------------

@@ -288,6 +288,9 @@ class NatsLog(Log):
         self.subject(partition)
         return await self._admin.claimants(partition)
 
+    async def claimed(self) -> dict[int, list[str]]:
+        return await self._admin.claimed()
+
     async def depth(self, partition: int | None = None) -> int:
         what = f"depth of log {self.name!r}"
         if partition is None:

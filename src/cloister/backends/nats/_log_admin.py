@@ -79,13 +79,16 @@ class ConsumerAdmin:
 
     async def claimants(self, partition: int) -> list[str]:
         """The consumers holding ``partition`` now (from the durables' names)."""
-        prefix = f"p{partition}-"
-        found = []
+        return (await self.claimed()).get(partition, [])
+
+    async def claimed(self) -> dict[int, list[str]]:
+        """Every claimed partition and its consumers, from one listing of the durables."""
+        found: dict[int, list[str]] = {}
         for name in await self._consumer_names():
-            parsed = parse_consumer_name(name) if name.startswith(prefix) else None
+            parsed = parse_consumer_name(name)
             if parsed is not None:
-                found.append(parsed[1])
-        return sorted(found)
+                found.setdefault(parsed[0], []).append(parsed[1])
+        return {partition: sorted(holders) for partition, holders in found.items()}
 
     def consumer_config(self, durable: str, subject: str, consumer: str) -> api.ConsumerConfig:
         return api.ConsumerConfig(
