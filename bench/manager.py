@@ -30,6 +30,9 @@ Cases (issue 5):
   ``--periods 5,20`` adds a lighter load (50k performs/s) for a machine that cannot give
   the process the 200k performs/s of a 5 s period; ``--executors`` (``thread,loop``)
   runs it with the default thread pool and with ``executor="loop"``.
+- ``--rate-only`` runs just the rate case, ``--runs`` rounds of the four sides in turn (the
+  thread pool's cost against ``executor="loop"`` is measured side by side in each round),
+  and updates the rate figures of bench/results/manager.json, keeping the others.
 - handoff: 100,000 workers over 3 in-process nodes on ``memory://bench-handoff``; one
   node leaves. Time from the first survivor adopting the new epoch until every moved
   worker is live on its new owner, and a check that no worker ever ran on two nodes.
@@ -56,7 +59,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from _common import print_table, write_json
+from _common import RESULTS, print_table, write_json
 from cloister import Cluster, DynamicManager, State
 from cloister.cluster import Topology
 from cloister.manager.scheduler import phase as first_phase
@@ -728,6 +731,83 @@ def run(case: str, *arguments: object) -> dict[str, Any]:
     return result
 
 
+def empty_rates() -> dict[str, list[float]]:
+    """The rate case's sides, each with its runs (performs/s)."""
+    return {"ours": [], "ours-loop": [], "ours-async": [], "baseline": []}
+
+
+def rate_round(rates: dict[str, list[float]], busy: int) -> None:
+    """One run of each side of the rate case, one after the other."""
+    for side in rates:
+        rates[side].append(run(f"rate-{side}", busy, 0.001, 1.0, 3.0)["performs_per_s"])
+
+
+RATE_ROW = "trivial perform rate ("  # how the rate rows of a table begin (see rate_only)
+RATE_ROWS = 3
+
+
+def rate_rows(rate: dict[str, float], busy: int) -> list[list[Any]]:
+    """The table's rows of the rate case, from the median of each side."""
+    return [
+        [
+            f"{RATE_ROW}{busy:,} workers, saturated)",
+            f"{rate['ours'] / 1e3:.0f}k/s ({rate['ours'] / rate['baseline']:.1f}x)",
+            f"{rate['baseline'] / 1e3:.0f}k/s",
+            ">= 200k/s, >= 3x",
+            rate["ours"] >= 200_000 and rate["ours"] >= 3 * rate["baseline"],
+        ],
+        [
+            "  same, on the loop (executor='loop'): the thread pool costs",
+            f"{rate['ours-loop'] / 1e3:.0f}k/s ({rate['ours'] / rate['ours-loop'] - 1:+.0%})",
+            "-",
+            "pool >= -20%",
+            rate["ours"] >= 0.8 * rate["ours-loop"],
+        ],
+        [
+            "  same, async def perform (never suspends)",
+            f"{rate['ours-async'] / 1e3:.0f}k/s",
+            "-",
+            "-",
+            "-",
+        ],
+    ]
+
+
+def rate_only(busy: int, runs: int) -> None:
+    """Run the rate case alone and put its figures into manager.json (the other cases'
+    figures stay those of the last full run)."""
+    print("rate", flush=True)
+    rates = empty_rates()
+    for _ in range(runs):
+        rate_round(rates, busy)
+    rate = {side: statistics.median(values) for side, values in rates.items()}
+    pool_cost = [1 - o / lo for o, lo in zip(rates["ours"], rates["ours-loop"], strict=True)]
+    rows = rate_rows(rate, busy)
+    print_table(
+        "trivial sync performs: thread pool vs executor='loop' (each round side by side)",
+        ["figure", "DynamicManager", "task per worker", "target", "met"],
+        [
+            *rows,
+            ["  the pool's cost, each round", ", ".join(f"{c:.0%}" for c in pool_cost)] + ["-"] * 3,
+        ],
+    )
+    path = RESULTS / "manager.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    data.pop("benchmark", None)
+    data.pop("environment", None)
+    table = data.get("table", [])
+    at = next((i for i, row in enumerate(table) if row[0].startswith(RATE_ROW)), len(table))
+    table[at : at + RATE_ROWS] = [[str(c) for c in row] for row in rows]
+    data.update(
+        rate_runs=rates,
+        rate_median=rate,
+        rate_pool_cost_runs=pool_cost,
+        rate_sizes={"busy": busy, "runs": runs},
+        table=table,
+    )
+    print(f"wrote {write_json('manager', data)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -748,6 +828,11 @@ def main() -> None:
         "--executors",
         default="thread,loop",
         help="periodic case: comma-separated executors (thread: the default; loop)",
+    )
+    parser.add_argument(
+        "--rate-only",
+        action="store_true",
+        help="run only the rate case (updates the rate figures of manager.json)",
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 run")
     args = parser.parse_args()
@@ -771,11 +856,15 @@ def main() -> None:
         print(f"wrote {path}")
         return
 
+    if args.rate_only:
+        rate_only(busy, args.runs)
+        return
+
     print("start", flush=True)
     start = {side: run(f"start-{side}", n) for side in ("ours", "baseline")}
 
     print("rate and lateness", flush=True)
-    rates: dict[str, list[float]] = {"ours": [], "ours-loop": [], "ours-async": [], "baseline": []}
+    rates = empty_rates()
     late_runs: dict[str, list[dict[str, Any]]] = {
         "ours": [],
         "baseline": [],
@@ -784,8 +873,7 @@ def main() -> None:
     for _ in range(args.runs):
         # Each run measures the maximum again and offers half of it at once: on a shared
         # machine the maximum of a quiet minute is not what a busy minute can do.
-        for side in rates:
-            rates[side].append(run(f"rate-{side}", busy, 0.001, 1.0, 3.0)["performs_per_s"])
+        rate_round(rates, busy)
         for side, max_rate, against in (
             ("ours", rates["ours"][-1], "ours"),
             ("baseline", rates["ours"][-1], "baseline"),
@@ -852,27 +940,7 @@ def main() -> None:
             "-",
             "-",
         ],
-        [
-            f"trivial perform rate ({busy:,} workers, saturated)",
-            f"{rate['ours'] / 1e3:.0f}k/s ({rate['ours'] / rate['baseline']:.1f}x)",
-            f"{rate['baseline'] / 1e3:.0f}k/s",
-            ">= 200k/s, >= 3x",
-            rate["ours"] >= 200_000 and rate["ours"] >= 3 * rate["baseline"],
-        ],
-        [
-            "  same, on the loop (executor='loop'): the thread pool costs",
-            f"{rate['ours-loop'] / 1e3:.0f}k/s ({rate['ours'] / rate['ours-loop'] - 1:+.0%})",
-            "-",
-            "pool >= -20%",
-            rate["ours"] >= 0.8 * rate["ours-loop"],
-        ],
-        [
-            "  same, async def perform (never suspends)",
-            f"{rate['ours-async'] / 1e3:.0f}k/s",
-            "-",
-            "-",
-            "-",
-        ],
+        *rate_rows(rate, busy),
         [
             f"timer lateness p99 at half our max ({offered / 1e3:.0f}k/s offered)",
             ms(lo["p99_ms"]),

@@ -41,8 +41,8 @@ async def test_a_job_reached_after_the_lease_ran_out_never_starts() -> None:
     lease = [float("inf")]
     release = threading.Event()
 
-    def done(batch: list[Any]) -> None:
-        for (_, worker, _, _), value in batch:
+    def done(jobs: list[Any], outcomes: list[Any]) -> None:
+        for (_, worker, _, _), value in zip(jobs, outcomes, strict=True):
             results[worker.id] = value
 
     def callback(worker_id: Any, payload: Any) -> Any:
@@ -70,8 +70,8 @@ async def test_a_blocked_job_holds_neither_its_batch_nor_the_loop() -> None:
     results: dict[Any, Any] = {}
     release = threading.Event()
 
-    def done(batch: list[Any]) -> None:
-        for (_, worker, _, _), value in batch:
+    def done(jobs: list[Any], outcomes: list[Any]) -> None:
+        for (_, worker, _, _), value in zip(jobs, outcomes, strict=True):
             results[worker.id] = value
 
     def callback(worker_id: Any, payload: Any) -> Any:
@@ -121,7 +121,7 @@ async def test_an_overdue_job_is_reported_once_and_an_abandoned_one_is_dropped()
         return worker_id
 
     pool = ThreadRunner(
-        "test", 1, lambda batch: results.extend(v for _, v in batch), on_overdue, 0.1
+        "test", 1, lambda _jobs, outcomes: results.extend(outcomes), on_overdue, 0.1
     )
     try:
         pool.pending.append((callback, Worker("slow"), None, 0.0))
