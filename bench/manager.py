@@ -778,8 +778,10 @@ def rate_only(busy: int, runs: int) -> None:
     figures stay those of the last full run)."""
     print("rate", flush=True)
     rates = empty_rates()
+    load = [os.getloadavg()[0]]  # other processes share the machine: say how busy it was
     for _ in range(runs):
         rate_round(rates, busy)
+        load.append(os.getloadavg()[0])
     rate = {side: statistics.median(values) for side, values in rates.items()}
     pool_cost = [1 - o / lo for o, lo in zip(rates["ours"], rates["ours-loop"], strict=True)]
     rows = rate_rows(rate, busy)
@@ -803,6 +805,7 @@ def rate_only(busy: int, runs: int) -> None:
         rate_median=rate,
         rate_pool_cost_runs=pool_cost,
         rate_sizes={"busy": busy, "runs": runs},
+        rate_loadavg_1min=load,  # before the first round and after each
         table=table,
     )
     print(f"wrote {write_json('manager', data)}")

@@ -15,7 +15,7 @@ import pytest
 from cloister import DynamicManager, Ok, Replace
 from cloister.cluster import State
 from cloister.errors import ConfigurationError, RemoteError
-from cloister.manager.executor import NOT_STARTED, Raised, ThreadRunner
+from cloister.manager.executor import NOT_STARTED, Batch, Raised, ThreadRunner
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import FAST
 
@@ -30,6 +30,45 @@ class Worker:
     def __init__(self, worker_id: Any, payload: Any = None) -> None:
         self.id = worker_id
         self.payload = payload
+
+
+def test_a_batch_gives_back_finished_jobs_and_never_one_still_running() -> None:
+    """The loop takes a batch's finished jobs from where its one thread is (in order), and
+    slot by slot once another thread helped: a job taken and not finished never comes back
+    early, whichever thread runs it."""
+    items = [(None, Worker(i), None, 0.0) for i in range(5)]
+    batch = Batch(items)
+    place: list[Any] = [None, -1]
+
+    def finished() -> list[tuple[Any, Any]]:
+        jobs: list[Any] = []
+        outcomes: list[Any] = []
+        batch.take_finished(jobs, outcomes)
+        return [(job[1].id, outcome) for job, outcome in zip(jobs, outcomes, strict=True)]
+
+    assert finished() == []  # no thread took it yet
+    batch.helpers, batch.owner = 1, place
+    place[0] = batch
+    for _ in range(2):
+        place[1] = next(batch.take)  # the owner takes job 0, then job 1
+        if place[1] == 0:
+            batch.results[0] = "r0"
+    assert finished() == [(0, "r0")]  # job 1 is running
+    batch.results[1] = "r1"
+    assert finished() == [(1, "r1")]
+    batch.helpers = 2  # a second thread helps: it takes job 2, the owner job 3
+    assert next(batch.take) == 2
+    place[1] = next(batch.take)
+    batch.results[3] = "r3"
+    assert finished() == [(3, "r3")]  # job 2 still runs on the helper
+    assert finished() == []
+    batch.results[2] = "r2"
+    assert finished() == [(2, "r2")]
+    place[1] = next(batch.take)
+    batch.results[4] = "r4"
+    jobs: list[Any] = []
+    assert not batch.take_finished(jobs, [])  # every job given back: nothing left open
+    assert [job[1].id for job in jobs] == [4]
 
 
 async def test_a_job_reached_after_the_lease_ran_out_never_starts() -> None:
