@@ -199,15 +199,18 @@ async def _count(
 ) -> dict[str, Any]:
     """Performs per second over ``window`` after ``warmup``; then stop what is running."""
     await asyncio.sleep(warmup)
-    first, began = counted.performs, time.perf_counter()
+    first, began, cpu = counted.performs, time.perf_counter(), time.process_time()
     await asyncio.sleep(window)
     took = time.perf_counter() - began
+    cpu = time.process_time() - cpu  # every thread's: the pool's included
     performs = counted.performs - first
     if isinstance(running, DynamicManager):
         await running.stop()
     else:
         await _cancel(running)
-    return {"performs_per_s": performs / took, "window_s": took}
+    # CPU seconds per perform: what a side costs whatever share of the CPUs other
+    # processes of a shared machine leave it (the rate depends on that share too).
+    return {"performs_per_s": performs / took, "window_s": took, "cpu_us": 1e6 * cpu / performs}
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -736,10 +739,16 @@ def empty_rates() -> dict[str, list[float]]:
     return {"ours": [], "ours-loop": [], "ours-async": [], "baseline": []}
 
 
-def rate_round(rates: dict[str, list[float]], busy: int) -> None:
-    """One run of each side of the rate case, one after the other."""
+def rate_round(
+    rates: dict[str, list[float]], busy: int, cpu: dict[str, list[float]] | None = None
+) -> None:
+    """One run of each side of the rate case, one after the other (``cpu``: CPU
+    microseconds per perform, each side's)."""
     for side in rates:
-        rates[side].append(run(f"rate-{side}", busy, 0.001, 1.0, 3.0)["performs_per_s"])
+        result = run(f"rate-{side}", busy, 0.001, 1.0, 3.0)
+        rates[side].append(result["performs_per_s"])
+        if cpu is not None:
+            cpu.setdefault(side, []).append(result["cpu_us"])
 
 
 RATE_ROW = "trivial perform rate ("  # how the rate rows of a table begin (see rate_only)
@@ -779,11 +788,14 @@ def rate_only(busy: int, runs: int) -> None:
     print("rate", flush=True)
     rates = empty_rates()
     load = [os.getloadavg()[0]]  # other processes share the machine: say how busy it was
+    cpu: dict[str, list[float]] = {}
     for _ in range(runs):
-        rate_round(rates, busy)
+        rate_round(rates, busy, cpu)
         load.append(os.getloadavg()[0])
     rate = {side: statistics.median(values) for side, values in rates.items()}
     pool_cost = [1 - o / lo for o, lo in zip(rates["ours"], rates["ours-loop"], strict=True)]
+    cpu_median = {side: statistics.median(values) for side, values in cpu.items()}
+    cpu_cost = cpu_median["ours"] / cpu_median["ours-loop"] - 1
     rows = rate_rows(rate, busy)
     print_table(
         "trivial sync performs: thread pool vs executor='loop' (each round side by side)",
@@ -791,6 +803,13 @@ def rate_only(busy: int, runs: int) -> None:
         [
             *rows,
             ["  the pool's cost, each round", ", ".join(f"{c:.0%}" for c in pool_cost)] + ["-"] * 3,
+            [
+                "  CPU per perform: pool / loop (median)",
+                f"{cpu_median['ours']:.2f} / {cpu_median['ours-loop']:.2f} us ({cpu_cost:+.0%})",
+                f"{cpu_median['baseline']:.2f} us",
+                "-",
+                "-",
+            ],
         ],
     )
     path = RESULTS / "manager.json"
@@ -804,6 +823,8 @@ def rate_only(busy: int, runs: int) -> None:
         rate_runs=rates,
         rate_median=rate,
         rate_pool_cost_runs=pool_cost,
+        rate_cpu_us_runs=cpu,
+        rate_cpu_us_median=cpu_median,
         rate_sizes={"busy": busy, "runs": runs},
         rate_loadavg_1min=load,  # before the first round and after each
         table=table,
