@@ -63,8 +63,6 @@ _HOLD = 0.05  # seconds the dispatcher waits for a lease renewal before it looks
 # Pool jobs handed over at once at most: the dispatcher keeps the jobs of its passes for
 # one hand-over until it stops (see executor), or until this many are waiting.
 _POOL_BATCH = 8192
-# Pool outcomes that take the cold path (_job_cold) rather than being applied at once.
-_COLD = frozenset({Raised, NotStarted, types.CoroutineType})
 
 
 class Engine:
@@ -554,11 +552,12 @@ class Engine:
         The hot path of sync callbacks: a plain return value, in time, is applied with the
         worker freed first (so that ``_apply`` queues its next work itself)."""
         late = time.monotonic() >= self.permit.lease_until
-        apply, cold = self._apply, _COLD
+        apply = self._apply
         for job, value in zip(jobs, outcomes, strict=True):
             _, worker, message, started = job
             worker.flags &= ~POOLED
-            if late or type(value) in cold:
+            kind = type(value)
+            if late or kind is Raised or kind is types.CoroutineType or kind is NotStarted:
                 self._job_cold(job, value, late)
                 continue
             worker.busy_since = 0.0

@@ -14,12 +14,12 @@ So that cost is paid per batch, not per job, and kept off the threads' side:
   coalesced by a flag) to apply every result. A few hand-overs a second instead of one per
   pass: each is a thread that sleeps and wakes, and on a busy machine a wake-up can wait
   for a CPU.
-- A thread writes each outcome into the job's slot of the batch (no Future, no tuple per
-  job), and touches nothing of a job but its callback, id, payload and body; the loop
-  takes the finished run of slots with one slice.
-- The lease is read where a job starts, but a thread trusts the lease it read for at most
-  :data:`LEASE_RECHECK` (the clock is read at every job): a trivial callback costs less
-  than reading the lease through the permit's property.
+- A thread writes each outcome into the job's slot of the batch: no Future, no lock, no
+  result tuple per job; the loop takes the finished run of slots with one slice.
+- The clock is read where each job starts, the lease at most every :data:`LEASE_RECHECK`
+  (a trivial callback costs less than reading the lease through the permit's property):
+  a lease that runs out stops the very next job, and one the node cuts short (a pause it
+  decides, on the loop) reaches the threads within that time.
 
 A job that blocks holds only its thread and its own worker (which runs one callback at a
 time anyway). Every few milliseconds while jobs are out, a watch on the loop applies the
