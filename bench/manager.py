@@ -30,6 +30,9 @@ Cases (issue 5):
   ``--periods 5,20`` adds a lighter load (50k performs/s) for a machine that cannot give
   the process the 200k performs/s of a 5 s period; ``--executors`` (``thread,loop``)
   runs it with the default thread pool and with ``executor="loop"``.
+- ``--rate-only`` runs just the rate case, ``--runs`` rounds of the four sides in turn (the
+  thread pool's cost against ``executor="loop"`` is measured side by side in each round),
+  and updates the rate figures of bench/results/manager.json, keeping the others.
 - handoff: 100,000 workers over 3 in-process nodes on ``memory://bench-handoff``; one
   node leaves. Time from the first survivor adopting the new epoch until every moved
   worker is live on its new owner, and a check that no worker ever ran on two nodes.
@@ -56,7 +59,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from _common import print_table, write_json
+from _common import RESULTS, print_table, write_json
 from cloister import Cluster, DynamicManager, State
 from cloister.cluster import Topology
 from cloister.manager.scheduler import phase as first_phase
@@ -196,15 +199,18 @@ async def _count(
 ) -> dict[str, Any]:
     """Performs per second over ``window`` after ``warmup``; then stop what is running."""
     await asyncio.sleep(warmup)
-    first, began = counted.performs, time.perf_counter()
+    first, began, cpu = counted.performs, time.perf_counter(), time.process_time()
     await asyncio.sleep(window)
     took = time.perf_counter() - began
+    cpu = time.process_time() - cpu  # every thread's: the pool's included
     performs = counted.performs - first
     if isinstance(running, DynamicManager):
         await running.stop()
     else:
         await _cancel(running)
-    return {"performs_per_s": performs / took, "window_s": took}
+    # CPU seconds per perform: what a side costs whatever share of the CPUs other
+    # processes of a shared machine leave it (the rate depends on that share too).
+    return {"performs_per_s": performs / took, "window_s": took, "cpu_us": 1e6 * cpu / performs}
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -728,6 +734,113 @@ def run(case: str, *arguments: object) -> dict[str, Any]:
     return result
 
 
+def empty_rates() -> dict[str, list[float]]:
+    """The rate case's sides, each with its runs (performs/s)."""
+    return {"ours": [], "ours-loop": [], "ours-async": [], "baseline": []}
+
+
+def rate_round(
+    rates: dict[str, list[float]], busy: int, cpu: dict[str, list[float]] | None = None
+) -> None:
+    """One run of each side of the rate case, one after the other (``cpu``: CPU
+    microseconds per perform, each side's)."""
+    for side in rates:
+        result = run(f"rate-{side}", busy, 0.001, 1.0, 3.0)
+        rates[side].append(result["performs_per_s"])
+        if cpu is not None:
+            cpu.setdefault(side, []).append(result["cpu_us"])
+
+
+RATE_ROW = "trivial perform rate ("  # how the rate rows of a table begin (see rate_only)
+RATE_ROWS = 3
+
+
+def pool_costs(rates: dict[str, list[float]]) -> list[float]:
+    """What the thread pool costs in each round: 1 - its rate / the loop's, measured side
+    by side (a machine shared with other processes changes speed between rounds more than
+    within one: the median of these is the figure, not the ratio of the medians)."""
+    return [1 - o / lo for o, lo in zip(rates["ours"], rates["ours-loop"], strict=True)]
+
+
+def rate_rows(rates: dict[str, list[float]], busy: int) -> list[list[Any]]:
+    """The table's rows of the rate case, from the median of each side."""
+    rate = {side: statistics.median(values) for side, values in rates.items()}
+    cost = statistics.median(pool_costs(rates))
+    return [
+        [
+            f"{RATE_ROW}{busy:,} workers, saturated)",
+            f"{rate['ours'] / 1e3:.0f}k/s ({rate['ours'] / rate['baseline']:.1f}x)",
+            f"{rate['baseline'] / 1e3:.0f}k/s",
+            ">= 200k/s, >= 3x",
+            rate["ours"] >= 200_000 and rate["ours"] >= 3 * rate["baseline"],
+        ],
+        [
+            "  same, on the loop (executor='loop'): the thread pool costs",
+            f"{rate['ours-loop'] / 1e3:.0f}k/s ({-cost:+.0%})",
+            "-",
+            "pool >= -20%",
+            cost <= 0.2,
+        ],
+        [
+            "  same, async def perform (never suspends)",
+            f"{rate['ours-async'] / 1e3:.0f}k/s",
+            "-",
+            "-",
+            "-",
+        ],
+    ]
+
+
+def rate_only(busy: int, runs: int) -> None:
+    """Run the rate case alone and put its figures into manager.json (the other cases'
+    figures stay those of the last full run)."""
+    print("rate", flush=True)
+    rates = empty_rates()
+    load = [os.getloadavg()[0]]  # other processes share the machine: say how busy it was
+    cpu: dict[str, list[float]] = {}
+    for _ in range(runs):
+        rate_round(rates, busy, cpu)
+        load.append(os.getloadavg()[0])
+    rate = {side: statistics.median(values) for side, values in rates.items()}
+    pool_cost = pool_costs(rates)
+    cpu_median = {side: statistics.median(values) for side, values in cpu.items()}
+    cpu_cost = cpu_median["ours"] / cpu_median["ours-loop"] - 1
+    rows = rate_rows(rates, busy)
+    print_table(
+        "trivial sync performs: thread pool vs executor='loop' (each round side by side)",
+        ["figure", "DynamicManager", "task per worker", "target", "met"],
+        [
+            *rows,
+            ["  the pool's cost, each round", ", ".join(f"{c:.0%}" for c in pool_cost)] + ["-"] * 3,
+            [
+                "  CPU per perform: pool / loop (median)",
+                f"{cpu_median['ours']:.2f} / {cpu_median['ours-loop']:.2f} us ({cpu_cost:+.0%})",
+                f"{cpu_median['baseline']:.2f} us",
+                "-",
+                "-",
+            ],
+        ],
+    )
+    path = RESULTS / "manager.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    data.pop("benchmark", None)
+    data.pop("environment", None)
+    table = data.get("table", [])
+    at = next((i for i, row in enumerate(table) if row[0].startswith(RATE_ROW)), len(table))
+    table[at : at + RATE_ROWS] = [[str(c) for c in row] for row in rows]
+    data.update(
+        rate_runs=rates,
+        rate_median=rate,
+        rate_pool_cost_runs=pool_cost,
+        rate_cpu_us_runs=cpu,
+        rate_cpu_us_median=cpu_median,
+        rate_sizes={"busy": busy, "runs": runs},
+        rate_loadavg_1min=load,  # before the first round and after each
+        table=table,
+    )
+    print(f"wrote {write_json('manager', data)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -748,6 +861,11 @@ def main() -> None:
         "--executors",
         default="thread,loop",
         help="periodic case: comma-separated executors (thread: the default; loop)",
+    )
+    parser.add_argument(
+        "--rate-only",
+        action="store_true",
+        help="run only the rate case (updates the rate figures of manager.json)",
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 run")
     args = parser.parse_args()
@@ -771,11 +889,15 @@ def main() -> None:
         print(f"wrote {path}")
         return
 
+    if args.rate_only:
+        rate_only(busy, args.runs)
+        return
+
     print("start", flush=True)
     start = {side: run(f"start-{side}", n) for side in ("ours", "baseline")}
 
     print("rate and lateness", flush=True)
-    rates: dict[str, list[float]] = {"ours": [], "ours-loop": [], "ours-async": [], "baseline": []}
+    rates = empty_rates()
     late_runs: dict[str, list[dict[str, Any]]] = {
         "ours": [],
         "baseline": [],
@@ -784,8 +906,7 @@ def main() -> None:
     for _ in range(args.runs):
         # Each run measures the maximum again and offers half of it at once: on a shared
         # machine the maximum of a quiet minute is not what a busy minute can do.
-        for side in rates:
-            rates[side].append(run(f"rate-{side}", busy, 0.001, 1.0, 3.0)["performs_per_s"])
+        rate_round(rates, busy)
         for side, max_rate, against in (
             ("ours", rates["ours"][-1], "ours"),
             ("baseline", rates["ours"][-1], "baseline"),
@@ -852,27 +973,7 @@ def main() -> None:
             "-",
             "-",
         ],
-        [
-            f"trivial perform rate ({busy:,} workers, saturated)",
-            f"{rate['ours'] / 1e3:.0f}k/s ({rate['ours'] / rate['baseline']:.1f}x)",
-            f"{rate['baseline'] / 1e3:.0f}k/s",
-            ">= 200k/s, >= 3x",
-            rate["ours"] >= 200_000 and rate["ours"] >= 3 * rate["baseline"],
-        ],
-        [
-            "  same, on the loop (executor='loop'): the thread pool costs",
-            f"{rate['ours-loop'] / 1e3:.0f}k/s ({rate['ours'] / rate['ours-loop'] - 1:+.0%})",
-            "-",
-            "pool >= -20%",
-            rate["ours"] >= 0.8 * rate["ours-loop"],
-        ],
-        [
-            "  same, async def perform (never suspends)",
-            f"{rate['ours-async'] / 1e3:.0f}k/s",
-            "-",
-            "-",
-            "-",
-        ],
+        *rate_rows(rates, busy),
         [
             f"timer lateness p99 at half our max ({offered / 1e3:.0f}k/s offered)",
             ms(lo["p99_ms"]),
@@ -937,6 +1038,7 @@ def main() -> None:
             "start": start,
             "rate_runs": rates,
             "rate_median": rate,
+            "rate_pool_cost_runs": pool_costs(rates),
             "lateness": late,
             "lateness_runs": late_runs,
             "handoff": moved,

@@ -15,7 +15,7 @@ import pytest
 from cloister import DynamicManager, Ok, Replace
 from cloister.cluster import State
 from cloister.errors import ConfigurationError, RemoteError
-from cloister.manager.executor import NOT_STARTED, Raised, ThreadRunner
+from cloister.manager.executor import NOT_STARTED, Batch, Raised, ThreadRunner
 from tests._support.nodes import ClusterNodes
 from tests._support.timing import FAST
 
@@ -32,6 +32,45 @@ class Worker:
         self.payload = payload
 
 
+def test_a_batch_gives_back_finished_jobs_and_never_one_still_running() -> None:
+    """The loop takes a batch's finished jobs from where its one thread is (in order), and
+    slot by slot once another thread helped: a job taken and not finished never comes back
+    early, whichever thread runs it."""
+    items = [(None, Worker(i), None, 0.0) for i in range(5)]
+    batch = Batch(items)
+    place: list[Any] = [None, -1]
+
+    def finished() -> list[tuple[Any, Any]]:
+        jobs: list[Any] = []
+        outcomes: list[Any] = []
+        batch.take_finished(jobs, outcomes)
+        return [(job[1].id, outcome) for job, outcome in zip(jobs, outcomes, strict=True)]
+
+    assert finished() == []  # no thread took it yet
+    batch.helpers, batch.owner = 1, place
+    place[0] = batch
+    for _ in range(2):
+        place[1] = next(batch.take)  # the owner takes job 0, then job 1
+        if place[1] == 0:
+            batch.results[0] = "r0"
+    assert finished() == [(0, "r0")]  # job 1 is running
+    batch.results[1] = "r1"
+    assert finished() == [(1, "r1")]
+    batch.helpers = 2  # a second thread helps: it takes job 2, the owner job 3
+    assert next(batch.take) == 2
+    place[1] = next(batch.take)
+    batch.results[3] = "r3"
+    assert finished() == [(3, "r3")]  # job 2 still runs on the helper
+    assert finished() == []
+    batch.results[2] = "r2"
+    assert finished() == [(2, "r2")]
+    place[1] = next(batch.take)
+    batch.results[4] = "r4"
+    jobs: list[Any] = []
+    assert not batch.take_finished(jobs, [])  # every job given back: nothing left open
+    assert [job[1].id for job in jobs] == [4]
+
+
 async def test_a_job_reached_after_the_lease_ran_out_never_starts() -> None:
     """A job handed over in time may wait in its batch (behind a slow one, or in a process
     paused by SIGSTOP) until after the lease ran out: its thread checks the lease where the
@@ -41,8 +80,8 @@ async def test_a_job_reached_after_the_lease_ran_out_never_starts() -> None:
     lease = [float("inf")]
     release = threading.Event()
 
-    def done(batch: list[Any]) -> None:
-        for (_, worker, _, _), value in batch:
+    def done(jobs: list[Any], outcomes: list[Any]) -> None:
+        for (_, worker, _, _), value in zip(jobs, outcomes, strict=True):
             results[worker.id] = value
 
     def callback(worker_id: Any, payload: Any) -> Any:
@@ -70,8 +109,8 @@ async def test_a_blocked_job_holds_neither_its_batch_nor_the_loop() -> None:
     results: dict[Any, Any] = {}
     release = threading.Event()
 
-    def done(batch: list[Any]) -> None:
-        for (_, worker, _, _), value in batch:
+    def done(jobs: list[Any], outcomes: list[Any]) -> None:
+        for (_, worker, _, _), value in zip(jobs, outcomes, strict=True):
             results[worker.id] = value
 
     def callback(worker_id: Any, payload: Any) -> Any:
@@ -121,7 +160,7 @@ async def test_an_overdue_job_is_reported_once_and_an_abandoned_one_is_dropped()
         return worker_id
 
     pool = ThreadRunner(
-        "test", 1, lambda batch: results.extend(v for _, v in batch), on_overdue, 0.1
+        "test", 1, lambda _jobs, outcomes: results.extend(outcomes), on_overdue, 0.1
     )
     try:
         pool.pending.append((callback, Worker("slow"), None, 0.0))

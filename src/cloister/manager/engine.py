@@ -26,7 +26,7 @@ from typing import Any
 from cloister._tasks import Supervisor
 from cloister.backends import LogConsumer
 from cloister.errors import HandlerTimeoutError, UnknownWorkerError
-from cloister.manager.executor import Item, NotStarted, Raised, Result, ThreadRunner
+from cloister.manager.executor import Item, NotStarted, Raised, ThreadRunner
 from cloister.manager.ports import (
     UNBOUNDED,
     Callback,
@@ -60,6 +60,9 @@ __all__ = ["Callbacks", "Engine", "Options", "Ports", "UnknownWorkerError"]
 log = logging.getLogger("cloister.manager")
 
 _HOLD = 0.05  # seconds the dispatcher waits for a lease renewal before it looks again
+# Pool jobs handed over at once at most: the dispatcher keeps the jobs of its passes for
+# one hand-over until it stops (see executor), or until this many are waiting.
+_POOL_BATCH = 8192
 
 
 class Engine:
@@ -345,8 +348,15 @@ class Engine:
     # -- the dispatcher -----------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
+        try:
+            await self._dispatch()
+        finally:
+            if self._pooled:  # cancelled between two passes: jobs it started still go out
+                self.threads.kick()  # type: ignore[union-attr]  # pooled: a pool
+
+    async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
-        timers, runnable = self.timers, self.runnable
+        timers, runnable, pooled = self.timers, self.runnable, self._pooled
         budget = 2048  # callbacks between yields to the event loop
         while True:
             if not self.paused:
@@ -368,7 +378,10 @@ class Engine:
                     done += 1
                     if done >= budget:
                         break
-                if self._pooled:
+                # Pool jobs go out when the dispatcher stops for now, not after each pass:
+                # a hand-over per pass would wake a thread that then waits for the GIL
+                # while the next pass runs (see executor).
+                if pooled and (done < budget or self.held or len(pooled) >= _POOL_BATCH):
                     self.threads.kick()  # type: ignore[union-attr]  # pooled: a pool
                 if self.held:
                     # The lease ran out: nothing starts until it is renewed (a moment) or
@@ -384,6 +397,8 @@ class Engine:
                 if done >= budget:
                     await asyncio.sleep(0)
                     continue
+            if pooled:  # paused between two passes
+                self.threads.kick()  # type: ignore[union-attr]  # pooled: a pool
             self.wake.clear()
             next_due = None if self.paused else timers.next_due()
             delay = None if next_due is None else max(0.0, next_due - loop.time())
@@ -531,14 +546,14 @@ class Engine:
 
     # -- callbacks on the thread pool ---------------------------------------------------------
 
-    def _jobs_done(self, results: list[Result]) -> None:
+    def _jobs_done(self, jobs: list[Item], outcomes: list[Any]) -> None:
         """Results from the thread pool (on the loop): applied as :meth:`_finish` does.
 
         The hot path of sync callbacks: a plain return value, in time, is applied with the
         worker freed first (so that ``_apply`` queues its next work itself)."""
         late = time.monotonic() >= self.permit.lease_until
         apply = self._apply
-        for job, value in results:
+        for job, value in zip(jobs, outcomes, strict=True):
             _, worker, message, started = job
             worker.flags &= ~POOLED
             kind = type(value)
@@ -549,7 +564,7 @@ class Engine:
             apply(worker, value, message, started)
             if worker.flags & PERFORM_PENDING and not worker.flags & GONE:
                 self.enqueue(worker)
-        self.in_flight -= len(results)
+        self.in_flight -= len(jobs)
         self._pool_settled()
 
     def _pool_settled(self) -> None:
